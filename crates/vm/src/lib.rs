@@ -1,0 +1,12 @@
+//! An in-process VM: guest RAM, the viommu driver and device joined by split
+//! virtqueues in that RAM, the device on its own I/O thread, and emulated DMA
+//! endpoints whose every access is translated by the IOMMU.
+#![deny(missing_docs)]
+
+pub mod notify;
+pub mod ram;
+pub mod transport;
+
+pub use notify::EventNotifier;
+pub use ram::{GuestHal, GuestPages, GuestRam, RamError};
+pub use transport::{DeviceLink, ExitCost, LinkCounts, VirtioBackend, VmTransport};

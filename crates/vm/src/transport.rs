@@ -1,0 +1,354 @@
+//! The in-process virtio transport: the driver's register accesses reach the
+//! device model directly, kicks wake the device's own I/O thread through an
+//! eventfd, and completions come back through another eventfd per queue.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use viommu_driver::transport::status;
+use viommu_driver::{QueueAddrs, Transport};
+use vm_memory::GuestMemoryMmap;
+
+use crate::notify::EventNotifier;
+use crate::ram::GuestRam;
+
+/// Most queues a backend may have (bits of the pending-kick mask).
+pub const MAX_QUEUES: usize = 8;
+
+/// How long a completion wait blocks before the driver re-polls. Only a
+/// safety net: every completion that needs an interrupt signals the eventfd.
+const IRQ_WAIT: Duration = Duration::from_millis(5);
+
+/// What the transport needs from a device model, register by register, as a
+/// virtio-mmio or virtio-pci transport in a VMM would.
+pub trait VirtioBackend: Send + 'static {
+    /// Feature bits offered.
+    fn device_features(&self) -> u64;
+    /// Records the features the driver accepted. False refuses them
+    /// (FEATURES_OK then does not stick).
+    fn ack_features(&mut self, features: u64) -> bool;
+    /// Reads device config bytes.
+    fn read_config(&self, offset: usize, buf: &mut [u8]);
+    /// Writes device config bytes.
+    fn write_config(&mut self, offset: usize, data: &[u8]);
+    /// Device reset (status written to 0).
+    fn reset(&mut self);
+    /// Largest size of `queue`; 0 if it does not exist.
+    fn max_queue_size(&self, queue: u16) -> u16;
+    /// Configures and enables `queue`.
+    fn set_queue(&mut self, queue: u16, size: u16, addrs: QueueAddrs);
+    /// DRIVER_OK was written. False means the device cannot run.
+    fn activate(&mut self, mem: &GuestMemoryMmap) -> bool;
+    /// Services `queue` after a kick. `Ok(true)` when the driver must be
+    /// interrupted; `Err` for a device error (the transport then sets
+    /// DEVICE_NEEDS_RESET).
+    fn process_queue(&mut self, queue: u16, mem: &GuestMemoryMmap) -> Result<bool, String>;
+}
+
+/// The VM-exit cost model: each kick busy-waits this long in the kicking
+/// thread, as a vCPU would sit in an exit to the VMM. The injected time is
+/// counted so that reports can show it apart from the measured time.
+#[derive(Debug, Default)]
+pub struct ExitCost {
+    per_kick_ns: AtomicU64,
+    injected_ns: AtomicU64,
+}
+
+impl ExitCost {
+    /// Sets the extra delay per kick.
+    pub fn set_per_kick(&self, d: Duration) {
+        self.per_kick_ns.store(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The extra delay per kick.
+    pub fn per_kick(&self) -> Duration {
+        Duration::from_nanos(self.per_kick_ns.load(Ordering::Relaxed))
+    }
+
+    /// Total delay injected so far, over all threads.
+    pub fn injected(&self) -> Duration {
+        Duration::from_nanos(self.injected_ns.load(Ordering::Relaxed))
+    }
+
+    fn charge(&self) {
+        let ns = self.per_kick_ns.load(Ordering::Relaxed);
+        if ns == 0 {
+            return;
+        }
+        let start = Instant::now();
+        let d = Duration::from_nanos(ns);
+        while start.elapsed() < d {
+            std::hint::spin_loop();
+        }
+        self.injected_ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Transport-level counters.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    kicks: [AtomicU64; MAX_QUEUES],
+    interrupts: [AtomicU64; MAX_QUEUES],
+    wakeups: AtomicU64,
+    wait_timeouts: AtomicU64,
+    device_errors: AtomicU64,
+}
+
+/// A snapshot of [`LinkStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkCounts {
+    /// Kicks per queue.
+    pub kicks: [u64; MAX_QUEUES],
+    /// Interrupts raised per queue.
+    pub interrupts: [u64; MAX_QUEUES],
+    /// Times the device thread woke up (kicks may fold into one wakeup).
+    pub wakeups: u64,
+    /// Completion waits that ended by timeout rather than by interrupt.
+    pub wait_timeouts: u64,
+    /// Queue-processing errors reported by the device.
+    pub device_errors: u64,
+}
+
+impl LinkStats {
+    /// Current values.
+    pub fn snapshot(&self) -> LinkCounts {
+        let load = |a: &[AtomicU64; MAX_QUEUES]| a.each_ref().map(|c| c.load(Ordering::Relaxed));
+        LinkCounts {
+            kicks: load(&self.kicks),
+            interrupts: load(&self.interrupts),
+            wakeups: self.wakeups.load(Ordering::Relaxed),
+            wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
+            device_errors: self.device_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl LinkCounts {
+    /// Difference from an earlier snapshot.
+    pub fn since(&self, earlier: &LinkCounts) -> LinkCounts {
+        let sub = |a: &[u64; MAX_QUEUES], b: &[u64; MAX_QUEUES]| {
+            std::array::from_fn(|i| a[i].wrapping_sub(b[i]))
+        };
+        LinkCounts {
+            kicks: sub(&self.kicks, &earlier.kicks),
+            interrupts: sub(&self.interrupts, &earlier.interrupts),
+            wakeups: self.wakeups - earlier.wakeups,
+            wait_timeouts: self.wait_timeouts - earlier.wait_timeouts,
+            device_errors: self.device_errors - earlier.device_errors,
+        }
+    }
+}
+
+struct Shared<B> {
+    backend: Mutex<B>,
+    status: Mutex<u8>,
+    ram: Arc<GuestRam>,
+    kick: EventNotifier,
+    irq: [EventNotifier; MAX_QUEUES],
+    pending: AtomicU32,
+    driver_features: AtomicU64,
+    stop: AtomicBool,
+    stats: LinkStats,
+    exit: ExitCost,
+}
+
+/// The device side of the link: owns the I/O thread. Dropping it stops the
+/// thread. Clone-free; hand out [`VmTransport`]s with [`DeviceLink::transport`].
+pub struct DeviceLink<B: VirtioBackend> {
+    shared: Arc<Shared<B>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<B: VirtioBackend> std::fmt::Debug for DeviceLink<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceLink").field("stats", &self.shared.stats.snapshot()).finish()
+    }
+}
+
+impl<B: VirtioBackend> DeviceLink<B> {
+    /// Starts the device's I/O thread over `ram`.
+    pub fn start(backend: B, ram: Arc<GuestRam>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            backend: Mutex::new(backend),
+            status: Mutex::new(0),
+            ram,
+            kick: EventNotifier::new()?,
+            irq: notifiers()?,
+            pending: AtomicU32::new(0),
+            driver_features: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            stats: LinkStats::default(),
+            exit: ExitCost::default(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("viommu-io".into())
+            .spawn(move || io_thread(&s))?;
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// A driver-side handle. Several may exist; they share the device.
+    pub fn transport(&self) -> VmTransport<B> {
+        VmTransport { shared: self.shared.clone() }
+    }
+
+    /// Locks the device model (for the VMM side: counters, translate setup).
+    /// The I/O thread cannot run while the guard is held.
+    pub fn backend(&self) -> MutexGuard<'_, B> {
+        self.shared.backend.lock().unwrap()
+    }
+
+    /// Transport counters.
+    pub fn stats(&self) -> LinkCounts {
+        self.shared.stats.snapshot()
+    }
+
+    /// The VM-exit cost model applied to every kick.
+    pub fn exit_cost(&self) -> &ExitCost {
+        &self.shared.exit
+    }
+
+    /// Wakes the I/O thread to service `queue` as if kicked, without counting
+    /// a guest kick (e.g. the VMM has fault events to deliver).
+    pub fn poke(&self, queue: u16) {
+        self.shared.pending.fetch_or(1 << queue, Ordering::AcqRel);
+        self.shared.kick.signal();
+    }
+}
+
+impl<B: VirtioBackend> Drop for DeviceLink<B> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.kick.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn notifiers() -> std::io::Result<[EventNotifier; MAX_QUEUES]> {
+    let v = (0..MAX_QUEUES).map(|_| EventNotifier::new()).collect::<std::io::Result<Vec<_>>>()?;
+    Ok(v.try_into().expect("MAX_QUEUES notifiers"))
+}
+
+fn io_thread<B: VirtioBackend>(s: &Shared<B>) {
+    loop {
+        s.kick.wait(None);
+        if s.stop.load(Ordering::Acquire) {
+            return;
+        }
+        s.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        let pending = s.pending.swap(0, Ordering::AcqRel);
+        if pending == 0 {
+            continue;
+        }
+        let mut dev = s.backend.lock().unwrap();
+        for q in 0..MAX_QUEUES as u16 {
+            if pending & (1 << q) == 0 {
+                continue;
+            }
+            match dev.process_queue(q, s.ram.memory()) {
+                Ok(true) => {
+                    s.stats.interrupts[q as usize].fetch_add(1, Ordering::Relaxed);
+                    s.irq[q as usize].signal();
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    s.stats.device_errors.fetch_add(1, Ordering::Relaxed);
+                    *s.status.lock().unwrap() |= status::DEVICE_NEEDS_RESET;
+                    // Wake any waiter so it sees the status.
+                    s.irq[q as usize].signal();
+                }
+            }
+        }
+    }
+}
+
+/// The driver's view of the device: implements the driver's [`Transport`].
+pub struct VmTransport<B: VirtioBackend> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: VirtioBackend> std::fmt::Debug for VmTransport<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmTransport").finish_non_exhaustive()
+    }
+}
+
+impl<B: VirtioBackend> VmTransport<B> {
+    fn dev(&self) -> MutexGuard<'_, B> {
+        self.shared.backend.lock().unwrap()
+    }
+}
+
+impl<B: VirtioBackend> Transport for VmTransport<B> {
+    fn device_features(&mut self) -> u64 {
+        self.dev().device_features()
+    }
+
+    fn set_driver_features(&mut self, features: u64) {
+        // Acceptance is decided when FEATURES_OK is written.
+        self.shared.driver_features.store(features, Ordering::Relaxed);
+    }
+
+    fn status(&mut self) -> u8 {
+        *self.shared.status.lock().unwrap()
+    }
+
+    fn set_status(&mut self, new: u8) {
+        let mut st = self.shared.status.lock().unwrap();
+        let mut dev = self.dev();
+        if new == 0 {
+            dev.reset();
+            *st = 0;
+            return;
+        }
+        let mut value = new;
+        if new & status::FEATURES_OK != 0 && *st & status::FEATURES_OK == 0 {
+            let features = self.shared.driver_features.load(Ordering::Relaxed);
+            if !dev.ack_features(features) {
+                value &= !status::FEATURES_OK;
+            }
+        }
+        if new & status::DRIVER_OK != 0
+            && *st & status::DRIVER_OK == 0
+            && !dev.activate(self.shared.ram.memory())
+        {
+            value |= status::DEVICE_NEEDS_RESET;
+        }
+        *st = value | (*st & status::DEVICE_NEEDS_RESET);
+    }
+
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        self.dev().max_queue_size(queue)
+    }
+
+    fn setup_queue(&mut self, queue: u16, size: u16, addrs: QueueAddrs) {
+        self.dev().set_queue(queue, size, addrs);
+    }
+
+    fn notify(&mut self, queue: u16) {
+        let q = queue as usize % MAX_QUEUES;
+        self.shared.exit.charge();
+        self.shared.stats.kicks[q].fetch_add(1, Ordering::Relaxed);
+        self.shared.pending.fetch_or(1 << q, Ordering::AcqRel);
+        self.shared.kick.signal();
+    }
+
+    fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
+        self.dev().read_config(offset, buf);
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.dev().write_config(offset, data);
+    }
+
+    fn wait_for_used(&mut self, queue: u16) {
+        let q = queue as usize % MAX_QUEUES;
+        if !self.shared.irq[q].wait(Some(IRQ_WAIT)) {
+            self.shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
