@@ -3,8 +3,11 @@
 //! endpoints whose every access is translated by the IOMMU.
 #![deny(missing_docs)]
 
+pub mod bench;
+pub mod histogram;
 pub mod notify;
 pub mod ram;
+pub mod replay;
 pub mod transport;
 
 pub use notify::EventNotifier;
