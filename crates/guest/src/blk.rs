@@ -1,0 +1,1 @@
+//! virtio-blk endpoint driver (being written).

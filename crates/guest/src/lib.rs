@@ -1,0 +1,59 @@
+//! Running the viommu driver in a real Linux guest, from userspace.
+//!
+//! - [`pci`]: PCI functions through sysfs (config space, enable, BARs);
+//! - [`virtio_pci`]: the virtio-pci modern transport, [`virtio_pci::PciTransport`],
+//!   which implements the driver's `Transport`;
+//! - [`hugepage`]: DMA memory from hugetlb pages, [`hugepage::HugePageHal`],
+//!   which implements the driver's `Hal`;
+//! - [`blk`]: a small virtio-blk endpoint driver whose every ring and buffer
+//!   address is an IOVA from the viommu DMA layer;
+//! - [`pattern`]: the known disk contents the tests check against.
+//!
+//! Completion is by polling: nothing here takes interrupts. The guest test
+//! program is `src/bin/viommu-guest.rs`; `scripts/real-guest` boots it.
+#![deny(missing_docs)]
+
+pub mod blk;
+pub mod hugepage;
+pub mod pattern;
+pub mod pci;
+pub mod virtio_pci;
+
+use std::fmt;
+
+/// Errors of the guest-side plumbing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A system call on a sysfs or procfs file failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The device is not what we expect, or broke a rule.
+    #[error("device: {0}")]
+    Device(String),
+    /// DMA memory could not be had.
+    #[error("DMA memory: {0}")]
+    Dma(String),
+    /// The viommu driver reported an error.
+    #[error("viommu driver: {0}")]
+    Driver(String),
+    /// The device did not complete in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(what: String, source: std::io::Error) -> Self {
+        Self::Io { what, source }
+    }
+
+    /// Wraps any displayable driver error.
+    pub fn driver(e: impl fmt::Display) -> Self {
+        Self::Driver(e.to_string())
+    }
+}

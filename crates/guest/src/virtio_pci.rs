@@ -1,0 +1,448 @@
+//! The virtio-pci modern transport (virtio 1.2 §4.1.4) over a sysfs-mapped
+//! BAR: common, notify, ISR and device-config structures.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use viommu_driver::transport::{QueueAddrs, Transport};
+
+use crate::pci::{regs, Capability, Mmio, PciDevice};
+use crate::Error;
+
+/// Virtio vendor capability `cfg_type` values.
+pub mod cfg_type {
+    /// Common configuration.
+    pub const COMMON: u8 = 1;
+    /// Notifications.
+    pub const NOTIFY: u8 = 2;
+    /// ISR status.
+    pub const ISR: u8 = 3;
+    /// Device-specific configuration.
+    pub const DEVICE: u8 = 4;
+    /// PCI configuration access (unused here).
+    pub const PCI_CFG: u8 = 5;
+}
+
+/// Offsets in the common configuration structure.
+mod common {
+    pub const DEVICE_FEATURE_SELECT: usize = 0x00;
+    pub const DEVICE_FEATURE: usize = 0x04;
+    pub const DRIVER_FEATURE_SELECT: usize = 0x08;
+    pub const DRIVER_FEATURE: usize = 0x0c;
+    pub const NUM_QUEUES: usize = 0x12;
+    pub const DEVICE_STATUS: usize = 0x14;
+    pub const CONFIG_GENERATION: usize = 0x15;
+    pub const QUEUE_SELECT: usize = 0x16;
+    pub const QUEUE_SIZE: usize = 0x18;
+    pub const QUEUE_ENABLE: usize = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: usize = 0x1e;
+    pub const QUEUE_DESC: usize = 0x20;
+    pub const QUEUE_DRIVER: usize = 0x28;
+    pub const QUEUE_DEVICE: usize = 0x30;
+    /// Size of the structure up to `queue_device` included.
+    pub const LEN: u32 = 0x38;
+}
+
+/// Where one virtio structure lives: BAR, offset and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapRegion {
+    /// BAR index.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u32,
+    /// Length in bytes.
+    pub length: u32,
+}
+
+/// The four virtio structures a driver needs, found in the capability list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioCaps {
+    /// Common configuration.
+    pub common: CapRegion,
+    /// Notification area.
+    pub notify: CapRegion,
+    /// Bytes between the notify addresses of consecutive `queue_notify_off` values.
+    pub notify_off_multiplier: u32,
+    /// ISR status byte.
+    pub isr: CapRegion,
+    /// Device-specific configuration (absent for devices without one).
+    pub device: Option<CapRegion>,
+}
+
+impl VirtioCaps {
+    /// Picks the first capability of each type from `caps`, as the spec
+    /// recommends, and checks that each fits the minimum size.
+    pub fn parse(caps: &[Capability]) -> Result<Self, Error> {
+        let mut found: [Option<(CapRegion, &Capability)>; 5] = [None; 5];
+        for cap in caps.iter().filter(|c| c.id == regs::CAP_ID_VENDOR) {
+            let b = &cap.bytes;
+            let (cap_len, ty, bar) = (b[2], b[3], b[4]);
+            if cap_len < 16 || bar > 5 || !(1..=5).contains(&ty) {
+                continue;
+            }
+            let region = CapRegion {
+                bar,
+                offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+                length: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+            };
+            found[ty as usize - 1].get_or_insert((region, cap));
+        }
+        let need = |ty: u8, min: u32| -> Result<(CapRegion, &Capability), Error> {
+            let (r, c) = found[ty as usize - 1]
+                .ok_or_else(|| Error::Device(format!("no virtio capability of type {ty}")))?;
+            if r.length < min {
+                return Err(Error::Device(format!(
+                    "virtio capability type {ty} is {} bytes, need {min}",
+                    r.length
+                )));
+            }
+            Ok((r, c))
+        };
+        let (common, _) = need(cfg_type::COMMON, common::LEN)?;
+        let (notify, ncap) = need(cfg_type::NOTIFY, 2)?;
+        if ncap.bytes[2] < 20 {
+            return Err(Error::Device("virtio notify capability too short".into()));
+        }
+        let b = &ncap.bytes;
+        let notify_off_multiplier = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+        let (isr, _) = need(cfg_type::ISR, 1)?;
+        let device = found[cfg_type::DEVICE as usize - 1].map(|(r, _)| r);
+        Ok(Self { common, notify, notify_off_multiplier, isr, device })
+    }
+}
+
+/// A window into a mapped BAR: offsets are relative to the window and checked.
+#[derive(Clone, Debug)]
+struct Window {
+    bar: Arc<Mmio>,
+    base: usize,
+    len: usize,
+}
+
+impl Window {
+    fn new(bars: &[Option<Arc<Mmio>>; 6], r: CapRegion) -> Result<Self, Error> {
+        let bar = bars[r.bar as usize].clone().expect("BARs of all capabilities are mapped");
+        let (base, len) = (r.offset as usize, r.length as usize);
+        if base.checked_add(len).is_none_or(|end| end > bar.len()) {
+            return Err(Error::Device(format!(
+                "virtio structure at {base:#x}+{len:#x} is outside BAR {} ({:#x} bytes)",
+                r.bar,
+                bar.len()
+            )));
+        }
+        Ok(Self { bar, base, len })
+    }
+
+    fn check(&self, offset: usize, size: usize) -> usize {
+        assert!(
+            offset + size <= self.len,
+            "access at {offset:#x} outside a {:#x} window",
+            self.len
+        );
+        self.base + offset
+    }
+
+    fn r8(&self, o: usize) -> u8 {
+        self.bar.read8(self.check(o, 1))
+    }
+    fn r16(&self, o: usize) -> u16 {
+        self.bar.read16(self.check(o, 2))
+    }
+    fn r32(&self, o: usize) -> u32 {
+        self.bar.read32(self.check(o, 4))
+    }
+    fn w8(&self, o: usize, v: u8) {
+        self.bar.write8(self.check(o, 1), v)
+    }
+    fn w16(&self, o: usize, v: u16) {
+        self.bar.write16(self.check(o, 2), v)
+    }
+    fn w32(&self, o: usize, v: u32) {
+        self.bar.write32(self.check(o, 4), v)
+    }
+    /// 64-bit registers as two 32-bit halves, low first.
+    fn w64(&self, o: usize, v: u64) {
+        self.w32(o, v as u32);
+        self.w32(o + 4, (v >> 32) as u32);
+    }
+}
+
+/// Counts accesses that QEMU traces, so the guest can tell the host which
+/// trace line corresponds to which moment (see `scripts/real-guest`).
+#[derive(Clone, Debug, Default)]
+pub struct TransportCounters {
+    /// Write accesses to the device-config structure (QEMU traces each).
+    pub config_writes: Arc<AtomicU64>,
+    /// Notifications sent, per queue 0 and 1 (other queues are not counted).
+    pub notifies: [Arc<AtomicU64>; 2],
+}
+
+/// A virtio-pci modern device driven from Linux userspace.
+///
+/// ```no_run
+/// use viommu_driver::Transport;
+/// let mut t = viommu_guest::virtio_pci::PciTransport::open("00:04.0").unwrap();
+/// t.set_status(0);
+/// let features = t.device_features();
+/// assert!(features & (1 << 32) != 0, "a modern device offers VERSION_1");
+/// ```
+#[derive(Debug)]
+pub struct PciTransport {
+    pci: PciDevice,
+    common: Window,
+    notify: Window,
+    notify_mult: u32,
+    isr: Window,
+    device: Option<Window>,
+    notify_offs: Vec<Option<u16>>,
+    counters: TransportCounters,
+}
+
+impl PciTransport {
+    /// Takes the function at `bdf` from the kernel: unbinds its driver,
+    /// enables it with memory space, bus mastering and INTx off, and maps
+    /// the BARs that hold its virtio structures.
+    pub fn open(bdf: &str) -> Result<Self, Error> {
+        let pci = PciDevice::open(bdf)?;
+        let (vendor, device_id) = pci.ids()?;
+        if vendor != 0x1af4 || !(0x1040..=0x107f).contains(&device_id) {
+            return Err(Error::Device(format!(
+                "{bdf}: {vendor:04x}:{device_id:04x} is not a modern virtio-pci device"
+            )));
+        }
+        pci.unbind()?;
+        pci.enable()?;
+        pci.set_command(regs::CMD_MEM | regs::CMD_BUS_MASTER | regs::CMD_INTX_DISABLE)?;
+        let caps = VirtioCaps::parse(&pci.capabilities()?)?;
+        let mut bars: [Option<Arc<Mmio>>; 6] = Default::default();
+        for r in [Some(caps.common), Some(caps.notify), Some(caps.isr), caps.device]
+            .into_iter()
+            .flatten()
+        {
+            if bars[r.bar as usize].is_none() {
+                bars[r.bar as usize] = Some(pci.map_bar(r.bar)?);
+            }
+        }
+        let common = Window::new(&bars, caps.common)?;
+        let notify = Window::new(&bars, caps.notify)?;
+        let isr = Window::new(&bars, caps.isr)?;
+        let device = caps.device.map(|r| Window::new(&bars, r)).transpose()?;
+        let num_queues = common.r16(common::NUM_QUEUES) as usize;
+        Ok(Self {
+            pci,
+            common,
+            notify,
+            notify_mult: caps.notify_off_multiplier,
+            isr,
+            device,
+            notify_offs: vec![None; num_queues],
+            counters: TransportCounters::default(),
+        })
+    }
+
+    /// The PCI function.
+    pub fn pci(&self) -> &PciDevice {
+        &self.pci
+    }
+
+    /// Number of queues the device has.
+    pub fn num_queues(&self) -> u16 {
+        self.notify_offs.len() as u16
+    }
+
+    /// Reads (and so clears) the ISR status byte.
+    pub fn read_isr(&mut self) -> u8 {
+        self.isr.r8(0)
+    }
+
+    /// Shared counters of traced accesses.
+    pub fn counters(&self) -> TransportCounters {
+        self.counters.clone()
+    }
+
+    fn select_queue(&mut self, queue: u16) {
+        self.common.w16(common::QUEUE_SELECT, queue);
+    }
+
+    fn notify_offset(&mut self, queue: u16) -> Option<usize> {
+        let slot = self.notify_offs.get(queue as usize).copied()?;
+        let off = match slot {
+            Some(off) => off,
+            None => {
+                self.select_queue(queue);
+                let off = self.common.r16(common::QUEUE_NOTIFY_OFF);
+                self.notify_offs[queue as usize] = Some(off);
+                off
+            }
+        };
+        Some(off as usize * self.notify_mult as usize)
+    }
+
+    fn device_window(&self) -> &Window {
+        self.device.as_ref().expect("device has no device-config structure")
+    }
+}
+
+impl Transport for PciTransport {
+    fn device_features(&mut self) -> u64 {
+        self.common.w32(common::DEVICE_FEATURE_SELECT, 0);
+        let lo = self.common.r32(common::DEVICE_FEATURE);
+        self.common.w32(common::DEVICE_FEATURE_SELECT, 1);
+        let hi = self.common.r32(common::DEVICE_FEATURE);
+        (hi as u64) << 32 | lo as u64
+    }
+
+    fn set_driver_features(&mut self, features: u64) {
+        self.common.w32(common::DRIVER_FEATURE_SELECT, 0);
+        self.common.w32(common::DRIVER_FEATURE, features as u32);
+        self.common.w32(common::DRIVER_FEATURE_SELECT, 1);
+        self.common.w32(common::DRIVER_FEATURE, (features >> 32) as u32);
+    }
+
+    fn status(&mut self) -> u8 {
+        self.common.r8(common::DEVICE_STATUS)
+    }
+
+    fn set_status(&mut self, status: u8) {
+        self.common.w8(common::DEVICE_STATUS, status);
+        if status == 0 {
+            // Reset completes when the status reads back 0 (§4.1.4.3.2).
+            // QEMU resets synchronously; the bound covers anything else.
+            for _ in 0..1_000_000 {
+                if self.common.r8(common::DEVICE_STATUS) == 0 {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            self.notify_offs.iter_mut().for_each(|o| *o = None);
+        }
+    }
+
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        if queue >= self.num_queues() {
+            return 0;
+        }
+        self.select_queue(queue);
+        self.common.r16(common::QUEUE_SIZE)
+    }
+
+    fn setup_queue(&mut self, queue: u16, size: u16, addrs: QueueAddrs) {
+        self.select_queue(queue);
+        self.common.w16(common::QUEUE_SIZE, size);
+        self.common.w64(common::QUEUE_DESC, addrs.desc);
+        self.common.w64(common::QUEUE_DRIVER, addrs.avail);
+        self.common.w64(common::QUEUE_DEVICE, addrs.used);
+        let off = self.common.r16(common::QUEUE_NOTIFY_OFF);
+        if let Some(slot) = self.notify_offs.get_mut(queue as usize) {
+            *slot = Some(off);
+        }
+        self.common.w16(common::QUEUE_ENABLE, 1);
+    }
+
+    fn notify(&mut self, queue: u16) {
+        let Some(off) = self.notify_offset(queue) else { return };
+        if let Some(c) = self.counters.notifies.get(queue as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.notify.w16(off, queue);
+    }
+
+    fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
+        let w = self.device_window().clone();
+        let mut i = 0;
+        while i < buf.len() {
+            let o = offset + i;
+            let left = buf.len() - i;
+            // Natural width: 32-bit where aligned, then 16, then bytes.
+            if o % 4 == 0 && left >= 4 {
+                buf[i..i + 4].copy_from_slice(&w.r32(o).to_le_bytes());
+                i += 4;
+            } else if o % 2 == 0 && left >= 2 {
+                buf[i..i + 2].copy_from_slice(&w.r16(o).to_le_bytes());
+                i += 2;
+            } else {
+                buf[i] = w.r8(o);
+                i += 1;
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let w = self.device_window().clone();
+        let mut i = 0;
+        while i < data.len() {
+            let o = offset + i;
+            let left = data.len() - i;
+            if o % 4 == 0 && left >= 4 {
+                w.w32(o, u32::from_le_bytes(data[i..i + 4].try_into().expect("4 bytes")));
+                i += 4;
+            } else if o % 2 == 0 && left >= 2 {
+                w.w16(o, u16::from_le_bytes([data[i], data[i + 1]]));
+                i += 2;
+            } else {
+                w.w8(o, data[i]);
+                i += 1;
+            }
+            self.counters.config_writes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn config_generation(&mut self) -> u32 {
+        self.common.r8(common::CONFIG_GENERATION) as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vcap(offset: u8, ty: u8, bar: u8, off: u32, len: u32, cap_len: u8) -> Capability {
+        let mut bytes = [0u8; crate::pci::CAP_BYTES];
+        bytes[0] = regs::CAP_ID_VENDOR;
+        bytes[2] = cap_len;
+        bytes[3] = ty;
+        bytes[4] = bar;
+        bytes[8..12].copy_from_slice(&off.to_le_bytes());
+        bytes[12..16].copy_from_slice(&len.to_le_bytes());
+        if ty == cfg_type::NOTIFY {
+            bytes[16..20].copy_from_slice(&4u32.to_le_bytes());
+        }
+        Capability { id: bytes[0], offset, bytes }
+    }
+
+    #[test]
+    fn parses_qemu_layout() {
+        // QEMU's layout: everything in BAR 4.
+        let caps = [
+            vcap(0x84, cfg_type::COMMON, 4, 0, 0x1000, 16),
+            vcap(0x70, cfg_type::ISR, 4, 0x1000, 0x1000, 16),
+            vcap(0x60, cfg_type::DEVICE, 4, 0x2000, 0x1000, 16),
+            vcap(0x50, cfg_type::NOTIFY, 4, 0x3000, 0x1000, 20),
+            vcap(0x40, cfg_type::PCI_CFG, 0, 0, 0, 20),
+            // A second common capability is ignored: the first one wins.
+            vcap(0x98, cfg_type::COMMON, 2, 0, 0x1000, 16),
+        ];
+        let v = VirtioCaps::parse(&caps).unwrap();
+        assert_eq!(v.common, CapRegion { bar: 4, offset: 0, length: 0x1000 });
+        assert_eq!(v.notify.offset, 0x3000);
+        assert_eq!(v.notify_off_multiplier, 4);
+        assert_eq!(v.isr.offset, 0x1000);
+        assert_eq!(v.device.unwrap().offset, 0x2000);
+    }
+
+    #[test]
+    fn rejects_missing_or_short_structures() {
+        let mut caps = vec![
+            vcap(0x40, cfg_type::COMMON, 4, 0, 0x10, 16),
+            vcap(0x50, cfg_type::NOTIFY, 4, 0x3000, 0x1000, 20),
+            vcap(0x60, cfg_type::ISR, 4, 0x1000, 0x1000, 16),
+        ];
+        assert!(VirtioCaps::parse(&caps).is_err(), "common structure too short");
+        caps[0] = vcap(0x40, cfg_type::COMMON, 4, 0, 0x38, 16);
+        assert!(VirtioCaps::parse(&caps).unwrap().device.is_none());
+        caps[1] = vcap(0x50, cfg_type::NOTIFY, 4, 0x3000, 0x1000, 16);
+        assert!(VirtioCaps::parse(&caps).is_err(), "notify capability without multiplier");
+        caps[1] = vcap(0x50, cfg_type::NOTIFY, 7, 0x3000, 0x1000, 20);
+        assert!(VirtioCaps::parse(&caps).is_err(), "BAR 7 does not exist");
+    }
+}
