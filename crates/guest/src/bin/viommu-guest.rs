@@ -29,9 +29,33 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("run") => smoke(),
         _ => {
             eprintln!("usage: viommu-guest gen-disk FILE | run");
             std::process::exit(2);
         }
     }
+}
+
+fn smoke() {
+    use viommu_driver::Transport;
+    for bdf in ["00:04.0", "00:05.0"] {
+        let mut t = match viommu_guest::virtio_pci::PciTransport::open(bdf) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("VG FAIL open-{bdf} {e}");
+                continue;
+            }
+        };
+        t.set_status(0);
+        let f = t.device_features();
+        let mut cfg = [0u8; 40];
+        t.read_config(0, &mut cfg);
+        println!("VG INFO {bdf} features={f:#x} queues={} q0max={} cfg={cfg:02x?}", t.num_queues(), t.max_queue_size(0));
+    }
+    let hal = viommu_guest::hugepage::HugePageHal::new(4).unwrap();
+    use viommu_driver::Hal;
+    let r = hal.dma_alloc(2).unwrap();
+    println!("VG INFO dma {:#x}", r.bus_addr);
+    println!("VG DONE");
 }
