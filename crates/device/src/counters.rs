@@ -1,0 +1,101 @@
+//! Exact event counts, readable while the device runs.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+use viommu_proto::{RequestType, Status};
+
+/// Live counters (atomics); read a consistent-enough copy with [`Counters::get`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: [AtomicU64; 6],
+    statuses: [AtomicU64; 9],
+    malformed: AtomicU64,
+    faults_raised: AtomicU64,
+    faults_coalesced: AtomicU64,
+    faults_dropped: AtomicU64,
+    faults_delivered: AtomicU64,
+    kicks: AtomicU64,
+    interrupts: AtomicU64,
+}
+
+/// A copy of the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSnapshot {
+    /// Requests parsed, by type: index 0 counts unknown types, 1..=5 ATTACH..PROBE.
+    pub requests: [u64; 6],
+    /// Statuses written, indexed by status code.
+    pub statuses: [u64; 9],
+    /// Chains returned with used length 0 (could not be parsed or answered).
+    pub malformed: u64,
+    /// Failed translations that queued (or tried to queue) a fault event.
+    pub faults_raised: u64,
+    /// Faults merged into an event already pending (see [`crate::fault`]).
+    pub faults_coalesced: u64,
+    /// Faults lost because the pending-fault queue was full.
+    pub faults_dropped: u64,
+    /// Fault events written into event-queue buffers.
+    pub faults_delivered: u64,
+    /// Calls to process the request queue.
+    pub kicks: u64,
+    /// Times processing asked the VMM to interrupt the driver.
+    pub interrupts: u64,
+}
+
+impl CounterSnapshot {
+    /// Requests of one type.
+    pub fn requests_of(&self, t: RequestType) -> u64 {
+        self.requests[t as usize]
+    }
+
+    /// Replies with one status.
+    pub fn status(&self, s: Status) -> u64 {
+        self.statuses[s as usize]
+    }
+}
+
+impl Counters {
+    pub(crate) fn request(&self, t: Option<RequestType>) {
+        self.requests[t.map_or(0, |t| t as usize)].fetch_add(1, Relaxed);
+    }
+    pub(crate) fn status(&self, s: Status) {
+        self.statuses[s as usize].fetch_add(1, Relaxed);
+    }
+    pub(crate) fn malformed(&self) {
+        self.malformed.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn fault_raised(&self) {
+        self.faults_raised.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn fault_coalesced(&self) {
+        self.faults_coalesced.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn fault_dropped(&self) {
+        self.faults_dropped.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn fault_delivered(&self) {
+        self.faults_delivered.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn kick(&self) {
+        self.kicks.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn interrupt(&self) {
+        self.interrupts.fetch_add(1, Relaxed);
+    }
+
+    /// A copy of every counter.
+    pub fn get(&self) -> CounterSnapshot {
+        let load = |a: &AtomicU64| a.load(Relaxed);
+        CounterSnapshot {
+            requests: self.requests.each_ref().map(load),
+            statuses: self.statuses.each_ref().map(load),
+            malformed: load(&self.malformed),
+            faults_raised: load(&self.faults_raised),
+            faults_coalesced: load(&self.faults_coalesced),
+            faults_dropped: load(&self.faults_dropped),
+            faults_delivered: load(&self.faults_delivered),
+            kicks: load(&self.kicks),
+            interrupts: load(&self.interrupts),
+        }
+    }
+}

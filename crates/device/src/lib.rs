@@ -1,0 +1,48 @@
+//! A virtio-iommu device model (virtio 1.2/1.3 §5.13) for VMMs, on `vm-memory` and
+//! `virtio-queue`.
+//!
+//! - [`VirtioIommu`] is the virtio device: features, config space, request and event
+//!   queues, reset, snapshot/restore.
+//! - [`Iommu`] is the state it shares (through `Arc`) with the VMM's other device models,
+//!   which call [`Iommu::translate`] from any thread.
+//! - [`Listener`] lets VFIO or vhost back-ends follow attach, detach, map and unmap.
+//!
+//! ```
+//! use viommu_device::{Access, DeviceConfig, EndpointConfig, VirtioIommu};
+//! let dev = VirtioIommu::new(DeviceConfig {
+//!     endpoints: vec![EndpointConfig::new(0x10)],
+//!     ..Default::default()
+//! })
+//! .unwrap();
+//! let iommu = dev.iommu();
+//! // Not attached and bypass is 0: the access faults and an event is queued.
+//! assert!(iommu.translate(0x10, 0x1000, 8, Access::Read).is_err());
+//! assert_eq!(iommu.pending_faults(), 1);
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod counters;
+mod device;
+pub mod domain;
+mod endpoint;
+mod error;
+pub mod fault;
+mod iommu;
+mod listener;
+pub mod request;
+mod snapshot;
+mod sync;
+mod translate;
+
+pub use config::{DeviceConfig, EndpointConfig, Limits, OfferedFeatures, ResvKind, ResvRegion};
+pub use counters::CounterSnapshot;
+pub use device::{VirtioIommu, QUEUE_MAX_SIZE};
+pub use domain::Mapping;
+pub use error::{ConfigError, Error};
+pub use fault::PendingFault;
+pub use iommu::{FaultNotifier, Iommu};
+pub use listener::Listener;
+pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
+pub use translate::{Access, Fault, FaultKind, Segment, Translation};

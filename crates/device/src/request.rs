@@ -1,0 +1,123 @@
+//! Walking one request chain in guest memory: gather the device-readable bytes, find the
+//! device-writable buffers, and scatter the reply back.
+//!
+//! Outcomes for malformed chains (the chain is always returned to the driver, and the device
+//! keeps serving the queue):
+//! - no descriptor, a readable descriptor after a writable one, a chain cut short (a loop,
+//!   a `next` index past the table, more descriptors than the queue size, or an unreadable
+//!   descriptor), a buffer outside guest memory: used length 0, nothing executed;
+//! - a readable part too short for its request type, or a writable part shorter than the
+//!   tail: used length 0, nothing executed (§5.13.6: "it returns the buffers without writing
+//!   to them");
+//! - a head index past the queue: no used entry can name it; it is counted and skipped.
+
+use smallvec::SmallVec;
+use viommu_proto::{ProbeBody, ReqHead, RequestType};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// The most readable bytes any request needs: the head and the largest body (PROBE).
+pub const MAX_READABLE: usize = size_of::<ReqHead>() + size_of::<ProbeBody>();
+
+/// Why a chain could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// No descriptor at all.
+    Empty,
+    /// A device-readable descriptor follows a device-writable one.
+    WrongOrder,
+    /// The chain ends on a descriptor that still has NEXT set: a loop, a bad index, or too long.
+    Truncated,
+    /// A buffer is not in guest memory.
+    OutOfMemory,
+}
+
+/// A gathered request.
+#[derive(Debug)]
+pub struct Gathered {
+    /// The first readable bytes.
+    pub readable: [u8; MAX_READABLE],
+    /// How many of them are valid.
+    pub readable_len: usize,
+    /// The device-writable buffers, in order.
+    pub writable: SmallVec<[(GuestAddress, u32); 4]>,
+    /// Their total length.
+    pub writable_len: u64,
+}
+
+impl Gathered {
+    /// Bytes of the writable part the reply may use: the tail, plus properties for PROBE.
+    pub fn reply_len(&self, probe_size: u32) -> usize {
+        let need = match RequestType::from_u8(self.readable[0]) {
+            Some(RequestType::Probe) => probe_size as usize + 4,
+            _ => 4,
+        };
+        self.writable_len.min(need as u64) as usize
+    }
+}
+
+/// Walks `chain`, copying at most [`MAX_READABLE`] readable bytes.
+pub fn gather<M: GuestMemoryBackend>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+) -> Result<Gathered, ChainError> {
+    let mut g = Gathered {
+        readable: [0; MAX_READABLE],
+        readable_len: 0,
+        writable: SmallVec::new(),
+        writable_len: 0,
+    };
+    let mut last_has_next = None;
+    // The chain iterator stops after queue-size descriptors, so this loop is bounded.
+    for desc in chain {
+        last_has_next = Some(desc.has_next());
+        if desc.is_write_only() {
+            g.writable.push((desc.addr(), desc.len()));
+            g.writable_len += u64::from(desc.len());
+        } else {
+            if !g.writable.is_empty() {
+                return Err(ChainError::WrongOrder);
+            }
+            let take = (desc.len() as usize).min(MAX_READABLE - g.readable_len);
+            let buf = &mut g.readable[g.readable_len..g.readable_len + take];
+            mem.read_slice(buf, desc.addr()).map_err(|_| ChainError::OutOfMemory)?;
+            g.readable_len += take;
+        }
+    }
+    match last_has_next {
+        None => Err(ChainError::Empty),
+        Some(true) => Err(ChainError::Truncated),
+        Some(false) => Ok(g),
+    }
+}
+
+/// Checks that the first `len` bytes of the writable buffers are in guest memory.
+pub fn check_writable<M: GuestMemoryBackend>(g: &Gathered, mem: &M, len: usize) -> bool {
+    let mut left = len;
+    for &(addr, n) in &g.writable {
+        if left == 0 {
+            break;
+        }
+        let n = (n as usize).min(left);
+        if !mem.check_range(addr, n) {
+            return false;
+        }
+        left -= n;
+    }
+    left == 0
+}
+
+/// Scatters `data` over the writable buffers.
+pub fn scatter<M: GuestMemoryBackend>(g: &Gathered, mem: &M, mut data: &[u8]) -> bool {
+    for &(addr, n) in &g.writable {
+        if data.is_empty() {
+            break;
+        }
+        let n = (n as usize).min(data.len());
+        if mem.write_slice(&data[..n], addr).is_err() {
+            return false;
+        }
+        data = &data[n..];
+    }
+    data.is_empty()
+}
