@@ -140,7 +140,7 @@ mod tests {
     use super::*;
 
     fn m(start: u64, end: u64) -> Mapping {
-        Mapping { start, end, phys: start + 0x10_0000, flags: 3 }
+        Mapping { start, end, phys: start.wrapping_add(0x10_0000), flags: 3 }
     }
 
     fn tree(ms: &[(u64, u64)]) -> MappingTree {
