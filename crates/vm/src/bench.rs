@@ -3,7 +3,16 @@
 //! transport.
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use crate::endpoint::block::{BlockDevice, BlockGuest, S_OK};
+use crate::endpoint::net::{NetDevice, NetGuest};
+use crate::endpoint::{DirectDma, DmaEngine, GuestDma, MapError};
+use crate::histogram::Histogram;
+use crate::machine::{Machine, MachineError};
+use crate::ram::GuestRam;
 
 /// How the guest uses the IOMMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -181,4 +190,173 @@ fn per(n: u64, ios: u64) -> f64 {
     } else {
         n as f64 / ios as f64
     }
+}
+
+/// Why a cell could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Building the VM failed.
+    #[error("VM setup: {0}")]
+    Machine(#[from] MachineError),
+    /// A guest mapping failed during the run.
+    #[error("{0}")]
+    Map(#[from] MapError),
+    /// Guest RAM could not be mapped.
+    #[error("{0}")]
+    Ram(#[from] crate::RamError),
+    /// The spec is unusable.
+    #[error("bad cell: {0}")]
+    Spec(String),
+}
+
+/// Packets per net round (one NAPI-like batch).
+pub const NET_BATCH: usize = 32;
+
+/// Endpoint ID of the emulated device in benchmarks.
+pub const BENCH_ENDPOINT: u32 = 8;
+
+fn ram_size(spec: &CellSpec) -> usize {
+    // Scattered data pages use twice their size while allocating; rings,
+    // request buffers and the driver's own pages fit in the 32 MiB extra.
+    let per_thread = match spec.workload {
+        Workload::Block => 2 * spec.io_size + (64 << 10),
+        Workload::Net => 2 * NET_BATCH * 4096,
+    };
+    (spec.threads * per_thread + (32 << 20)).next_multiple_of(4096)
+}
+
+/// What one guest thread counted.
+#[derive(Default)]
+struct ThreadTally {
+    ios: u64,
+    bytes: u64,
+    errors: u64,
+    lat: Histogram,
+    end: Option<Instant>,
+}
+
+/// Runs one cell on a fresh VM and returns what it measured.
+pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
+    if spec.threads == 0 || spec.io_size == 0 {
+        return Err(BenchError::Spec("threads and io_size must be positive".into()));
+    }
+    if spec.workload == Workload::Block && spec.io_size % 512 != 0 {
+        return Err(BenchError::Spec("block requests are whole 512-byte sectors".into()));
+    }
+    if spec.workload == Workload::Net && spec.io_size > crate::endpoint::net::BUF_LEN {
+        return Err(BenchError::Spec("net packets are at most 2048 bytes".into()));
+    }
+    let ram = GuestRam::new(ram_size(spec))?;
+    let machine = match spec.mode {
+        Mode::NoIommu => None,
+        mode => Some(Machine::new(ram.clone(), BENCH_ENDPOINT, mode)?),
+    };
+    if let Some(m) = &machine {
+        m.exit_cost().set_per_kick(spec.exit_cost);
+    }
+    let engine = Arc::new(match &machine {
+        None => DmaEngine::direct(ram.clone()),
+        Some(m) => DmaEngine::translated(ram.clone(), m.iommu(), BENCH_ENDPOINT),
+    });
+    let mut dmas: Vec<Box<dyn GuestDma + Send>> = Vec::with_capacity(spec.threads);
+    for cpu in 0..spec.threads {
+        dmas.push(match &machine {
+            Some(m) => m.guest_dma(cpu)?,
+            None => Box::new(DirectDma),
+        });
+    }
+    let before = machine.as_ref().map(|m| m.counts());
+    let barrier = Barrier::new(spec.threads + 1);
+    let net_errors = Arc::new(AtomicU64::new(0));
+    let block_dev = BlockDevice::new(engine.clone());
+    let mut tallies = Vec::with_capacity(spec.threads);
+    let start = std::thread::scope(|scope| -> Result<Instant, BenchError> {
+        let mut handles = Vec::new();
+        for (t, mut dma) in dmas.into_iter().enumerate() {
+            let (ram, barrier, block_dev) = (ram.clone(), &barrier, &block_dev);
+            let (engine, net_errors) = (engine.clone(), net_errors.clone());
+            let spec = *spec;
+            handles.push(scope.spawn(move || -> Result<ThreadTally, BenchError> {
+                let mut tally = ThreadTally::default();
+                match spec.workload {
+                    Workload::Block => {
+                        let mut guest = BlockGuest::new(ram, spec.io_size)?;
+                        let mut scratch = Vec::with_capacity(spec.io_size);
+                        // Each thread has its own 1 GiB of the emulated disk.
+                        let sectors = (spec.io_size / 512) as u64;
+                        let base = (t as u64) << 21;
+                        barrier.wait();
+                        let deadline = Instant::now() + spec.duration;
+                        let mut i = 0u64;
+                        while Instant::now() < deadline {
+                            let t0 = Instant::now();
+                            let sector = base + (i * sectors) % (1 << 21);
+                            let out =
+                                guest.io(&mut *dma, block_dev, i % 2 == 1, sector, &mut scratch)?;
+                            tally.lat.record(t0.elapsed());
+                            if out.status != S_OK || !out.data_ok {
+                                tally.errors += 1;
+                            }
+                            tally.ios += 1;
+                            tally.bytes += spec.io_size as u64;
+                            i += 1;
+                        }
+                        tally.end = Some(Instant::now());
+                    }
+                    Workload::Net => {
+                        let mut guest = NetGuest::new(ram, NET_BATCH, spec.io_size)?;
+                        let mut dev = NetDevice::new(engine, net_errors);
+                        guest.fill_rx(&mut *dma, &mut dev)?;
+                        barrier.wait();
+                        let deadline = Instant::now() + spec.duration;
+                        while Instant::now() < deadline {
+                            let t0 = Instant::now();
+                            let intact = guest.round(&mut *dma, &mut dev)?;
+                            tally.lat.record(t0.elapsed());
+                            tally.errors += (NET_BATCH - intact) as u64;
+                            tally.ios += NET_BATCH as u64;
+                            tally.bytes += (NET_BATCH * spec.io_size) as u64;
+                        }
+                        tally.end = Some(Instant::now());
+                        guest.drain(&mut *dma);
+                        tally.errors += guest.rx_errors;
+                    }
+                }
+                // Deferred UNMAPs go out now, so that every MAP's UNMAP is counted.
+                dma.flush();
+                Ok(tally)
+            }));
+        }
+        barrier.wait();
+        let start = Instant::now();
+        for h in handles {
+            tallies.push(h.join().expect("guest thread panicked")?);
+        }
+        Ok(start)
+    })?;
+    let end = tallies.iter().filter_map(|t| t.end).max().unwrap_or(start);
+    let mut lat = Histogram::default();
+    tallies.iter().for_each(|t| lat.merge(&t.lat));
+    let counts = match (&machine, before) {
+        (Some(m), Some(b)) => m.counts().since(&b),
+        _ => Default::default(),
+    };
+    Ok(CellResult {
+        spec: *spec,
+        ios: tallies.iter().map(|t| t.ios).sum(),
+        bytes: tallies.iter().map(|t| t.bytes).sum(),
+        elapsed: end - start,
+        map_requests: counts.map_requests,
+        unmap_requests: counts.unmap_requests,
+        kicks: counts.kicks,
+        syncs: counts.syncs,
+        p50: lat.quantile(0.5),
+        p99: lat.quantile(0.99),
+        exit_injected: Duration::from_nanos(counts.exit_injected_ns),
+        translations: engine.translations(),
+        data_errors: tallies.iter().map(|t| t.errors).sum::<u64>()
+            + block_dev.data_errors()
+            + net_errors.load(Ordering::Relaxed),
+        faults: engine.faults(),
+    })
 }

@@ -3,8 +3,11 @@
 //! endpoints whose every access is translated by the IOMMU.
 #![deny(missing_docs)]
 
+mod backend;
 pub mod bench;
+pub mod endpoint;
 pub mod histogram;
+pub mod machine;
 pub mod notify;
 pub mod ram;
 pub mod replay;

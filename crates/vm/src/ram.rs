@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use viommu_driver::{DmaRegion, Hal, PAGE_SIZE};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
-    GuestMemoryRegion, MemoryRegionAddress,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 /// Errors from guest RAM.

@@ -32,10 +32,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::time::{Duration, Instant};
+
+use viommu_device::{ConfigError, DeviceConfig, EndpointConfig, Iommu};
 
 use viommu_proto::{
-    AttachBody, DetachBody, MapBody, ProbeBody, Request, UnmapBody, ATTACH_F_BYPASS, MAP_F_MMIO,
-    MAP_F_READ, MAP_F_WRITE,
+    AttachBody, DetachBody, MapBody, ProbeBody, Request, RequestType, Status, UnmapBody,
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE,
 };
 
 /// One step of a stream.
@@ -161,7 +164,11 @@ pub fn attach_request(domain: u32, endpoint: u32, flags: u32) -> Request {
 
 /// Builds a DETACH request.
 pub fn detach_request(domain: u32, endpoint: u32) -> Request {
-    Request::Detach(DetachBody { domain: domain.into(), endpoint: endpoint.into(), reserved: [0; 8] })
+    Request::Detach(DetachBody {
+        domain: domain.into(),
+        endpoint: endpoint.into(),
+        reserved: [0; 8],
+    })
 }
 
 /// Builds a PROBE request.
@@ -176,7 +183,9 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("bad hex {:?}", &s[i..i + 2])))
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("bad hex {:?}", &s[i..i + 2]))
+        })
         .collect()
 }
 
@@ -221,7 +230,9 @@ fn native_line(line: &str) -> Result<Op, String> {
             };
             Op::Request(attach_request(d, e, flags))
         }
-        "detach" => Op::Request(detach_request(num(t.next(), "domain")?, num(t.next(), "endpoint")?)),
+        "detach" => {
+            Op::Request(detach_request(num(t.next(), "domain")?, num(t.next(), "endpoint")?))
+        }
         "map" => Op::Request(map_request(
             num(t.next(), "domain")?,
             num(t.next(), "virt_start")?,
@@ -358,7 +369,10 @@ pub fn parse_qemu_trace(text: &str) -> Result<Stream, ParseError> {
 }
 
 fn is_request_event(event: &str) -> bool {
-    matches!(event, "virtio_iommu_attach" | "virtio_iommu_detach" | "virtio_iommu_map" | "virtio_iommu_unmap")
+    matches!(
+        event,
+        "virtio_iommu_attach" | "virtio_iommu_detach" | "virtio_iommu_map" | "virtio_iommu_unmap"
+    )
 }
 
 /// Splits `[pid@]time:event args` into event and args.
@@ -369,6 +383,99 @@ fn trace_event(line: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some(rest.split_once(' ').unwrap_or((rest, "")))
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Requests sent, by type (ATTACH, DETACH, MAP, UNMAP, PROBE), then raw.
+    pub sent: [u64; 6],
+    /// Answers by status code (index = status byte; 0 = OK).
+    pub statuses: [u64; 9],
+    /// Requests answered with used length 0 (malformed).
+    pub malformed: u64,
+    /// Kicks in the stream (batches).
+    pub kicks: u64,
+    /// Time spent in the device's request path, in total.
+    pub elapsed: Duration,
+    /// Time per request type, as `sent`.
+    pub elapsed_by_type: [Duration; 6],
+    /// The first requests not answered OK: (index in the stream, request, status or
+    /// `None` for malformed).
+    pub failures: Vec<(usize, Op, Option<Status>)>,
+    /// Domains alive at the end.
+    pub domains_left: usize,
+}
+
+/// Names of the `sent` slots.
+pub const SENT_NAMES: [&str; 6] = ["ATTACH", "DETACH", "MAP", "UNMAP", "PROBE", "raw"];
+
+/// How many failures a report keeps.
+pub const MAX_FAILURES: usize = 20;
+
+impl Report {
+    /// Requests sent.
+    pub fn total(&self) -> u64 {
+        self.sent.iter().sum()
+    }
+
+    /// Mean device time per request.
+    pub fn per_request(&self) -> Duration {
+        self.elapsed.checked_div(self.total().max(1) as u32).unwrap_or_default()
+    }
+}
+
+/// The device a stream is replayed on: every endpoint the stream names, the
+/// whole 64-bit IOVA space, every 32-bit domain ID, 4 KiB granule.
+pub fn device_config(stream: &Stream) -> DeviceConfig {
+    DeviceConfig {
+        input_range: (0, u64::MAX),
+        domain_range: (0, u32::MAX),
+        endpoints: stream.endpoints.iter().map(|&id| EndpointConfig::new(id)).collect(),
+        ..DeviceConfig::default()
+    }
+}
+
+/// Feeds `stream` through a fresh device's raw request path
+/// ([`Iommu::handle_request`]), timing each request.
+pub fn run(stream: &Stream) -> Result<Report, ConfigError> {
+    let iommu = Iommu::new(device_config(stream))?;
+    let probe_size = iommu.config().probe_size as usize;
+    let mut writable = vec![0u8; probe_size + 4];
+    let mut readable = [0u8; 128];
+    let mut report = Report::default();
+    for (index, op) in stream.ops.iter().enumerate() {
+        let (bytes, slot): (&[u8], usize) = match op {
+            Op::Kick => {
+                report.kicks += 1;
+                continue;
+            }
+            Op::Raw(b) => (b, 5),
+            Op::Request(r) => {
+                let n = r.encode(&mut readable).expect("128 bytes hold any request");
+                (&readable[..n], r.request_type() as usize - 1)
+            }
+        };
+        // The device-writable part: PROBE properties, then the tail.
+        let is_probe = bytes.first() == Some(&(RequestType::Probe as u8));
+        let wlen = if is_probe { probe_size + 4 } else { 4 };
+        let start = Instant::now();
+        let used = iommu.handle_request(bytes, &mut writable[..wlen]) as usize;
+        let took = start.elapsed();
+        report.elapsed += took;
+        report.elapsed_by_type[slot] += took;
+        report.sent[slot] += 1;
+        let status = if used >= 4 { Status::from_u8(writable[used - 4]) } else { None };
+        match status {
+            Some(s) => report.statuses[s as usize] += 1,
+            None => report.malformed += 1,
+        }
+        if status != Some(Status::Ok) && report.failures.len() < MAX_FAILURES {
+            report.failures.push((index, op.clone(), status));
+        }
+    }
+    report.domains_left = iommu.domain_count();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -429,5 +536,26 @@ mod tests {
         );
         assert_eq!(s.skipped_lines, 3, "other vdev, event queue, translate");
         assert_eq!(s.endpoints, vec![24]);
+    }
+
+    #[test]
+    fn run_reports_statuses_and_counts() {
+        let text =
+            "attach 1 24\nkick\nmap 1 0x1000 0x1fff 0x5000 rw\nmap 1 0x1000 0x1fff 0x9000 r\n\
+                    kick\nunmap 1 0x1000 0x17ff\nunmap 1 0 0xffffffffffffffff\nprobe 24\nprobe 5\n\
+                    raw 09000000\nraw 03\ndetach 1 24\n";
+        let s = parse_native(text).unwrap();
+        let r = run(&s).unwrap();
+        assert_eq!(r.sent, [1, 1, 2, 2, 2, 2]);
+        assert_eq!(r.kicks, 2);
+        // OK: attach, first map, full unmap, both probes (every endpoint named is known), detach.
+        assert_eq!(r.statuses[Status::Ok as usize], 6);
+        assert_eq!(r.statuses[Status::Inval as usize], 1, "overlapping map");
+        assert_eq!(r.statuses[Status::Range as usize], 1, "split unmap");
+        assert_eq!(r.statuses[Status::Unsupp as usize], 1, "unknown type 9");
+        assert_eq!(r.malformed, 1, "truncated MAP");
+        assert_eq!(r.failures.len(), 4);
+        assert_eq!(r.failures[0].0, 3);
+        assert_eq!(r.domains_left, 0);
     }
 }

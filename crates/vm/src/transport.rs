@@ -183,9 +183,8 @@ impl<B: VirtioBackend> DeviceLink<B> {
             exit: ExitCost::default(),
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("viommu-io".into())
-            .spawn(move || io_thread(&s))?;
+        let thread =
+            std::thread::Builder::new().name("viommu-io".into()).spawn(move || io_thread(&s))?;
         Ok(Self { shared, thread: Some(thread) })
     }
 
@@ -215,6 +214,19 @@ impl<B: VirtioBackend> DeviceLink<B> {
     pub fn poke(&self, queue: u16) {
         self.shared.pending.fetch_or(1 << queue, Ordering::AcqRel);
         self.shared.kick.signal();
+    }
+
+    /// A function doing [`DeviceLink::poke`] for `queue`, to hand to the
+    /// device model (e.g. as its fault notifier). It holds a weak reference,
+    /// so it does not keep the link alive.
+    pub fn poker(&self, queue: u16) -> impl Fn() + Send + Sync + 'static {
+        let weak = Arc::downgrade(&self.shared);
+        move || {
+            if let Some(s) = weak.upgrade() {
+                s.pending.fetch_or(1 << queue, Ordering::AcqRel);
+                s.kick.signal();
+            }
+        }
     }
 }
 

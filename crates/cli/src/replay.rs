@@ -1,0 +1,96 @@
+//! `viommu replay FILE`: parse a stream, run it through the device, report.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+use viommu_proto::Status;
+use viommu_vm::replay::{self, Format, SENT_NAMES};
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Reads the file (or stdin for `-`), decompressing zstd through the `zstd`
+/// program so that no compression library is built.
+fn read_input(path: &Path) -> Result<String, String> {
+    let bytes = if path == Path::new("-") {
+        let mut v = Vec::new();
+        std::io::stdin().read_to_end(&mut v).map_err(|e| format!("stdin: {e}"))?;
+        v
+    } else {
+        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    let bytes = if bytes.starts_with(&ZSTD_MAGIC) {
+        let out = Command::new("zstd").args(["-dc", "--"]).arg(path).output().map_err(|e| {
+            format!("{} is zstd-compressed and `zstd` could not run: {e}", path.display())
+        })?;
+        if !out.status.success() {
+            return Err(format!(
+                "zstd -dc {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        out.stdout
+    } else {
+        bytes
+    };
+    String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))
+}
+
+/// Runs the command.
+pub fn run(path: &Path, export: Option<&Path>, verbose: bool) -> Result<(), String> {
+    let text = read_input(path)?;
+    let stream = replay::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(out) = export {
+        std::fs::write(out, replay::to_native(&stream.ops))
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let report = replay::run(&stream).map_err(|e| format!("device config: {e}"))?;
+    let format = match stream.format {
+        Format::Native => "native",
+        Format::QemuTrace => "QEMU trace",
+    };
+    println!(
+        "{}: {format}, {} requests, {} kicks, {} endpoints {:?}, {} lines skipped",
+        path.display(),
+        report.total(),
+        report.kicks,
+        stream.endpoints.len(),
+        stream.endpoints,
+        stream.skipped_lines
+    );
+    println!("{:<8} {:>10} {:>10}", "request", "count", "ns/req");
+    for (i, name) in SENT_NAMES.iter().enumerate() {
+        if report.sent[i] == 0 {
+            continue;
+        }
+        let ns = report.elapsed_by_type[i].as_nanos() as f64 / report.sent[i] as f64;
+        println!("{name:<8} {:>10} {ns:>10.1}", report.sent[i]);
+    }
+    println!(
+        "{:<8} {:>10} {:>10.1}",
+        "all",
+        report.total(),
+        report.elapsed.as_nanos() as f64 / report.total().max(1) as f64
+    );
+    if report.kicks > 0 {
+        println!("requests per kick: {:.2}", report.total() as f64 / report.kicks as f64);
+    }
+    let statuses: Vec<String> = (0..9u8)
+        .filter(|&s| report.statuses[s as usize] > 0)
+        .map(|s| {
+            let name = Status::from_u8(s).map_or("?".into(), |st| st.to_string());
+            format!("{name} {}", report.statuses[s as usize])
+        })
+        .collect();
+    println!("statuses: {}; malformed (used length 0): {}", statuses.join(", "), report.malformed);
+    println!("domains alive at the end: {}", report.domains_left);
+    if verbose {
+        for (index, op, status) in &report.failures {
+            let what = replay::to_native(std::slice::from_ref(op));
+            let st = status.map_or("malformed".to_string(), |s| s.to_string());
+            println!("  #{index}: {} -> {st}", what.trim_end());
+        }
+    }
+    Ok(())
+}

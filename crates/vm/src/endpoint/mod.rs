@@ -1,0 +1,165 @@
+//! Emulated DMA endpoints and the two sides of their DMA: the guest maps
+//! buffers ([`GuestDma`]), the VMM's device model reaches guest memory only
+//! through the IOMMU's `translate()` ([`DmaEngine`]).
+
+pub mod block;
+pub mod net;
+pub mod pattern;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use viommu_device::{Access, Fault, Iommu};
+
+use crate::ram::GuestRam;
+
+/// One DMA segment: a bus address (IOVA or guest-physical) and a length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seg {
+    /// Bus address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Direction of a DMA mapping, from the device's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// The device reads the buffer.
+    ToDevice,
+    /// The device writes the buffer.
+    FromDevice,
+}
+
+/// A DMA-mapping failure on the guest side.
+#[derive(Debug, thiserror::Error)]
+#[error("DMA mapping failed: {0}")]
+pub struct MapError(pub String);
+
+/// The guest's DMA API, per thread (as per CPU in a kernel).
+pub trait GuestDma {
+    /// Starts a batch: the maps until [`GuestDma::commit`] may share one sync.
+    fn begin(&mut self) {}
+    /// Ends a batch: the device knows every mapping of it once this returns.
+    fn commit(&mut self) -> Result<(), MapError> {
+        Ok(())
+    }
+    /// Maps one buffer at guest-physical `gpa`; returns its bus address.
+    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<u64, MapError>;
+    /// Maps a scatter list; `out` receives the device-visible segments
+    /// (possibly fewer: contiguous ones may merge).
+    fn map_sg(&mut self, segs: &[Seg], dir: Dir, out: &mut Vec<Seg>) -> Result<(), MapError>;
+    /// Unmaps what [`GuestDma::map`] returned.
+    fn unmap(&mut self, bus: u64, len: usize, dir: Dir);
+    /// Unmaps what [`GuestDma::map_sg`] returned.
+    fn unmap_sg(&mut self, mapped: &[Seg], dir: Dir);
+    /// Pushes out deferred work (lazy UNMAPs) now.
+    fn flush(&mut self) {}
+}
+
+/// No translation: bus address = guest-physical address (no IOMMU, or an
+/// identity domain).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirectDma;
+
+impl GuestDma for DirectDma {
+    fn map(&mut self, gpa: u64, _len: usize, _dir: Dir) -> Result<u64, MapError> {
+        Ok(gpa)
+    }
+
+    fn map_sg(&mut self, segs: &[Seg], _dir: Dir, out: &mut Vec<Seg>) -> Result<(), MapError> {
+        out.clear();
+        out.extend_from_slice(segs);
+        Ok(())
+    }
+
+    fn unmap(&mut self, _bus: u64, _len: usize, _dir: Dir) {}
+
+    fn unmap_sg(&mut self, _mapped: &[Seg], _dir: Dir) {}
+}
+
+/// Why a device-side DMA failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaFault {
+    /// The IOMMU refused the access.
+    #[error("{0}")]
+    Iommu(Fault),
+    /// The translated address is outside guest RAM.
+    #[error("guest-physical {0:#x} outside RAM")]
+    OutsideRam(u64),
+}
+
+/// The VMM side of an endpoint's DMA: every access is translated (unless
+/// there is no IOMMU) and copied to or from guest RAM.
+#[derive(Debug)]
+pub struct DmaEngine {
+    ram: Arc<GuestRam>,
+    iommu: Option<(Arc<Iommu>, u32)>,
+    translations: AtomicU64,
+    faults: AtomicU64,
+}
+
+impl DmaEngine {
+    /// DMA straight to guest-physical addresses (no IOMMU).
+    pub fn direct(ram: Arc<GuestRam>) -> Self {
+        Self { ram, iommu: None, translations: AtomicU64::new(0), faults: AtomicU64::new(0) }
+    }
+
+    /// DMA of `endpoint`, translated by `iommu`.
+    pub fn translated(ram: Arc<GuestRam>, iommu: Arc<Iommu>, endpoint: u32) -> Self {
+        Self {
+            ram,
+            iommu: Some((iommu, endpoint)),
+            translations: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+        }
+    }
+
+    /// Translations performed.
+    pub fn translations(&self) -> u64 {
+        self.translations.load(Ordering::Relaxed)
+    }
+
+    /// Translations refused.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    /// Calls `f(gpa, offset, len)` for each guest-physical piece of `[addr, addr+len)`.
+    fn each_piece(
+        &self,
+        addr: u64,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(u64, usize, usize) -> Result<(), DmaFault>,
+    ) -> Result<(), DmaFault> {
+        let Some((iommu, ep)) = &self.iommu else {
+            return f(addr, 0, len);
+        };
+        self.translations.fetch_add(1, Ordering::Relaxed);
+        let t = iommu.translate(*ep, addr, len as u64, access).map_err(|e| {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            DmaFault::Iommu(e)
+        })?;
+        let mut off = 0;
+        for seg in t.iter() {
+            f(seg.addr, off, seg.len as usize)?;
+            off += seg.len as usize;
+        }
+        Ok(())
+    }
+
+    /// Device reads guest memory at bus address `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.each_piece(addr, buf.len(), Access::Read, |gpa, off, len| {
+            self.ram.read(gpa, &mut buf[off..off + len]).map_err(|_| DmaFault::OutsideRam(gpa))
+        })
+    }
+
+    /// Device writes guest memory at bus address `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
+        self.each_piece(addr, data.len(), Access::Write, |gpa, off, len| {
+            self.ram.write(gpa, &data[off..off + len]).map_err(|_| DmaFault::OutsideRam(gpa))
+        })
+    }
+}

@@ -1,0 +1,35 @@
+//! Every benchmark mode moves checked data, with exact request counts.
+
+use std::time::Duration;
+
+use viommu_vm::bench::{run_cell, CellResult, CellSpec, Mode, Workload};
+
+fn cell(mode: Mode, workload: Workload, io_size: usize, threads: usize) -> CellResult {
+    let spec = CellSpec {
+        mode,
+        workload,
+        io_size,
+        threads,
+        duration: Duration::from_millis(30),
+        exit_cost: Duration::ZERO,
+    };
+    let r = run_cell(&spec).unwrap_or_else(|e| panic!("{mode} {workload}: {e}"));
+    assert!(r.ios > 0, "{mode}: no I/O done");
+    assert_eq!((r.data_errors, r.faults), (0, 0), "{mode} {workload}: {r:?}");
+    r
+}
+
+#[test]
+fn no_iommu_and_identity_send_no_map_requests() {
+    for mode in [Mode::NoIommu, Mode::Identity] {
+        for w in [Workload::Block, Workload::Net] {
+            let size = if w == Workload::Block { 64 << 10 } else { 1500 };
+            let r = cell(mode, w, size, 2);
+            assert_eq!((r.map_requests, r.unmap_requests, r.kicks), (0, 0, 0), "{mode}");
+        }
+    }
+    let none = cell(Mode::NoIommu, Workload::Block, 4096, 1);
+    assert_eq!(none.translations, 0);
+    let id = cell(Mode::Identity, Workload::Block, 4096, 1);
+    assert!(id.translations >= 3 * id.ios, "header, data and status are translated");
+}
