@@ -203,11 +203,12 @@ impl VirtioIommu {
                     return Err(Error::BadAvailIndex(REQUEST_QUEUE));
                 };
                 let head = chain.head_index();
-                let len = handle_chain(iommu, scratch, chain, mem);
                 if head >= q.size() {
+                    // No used entry can name it; the driver broke its own ring.
                     iommu.counters_ref().malformed();
                     continue;
                 }
+                let len = handle_chain(iommu, scratch, chain, mem);
                 q.add_used(mem, head, len)?;
                 used = true;
             }
