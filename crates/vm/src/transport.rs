@@ -1,9 +1,13 @@
 //! The in-process virtio transport: the driver's register accesses reach the
 //! device model directly, kicks wake the device's own I/O thread through an
-//! eventfd, and completions come back through another eventfd per queue.
+//! eventfd (as a VMM's ioeventfd), and interrupts come back through a
+//! futex-based broadcast (a condition variable over a per-queue interrupt
+//! count), so that every guest thread waiting for the queue sees each one.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,8 +22,9 @@ use crate::ram::GuestRam;
 pub const MAX_QUEUES: usize = 8;
 
 /// How long a completion wait blocks before the driver re-polls. Only a
-/// safety net: every completion that needs an interrupt signals the eventfd.
-const IRQ_WAIT: Duration = Duration::from_millis(5);
+/// safety net for interrupts the driver suppressed (EVENT_IDX): every
+/// completion that needs an interrupt raises one.
+const IRQ_WAIT: Duration = Duration::from_millis(1);
 
 /// What the transport needs from a device model, register by register, as a
 /// virtio-mmio or virtio-pci transport in a VMM would.
@@ -146,7 +151,7 @@ struct Shared<B> {
     status: Mutex<u8>,
     ram: Arc<GuestRam>,
     kick: EventNotifier,
-    irq: [EventNotifier; MAX_QUEUES],
+    irq: Interrupts,
     pending: AtomicU32,
     driver_features: AtomicU64,
     stop: AtomicBool,
@@ -175,7 +180,7 @@ impl<B: VirtioBackend> DeviceLink<B> {
             status: Mutex::new(0),
             ram,
             kick: EventNotifier::new()?,
-            irq: notifiers()?,
+            irq: Interrupts::default(),
             pending: AtomicU32::new(0),
             driver_features: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -240,9 +245,37 @@ impl<B: VirtioBackend> Drop for DeviceLink<B> {
     }
 }
 
-fn notifiers() -> std::io::Result<[EventNotifier; MAX_QUEUES]> {
-    let v = (0..MAX_QUEUES).map(|_| EventNotifier::new()).collect::<std::io::Result<Vec<_>>>()?;
-    Ok(v.try_into().expect("MAX_QUEUES notifiers"))
+/// Interrupt lines: a count per queue, and a condition variable to wake
+/// every waiter.
+#[derive(Default)]
+struct Interrupts {
+    counts: Mutex<[u64; MAX_QUEUES]>,
+    cond: Condvar,
+}
+
+thread_local! {
+    /// Per guest thread: the interrupt count it last saw, by (link, queue).
+    static SEEN: RefCell<HashMap<(usize, usize), u64>> = RefCell::new(HashMap::new());
+}
+
+impl Interrupts {
+    fn raise(&self, q: usize) {
+        self.counts.lock().unwrap()[q] += 1;
+        self.cond.notify_all();
+    }
+
+    /// Returns once queue `q` has had an interrupt this thread has not seen
+    /// yet, or after `timeout`; true if interrupted. Counting per thread means
+    /// an interrupt taken by one thread is never lost to another.
+    fn wait(&self, key: usize, q: usize, timeout: Duration) -> bool {
+        let seen = SEEN.with(|s| s.borrow().get(&(key, q)).copied().unwrap_or(0));
+        let counts = self.counts.lock().unwrap();
+        let (counts, _) = self.cond.wait_timeout_while(counts, timeout, |c| c[q] == seen).unwrap();
+        let now = counts[q];
+        drop(counts);
+        SEEN.with(|s| s.borrow_mut().insert((key, q), now));
+        now != seen
+    }
 }
 
 fn io_thread<B: VirtioBackend>(s: &Shared<B>) {
@@ -264,14 +297,14 @@ fn io_thread<B: VirtioBackend>(s: &Shared<B>) {
             match dev.process_queue(q, s.ram.memory()) {
                 Ok(true) => {
                     s.stats.interrupts[q as usize].fetch_add(1, Ordering::Relaxed);
-                    s.irq[q as usize].signal();
+                    s.irq.raise(q as usize);
                 }
                 Ok(false) => {}
                 Err(_) => {
                     s.stats.device_errors.fetch_add(1, Ordering::Relaxed);
                     *s.status.lock().unwrap() |= status::DEVICE_NEEDS_RESET;
                     // Wake any waiter so it sees the status.
-                    s.irq[q as usize].signal();
+                    s.irq.raise(q as usize);
                 }
             }
         }
@@ -359,7 +392,8 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
 
     fn wait_for_used(&mut self, queue: u16) {
         let q = queue as usize % MAX_QUEUES;
-        if !self.shared.irq[q].wait(Some(IRQ_WAIT)) {
+        let key = Arc::as_ptr(&self.shared) as *const () as usize;
+        if !self.shared.irq.wait(key, q, IRQ_WAIT) {
             self.shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
         }
     }
