@@ -145,6 +145,22 @@ impl<'a> Driver<'a> {
         dev
     }
 
+    /// The same driver on a copy of this guest memory (for migration tests).
+    pub fn fork<'b>(&self, mem: &'b Mem) -> Driver<'b> {
+        let d = Driver {
+            mem,
+            rq: MockSplitQueue::create(mem, GuestAddress(REQ_Q), QSIZE),
+            eq: MockSplitQueue::create(mem, GuestAddress(EVT_Q), QSIZE),
+            next_desc: self.next_desc,
+            next_buf: self.next_buf,
+            seen_used: self.seen_used,
+        };
+        let mut buf = vec![0u8; MEM_SIZE];
+        self.mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        mem.write_slice(&buf, GuestAddress(0)).unwrap();
+        d
+    }
+
     pub fn setup_queues(&self, dev: &mut VirtioIommu) {
         for (i, q) in [&self.rq, &self.eq].into_iter().enumerate() {
             dev.set_queue(i as u16, QSIZE, q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
