@@ -1,0 +1,127 @@
+//! Flush queues for lazy unmapping.
+//!
+//! An unmapped IOVA allocation goes through three states:
+//! 1. **queued**: gone from the domain's tree, still mapped in the device, in
+//!    a [`FlushQueue`]'s `entries`;
+//! 2. **in flight**: its (possibly coalesced) UNMAP is on the request ring;
+//!    a flush that does not wait rides on the next kick, whoever makes it;
+//! 3. **done**: the UNMAP covering it completed, the IOVA goes back to the
+//!    allocator. An IOVA never returns earlier; a failed UNMAP sends its
+//!    allocations to the retry list instead.
+
+use alloc::vec::Vec;
+
+use crate::iommu::{Reply, Ticket};
+
+/// Size and timeout of one flush queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushQueueConfig {
+    /// Entries (IOVA allocations) before the queue flushes itself.
+    pub entries: usize,
+    /// Age of the oldest entry after which it is flushed, in nanoseconds.
+    pub timeout_ns: u64,
+}
+
+impl FlushQueueConfig {
+    /// Linux's per-CPU flush queues: 256 entries, 10 ms.
+    pub const LAZY: Self = Self { entries: 256, timeout_ns: 10_000_000 };
+    /// Linux's single flush queue: 32768 entries, 1 s.
+    pub const LAZY_SINGLE: Self = Self { entries: 32768, timeout_ns: 1_000_000_000 };
+}
+
+/// UNMAPs on the ring for a batch of entries.
+pub(crate) struct InflightFlush {
+    pub(crate) tickets: Vec<Ticket>,
+    pub(crate) entries: Vec<(u64, u64)>,
+    pub(crate) since_ns: u64,
+}
+
+/// One flush queue: entries are `(iova, alloc size)`.
+#[derive(Default)]
+pub(crate) struct FlushQueue {
+    pub(crate) entries: Vec<(u64, u64)>,
+    pub(crate) oldest_ns: u64,
+    pub(crate) inflight: Vec<InflightFlush>,
+}
+
+impl FlushQueue {
+    pub(crate) fn push(&mut self, now_ns: u64, entries: &[(u64, u64)]) {
+        if self.entries.is_empty() {
+            self.oldest_ns = now_ns;
+        }
+        self.entries.extend_from_slice(entries);
+    }
+
+    pub(crate) fn expired(&self, now_ns: u64, cfg: &FlushQueueConfig) -> bool {
+        !self.entries.is_empty() && now_ns.saturating_sub(self.oldest_ns) >= cfg.timeout_ns
+    }
+}
+
+/// What to do with the entries of a completed flush.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    /// Allocations whose UNMAP completed (or that needed none): free them.
+    pub(crate) free: Vec<(u64, u64)>,
+    /// Allocations whose UNMAP failed: try again at the next flush.
+    pub(crate) retry: Vec<(u64, u64)>,
+    /// The first failure.
+    pub(crate) error: Option<crate::Error>,
+}
+
+/// Sorts entries by the outcome of the UNMAP that covers them. `range_of`
+/// gives an entry's inclusive IOVA range. Entries no ticket covers (the
+/// domain was detached: the device holds no mapping) are freed.
+pub(crate) fn settle(
+    tickets: &[Ticket],
+    replies: &[Reply],
+    entries: Vec<(u64, u64)>,
+    range_of: impl Fn(&(u64, u64)) -> (u64, u64),
+) -> Outcome {
+    let mut out = Outcome::default();
+    for e in entries {
+        let (s, l) = range_of(&e);
+        let covering = tickets.iter().position(|&(_, ts, tl)| ts <= s && l <= tl);
+        match covering.and_then(|i| replies.get(i)).map(|r| &r.result) {
+            Some(Err(err)) => {
+                out.error.get_or_insert_with(|| err.clone());
+                out.retry.push(e);
+            }
+            _ => out.free.push(e),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+    use viommu_proto::{RequestType, Status};
+
+    fn reply(result: Result<(), Error>) -> Reply {
+        Reply { result, props: Vec::new() }
+    }
+
+    #[test]
+    fn settle_frees_covered_ok_and_retries_failed() {
+        let tickets = [(1, 0x1000, 0x4fff), (2, 0x8000, 0x8fff)];
+        let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
+        let replies = [reply(Ok(())), reply(Err(err.clone()))];
+        let entries = vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x8000, 0x1000), (0x9000, 0x1000)];
+        let out = settle(&tickets, &replies, entries, |&(i, s)| (i, i + s - 1));
+        assert_eq!(out.free, vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x9000, 0x1000)]);
+        assert_eq!(out.retry, vec![(0x8000, 0x1000)]);
+        assert_eq!(out.error, Some(err));
+    }
+
+    #[test]
+    fn expiry_counts_from_the_oldest_entry() {
+        let cfg = FlushQueueConfig { entries: 4, timeout_ns: 100 };
+        let mut q = FlushQueue::default();
+        assert!(!q.expired(1000, &cfg));
+        q.push(10, &[(0x1000, 0x1000)]);
+        q.push(90, &[(0x2000, 0x1000)]);
+        assert!(!q.expired(109, &cfg));
+        assert!(q.expired(110, &cfg));
+    }
+}

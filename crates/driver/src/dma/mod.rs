@@ -1,0 +1,787 @@
+//! The DMA-mapping layer over one [`Domain`]: what a device driver calls to
+//! turn physical buffers into IOVAs.
+//!
+//! - [`DmaDomain::map_single`] / [`DmaDomain::map_sg`]: one sync each
+//!   (`map_sg` merges physically contiguous segments and takes one IOVA range).
+//! - [`DmaDomain::begin`] → [`DmaBatch`]: map every buffer of one I/O, then
+//!   [`DmaBatch::commit`] pays **one** sync. Buffers that fit in a page already
+//!   mapped by the batch (a request header and its status byte) reuse that
+//!   page's mapping. [`DmaDomain::unmap`] releases the whole I/O at once.
+//! - Policies ([`Policy`]), switchable at run time: Strict syncs every unmap;
+//!   Lazy and LazySingle defer UNMAPs to flush queues, free IOVAs only once the
+//!   covering UNMAP completed, and (with `coalesce_unmaps`) send one UNMAP for
+//!   adjacent freed ranges with no live mapping between them.
+//! - No timer in `no_std`: call [`DmaDomain::tick`] periodically; time and
+//!   CPU number come from a [`DmaPlatform`].
+//!
+//! ```
+//! # #[cfg(feature = "test-utils")] {
+//! use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, Policy};
+//! use viommu_driver::fake::FakeIommu;
+//! use viommu_driver::{DriverOptions, VirtioIommu};
+//! let fake = FakeIommu::new(Default::default());
+//! let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default()).unwrap();
+//! let domain = iommu.alloc_paging(1).unwrap();
+//! iommu.attach(&domain, 1).unwrap();
+//! let resv = iommu.reserved_regions(1).unwrap();
+//! let dma = DmaDomain::with_std(domain, &resv, DmaOptions::default()).unwrap();
+//! let before = iommu.counters();
+//! let mut io = dma.begin();
+//! let hdr = io.map(0x4000_0000, 16, DmaDirection::ToDevice).unwrap();
+//! let data = io.map(0x5000_0000, 4096, DmaDirection::FromDevice).unwrap();
+//! let status = io.map(0x4000_0010, 1, DmaDirection::FromDevice).unwrap();
+//! assert_eq!(status, hdr + 0x10); // same page, one mapping
+//! let mapping = io.commit().unwrap(); // 2 MAPs, 1 kick, 1 sync
+//! let used = iommu.counters().since(&before);
+//! assert_eq!((used.map, used.kicks, used.syncs), (2, 1, 1));
+//! dma.unmap(mapping).unwrap(); // lazy: queued for a later flush
+//! dma.flush().unwrap();
+//! assert_eq!(dma.iova_in_use(), 0);
+//! # let _ = data; }
+//! ```
+
+pub mod flush;
+pub mod iova;
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+pub use flush::FlushQueueConfig;
+pub use iova::{IovaAllocator, IovaOptions};
+
+use crate::iommu::{merge_regions, Domain, DomainKind, FlushCause, Mapping, Prot, ResvRegion};
+use crate::sync::Mutex;
+use crate::{Error, Result};
+use flush::{settle, FlushQueue, InflightFlush, Outcome};
+
+/// Direction of a DMA transfer, seen from memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaDirection {
+    /// The device reads the buffer (MAP READ).
+    ToDevice,
+    /// The device writes the buffer (MAP WRITE).
+    FromDevice,
+    /// Both.
+    Bidirectional,
+}
+
+impl DmaDirection {
+    fn prot(self) -> Prot {
+        match self {
+            Self::ToDevice => Prot::READ,
+            Self::FromDevice => Prot::WRITE,
+            Self::Bidirectional => Prot::READ | Prot::WRITE,
+        }
+    }
+}
+
+/// When UNMAPs reach the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Policy {
+    /// Every unmap is synced before it returns.
+    Strict = 0,
+    /// Per-CPU flush queues ([`FlushQueueConfig::LAZY`] by default).
+    Lazy = 1,
+    /// One shared flush queue ([`FlushQueueConfig::LAZY_SINGLE`] by default).
+    LazySingle = 2,
+}
+
+impl Policy {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Strict,
+            1 => Self::Lazy,
+            _ => Self::LazySingle,
+        }
+    }
+}
+
+/// Time and CPU number for the DMA layer (no timers in `no_std`).
+pub trait DmaPlatform: Send + Sync {
+    /// A monotonic clock in nanoseconds.
+    fn now_ns(&self) -> u64;
+    /// The current CPU (or thread) number; taken modulo the number of queues.
+    fn cpu_id(&self) -> usize;
+}
+
+/// `std` clock and a per-thread number as the CPU id.
+#[cfg(feature = "std")]
+#[derive(Debug)]
+pub struct StdPlatform {
+    start: std::time::Instant,
+}
+
+#[cfg(feature = "std")]
+impl Default for StdPlatform {
+    fn default() -> Self {
+        Self { start: std::time::Instant::now() }
+    }
+}
+
+#[cfg(feature = "std")]
+impl DmaPlatform for StdPlatform {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn cpu_id(&self) -> usize {
+        use core::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        std::thread_local!(static ID: usize = NEXT.fetch_add(1, Ordering::Relaxed));
+        ID.with(|id| *id)
+    }
+}
+
+/// Settings of a [`DmaDomain`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaOptions {
+    /// Unmap policy (switch later with [`DmaDomain::set_policy`]).
+    pub policy: Policy,
+    /// Sync after every MAP request (Linux before 6.7) instead of once per call or batch.
+    pub sync_every_map: bool,
+    /// Merge adjacent freed ranges into one UNMAP.
+    pub coalesce_unmaps: bool,
+    /// Per-CPU flush queues of [`Policy::Lazy`].
+    pub lazy: FlushQueueConfig,
+    /// The single flush queue of [`Policy::LazySingle`].
+    pub lazy_single: FlushQueueConfig,
+    /// IOVA allocator tuning; `iova.nr_cpus` is also the number of lazy queues.
+    pub iova: IovaOptions,
+    /// Highest IOVA to hand out (the device's DMA mask).
+    pub dma_limit: u64,
+}
+
+impl Default for DmaOptions {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Lazy,
+            sync_every_map: false,
+            coalesce_unmaps: true,
+            lazy: FlushQueueConfig::LAZY,
+            lazy_single: FlushQueueConfig::LAZY_SINGLE,
+            iova: IovaOptions::default(),
+            dma_limit: u64::MAX,
+        }
+    }
+}
+
+/// A buffer as the device sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaSegment {
+    /// Bus address (IOVA).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// A scatter-gather list mapped by [`DmaDomain::map_sg`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "unmap it with DmaDomain::unmap_sg"]
+pub struct SgMapping {
+    /// One segment per physically contiguous run.
+    pub segments: Vec<DmaSegment>,
+    iova: u64,
+    size: u64,
+}
+
+/// The mappings of one committed [`DmaBatch`]; give it to [`DmaDomain::unmap`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "unmap it with DmaDomain::unmap"]
+pub struct DmaMapping {
+    allocs: Vec<(u64, u64)>,
+}
+
+impl DmaMapping {
+    /// IOVA allocations `(iova, size)` it holds.
+    pub fn allocations(&self) -> &[(u64, u64)] {
+        &self.allocs
+    }
+}
+
+/// The DMA layer over one domain.
+pub struct DmaDomain {
+    domain: Domain,
+    passthrough: bool,
+    granule: u64,
+    iova: IovaAllocator,
+    platform: Arc<dyn DmaPlatform>,
+    policy: AtomicU8,
+    sync_every_map: AtomicBool,
+    coalesce: AtomicBool,
+    lazy: FlushQueueConfig,
+    lazy_single: FlushQueueConfig,
+    percpu: Vec<Mutex<FlushQueue>>,
+    single: Mutex<FlushQueue>,
+    /// Allocations whose UNMAP failed: sent again at the next flush.
+    retry: Mutex<Vec<(u64, u64)>>,
+}
+
+/// A physically contiguous run: page-aligned base, offset, mapped size, length.
+#[derive(Clone, Copy)]
+struct Run {
+    base: u64,
+    off: u64,
+    size: u64,
+    len: usize,
+}
+
+/// Physically contiguous runs of `segs`, as `(paddr, len)`.
+fn merge_segments(segs: &[(u64, usize)]) -> Vec<(u64, usize)> {
+    let mut runs: Vec<(u64, usize)> = Vec::with_capacity(segs.len());
+    for &(p, l) in segs.iter().filter(|s| s.1 > 0) {
+        match runs.last_mut() {
+            Some(r) if r.0 + r.1 as u64 == p => r.1 += l,
+            _ => runs.push((p, l)),
+        }
+    }
+    runs
+}
+
+impl DmaDomain {
+    /// The DMA layer over `domain`. IOVAs come from its aperture minus
+    /// `reserved`, minus IOVA page 0, minus mappings already in the domain,
+    /// up to `opts.dma_limit`. An identity domain gives IOVA = physical
+    /// address and sends nothing; a blocking domain is refused.
+    pub fn new(
+        domain: Domain,
+        reserved: &[ResvRegion],
+        opts: DmaOptions,
+        platform: Arc<dyn DmaPlatform>,
+    ) -> Result<Self> {
+        let passthrough = match domain.kind() {
+            DomainKind::Paging => false,
+            DomainKind::Identity { .. } => true,
+            DomainKind::Blocking => return Err(Error::NotPaging),
+        };
+        let granule = domain.granule();
+        let (lo, hi) = domain.aperture();
+        let hi = hi.min(opts.dma_limit);
+        let holes = merge_regions(
+            reserved
+                .iter()
+                .map(|r| (r.start, r.end))
+                .chain([(0, granule - 1)])
+                .chain(domain.mappings().iter().map(|m| (m.iova, m.last))),
+        );
+        let mut usable = Vec::new();
+        let mut next = lo as u128;
+        for (s, e) in holes {
+            if (s as u128) > next && next <= hi as u128 {
+                usable.push((next as u64, (s - 1).min(hi)));
+            }
+            next = next.max(e as u128 + 1);
+        }
+        if next <= hi as u128 {
+            usable.push((next as u64, hi));
+        }
+        let nq = opts.iova.nr_cpus.max(1);
+        Ok(Self {
+            passthrough,
+            granule,
+            iova: IovaAllocator::new(&usable, granule, opts.iova),
+            platform,
+            policy: AtomicU8::new(opts.policy as u8),
+            sync_every_map: AtomicBool::new(opts.sync_every_map),
+            coalesce: AtomicBool::new(opts.coalesce_unmaps),
+            lazy: opts.lazy,
+            lazy_single: opts.lazy_single,
+            percpu: (0..nq).map(|_| Mutex::new(FlushQueue::default())).collect(),
+            single: Mutex::new(FlushQueue::default()),
+            retry: Mutex::new(Vec::new()),
+            domain,
+        })
+    }
+
+    /// [`Self::new`] with the `std` clock and thread numbers.
+    #[cfg(feature = "std")]
+    pub fn with_std(domain: Domain, reserved: &[ResvRegion], opts: DmaOptions) -> Result<Self> {
+        Self::new(domain, reserved, opts, Arc::new(StdPlatform::default()))
+    }
+
+    /// The domain underneath.
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// The current policy.
+    pub fn policy(&self) -> Policy {
+        Policy::from_u8(self.policy.load(Ordering::Relaxed))
+    }
+
+    /// Switches policy, after flushing everything queued under the old one.
+    pub fn set_policy(&self, policy: Policy) -> Result<()> {
+        self.flush()?;
+        self.policy.store(policy as u8, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sync after every MAP request (pre-6.7 Linux) or once per call/batch.
+    pub fn set_sync_every_map(&self, on: bool) {
+        self.sync_every_map.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns UNMAP coalescing on or off.
+    pub fn set_coalesce_unmaps(&self, on: bool) {
+        self.coalesce.store(on, Ordering::Relaxed);
+    }
+
+    /// IOVA bytes allocated and not yet returned (mapped, or waiting for a flush).
+    pub fn iova_in_use(&self) -> u64 {
+        self.iova.in_use()
+    }
+
+    /// IOVA allocations waiting in flush queues, in flight, or to retry.
+    pub fn pending_unmaps(&self) -> usize {
+        let q = |q: &Mutex<FlushQueue>| {
+            let q = q.lock();
+            q.entries.len() + q.inflight.iter().map(|f| f.entries.len()).sum::<usize>()
+        };
+        self.percpu.iter().map(q).sum::<usize>() + q(&self.single) + self.retry.lock().len()
+    }
+
+    fn cpu(&self) -> usize {
+        self.platform.cpu_id()
+    }
+
+    fn alloc(&self, size: u64) -> Result<u64> {
+        if let Some(i) = self.iova.alloc(size, self.cpu()) {
+            return Ok(i);
+        }
+        // Dry: complete every pending flush, return cached IOVAs, try again.
+        self.flush()?;
+        self.iova.flush_caches();
+        self.iova.alloc(size, self.cpu()).ok_or(Error::NoIova { size })
+    }
+
+    fn range_of(&self, &(iova, size): &(u64, u64)) -> (u64, u64) {
+        (iova, iova + (self.iova.round(size).0 - 1))
+    }
+
+    fn free_allocs(&self, allocs: &[(u64, u64)]) {
+        let cpu = self.cpu();
+        for &(i, s) in allocs {
+            self.iova.free(i, s, cpu);
+        }
+    }
+
+    /// Page-aligned physical base, offset and mapped size of a buffer.
+    fn span(&self, paddr: u64, len: usize) -> Result<(u64, u64, u64)> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("zero-length DMA buffer"));
+        }
+        let off = paddr & (self.granule - 1);
+        let size = (off + len as u64).div_ceil(self.granule) * self.granule;
+        Ok((paddr - off, off, size))
+    }
+
+    /// Maps and syncs: one sync, or one per MAP with `sync_every_map`.
+    /// On failure nothing stays mapped and the IOVAs are released.
+    fn map_synced(&self, maps: &[Mapping], allocs: &[(u64, u64)]) -> Result<()> {
+        let result = if self.sync_every_map.load(Ordering::Relaxed) {
+            maps.iter().try_for_each(|m| {
+                let t = self.domain.map_many(core::slice::from_ref(m))?;
+                self.domain.finish_maps(&t)
+            })
+        } else {
+            self.domain.map_many(maps).and_then(|t| self.domain.finish_maps(&t))
+        };
+        if result.is_err() {
+            self.rollback(allocs);
+        }
+        result
+    }
+
+    /// Undoes a failed map: unmaps what got mapped, synced, and frees the
+    /// IOVAs. Allocations whose UNMAP fails stay reserved (retry list).
+    fn rollback(&self, allocs: &[(u64, u64)]) {
+        let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
+        for r in &ranges {
+            let _ = self.domain.take_ranges(core::slice::from_ref(r));
+        }
+        match self.unmap_now(allocs.to_vec(), false) {
+            Ok(()) => {}
+            Err(_) => self.domain.counters().sync_error(),
+        }
+    }
+
+    /// Maps one buffer and syncs. Returns its IOVA.
+    pub fn map_single(&self, paddr: u64, len: usize, dir: DmaDirection) -> Result<u64> {
+        if self.passthrough {
+            return Ok(paddr);
+        }
+        let (base, off, size) = self.span(paddr, len)?;
+        let iova = self.alloc(size)?;
+        let m = Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() };
+        self.map_synced(&[m], &[(iova, size)])?;
+        Ok(iova + off)
+    }
+
+    /// Unmaps a buffer mapped by `map_single` with the same `len`.
+    pub fn unmap_single(&self, iova: u64, len: usize, _dir: DmaDirection) -> Result<()> {
+        if self.passthrough {
+            return Ok(());
+        }
+        let (base, _, size) = self.span(iova, len)?;
+        self.release(&[(base, size)])
+    }
+
+    fn sg_maps(&self, segs: &[(u64, usize)], dir: DmaDirection) -> Result<(Vec<Run>, u64)> {
+        let runs = merge_segments(segs);
+        if runs.is_empty() {
+            return Err(Error::InvalidArgument("empty scatter-gather list"));
+        }
+        let mut out = Vec::with_capacity(runs.len());
+        let mut total = 0u64;
+        for (p, l) in runs {
+            let (base, off, size) = self.span(p, l)?;
+            out.push(Run { base, off, size, len: l });
+            total += size;
+        }
+        let _ = dir;
+        Ok((out, total))
+    }
+
+    /// Maps a scatter-gather list of `(paddr, len)` with one sync, into one
+    /// IOVA range; physically contiguous segments become one segment.
+    pub fn map_sg(&self, segs: &[(u64, usize)], dir: DmaDirection) -> Result<SgMapping> {
+        if self.passthrough {
+            let segments = merge_segments(segs)
+                .into_iter()
+                .map(|(addr, len)| DmaSegment { addr, len })
+                .collect();
+            return Ok(SgMapping { segments, iova: 0, size: 0 });
+        }
+        let (runs, total) = self.sg_maps(segs, dir)?;
+        let iova = self.alloc(total)?;
+        let (maps, segments) = place_runs(iova, &runs, dir.prot());
+        self.map_synced(&maps, &[(iova, total)])?;
+        Ok(SgMapping { segments, iova, size: total })
+    }
+
+    /// Unmaps what `map_sg` mapped.
+    pub fn unmap_sg(&self, m: SgMapping) -> Result<()> {
+        if self.passthrough {
+            return Ok(());
+        }
+        self.release(&[(m.iova, m.size)])
+    }
+
+    /// Starts a batch: map all buffers of one I/O, then one sync at commit.
+    pub fn begin(&self) -> DmaBatch<'_> {
+        DmaBatch { dma: self, maps: Vec::new(), allocs: Vec::new(), pages: BTreeMap::new() }
+    }
+
+    /// Unmaps everything a committed batch mapped, as one operation: under
+    /// Strict one sync (with coalescing, often one UNMAP), under the lazy
+    /// policies one flush-queue insertion.
+    pub fn unmap(&self, m: DmaMapping) -> Result<()> {
+        if self.passthrough {
+            return Ok(());
+        }
+        self.release(&m.allocs)
+    }
+
+    /// Takes allocations out of the tree and unmaps them under the policy.
+    fn release(&self, allocs: &[(u64, u64)]) -> Result<()> {
+        let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
+        self.domain.take_ranges(&ranges)?;
+        match self.policy() {
+            Policy::Strict => {
+                self.unmap_now(allocs.to_vec(), self.coalesce.load(Ordering::Relaxed))
+            }
+            Policy::Lazy => {
+                let q = &self.percpu[self.cpu() % self.percpu.len()];
+                self.enqueue(q, &self.lazy, allocs)
+            }
+            Policy::LazySingle => self.enqueue(&self.single, &self.lazy_single, allocs),
+        }
+    }
+
+    /// Queues UNMAPs for allocations already out of the tree, waits, frees.
+    fn unmap_now(&self, allocs: Vec<(u64, u64)>, coalesce: bool) -> Result<()> {
+        let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
+        let tickets = match self.domain.queue_unmaps(&ranges, coalesce) {
+            Ok(t) => t,
+            Err(e) => {
+                self.retry.lock().extend(allocs);
+                return Err(e);
+            }
+        };
+        let replies = if tickets.is_empty() {
+            Vec::new()
+        } else {
+            let seqs: Vec<u64> = tickets.iter().map(|t| t.0).collect();
+            match self.domain.port().wait(&seqs) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.retry.lock().extend(allocs);
+                    return Err(e);
+                }
+            }
+        };
+        self.apply(settle(&tickets, &replies, allocs, |a| self.range_of(a)))
+    }
+
+    fn apply(&self, out: Outcome) -> Result<()> {
+        self.free_allocs(&out.free);
+        if !out.retry.is_empty() {
+            self.retry.lock().extend(out.retry);
+        }
+        match out.error {
+            Some(e) => {
+                self.domain.counters().sync_error();
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn enqueue(
+        &self,
+        q: &Mutex<FlushQueue>,
+        cfg: &FlushQueueConfig,
+        allocs: &[(u64, u64)],
+    ) -> Result<()> {
+        let now = self.platform.now_ns();
+        let cause = {
+            let mut g = q.lock();
+            g.push(now, allocs);
+            if g.entries.len() >= cfg.entries {
+                Some(FlushCause::Full)
+            } else if g.expired(now, cfg) {
+                Some(FlushCause::Timeout)
+            } else {
+                None
+            }
+        };
+        // A previous flush's failure is not this unmap's: it is counted and retried.
+        let _ = self.reap(q);
+        match cause {
+            Some(cause) => self.flush_queue(q, cause, false),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the queue's UNMAPs (plus the retry list). With `wait`, syncs
+    /// now; otherwise they ride on the next kick and complete in `reap`.
+    fn flush_queue(&self, q: &Mutex<FlushQueue>, cause: FlushCause, wait: bool) -> Result<()> {
+        let mut entries = core::mem::take(&mut q.lock().entries);
+        entries.append(&mut self.retry.lock());
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.domain.counters().flush(cause);
+        let ranges: Vec<(u64, u64)> = entries.iter().map(|a| self.range_of(a)).collect();
+        let tickets = match self.domain.queue_unmaps(&ranges, self.coalesce.load(Ordering::Relaxed))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                self.retry.lock().extend(entries);
+                return Err(e);
+            }
+        };
+        if tickets.is_empty() {
+            self.free_allocs(&entries);
+            return Ok(());
+        }
+        if wait {
+            let seqs: Vec<u64> = tickets.iter().map(|t| t.0).collect();
+            let replies = match self.domain.port().wait(&seqs) {
+                Ok(r) => r,
+                Err(e) => {
+                    let since_ns = self.platform.now_ns();
+                    q.lock().inflight.push(InflightFlush { tickets, entries, since_ns });
+                    return Err(e);
+                }
+            };
+            return self.apply(settle(&tickets, &replies, entries, |a| self.range_of(a)));
+        }
+        let since_ns = self.platform.now_ns();
+        q.lock().inflight.push(InflightFlush { tickets, entries, since_ns });
+        Ok(())
+    }
+
+    /// Completes in-flight flushes whose UNMAPs are done; with `wait_older_than`,
+    /// syncs those older than that many nanoseconds.
+    fn reap_inner(&self, q: &Mutex<FlushQueue>, wait_older_than: Option<u64>) -> Result<()> {
+        let inflight = core::mem::take(&mut q.lock().inflight);
+        if inflight.is_empty() {
+            return Ok(());
+        }
+        let now = self.platform.now_ns();
+        let port = self.domain.port();
+        let mut first = Ok(());
+        let mut keep = Vec::new();
+        for f in inflight {
+            let seqs: Vec<u64> = f.tickets.iter().map(|t| t.0).collect();
+            let must_wait =
+                wait_older_than.is_some_and(|age| now.saturating_sub(f.since_ns) >= age);
+            let replies = match port.try_take(&seqs) {
+                Some(r) => r,
+                None if must_wait => match port.wait(&seqs) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        keep.push(f);
+                        first = first.and(Err(e));
+                        continue;
+                    }
+                },
+                None => {
+                    keep.push(f);
+                    continue;
+                }
+            };
+            let r = self.apply(settle(&f.tickets, &replies, f.entries, |a| self.range_of(a)));
+            first = first.and(r);
+        }
+        if !keep.is_empty() {
+            q.lock().inflight.extend(keep);
+        }
+        first
+    }
+
+    fn reap(&self, q: &Mutex<FlushQueue>) -> Result<()> {
+        self.reap_inner(q, None)
+    }
+
+    fn queues(&self) -> impl Iterator<Item = (&Mutex<FlushQueue>, &FlushQueueConfig)> {
+        self.percpu.iter().map(|q| (q, &self.lazy)).chain([(&self.single, &self.lazy_single)])
+    }
+
+    /// The timer's job: flushes queues whose oldest entry has timed out and
+    /// syncs flushes in flight for longer than the timeout, retrying failed
+    /// UNMAPs. Call it periodically (e.g. every few ms). Returns the first error.
+    pub fn tick(&self) -> Result<()> {
+        let now = self.platform.now_ns();
+        let mut first = Ok(());
+        for (q, cfg) in self.queues() {
+            first = first.and(self.reap_inner(q, Some(cfg.timeout_ns)));
+            let expired = q.lock().expired(now, cfg);
+            if expired {
+                first = first.and(self.flush_queue(q, FlushCause::Timeout, true));
+            }
+        }
+        if !self.retry.lock().is_empty() {
+            first = first.and(self.flush_queue(&self.single, FlushCause::Timeout, true));
+        }
+        first
+    }
+
+    /// Flushes every queue now and waits for every UNMAP in flight; retries
+    /// failed ones. Afterwards all unmapped IOVAs are back in the allocator
+    /// (unless the device keeps failing UNMAPs).
+    pub fn flush(&self) -> Result<()> {
+        let mut first = Ok(());
+        let mut any = false;
+        for (q, _) in self.queues() {
+            let has = !q.lock().entries.is_empty();
+            if has {
+                any = true;
+                first = first.and(self.flush_queue(q, FlushCause::Explicit, true));
+            }
+            first = first.and(self.reap_inner(q, Some(0)));
+        }
+        if !self.retry.lock().is_empty() {
+            if !any {
+                self.domain.counters().flush(FlushCause::Explicit);
+            }
+            first = first.and(self.flush_queue(&self.single, FlushCause::Explicit, true));
+        }
+        first
+    }
+}
+
+impl Drop for DmaDomain {
+    fn drop(&mut self) {
+        // Leave the device with no stale mappings of ours.
+        let _ = self.flush();
+    }
+}
+
+/// Lays runs out back to back from `iova`: the MAPs and the device's segments.
+fn place_runs(iova: u64, runs: &[Run], prot: Prot) -> (Vec<Mapping>, Vec<DmaSegment>) {
+    let mut at = iova;
+    let mut maps = Vec::with_capacity(runs.len());
+    let mut segs = Vec::with_capacity(runs.len());
+    for &Run { base, off, size, len } in runs {
+        maps.push(Mapping { iova: at, last: at + (size - 1), paddr: base, prot });
+        segs.push(DmaSegment { addr: at + off, len });
+        at += size;
+    }
+    (maps, segs)
+}
+
+/// The buffers of one I/O, mapped with one sync at [`Self::commit`].
+/// Dropping it without committing frees its IOVAs; nothing was sent.
+pub struct DmaBatch<'a> {
+    dma: &'a DmaDomain,
+    maps: Vec<Mapping>,
+    allocs: Vec<(u64, u64)>,
+    /// Single-page maps by physical page, to map a shared page once.
+    pages: BTreeMap<u64, usize>,
+}
+
+impl DmaBatch<'_> {
+    /// Reserves an IOVA for one buffer; the MAP goes out at commit. A buffer
+    /// inside a page this batch already maps reuses that mapping (its rights
+    /// widen to cover both buffers).
+    pub fn map(&mut self, paddr: u64, len: usize, dir: DmaDirection) -> Result<u64> {
+        let dma = self.dma;
+        if dma.passthrough {
+            return Ok(paddr);
+        }
+        let (base, off, size) = dma.span(paddr, len)?;
+        if size == dma.granule {
+            if let Some(&i) = self.pages.get(&base) {
+                let m = &mut self.maps[i];
+                m.prot = m.prot | dir.prot();
+                return Ok(m.iova + off);
+            }
+        }
+        let iova = dma.alloc(size)?;
+        self.allocs.push((iova, size));
+        if size == dma.granule {
+            self.pages.insert(base, self.maps.len());
+        }
+        self.maps.push(Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() });
+        Ok(iova + off)
+    }
+
+    /// Adds a scatter-gather list in one IOVA range, contiguous runs merged.
+    pub fn map_sg(&mut self, segs: &[(u64, usize)], dir: DmaDirection) -> Result<Vec<DmaSegment>> {
+        let dma = self.dma;
+        if dma.passthrough {
+            return Ok(merge_segments(segs)
+                .into_iter()
+                .map(|(addr, len)| DmaSegment { addr, len })
+                .collect());
+        }
+        let (runs, total) = dma.sg_maps(segs, dir)?;
+        let iova = dma.alloc(total)?;
+        self.allocs.push((iova, total));
+        let (maps, segments) = place_runs(iova, &runs, dir.prot());
+        self.maps.extend(maps);
+        Ok(segments)
+    }
+
+    /// Sends every MAP of the batch and syncs once. On failure everything
+    /// is rolled back and the IOVAs freed.
+    pub fn commit(mut self) -> Result<DmaMapping> {
+        let allocs = core::mem::take(&mut self.allocs);
+        let maps = core::mem::take(&mut self.maps);
+        if maps.is_empty() {
+            return Ok(DmaMapping { allocs });
+        }
+        self.dma.map_synced(&maps, &allocs)?;
+        Ok(DmaMapping { allocs })
+    }
+}
+
+impl Drop for DmaBatch<'_> {
+    fn drop(&mut self) {
+        self.dma.free_allocs(&self.allocs);
+    }
+}

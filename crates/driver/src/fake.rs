@@ -1,0 +1,739 @@
+//! A fake virtio-iommu device for tests and benchmarks (feature `test-utils`).
+//!
+//! [`FakeMemory`] is fake guest-physical memory with a page allocator
+//! ([`FakeHal`]). [`FakeIommu`] is the device: its [`FakeTransport`] plays the
+//! device inside `notify()` (or, in deferred mode, inside `wait_for_used()`,
+//! as if a device thread ran late) by reading the driver's split rings from
+//! the fake memory, parsing requests with `viommu-proto` and keeping a
+//! mapping table. It counts requests and kicks, and can be told to fail the
+//! next requests ([`FakeIommu::inject`]).
+//!
+//! The real device model lives in `viommu-device`; tests that join both
+//! belong to the crates that may depend on both (`crates/vm`).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use viommu_proto::{
+    features as f, write_resv_mem, Config, FaultEvent, Request, RequestType, ResvMem, Status,
+    ATTACH_F_BYPASS, MAP_F_MASK, MAP_F_MMIO,
+};
+use zerocopy::IntoBytes;
+
+use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::queue::{DESC_F_NEXT, DESC_F_WRITE};
+use crate::transport::{QueueAddrs, Transport};
+
+/// Bus address of the first page of fake memory.
+pub const FAKE_MEM_BASE: u64 = 0x1_0000_0000;
+
+struct MemInner {
+    ptr: NonNull<u8>,
+    pages: usize,
+    alloc: Mutex<MemAlloc>,
+}
+
+#[derive(Default)]
+struct MemAlloc {
+    next: usize,
+    free: BTreeMap<usize, Vec<usize>>,
+    live: usize,
+}
+
+// SAFETY: the memory is only reached through bounds-checked copies and the
+// driver's ring protocol; the allocator state is behind a Mutex.
+unsafe impl Send for MemInner {}
+// SAFETY: as above.
+unsafe impl Sync for MemInner {}
+
+impl Drop for MemInner {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.pages * PAGE_SIZE, PAGE_SIZE)
+            .expect("layout was valid at allocation");
+        // SAFETY: allocated in FakeMemory::new with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// Fake guest memory: `pages` zeroed pages at [`FAKE_MEM_BASE`].
+#[derive(Clone)]
+pub struct FakeMemory {
+    inner: Arc<MemInner>,
+}
+
+impl FakeMemory {
+    /// Allocates `pages` pages of fake memory.
+    pub fn new(pages: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(pages.max(1) * PAGE_SIZE, PAGE_SIZE)
+            .expect("fake memory size overflows");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).expect("out of host memory for fake guest memory");
+        Self {
+            inner: Arc::new(MemInner {
+                ptr,
+                pages: pages.max(1),
+                alloc: Mutex::new(MemAlloc::default()),
+            }),
+        }
+    }
+
+    /// A HAL allocating from this memory.
+    pub fn hal(&self) -> FakeHal {
+        FakeHal { mem: self.clone() }
+    }
+
+    /// Pages currently allocated through the HAL.
+    pub fn live_pages(&self) -> usize {
+        self.inner.alloc.lock().unwrap_or_else(|e| e.into_inner()).live
+    }
+
+    fn offset(&self, bus: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(bus.checked_sub(FAKE_MEM_BASE)?).ok()?;
+        (off.checked_add(len)? <= self.inner.pages * PAGE_SIZE).then_some(off)
+    }
+
+    /// Reads guest memory at bus address `bus`; false if out of bounds.
+    pub fn read(&self, bus: u64, out: &mut [u8]) -> bool {
+        let Some(off) = self.offset(bus, out.len()) else { return false };
+        // SAFETY: bounds checked above; plain bytes, any value is valid.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.inner.ptr.as_ptr().add(off),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        true
+    }
+
+    /// Writes guest memory at bus address `bus`; false if out of bounds.
+    pub fn write(&self, bus: u64, data: &[u8]) -> bool {
+        let Some(off) = self.offset(bus, data.len()) else { return false };
+        // SAFETY: bounds checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.inner.ptr.as_ptr().add(off),
+                data.len(),
+            )
+        };
+        true
+    }
+
+    fn read_u16(&self, bus: u64) -> Option<u16> {
+        let mut b = [0; 2];
+        self.read(bus, &mut b).then(|| u16::from_le_bytes(b))
+    }
+
+    fn write_u16(&self, bus: u64, v: u16) {
+        self.write(bus, &v.to_le_bytes());
+    }
+}
+
+/// [`Hal`] over [`FakeMemory`].
+#[derive(Clone)]
+pub struct FakeHal {
+    mem: FakeMemory,
+}
+
+// SAFETY: regions come from the fake memory, are zeroed on allocation, stay
+// valid while the FakeMemory lives (the HAL holds it) and never overlap.
+unsafe impl Hal for FakeHal {
+    fn dma_alloc(&self, pages: usize) -> Option<DmaRegion> {
+        let inner = &self.mem.inner;
+        let mut a = inner.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let first = match a.free.get_mut(&pages).and_then(Vec::pop) {
+            Some(p) => p,
+            None => {
+                if a.next + pages > inner.pages {
+                    return None;
+                }
+                a.next += pages;
+                a.next - pages
+            }
+        };
+        a.live += pages;
+        // SAFETY: first..first+pages lies inside the allocation (checked above).
+        let vaddr = unsafe { inner.ptr.as_ptr().add(first * PAGE_SIZE) };
+        // SAFETY: as above; the Hal contract asks for zeroed memory.
+        unsafe { vaddr.write_bytes(0, pages * PAGE_SIZE) };
+        Some(DmaRegion {
+            bus_addr: FAKE_MEM_BASE + (first * PAGE_SIZE) as u64,
+            vaddr: NonNull::new(vaddr)?,
+            pages,
+        })
+    }
+
+    unsafe fn dma_dealloc(&self, region: DmaRegion) {
+        let mut a = self.mem.inner.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let first = ((region.bus_addr - FAKE_MEM_BASE) as usize) / PAGE_SIZE;
+        a.live -= region.pages;
+        a.free.entry(region.pages).or_default().push(first);
+    }
+}
+
+/// What the fake device offers.
+#[derive(Clone, Debug)]
+pub struct FakeConfig {
+    /// Offered features.
+    pub features: u64,
+    /// page_size_mask.
+    pub page_size_mask: u64,
+    /// input_range, inclusive.
+    pub input_range: (u64, u64),
+    /// domain_range, inclusive.
+    pub domain_range: (u32, u32),
+    /// probe_size.
+    pub probe_size: u32,
+    /// Endpoint IDs that exist.
+    pub endpoints: Vec<u32>,
+    /// RESV_MEM properties per endpoint.
+    pub resv: BTreeMap<u32, Vec<ResvMem>>,
+    /// Max queue size of both queues.
+    pub queue_max: u16,
+    /// Pages of fake memory.
+    pub mem_pages: usize,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        let features = [
+            f::VERSION_1,
+            f::MAP_UNMAP,
+            f::INPUT_RANGE,
+            f::DOMAIN_RANGE,
+            f::PROBE,
+            f::MMIO,
+            f::BYPASS_CONFIG,
+            f::RING_EVENT_IDX,
+        ]
+        .iter()
+        .fold(0, |a, &b| a | f::bit(b));
+        Self {
+            features,
+            page_size_mask: !0xfff,
+            input_range: (0, (1 << 48) - 1),
+            domain_range: (1, 1023),
+            probe_size: 512,
+            endpoints: (0..16).collect(),
+            resv: BTreeMap::new(),
+            queue_max: 256,
+            mem_pages: 1024,
+        }
+    }
+}
+
+/// How the fake device answers an injected request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectReply {
+    /// Writes this status and does nothing else.
+    Status(Status),
+    /// Returns the chain with used length 0 and writes nothing.
+    UsedLenZero,
+}
+
+/// Makes the next request of a type (or of any type) fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Injection {
+    /// The request type to fail; `None` matches any.
+    pub request: Option<RequestType>,
+    /// The answer.
+    pub reply: InjectReply,
+}
+
+/// Counts kept by the fake device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FakeStats {
+    /// Requests by type: ATTACH, DETACH, MAP, UNMAP, PROBE.
+    pub requests: [u64; 5],
+    /// Notifies of the request queue.
+    pub kicks: u64,
+    /// Notifies of the event queue.
+    pub event_kicks: u64,
+    /// Requests that could not be parsed or chains that were malformed.
+    pub malformed: u64,
+}
+
+impl FakeStats {
+    /// MAP requests.
+    pub fn maps(&self) -> u64 {
+        self.requests[2]
+    }
+    /// UNMAP requests.
+    pub fn unmaps(&self) -> u64 {
+        self.requests[3]
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Queue {
+    size: u16,
+    addrs: Option<QueueAddrs>,
+    last_avail: u16,
+    used_idx: u16,
+}
+
+#[derive(Default)]
+struct Dom {
+    bypass: bool,
+    endpoints: BTreeSet<u32>,
+    /// first IOVA → (last IOVA, phys, flags)
+    maps: BTreeMap<u64, (u64, u64, u32)>,
+}
+
+/// A chain's device-readable bytes and its writable buffers.
+type Chain = (Vec<u8>, Vec<(u64, u32)>);
+
+struct Device {
+    cfg: FakeConfig,
+    mem: FakeMemory,
+    status: u8,
+    driver_features: u64,
+    bypass: u8,
+    queues: [Queue; 2],
+    domains: BTreeMap<u32, Dom>,
+    ep_domain: BTreeMap<u32, u32>,
+    inject: VecDeque<Injection>,
+    stats: FakeStats,
+    deferred: bool,
+}
+
+/// A fake virtio-iommu device.
+#[derive(Clone)]
+pub struct FakeIommu {
+    dev: Arc<Mutex<Device>>,
+    mem: FakeMemory,
+}
+
+impl FakeIommu {
+    /// A device with `cfg`, with its own fake memory.
+    pub fn new(cfg: FakeConfig) -> Self {
+        let mem = FakeMemory::new(cfg.mem_pages);
+        let dev = Device {
+            cfg,
+            mem: mem.clone(),
+            status: 0,
+            driver_features: 0,
+            bypass: 1,
+            queues: [Queue::default(); 2],
+            domains: BTreeMap::new(),
+            ep_domain: BTreeMap::new(),
+            inject: VecDeque::new(),
+            stats: FakeStats::default(),
+            deferred: false,
+        };
+        Self { dev: Arc::new(Mutex::new(dev)), mem }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Device> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A transport to this device.
+    pub fn transport(&self) -> FakeTransport {
+        FakeTransport { dev: self.dev.clone() }
+    }
+
+    /// A HAL over this device's memory.
+    pub fn hal(&self) -> FakeHal {
+        self.mem.hal()
+    }
+
+    /// The fake guest memory.
+    pub fn memory(&self) -> &FakeMemory {
+        &self.mem
+    }
+
+    /// Counts so far.
+    pub fn stats(&self) -> FakeStats {
+        self.lock().stats
+    }
+
+    /// The device's mappings of `domain`: `(first, last, phys, flags)`.
+    pub fn mappings(&self, domain: u32) -> Vec<(u64, u64, u64, u32)> {
+        self.lock()
+            .domains
+            .get(&domain)
+            .map(|d| d.maps.iter().map(|(&s, &(e, p, fl))| (s, e, p, fl)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Domains that exist in the device.
+    pub fn domains(&self) -> Vec<u32> {
+        self.lock().domains.keys().copied().collect()
+    }
+
+    /// The domain an endpoint is attached to.
+    pub fn endpoint_domain(&self, endpoint: u32) -> Option<u32> {
+        self.lock().ep_domain.get(&endpoint).copied()
+    }
+
+    /// The `bypass` config byte.
+    pub fn bypass(&self) -> u8 {
+        self.lock().bypass
+    }
+
+    /// Fails the next matching request.
+    pub fn inject(&self, injection: Injection) {
+        self.lock().inject.push_back(injection);
+    }
+
+    /// Deferred mode: notifies only count; requests are processed when the
+    /// driver waits (`wait_for_used`), as a slow device thread would.
+    pub fn set_deferred(&self, deferred: bool) {
+        self.lock().deferred = deferred;
+    }
+
+    /// Writes a fault event into the next event buffer. False when the
+    /// driver posted none (the device drops the event).
+    pub fn inject_fault(&self, event: FaultEvent) -> bool {
+        self.lock().push_event(event.as_bytes())
+    }
+}
+
+/// The fake device's transport side.
+pub struct FakeTransport {
+    dev: Arc<Mutex<Device>>,
+}
+
+impl FakeTransport {
+    fn lock(&self) -> MutexGuard<'_, Device> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Transport for FakeTransport {
+    fn device_features(&mut self) -> u64 {
+        self.lock().cfg.features
+    }
+
+    fn set_driver_features(&mut self, features: u64) {
+        self.lock().driver_features = features;
+    }
+
+    fn status(&mut self) -> u8 {
+        self.lock().status
+    }
+
+    fn set_status(&mut self, status: u8) {
+        let mut d = self.lock();
+        if status == 0 {
+            // Reset; `bypass` survives it (spec).
+            d.queues = [Queue::default(); 2];
+            d.domains.clear();
+            d.ep_domain.clear();
+            d.driver_features = 0;
+        }
+        d.status = status;
+    }
+
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        if queue < 2 {
+            self.lock().cfg.queue_max
+        } else {
+            0
+        }
+    }
+
+    fn setup_queue(&mut self, queue: u16, size: u16, addrs: QueueAddrs) {
+        if let Some(q) = self.lock().queues.get_mut(queue as usize) {
+            *q = Queue { size, addrs: Some(addrs), last_avail: 0, used_idx: 0 };
+        }
+    }
+
+    fn notify(&mut self, queue: u16) {
+        let mut d = self.lock();
+        match queue {
+            0 => {
+                d.stats.kicks += 1;
+                if !d.deferred {
+                    d.process_requests();
+                }
+            }
+            _ => d.stats.event_kicks += 1,
+        }
+    }
+
+    fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
+        let d = self.lock();
+        let c = &d.cfg;
+        let cfg = Config {
+            page_size_mask: c.page_size_mask.into(),
+            input_start: c.input_range.0.into(),
+            input_end: c.input_range.1.into(),
+            domain_start: c.domain_range.0.into(),
+            domain_end: c.domain_range.1.into(),
+            probe_size: c.probe_size.into(),
+            bypass: d.bypass,
+            reserved: [0; 3],
+        };
+        let bytes = cfg.as_bytes();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = bytes.get(offset + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let mut d = self.lock();
+        if offset == Config::BYPASS_OFFSET && data.len() == 1 && data[0] <= 1 {
+            d.bypass = data[0];
+        }
+    }
+
+    fn wait_for_used(&mut self, _queue: u16) {
+        let mut d = self.lock();
+        if d.deferred {
+            d.process_requests();
+        }
+    }
+}
+
+impl Device {
+    fn has(&self, bit: u32) -> bool {
+        self.driver_features & f::bit(bit) != 0
+    }
+
+    /// Walks one chain: device-readable bytes and writable buffers.
+    fn read_chain(&self, q: &Queue, head: u16) -> Option<Chain> {
+        let addrs = q.addrs?;
+        let mut readable = Vec::new();
+        let mut writable = Vec::new();
+        let mut idx = head;
+        for _ in 0..q.size {
+            let mut desc = [0u8; 16];
+            if idx >= q.size || !self.mem.read(addrs.desc + 16 * idx as u64, &mut desc) {
+                return None;
+            }
+            let addr = u64::from_le_bytes(desc[0..8].try_into().ok()?);
+            let len = u32::from_le_bytes(desc[8..12].try_into().ok()?);
+            let flags = u16::from_le_bytes([desc[12], desc[13]]);
+            let next = u16::from_le_bytes([desc[14], desc[15]]);
+            if flags & DESC_F_WRITE != 0 {
+                writable.push((addr, len));
+            } else {
+                let mut b = vec![0u8; len.min(4096) as usize];
+                if !self.mem.read(addr, &mut b) {
+                    return None;
+                }
+                readable.extend_from_slice(&b);
+            }
+            if flags & DESC_F_NEXT == 0 {
+                return Some((readable, writable));
+            }
+            idx = next;
+        }
+        None
+    }
+
+    fn push_used(&mut self, queue: usize, id: u16, len: u32) {
+        let q = &mut self.queues[queue];
+        let Some(addrs) = q.addrs else { return };
+        let slot = (q.used_idx % q.size) as u64;
+        let mut e = [0u8; 8];
+        e[..4].copy_from_slice(&(id as u32).to_le_bytes());
+        e[4..].copy_from_slice(&len.to_le_bytes());
+        self.mem.write(addrs.used + 4 + 8 * slot, &e);
+        q.used_idx = q.used_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.mem.write_u16(addrs.used + 2, q.used_idx);
+    }
+
+    fn process_requests(&mut self) {
+        let q = self.queues[0];
+        let Some(addrs) = q.addrs else { return };
+        let Some(avail) = self.mem.read_u16(addrs.avail + 2) else { return };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let mut last = q.last_avail;
+        while last != avail {
+            let Some(head) = self.mem.read_u16(addrs.avail + 4 + 2 * (last % q.size) as u64) else {
+                break;
+            };
+            last = last.wrapping_add(1);
+            self.queues[0].last_avail = last;
+            let Some((readable, writable)) = self.read_chain(&q, head) else {
+                self.stats.malformed += 1;
+                self.push_used(0, head, 0);
+                continue;
+            };
+            let total: u64 = writable.iter().map(|w| w.1 as u64).sum();
+            let (status, props, zero) = self.handle(&readable, total.saturating_sub(4) as usize);
+            let mut out = props;
+            out.resize(total.saturating_sub(4) as usize, 0);
+            out.extend_from_slice(&[status as u8, 0, 0, 0]);
+            let used_len = if zero { 0 } else { total as u32 };
+            if !zero {
+                let mut at = 0usize;
+                for (addr, len) in &writable {
+                    let end = (at + *len as usize).min(out.len());
+                    self.mem.write(*addr, &out[at..end]);
+                    at = end;
+                }
+            }
+            self.push_used(0, head, used_len);
+        }
+        if self.has(f::RING_EVENT_IDX) {
+            self.mem.write_u16(addrs.used + 4 + 8 * q.size as u64, last);
+        }
+    }
+
+    /// Executes one request: status, probe properties, and "used length 0".
+    fn handle(&mut self, bytes: &[u8], props_len: usize) -> (Status, Vec<u8>, bool) {
+        let req = match Request::parse(bytes) {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return (Status::Inval, Vec::new(), true);
+            }
+        };
+        let ty = req.request_type();
+        self.stats.requests[ty as usize - 1] += 1;
+        if let Some(pos) = self.inject.iter().position(|i| i.request.is_none_or(|t| t == ty)) {
+            let inj = self.inject.remove(pos).map(|i| i.reply);
+            match inj {
+                Some(InjectReply::Status(s)) => return (s, Vec::new(), false),
+                _ => return (Status::IoErr, Vec::new(), true),
+            }
+        }
+        let mut props = Vec::new();
+        let status = match req {
+            Request::Attach(a) => {
+                self.attach(a.domain.get(), a.endpoint.get(), a.flags.get(), a.reserved)
+            }
+            Request::Detach(d) => self.detach(d.domain.get(), d.endpoint.get()),
+            Request::Map(m) => self.map(
+                m.domain.get(),
+                m.virt_start.get(),
+                m.virt_end.get(),
+                m.phys_start.get(),
+                m.flags.get(),
+            ),
+            Request::Unmap(u) => self.unmap(u.domain.get(), u.virt_start.get(), u.virt_end.get()),
+            Request::Probe(p) => {
+                let ep = p.endpoint.get();
+                if !self.cfg.endpoints.contains(&ep) {
+                    Status::NoEnt
+                } else {
+                    props = vec![0u8; props_len];
+                    let mut at = 0;
+                    for r in self.cfg.resv.get(&ep).into_iter().flatten() {
+                        match write_resv_mem(&mut props[at..], r) {
+                            Ok(n) => at += n,
+                            Err(_) => break,
+                        }
+                    }
+                    Status::Ok
+                }
+            }
+        };
+        (status, props, false)
+    }
+
+    fn drop_ep(&mut self, ep: u32) {
+        if let Some(old) = self.ep_domain.remove(&ep) {
+            if let Some(d) = self.domains.get_mut(&old) {
+                d.endpoints.remove(&ep);
+                if d.endpoints.is_empty() {
+                    self.domains.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn attach(&mut self, domain: u32, ep: u32, flags: u32, reserved: [u8; 4]) -> Status {
+        if reserved != [0; 4] || flags & !ATTACH_F_BYPASS != 0 {
+            return Status::Inval;
+        }
+        if !self.cfg.endpoints.contains(&ep) {
+            return Status::NoEnt;
+        }
+        let bypass = flags & ATTACH_F_BYPASS != 0;
+        if bypass && !self.has(f::BYPASS_CONFIG) {
+            return Status::Inval;
+        }
+        if self.domains.get(&domain).is_some_and(|d| d.bypass != bypass) {
+            return Status::Inval;
+        }
+        if self.ep_domain.get(&ep) != Some(&domain) {
+            self.drop_ep(ep);
+        }
+        let d = self.domains.entry(domain).or_insert_with(|| Dom { bypass, ..Default::default() });
+        d.endpoints.insert(ep);
+        self.ep_domain.insert(ep, domain);
+        Status::Ok
+    }
+
+    fn detach(&mut self, domain: u32, ep: u32) -> Status {
+        if !self.cfg.endpoints.contains(&ep) {
+            return Status::NoEnt;
+        }
+        if self.ep_domain.get(&ep) != Some(&domain) {
+            return Status::Inval;
+        }
+        self.drop_ep(ep);
+        Status::Ok
+    }
+
+    fn map(&mut self, domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> Status {
+        let g = 1u64 << self.cfg.page_size_mask.trailing_zeros();
+        let (lo, hi) = self.cfg.input_range;
+        let mmio = self.has(f::MMIO);
+        let Some(d) = self.domains.get_mut(&domain) else { return Status::NoEnt };
+        if d.bypass || flags & !MAP_F_MASK != 0 || (flags & MAP_F_MMIO != 0 && !mmio) {
+            return Status::Inval;
+        }
+        if start & (g - 1) != 0 || phys & (g - 1) != 0 || end & (g - 1) != g - 1 || end < start {
+            return Status::Range;
+        }
+        if start < lo || end > hi {
+            return Status::Range;
+        }
+        let overlaps = d.maps.range(..=end).next_back().is_some_and(|(_, &(e, _, _))| e >= start);
+        if overlaps {
+            return Status::Inval;
+        }
+        d.maps.insert(start, (end, phys, flags));
+        Status::Ok
+    }
+
+    fn unmap(&mut self, domain: u32, start: u64, end: u64) -> Status {
+        let Some(d) = self.domains.get_mut(&domain) else { return Status::NoEnt };
+        if end < start {
+            return Status::Inval;
+        }
+        let before = d.maps.range(..start).next_back().filter(|(_, &(e, _, _))| e >= start);
+        if before.is_some() {
+            return Status::Range;
+        }
+        let inside: Vec<(u64, u64)> =
+            d.maps.range(start..=end).map(|(&s, &(e, _, _))| (s, e)).collect();
+        if inside.iter().any(|&(_, e)| e > end) {
+            return Status::Range;
+        }
+        for (s, _) in inside {
+            d.maps.remove(&s);
+        }
+        Status::Ok
+    }
+
+    fn push_event(&mut self, event: &[u8]) -> bool {
+        let q = self.queues[1];
+        let Some(addrs) = q.addrs else { return false };
+        let Some(avail) = self.mem.read_u16(addrs.avail + 2) else { return false };
+        if q.last_avail == avail {
+            return false;
+        }
+        let Some(head) = self.mem.read_u16(addrs.avail + 4 + 2 * (q.last_avail % q.size) as u64)
+        else {
+            return false;
+        };
+        self.queues[1].last_avail = q.last_avail.wrapping_add(1);
+        let Some((_, writable)) = self.read_chain(&q, head) else { return false };
+        let Some(&(addr, len)) = writable.first() else { return false };
+        let n = event.len().min(len as usize);
+        self.mem.write(addr, &event[..n]);
+        self.push_used(1, head, n as u32);
+        true
+    }
+}

@@ -1,0 +1,1736 @@
+//! The virtio-iommu device driver (virtio 1.2 §5.13).
+//!
+//! Reads top to bottom: public types; request plumbing (request buffers, the
+//! request queue, submit / kick / wait); device initialisation; endpoints and
+//! PROBE; domains, attach and detach; the IOMMU operations on a [`Domain`];
+//! the fault event queue.
+//!
+//! # Locks
+//! - `endpoints` (one per IOMMU): endpoint → domain table. Held across attach
+//!   and detach, which are rare, so that two attaches of one endpoint cannot
+//!   interleave.
+//! - `Domain::state` (one per domain): the endpoint set **and** the mapping
+//!   tree. A MAP is queued under it, so an attach's replay and a concurrent
+//!   map can neither miss nor double a mapping; a DETACH is queued and
+//!   completed under it, so no MAP slips in behind the last DETACH.
+//! - `req` (one per IOMMU): the request virtqueue and its buffers. Held only to
+//!   add requests or reap completions, never across a notify or a wait.
+//! - `transport`: taken alone for notify; a waiting thread only *tries* it.
+//!
+//! Order: endpoints → domain state → req; transport is never taken with req
+//! held. A sync waits for its own tickets: it kicks, then reaps completions
+//! (whoever reaps records every reply by ticket) until its tickets are done,
+//! so no thread holds a lock while another thread's sync waits on the device.
+//! Only attach/detach wait under a domain lock, because correctness needs it.
+//!
+//! ```
+//! # #[cfg(feature = "test-utils")] {
+//! use viommu_driver::fake::FakeIommu;
+//! use viommu_driver::{DriverOptions, Prot, VirtioIommu};
+//! let fake = FakeIommu::new(Default::default());
+//! let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default()).unwrap();
+//! let domain = iommu.alloc_paging(1).unwrap();
+//! iommu.attach(&domain, 1).unwrap();
+//! domain.map_pages(0x10_0000, 0x8000_0000, 0x2000, Prot::READ | Prot::WRITE).unwrap();
+//! domain.iotlb_sync_map(0x10_0000, 0x2000).unwrap(); // one kick, one sync
+//! assert_eq!(domain.iova_to_phys(0x10_1234), Some(0x8000_1234));
+//! assert_eq!(domain.unmap_pages(0x10_0000, 0x2000).unwrap(), 0x2000);
+//! domain.iotlb_sync().unwrap();
+//! assert_eq!(iommu.counters().map, 1);
+//! # }
+//! ```
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::sync::{Arc, Weak};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ops::BitOr;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use viommu_proto::{
+    features as f, AttachBody, Config, DetachBody, FaultEvent, MapBody, ProbeBody, Property,
+    PropertyIter, Request, RequestType, ResvMem, Status, UnmapBody, ATTACH_F_BYPASS, EVENT_QUEUE,
+    MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, REQUEST_QUEUE,
+};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::FromBytes;
+
+use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::queue::{Buffer, QueueError, SplitQueue};
+use crate::sync::{relax, Mutex};
+use crate::transport::{status, Transport};
+use crate::{Error, Result};
+
+// ---------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------
+
+/// Choices made at initialisation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverOptions {
+    /// Value written to `bypass` under BYPASS_CONFIG: false blocks
+    /// unattached endpoints.
+    pub bypass: bool,
+    /// Negotiate VIRTIO_F_EVENT_IDX when offered.
+    pub event_idx: bool,
+    /// Largest request-queue size to use (rounded down to a power of two).
+    pub request_queue_size: u16,
+    /// Number of event buffers to post (rounded down to a power of two).
+    pub event_buffers: u16,
+    /// Software MSI window `(start, end)` added to every endpoint's reserved
+    /// regions when the device reports no MSI region. `None` adds nothing.
+    pub sw_msi: Option<(u64, u64)>,
+    /// Guest page size: the granule may not exceed it.
+    pub guest_page_size: u64,
+    /// Polls of the used ring before a sync gives up with [`Error::Timeout`].
+    pub spin_limit: u64,
+    /// Largest `probe_size` accepted, to bound the PROBE buffer.
+    pub max_probe_size: u32,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        Self {
+            bypass: false,
+            event_idx: true,
+            request_queue_size: 256,
+            event_buffers: 16,
+            sw_msi: Some((0x0800_0000, 0x080f_ffff)),
+            guest_page_size: PAGE_SIZE as u64,
+            spin_limit: u64::MAX,
+            max_probe_size: 64 * 1024,
+        }
+    }
+}
+
+/// What the device offered and the driver took, with the config it read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Negotiated feature bits.
+    pub features: u64,
+    /// Page sizes; the lowest set bit is the granule.
+    pub page_size_mask: u64,
+    /// Valid IOVAs, inclusive (everything without INPUT_RANGE).
+    pub input_range: (u64, u64),
+    /// Valid domain IDs, inclusive (all of u32 without DOMAIN_RANGE).
+    pub domain_range: (u32, u32),
+    /// Size of PROBE properties (0 without PROBE).
+    pub probe_size: u32,
+    /// Queue sizes in use: request queue, event queue.
+    pub queue_sizes: (u16, u16),
+}
+
+impl DeviceInfo {
+    /// Whether feature bit `bit` was negotiated.
+    pub fn has(&self, bit: u32) -> bool {
+        self.features & f::bit(bit) != 0
+    }
+
+    /// The IOMMU granule (lowest bit of page_size_mask).
+    pub fn granule(&self) -> u64 {
+        1 << self.page_size_mask.trailing_zeros()
+    }
+}
+
+/// Access rights of a mapping (MAP flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Prot(pub u32);
+
+impl Prot {
+    /// The device may read.
+    pub const READ: Prot = Prot(MAP_F_READ);
+    /// The device may write.
+    pub const WRITE: Prot = Prot(MAP_F_WRITE);
+    /// The range is MMIO (needs the MMIO feature).
+    pub const MMIO: Prot = Prot(MAP_F_MMIO);
+}
+
+impl BitOr for Prot {
+    type Output = Prot;
+    fn bitor(self, rhs: Prot) -> Prot {
+        Prot(self.0 | rhs.0)
+    }
+}
+
+/// Kind of a reserved region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResvKind {
+    /// No access (RESV_MEM RESERVED, and any unknown subtype).
+    Reserved,
+    /// The hardware MSI doorbell: bypasses translation (RESV_MEM MSI).
+    Msi,
+    /// The software MSI window the driver added: IOVAs kept free for MSI doorbell mappings.
+    SwMsi,
+    /// Must be identity-mapped in every paging domain (e.g. from firmware);
+    /// given with [`VirtioIommu::add_reserved_region`].
+    Direct,
+}
+
+/// A reserved IOVA region of an endpoint. `end` is inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ResvRegion {
+    /// First address.
+    pub start: u64,
+    /// Last address, inclusive.
+    pub end: u64,
+    /// What it is.
+    pub kind: ResvKind,
+}
+
+/// A fault the device reported on the event queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// `viommu_proto::fault::R_*`.
+    pub reason: u8,
+    /// `viommu_proto::fault::F_*`.
+    pub flags: u32,
+    /// The endpoint that faulted.
+    pub endpoint: u32,
+    /// The faulting address, when the device gave one.
+    pub address: Option<u64>,
+}
+
+/// Handler for fault records, see [`VirtioIommu::set_fault_handler`].
+pub type FaultHandler = Box<dyn FnMut(FaultRecord) + Send>;
+
+/// One mapping of a domain. `last` is inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// First IOVA.
+    pub iova: u64,
+    /// Last IOVA, inclusive.
+    pub last: u64,
+    /// Physical address of `iova`.
+    pub paddr: u64,
+    /// Rights.
+    pub prot: Prot,
+}
+
+/// What a domain translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainKind {
+    /// Mappings made with `map_pages`.
+    Paging,
+    /// Identity: ATTACH with F_BYPASS (`bypass = true`) or 1:1 maps of the
+    /// aperture minus the reserved regions.
+    Identity {
+        /// Whether the device does it (BYPASS_CONFIG).
+        bypass: bool,
+    },
+    /// No mappings: attached endpoints can do no DMA.
+    Blocking,
+}
+
+/// Why a DMA-layer flush ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushCause {
+    /// A flush queue was full.
+    Full,
+    /// The oldest entry of a flush queue timed out.
+    Timeout,
+    /// Someone asked (policy switch, explicit flush, IOVA shortage).
+    Explicit,
+}
+
+/// Number of buckets of the batch-size histogram: bucket `i` counts kicks
+/// that carried `2^i ..= 2^(i+1)-1` requests; the last is open-ended.
+pub const BATCH_BUCKETS: usize = 10;
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    requests: [AtomicU64; 5],
+    kicks: AtomicU64,
+    event_kicks: AtomicU64,
+    syncs: AtomicU64,
+    sync_errors: AtomicU64,
+    batch: [AtomicU64; BATCH_BUCKETS],
+    flushes: [AtomicU64; 3],
+    faults: AtomicU64,
+    faults_unhandled: AtomicU64,
+    bad_events: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn flush(&self, cause: FlushCause) {
+        bump(&self.flushes[cause as usize]);
+    }
+
+    pub(crate) fn sync_error(&self) {
+        bump(&self.sync_errors);
+    }
+
+    fn kick(&self, batch: u64) {
+        bump(&self.kicks);
+        let bucket = (63 - batch.max(1).leading_zeros() as usize).min(BATCH_BUCKETS - 1);
+        bump(&self.batch[bucket]);
+    }
+
+    fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            attach: g(&self.requests[0]),
+            detach: g(&self.requests[1]),
+            map: g(&self.requests[2]),
+            unmap: g(&self.requests[3]),
+            probe: g(&self.requests[4]),
+            kicks: g(&self.kicks),
+            event_kicks: g(&self.event_kicks),
+            syncs: g(&self.syncs),
+            sync_errors: g(&self.sync_errors),
+            batch_sizes: core::array::from_fn(|i| g(&self.batch[i])),
+            flushes_full: g(&self.flushes[0]),
+            flushes_timeout: g(&self.flushes[1]),
+            flushes_explicit: g(&self.flushes[2]),
+            faults: g(&self.faults),
+            faults_unhandled: g(&self.faults_unhandled),
+            bad_events: g(&self.bad_events),
+        }
+    }
+}
+
+/// A copy of the driver's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// ATTACH requests sent.
+    pub attach: u64,
+    /// DETACH requests sent.
+    pub detach: u64,
+    /// MAP requests sent.
+    pub map: u64,
+    /// UNMAP requests sent.
+    pub unmap: u64,
+    /// PROBE requests sent.
+    pub probe: u64,
+    /// Request-queue notifications.
+    pub kicks: u64,
+    /// Event-queue notifications.
+    pub event_kicks: u64,
+    /// Syncs (waits for request completion).
+    pub syncs: u64,
+    /// Syncs that returned a failed request.
+    pub sync_errors: u64,
+    /// Requests per kick, see [`BATCH_BUCKETS`].
+    pub batch_sizes: [u64; BATCH_BUCKETS],
+    /// DMA-layer flushes because a queue was full.
+    pub flushes_full: u64,
+    /// DMA-layer flushes because an entry timed out.
+    pub flushes_timeout: u64,
+    /// DMA-layer flushes asked for explicitly.
+    pub flushes_explicit: u64,
+    /// Fault records received.
+    pub faults: u64,
+    /// Fault records received with no handler registered.
+    pub faults_unhandled: u64,
+    /// Event buffers returned too short to hold a fault record.
+    pub bad_events: u64,
+}
+
+impl CounterSnapshot {
+    /// All requests.
+    pub fn requests(&self) -> u64 {
+        self.attach + self.detach + self.map + self.unmap + self.probe
+    }
+
+    /// The counts since `earlier`.
+    pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
+        CounterSnapshot {
+            attach: self.attach - earlier.attach,
+            detach: self.detach - earlier.detach,
+            map: self.map - earlier.map,
+            unmap: self.unmap - earlier.unmap,
+            probe: self.probe - earlier.probe,
+            kicks: self.kicks - earlier.kicks,
+            event_kicks: self.event_kicks - earlier.event_kicks,
+            syncs: self.syncs - earlier.syncs,
+            sync_errors: self.sync_errors - earlier.sync_errors,
+            batch_sizes: core::array::from_fn(|i| self.batch_sizes[i] - earlier.batch_sizes[i]),
+            flushes_full: self.flushes_full - earlier.flushes_full,
+            flushes_timeout: self.flushes_timeout - earlier.flushes_timeout,
+            flushes_explicit: self.flushes_explicit - earlier.flushes_explicit,
+            faults: self.faults - earlier.faults,
+            faults_unhandled: self.faults_unhandled - earlier.faults_unhandled,
+            bad_events: self.bad_events - earlier.bad_events,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Request plumbing
+// ---------------------------------------------------------------------------
+
+/// Request buffers are 64-byte slots: head + body (at most 36 bytes) at 0,
+/// the device-writable tail at `TAIL_OFF`.
+const SLOT_SIZE: usize = 64;
+const TAIL_OFF: usize = 48;
+const TAIL_LEN: usize = 4;
+
+fn dma_write(region: &DmaRegion, off: usize, bytes: &[u8]) {
+    assert!(off + bytes.len() <= region.pages * PAGE_SIZE);
+    // SAFETY: in bounds (checked above) of a region the HAL keeps valid until
+    // we free it; the device reads it only after the ring publishes it.
+    unsafe {
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), region.vaddr.as_ptr().add(off), bytes.len())
+    }
+}
+
+fn dma_read(region: &DmaRegion, off: usize, out: &mut [u8]) {
+    assert!(off + out.len() <= region.pages * PAGE_SIZE);
+    // SAFETY: in bounds (checked above); the device finished writing before it
+    // returned the chain, and pop_used fenced after seeing it.
+    unsafe {
+        core::ptr::copy_nonoverlapping(region.vaddr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+    }
+}
+
+enum ReqBuf {
+    Slot(u16),
+    Own { region: DmaRegion, readable: usize, props: usize },
+}
+
+struct Inflight {
+    seq: u64,
+    request: RequestType,
+    buf: ReqBuf,
+}
+
+/// The device's answer to one request.
+pub(crate) struct Reply {
+    pub(crate) result: Result<()>,
+    pub(crate) props: Vec<u8>,
+}
+
+fn reply_result(request: RequestType, used_len: u32, status_byte: u8) -> Result<()> {
+    if (used_len as usize) < TAIL_LEN {
+        return Err(Error::NoResponse { request, used_len });
+    }
+    match Status::from_u8(status_byte) {
+        Some(Status::Ok) => Ok(()),
+        Some(status) => Err(Error::Device { request, status }),
+        None => Err(Error::BadStatus { request, value: status_byte }),
+    }
+}
+
+struct ReqQueue<H: Hal> {
+    hal: Arc<H>,
+    vq: SplitQueue<H>,
+    slots: DmaRegion,
+    free_slots: Vec<u16>,
+    inflight: Vec<Option<Inflight>>,
+    /// Replies by ticket, until their owner takes them.
+    done: BTreeMap<u64, Reply>,
+    next_seq: u64,
+    /// Requests made available but not yet covered by a notify.
+    unkicked: u64,
+}
+
+impl<H: Hal> ReqQueue<H> {
+    fn new(hal: Arc<H>, size: u16, event_idx: bool) -> Result<Self> {
+        let nslots = (size / 2).max(1);
+        let pages = (nslots as usize * SLOT_SIZE).div_ceil(PAGE_SIZE);
+        let slots = hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
+        let vq = match SplitQueue::new(hal.clone(), REQUEST_QUEUE, size, event_idx) {
+            Ok(vq) => vq,
+            Err(e) => {
+                // SAFETY: just allocated, never shown to the device.
+                unsafe { hal.dma_dealloc(slots) };
+                return Err(e.into());
+            }
+        };
+        let mut inflight = Vec::new();
+        inflight.resize_with(size as usize, || None);
+        Ok(Self {
+            hal,
+            vq,
+            slots,
+            free_slots: (0..nslots).rev().collect(),
+            inflight,
+            done: BTreeMap::new(),
+            next_seq: 0,
+            unkicked: 0,
+        })
+    }
+
+    /// Adds one request; `Ok(None)` when the ring or the slots are full.
+    fn try_add(&mut self, req: &Request, props: usize) -> Result<Option<u64>> {
+        let mut bytes = [0u8; 2 * SLOT_SIZE];
+        let len = req.encode(&mut bytes).map_err(|_| Error::InvalidArgument("request too big"))?;
+        let (buf, bufs) = if props == 0 && len <= TAIL_OFF {
+            let Some(&slot) = self.free_slots.last() else { return Ok(None) };
+            let off = slot as usize * SLOT_SIZE;
+            dma_write(&self.slots, off, &bytes[..len]);
+            dma_write(&self.slots, off + TAIL_OFF, &[0; TAIL_LEN]);
+            let bus = self.slots.bus_addr + off as u64;
+            let bufs = [
+                Buffer::readable(bus, len as u32),
+                Buffer::writable(bus + TAIL_OFF as u64, TAIL_LEN as u32),
+            ];
+            (ReqBuf::Slot(slot), bufs)
+        } else {
+            // PROBE (or an oversized request): a buffer of its own.
+            let pages = (len + props + TAIL_LEN).div_ceil(PAGE_SIZE);
+            let region = self.hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
+            dma_write(&region, 0, &bytes[..len]);
+            let bufs = [
+                Buffer::readable(region.bus_addr, len as u32),
+                Buffer::writable(region.bus_addr + len as u64, (props + TAIL_LEN) as u32),
+            ];
+            (ReqBuf::Own { region, readable: len, props }, bufs)
+        };
+        match self.vq.add(&bufs) {
+            Ok(head) => {
+                if let ReqBuf::Slot(_) = buf {
+                    self.free_slots.pop();
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.inflight[head as usize] =
+                    Some(Inflight { seq, request: req.request_type(), buf });
+                Ok(Some(seq))
+            }
+            Err(QueueError::Full) => {
+                self.release(buf);
+                Ok(None)
+            }
+            Err(e) => {
+                self.release(buf);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn release(&mut self, buf: ReqBuf) {
+        match buf {
+            ReqBuf::Slot(s) => self.free_slots.push(s),
+            // SAFETY: the device has returned (or never saw) this buffer.
+            ReqBuf::Own { region, .. } => unsafe { self.hal.dma_dealloc(region) },
+        }
+    }
+
+    /// Pops every completion and records its reply under its ticket.
+    fn reap(&mut self) {
+        while let Some(used) = self.vq.pop_used() {
+            let Some(inf) = self.inflight[used.token as usize].take() else { continue };
+            let mut tail = [0u8; TAIL_LEN];
+            let mut props = Vec::new();
+            match &inf.buf {
+                ReqBuf::Slot(s) => {
+                    dma_read(&self.slots, *s as usize * SLOT_SIZE + TAIL_OFF, &mut tail);
+                }
+                ReqBuf::Own { region, readable, props: n } => {
+                    props.resize(*n, 0);
+                    dma_read(region, *readable, &mut props);
+                    dma_read(region, readable + n, &mut tail);
+                }
+            }
+            let result = reply_result(inf.request, used.len, tail[0]);
+            self.release(inf.buf);
+            self.done.insert(inf.seq, Reply { result, props });
+        }
+    }
+
+    /// Takes the replies of `seqs` if all are in.
+    fn take(&mut self, seqs: &[u64]) -> Option<Vec<Reply>> {
+        if !seqs.iter().all(|s| self.done.contains_key(s)) {
+            return None;
+        }
+        Some(seqs.iter().filter_map(|s| self.done.remove(s)).collect())
+    }
+}
+
+impl<H: Hal> Drop for ReqQueue<H> {
+    fn drop(&mut self) {
+        for inf in self.inflight.iter_mut().filter_map(Option::take) {
+            if let ReqBuf::Own { region, .. } = inf.buf {
+                // SAFETY: the device was reset before the queue is dropped.
+                unsafe { self.hal.dma_dealloc(region) };
+            }
+        }
+        // SAFETY: as above.
+        unsafe { self.hal.dma_dealloc(self.slots) };
+    }
+}
+
+/// What domains need from their IOMMU, without its type parameters.
+pub(crate) trait Port: Send + Sync {
+    /// Queues a request (PROBE with `props` bytes of properties) and returns
+    /// its ticket. Waits for ring space when the ring is full.
+    fn submit(&self, req: &Request, props: usize) -> Result<u64>;
+    /// One sync: kicks, then waits until every ticket has a reply.
+    fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>>;
+    /// The replies of `seqs` if all are in, without kicking or waiting.
+    fn try_take(&self, seqs: &[u64]) -> Option<Vec<Reply>>;
+    /// Notifies the device if requests are waiting for a notify.
+    fn kick(&self);
+    fn counters(&self) -> &Counters;
+    /// The last handle of domain `id` is gone: detach what is still attached
+    /// and free the ID.
+    fn domain_dropped(&self, id: u32, pending: Vec<u64>);
+}
+
+static NEXT_IOMMU_ID: AtomicU64 = AtomicU64::new(1);
+
+struct EventQueue<H: Hal> {
+    vq: SplitQueue<H>,
+    bufs: DmaRegion,
+    /// Event buffer index by head token.
+    buf_of: Vec<u16>,
+    hal: Arc<H>,
+}
+
+const EVENT_BUF: usize = 64;
+
+impl<H: Hal> EventQueue<H> {
+    fn post(&mut self, buf: u16) -> Result<()> {
+        let bus = self.bufs.bus_addr + (buf as usize * EVENT_BUF) as u64;
+        let head = self.vq.add(&[Buffer::writable(bus, EVENT_BUF as u32)])?;
+        self.buf_of[head as usize] = buf;
+        Ok(())
+    }
+}
+
+impl<H: Hal> Drop for EventQueue<H> {
+    fn drop(&mut self) {
+        // SAFETY: the device was reset before the queue is dropped.
+        unsafe { self.hal.dma_dealloc(self.bufs) };
+    }
+}
+
+#[derive(Default)]
+struct EndpointState {
+    /// Domain ID and domain, while attached.
+    domain: Option<(u32, Weak<DomainInner>)>,
+    /// Reserved regions once probed.
+    resv: Option<Vec<ResvRegion>>,
+    /// Regions given by the platform.
+    extra: Vec<ResvRegion>,
+}
+
+struct Shared<T: Transport, H: Hal> {
+    id: u64,
+    info: DeviceInfo,
+    opts: DriverOptions,
+    transport: Mutex<T>,
+    req: Mutex<ReqQueue<H>>,
+    events: Mutex<EventQueue<H>>,
+    fault_handler: Mutex<Option<FaultHandler>>,
+    domain_ids: Mutex<BTreeSet<u32>>,
+    endpoints: Mutex<BTreeMap<u32, EndpointState>>,
+    counters: Counters,
+}
+
+impl<T: Transport, H: Hal> Shared<T, H> {
+    fn notify(&self, queue: u16) {
+        self.transport.lock().notify(queue);
+    }
+
+    /// Decides on a notify for what was added since the last one, and counts it.
+    fn prepare_kick(&self, q: &mut ReqQueue<H>) -> bool {
+        q.unkicked += q.vq.pending() as u64;
+        let need = q.vq.kick_prepare();
+        if need {
+            self.counters.kick(q.unkicked);
+            q.unkicked = 0;
+        }
+        need
+    }
+
+    /// Waits a little for the device, without holding the request-queue lock.
+    fn wait_device(&self, spins: &mut u64) -> Result<()> {
+        *spins += 1;
+        if *spins > self.opts.spin_limit {
+            return Err(Error::Timeout);
+        }
+        match self.transport.try_lock() {
+            Some(mut t) => {
+                if *spins % 1024 == 0 && t.status() & status::DEVICE_NEEDS_RESET != 0 {
+                    return Err(Error::DeviceNeedsReset);
+                }
+                t.wait_for_used(REQUEST_QUEUE);
+            }
+            None => relax(),
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
+    fn submit(&self, req: &Request, props: usize) -> Result<u64> {
+        let mut spins = 0;
+        loop {
+            let need = {
+                let mut q = self.req.lock();
+                q.reap();
+                if let Some(seq) = q.try_add(req, props)? {
+                    bump(&self.counters.requests[req.request_type() as usize - 1]);
+                    return Ok(seq);
+                }
+                // Full ring: make sure the device sees what is there, then retry.
+                self.prepare_kick(&mut q)
+            };
+            if need {
+                self.notify(REQUEST_QUEUE);
+            }
+            self.wait_device(&mut spins)?;
+        }
+    }
+
+    fn kick(&self) {
+        let need = self.prepare_kick(&mut self.req.lock());
+        if need {
+            self.notify(REQUEST_QUEUE);
+        }
+    }
+
+    fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
+        bump(&self.counters.syncs);
+        self.kick();
+        let mut spins = 0;
+        loop {
+            if let Some(replies) = self.try_take(seqs) {
+                return Ok(replies);
+            }
+            self.wait_device(&mut spins)?;
+        }
+    }
+
+    fn try_take(&self, seqs: &[u64]) -> Option<Vec<Reply>> {
+        let mut q = self.req.lock();
+        q.reap();
+        q.take(seqs)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn domain_dropped(&self, id: u32, mut pending: Vec<u64>) {
+        {
+            let mut eps = self.endpoints.lock();
+            for (&ep, st) in eps.iter_mut() {
+                if matches!(st.domain, Some((d, _)) if d == id) {
+                    st.domain = None;
+                    if let Ok(seq) = self.submit(&detach_req(id, ep), 0) {
+                        pending.push(seq);
+                    }
+                }
+            }
+            // Best effort: the handle is gone, nobody can take an error.
+            if !pending.is_empty() && self.wait(&pending).is_err() {
+                self.counters.sync_error();
+            }
+        }
+        self.domain_ids.lock().remove(&id);
+    }
+}
+
+impl<T: Transport, H: Hal> Drop for Shared<T, H> {
+    fn drop(&mut self) {
+        // Reset the device before the rings and buffers are freed.
+        self.transport.lock().set_status(0);
+    }
+}
+
+fn attach_req(domain: u32, endpoint: u32, flags: u32) -> Request {
+    Request::Attach(AttachBody {
+        domain: U32::new(domain),
+        endpoint: U32::new(endpoint),
+        flags: U32::new(flags),
+        reserved: [0; 4],
+    })
+}
+
+fn detach_req(domain: u32, endpoint: u32) -> Request {
+    Request::Detach(DetachBody {
+        domain: U32::new(domain),
+        endpoint: U32::new(endpoint),
+        reserved: [0; 8],
+    })
+}
+
+fn map_req(domain: u32, m: &Mapping) -> Request {
+    Request::Map(MapBody {
+        domain: U32::new(domain),
+        virt_start: U64::new(m.iova),
+        virt_end: U64::new(m.last),
+        phys_start: U64::new(m.paddr),
+        flags: U32::new(m.prot.0),
+    })
+}
+
+fn unmap_req(domain: u32, start: u64, last: u64) -> Request {
+    Request::Unmap(UnmapBody {
+        domain: U32::new(domain),
+        virt_start: U64::new(start),
+        virt_end: U64::new(last),
+        reserved: [0; 4],
+    })
+}
+
+/// First error of a set of replies; counts a sync error when there is one.
+fn first_error(counters: &Counters, replies: &[Reply]) -> Result<()> {
+    match replies.iter().find_map(|r| r.result.clone().err()) {
+        Some(e) => {
+            counters.sync_error();
+            Err(e)
+        }
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Device initialisation
+// ---------------------------------------------------------------------------
+
+/// The virtio-iommu driver. Share it with `Arc<VirtioIommu<..>>`: every
+/// method takes `&self`.
+pub struct VirtioIommu<T: Transport, H: Hal> {
+    shared: Arc<Shared<T, H>>,
+}
+
+fn pow2_floor(v: u16) -> u16 {
+    if v == 0 {
+        0
+    } else {
+        1 << (15 - v.leading_zeros())
+    }
+}
+
+fn read_config<T: Transport>(t: &mut T) -> Config {
+    loop {
+        let gen = t.config_generation();
+        let mut cfg = Config::default();
+        t.read_config(0, zerocopy::IntoBytes::as_mut_bytes(&mut cfg));
+        if t.config_generation() == gen {
+            return cfg;
+        }
+    }
+}
+
+impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
+    /// Resets the device, negotiates features (VERSION_1 and MAP_UNMAP are
+    /// required), reads the config, writes `bypass`, sets up both queues and
+    /// fills the event queue.
+    pub fn new(mut transport: T, hal: H, opts: DriverOptions) -> Result<Self> {
+        match Self::init(&mut transport, &opts) {
+            Ok(info) => Self::with_queues(transport, Arc::new(hal), opts, info),
+            Err(e) => {
+                transport.set_status(status::FAILED);
+                Err(e)
+            }
+        }
+    }
+
+    fn init(t: &mut T, opts: &DriverOptions) -> Result<DeviceInfo> {
+        t.set_status(0);
+        let mut spins = 0u64;
+        while t.status() != 0 {
+            spins += 1;
+            if spins > opts.spin_limit {
+                return Err(Error::Timeout);
+            }
+            relax();
+        }
+        t.set_status(status::ACKNOWLEDGE);
+        t.set_status(status::ACKNOWLEDGE | status::DRIVER);
+        let offered = t.device_features();
+        for (bit, name) in [(f::VERSION_1, "VERSION_1"), (f::MAP_UNMAP, "MAP_UNMAP")] {
+            if offered & f::bit(bit) == 0 {
+                return Err(Error::MissingFeature(name));
+            }
+        }
+        let mut wanted = [
+            f::VERSION_1,
+            f::MAP_UNMAP,
+            f::INPUT_RANGE,
+            f::DOMAIN_RANGE,
+            f::PROBE,
+            f::MMIO,
+            f::BYPASS_CONFIG,
+            f::ACCESS_PLATFORM,
+        ]
+        .iter()
+        .fold(0, |acc, &b| acc | f::bit(b));
+        if opts.event_idx {
+            wanted |= f::bit(f::RING_EVENT_IDX);
+        }
+        let features = offered & wanted;
+        t.set_driver_features(features);
+        let st = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        t.set_status(st);
+        if t.status() & status::FEATURES_OK == 0 {
+            return Err(Error::FeaturesRejected);
+        }
+        let cfg = read_config(t);
+        let has = |b| features & f::bit(b) != 0;
+        let page_size_mask = cfg.page_size_mask.get();
+        if page_size_mask == 0 {
+            return Err(Error::BadConfig("page_size_mask is 0"));
+        }
+        let input_range = if has(f::INPUT_RANGE) {
+            (cfg.input_start.get(), cfg.input_end.get())
+        } else {
+            (0, u64::MAX)
+        };
+        let domain_range = if has(f::DOMAIN_RANGE) {
+            (cfg.domain_start.get(), cfg.domain_end.get())
+        } else {
+            (0, u32::MAX)
+        };
+        if input_range.0 > input_range.1 {
+            return Err(Error::BadConfig("empty input_range"));
+        }
+        if domain_range.0 > domain_range.1 {
+            return Err(Error::BadConfig("empty domain_range"));
+        }
+        let probe_size = if has(f::PROBE) { cfg.probe_size.get() } else { 0 };
+        if probe_size > opts.max_probe_size {
+            return Err(Error::BadConfig("probe_size too large"));
+        }
+        if has(f::BYPASS_CONFIG) {
+            t.write_config(Config::BYPASS_OFFSET, &[opts.bypass as u8]);
+        }
+        let rq = pow2_floor(t.max_queue_size(REQUEST_QUEUE).min(opts.request_queue_size));
+        if rq < 2 {
+            return Err(Error::NoQueue(REQUEST_QUEUE));
+        }
+        let eq = pow2_floor(t.max_queue_size(EVENT_QUEUE).min(opts.event_buffers));
+        if eq == 0 {
+            return Err(Error::NoQueue(EVENT_QUEUE));
+        }
+        Ok(DeviceInfo {
+            features,
+            page_size_mask,
+            input_range,
+            domain_range,
+            probe_size,
+            queue_sizes: (rq, eq),
+        })
+    }
+
+    fn with_queues(mut t: T, hal: Arc<H>, opts: DriverOptions, info: DeviceInfo) -> Result<Self> {
+        let event_idx = info.has(f::RING_EVENT_IDX);
+        let built = (|| {
+            let req = ReqQueue::new(hal.clone(), info.queue_sizes.0, event_idx)?;
+            let n = info.queue_sizes.1;
+            let vq = SplitQueue::new(hal.clone(), EVENT_QUEUE, n, event_idx)?;
+            let bufs = hal
+                .dma_alloc((n as usize * EVENT_BUF).div_ceil(PAGE_SIZE))
+                .ok_or(Error::NoMemory)?;
+            let mut ev = EventQueue { vq, bufs, buf_of: vec![0; n as usize], hal: hal.clone() };
+            for b in 0..n {
+                ev.post(b)?;
+            }
+            Ok::<_, Error>((req, ev))
+        })();
+        let (req, mut ev) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                t.set_status(status::FAILED);
+                return Err(e);
+            }
+        };
+        req.vq.setup(&mut t);
+        ev.vq.setup(&mut t);
+        let st = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        t.set_status(st | status::DRIVER_OK);
+        ev.vq.kick(&mut t);
+        let shared = Shared {
+            id: NEXT_IOMMU_ID.fetch_add(1, Ordering::Relaxed),
+            info,
+            opts,
+            transport: Mutex::new(t),
+            req: Mutex::new(req),
+            events: Mutex::new(ev),
+            fault_handler: Mutex::new(None),
+            domain_ids: Mutex::new(BTreeSet::new()),
+            endpoints: Mutex::new(BTreeMap::new()),
+            counters: Counters::default(),
+        };
+        Ok(Self { shared: Arc::new(shared) })
+    }
+
+    /// Features and config in use.
+    pub fn info(&self) -> DeviceInfo {
+        self.shared.info
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// Runs `f` on the transport (e.g. to read its own statistics).
+    pub fn with_transport<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.shared.transport.lock())
+    }
+
+    // -----------------------------------------------------------------------
+    // Endpoints
+    // -----------------------------------------------------------------------
+
+    /// Adds a platform-provided region (e.g. a firmware [`ResvKind::Direct`]
+    /// region) to an endpoint's reserved regions.
+    pub fn add_reserved_region(&self, endpoint: u32, region: ResvRegion) {
+        let mut eps = self.shared.endpoints.lock();
+        let st = eps.entry(endpoint).or_default();
+        st.extra.push(region);
+        if let Some(r) = st.resv.as_mut() {
+            r.push(region);
+        }
+    }
+
+    /// PROBEs an endpoint (when PROBE is negotiated and probe_size > 0) and
+    /// returns its reserved regions, plus the software MSI window when the
+    /// device gave no MSI region, plus platform regions.
+    pub fn probe_endpoint(&self, endpoint: u32) -> Result<Vec<ResvRegion>> {
+        let s = &self.shared;
+        let mut regions = Vec::new();
+        if s.info.has(f::PROBE) && s.info.probe_size > 0 {
+            let req = Request::Probe(ProbeBody { endpoint: U32::new(endpoint), reserved: [0; 64] });
+            let seq = s.submit(&req, s.info.probe_size as usize)?;
+            let reply = s.wait(&[seq])?.pop().ok_or(Error::Timeout)?;
+            first_error(&s.counters, core::slice::from_ref(&reply))?;
+            for prop in PropertyIter::new(&reply.props) {
+                match prop.map_err(Error::Probe)? {
+                    Property::ResvMem(r) => regions.push(resv_region(&r)?),
+                    // Unknown property types carry nothing we must honour.
+                    Property::Unknown { .. } => {}
+                }
+            }
+        }
+        if let Some((start, end)) = s.opts.sw_msi {
+            if !regions.iter().any(|r| r.kind == ResvKind::Msi) {
+                regions.push(ResvRegion { start, end, kind: ResvKind::SwMsi });
+            }
+        }
+        let mut eps = s.endpoints.lock();
+        let st = eps.entry(endpoint).or_default();
+        regions.extend_from_slice(&st.extra);
+        st.resv = Some(regions.clone());
+        Ok(regions)
+    }
+
+    /// The endpoint's reserved regions, probing it the first time.
+    pub fn reserved_regions(&self, endpoint: u32) -> Result<Vec<ResvRegion>> {
+        let cached = self.shared.endpoints.lock().get(&endpoint).and_then(|s| s.resv.clone());
+        match cached {
+            Some(r) => Ok(r),
+            None => self.probe_endpoint(endpoint),
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Domains, attach and detach
+    // -----------------------------------------------------------------------
+
+    fn alloc_domain_id(&self) -> Result<u32> {
+        let (lo, hi) = self.shared.info.domain_range;
+        let mut ids = self.shared.domain_ids.lock();
+        let mut cand = lo;
+        for &used in ids.range(lo..) {
+            if used != cand {
+                break;
+            }
+            if cand == hi {
+                return Err(Error::NoDomainId);
+            }
+            cand += 1;
+        }
+        if cand > hi {
+            return Err(Error::NoDomainId);
+        }
+        ids.insert(cand);
+        Ok(cand)
+    }
+
+    fn new_domain(&self, kind: DomainKind) -> Result<Domain> {
+        let info = &self.shared.info;
+        let granule = info.granule();
+        if granule > self.shared.opts.guest_page_size {
+            return Err(Error::GranuleTooLarge { granule, page: self.shared.opts.guest_page_size });
+        }
+        let id = self.alloc_domain_id()?;
+        let port: Arc<dyn Port> = self.shared.clone();
+        Ok(Domain {
+            inner: Arc::new(DomainInner {
+                id,
+                kind,
+                granule,
+                aperture: info.input_range,
+                iommu_id: self.shared.id,
+                mmio: info.has(f::MMIO),
+                port,
+                state: Mutex::new(DomainState::default()),
+            }),
+        })
+    }
+
+    /// A paging domain for `endpoint`, finalised now: granule from
+    /// page_size_mask, aperture = input_range, a fresh domain ID (freed on
+    /// drop), and the endpoint's direct regions mapped 1:1 once.
+    pub fn alloc_paging(&self, endpoint: u32) -> Result<Domain> {
+        let resv = self.reserved_regions(endpoint)?;
+        let domain = self.new_domain(DomainKind::Paging)?;
+        let direct = merge_regions(
+            resv.iter().filter(|r| r.kind == ResvKind::Direct).map(|r| (r.start, r.end)),
+        );
+        let (lo, hi) = domain.aperture();
+        let g = domain.granule();
+        for (start, end) in direct {
+            if start < lo || end > hi {
+                return Err(Error::OutOfRange { start, end });
+            }
+            let (s, e) = (start & !(g - 1), end | (g - 1));
+            domain.inner.insert(Mapping {
+                iova: s,
+                last: e,
+                paddr: s,
+                prot: Prot::READ | Prot::WRITE,
+            })?;
+        }
+        Ok(domain)
+    }
+
+    /// An identity domain for `endpoint`: ATTACH with F_BYPASS under
+    /// BYPASS_CONFIG, otherwise 1:1 mappings of the aperture minus the
+    /// endpoint's reserved regions.
+    pub fn alloc_identity(&self, endpoint: u32) -> Result<Domain> {
+        if self.shared.info.has(f::BYPASS_CONFIG) {
+            return self.new_domain(DomainKind::Identity { bypass: true });
+        }
+        let resv = self.reserved_regions(endpoint)?;
+        let domain = self.new_domain(DomainKind::Identity { bypass: false })?;
+        let (lo, hi) = domain.aperture();
+        let g = domain.granule() as u128;
+        let holes = merge_regions(resv.iter().map(|r| (r.start, r.end)));
+        let (lo, hi) = (lo as u128, hi as u128);
+        let mut gaps = Vec::new();
+        let mut next = lo;
+        for (s, e) in holes {
+            let (s, e) = (s as u128, e as u128);
+            if s > next && next <= hi {
+                gaps.push((next, (s - 1).min(hi)));
+            }
+            next = next.max(e + 1);
+        }
+        if next <= hi {
+            gaps.push((next, hi));
+        }
+        for (s, e) in gaps {
+            let start = s.div_ceil(g) * g;
+            let end_excl = (e + 1) / g * g;
+            if end_excl > start {
+                let (iova, last) = (start as u64, (end_excl - 1) as u64);
+                domain.inner.insert(Mapping {
+                    iova,
+                    last,
+                    paddr: iova,
+                    prot: Prot::READ | Prot::WRITE,
+                })?;
+            }
+        }
+        Ok(domain)
+    }
+
+    /// A blocking domain: attached endpoints can do no DMA.
+    pub fn alloc_blocking(&self) -> Result<Domain> {
+        self.new_domain(DomainKind::Blocking)
+    }
+
+    /// Attaches `endpoint` to `domain`, detaching it from its current domain
+    /// first. The first attach of a domain replays every recorded mapping in
+    /// one batch with one sync; if any fails, the endpoint is detached again.
+    pub fn attach(&self, domain: &Domain, endpoint: u32) -> Result<()> {
+        let s = &self.shared;
+        if domain.inner.iommu_id != s.id {
+            return Err(Error::WrongIommu);
+        }
+        // Declared before the table guard, so dropped after it: the last
+        // handle of an old domain may run its Drop, which takes the table.
+        let mut old_domain = None;
+        let mut eps = s.endpoints.lock();
+        let entry = eps.entry(endpoint).or_default();
+        if let Some((old_id, old)) = entry.domain.clone() {
+            if old_id == domain.inner.id {
+                return Ok(());
+            }
+            old_domain = old.upgrade();
+            detach_locked(s, old_id, old_domain.as_deref(), endpoint)?;
+            entry.domain = None;
+        }
+        let d = &domain.inner;
+        let mut st = d.state.lock();
+        let bypass = matches!(d.kind, DomainKind::Identity { bypass: true });
+        let mut seqs =
+            vec![s.submit(
+                &attach_req(d.id, endpoint, if bypass { ATTACH_F_BYPASS } else { 0 }),
+                0,
+            )?];
+        if st.endpoints.is_empty() {
+            for m in st.tree.values() {
+                match s.submit(&map_req(d.id, m), 0) {
+                    Ok(seq) => seqs.push(seq),
+                    Err(e) => {
+                        let _ = s.wait(&seqs);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let replies = s.wait(&seqs)?;
+        first_error(&s.counters, &replies[..1])?;
+        if let Err(e) = first_error(&s.counters, &replies[1..]) {
+            // Undo the attach: the device forgets the domain and its mappings.
+            let seq = s.submit(&detach_req(d.id, endpoint), 0)?;
+            let _ = s.wait(&[seq])?;
+            return Err(e);
+        }
+        st.endpoints.insert(endpoint);
+        drop(st);
+        entry.domain = Some((d.id, Arc::downgrade(d)));
+        drop(eps);
+        drop(old_domain);
+        Ok(())
+    }
+
+    /// Detaches `endpoint` from its domain. After the last detach the device
+    /// forgets the domain; the driver keeps its mapping tree for a later attach.
+    pub fn detach(&self, endpoint: u32) -> Result<()> {
+        let s = &self.shared;
+        let dom;
+        let mut eps = s.endpoints.lock();
+        let entry = eps.get_mut(&endpoint).ok_or(Error::NotAttached(endpoint))?;
+        let (id, weak) = entry.domain.clone().ok_or(Error::NotAttached(endpoint))?;
+        dom = weak.upgrade();
+        detach_locked(s, id, dom.as_deref(), endpoint)?;
+        entry.domain = None;
+        drop(eps);
+        Ok(())
+    }
+
+    /// The domain ID `endpoint` is attached to.
+    pub fn attached_domain(&self, endpoint: u32) -> Option<u32> {
+        self.shared.endpoints.lock().get(&endpoint).and_then(|s| s.domain.as_ref().map(|d| d.0))
+    }
+
+    // -----------------------------------------------------------------------
+    // Faults
+    // -----------------------------------------------------------------------
+
+    /// Registers the handler that receives fault records from [`Self::poll_events`].
+    pub fn set_fault_handler(&self, handler: Option<FaultHandler>) {
+        *self.shared.fault_handler.lock() = handler;
+    }
+
+    /// Consumes the event queue: hands each fault record to the handler,
+    /// recycles the buffers and notifies the device. Returns the number of
+    /// records (also counted, handled or not).
+    pub fn poll_events(&self) -> Result<usize> {
+        let s = &self.shared;
+        let mut records = Vec::new();
+        let need = {
+            let mut ev = s.events.lock();
+            while let Some(used) = ev.vq.pop_used() {
+                let buf = ev.buf_of[used.token as usize];
+                let mut bytes = [0u8; EVENT_BUF];
+                dma_read(&ev.bufs, buf as usize * EVENT_BUF, &mut bytes);
+                match FaultEvent::read_from_prefix(&bytes) {
+                    Ok((e, _)) if used.len as usize >= size_of::<FaultEvent>() => {
+                        records.push(FaultRecord {
+                            reason: e.reason,
+                            flags: e.flags.get(),
+                            endpoint: e.endpoint.get(),
+                            address: (e.flags.get() & viommu_proto::fault::F_ADDRESS != 0)
+                                .then(|| e.address.get()),
+                        });
+                    }
+                    _ => bump(&s.counters.bad_events),
+                }
+                dma_write(&ev.bufs, buf as usize * EVENT_BUF, &[0; EVENT_BUF]);
+                ev.post(buf)?;
+            }
+            ev.vq.kick_prepare()
+        };
+        if need {
+            bump(&s.counters.event_kicks);
+            s.notify(EVENT_QUEUE);
+        }
+        let mut handler = s.fault_handler.lock();
+        for r in &records {
+            bump(&s.counters.faults);
+            match handler.as_mut() {
+                Some(h) => h(*r),
+                None => bump(&s.counters.faults_unhandled),
+            }
+        }
+        Ok(records.len())
+    }
+}
+
+impl<T: Transport, H: Hal> Clone for VirtioIommu<T, H> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+/// Sends DETACH and waits, under the domain's lock so no MAP slips behind it.
+fn detach_locked<T: Transport + 'static, H: Hal + 'static>(
+    s: &Shared<T, H>,
+    id: u32,
+    dom: Option<&DomainInner>,
+    endpoint: u32,
+) -> Result<()> {
+    let mut st = dom.map(|d| d.state.lock());
+    let seq = s.submit(&detach_req(id, endpoint), 0)?;
+    let replies = s.wait(&[seq])?;
+    first_error(&s.counters, &replies)?;
+    if let Some(st) = st.as_mut() {
+        st.endpoints.remove(&endpoint);
+    }
+    Ok(())
+}
+
+fn resv_region(r: &ResvMem) -> Result<ResvRegion> {
+    let (start, end) = (r.start.get(), r.end.get());
+    if start > end {
+        return Err(Error::BadConfig("reserved region ends before it starts"));
+    }
+    let kind = match r.subtype {
+        viommu_proto::probe::RESV_MEM_T_MSI => ResvKind::Msi,
+        // RESERVED, and unknown subtypes to be safe.
+        _ => ResvKind::Reserved,
+    };
+    Ok(ResvRegion { start, end, kind })
+}
+
+/// Sorts inclusive ranges and merges those that overlap or touch.
+pub(crate) fn merge_regions(it: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut v: Vec<_> = it.collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Domains and the IOMMU operations
+// ---------------------------------------------------------------------------
+
+enum PendingOp {
+    Map { seq: u64, iova: u64, last: u64 },
+    Unmap { seq: u64, removed: Vec<Mapping> },
+}
+
+impl PendingOp {
+    fn seq(&self) -> u64 {
+        match self {
+            Self::Map { seq, .. } | Self::Unmap { seq, .. } => *seq,
+        }
+    }
+}
+
+#[derive(Default)]
+struct DomainState {
+    endpoints: BTreeSet<u32>,
+    /// The mapping tree: non-overlapping intervals keyed by first IOVA.
+    tree: BTreeMap<u64, Mapping>,
+    /// Requests queued by `map_pages`/`unmap_pages` and not yet synced.
+    pending: Vec<PendingOp>,
+}
+
+impl DomainState {
+    /// Mappings that intersect `[start, last]`, in order.
+    fn intersecting(&self, start: u64, last: u64) -> impl Iterator<Item = &Mapping> {
+        let before =
+            self.tree.range(..start).next_back().map(|(_, m)| m).filter(|m| m.last >= start);
+        before.into_iter().chain(self.tree.range(start..=last).map(|(_, m)| m))
+    }
+
+    /// Removes the whole mappings inside `[start, last]`; refuses to split one.
+    fn remove_range(&mut self, start: u64, last: u64) -> Result<Vec<Mapping>> {
+        let hits: Vec<Mapping> = self.intersecting(start, last).copied().collect();
+        if let Some(m) = hits.iter().find(|m| m.iova < start || m.last > last) {
+            return Err(Error::WouldSplit { iova: m.iova });
+        }
+        for m in &hits {
+            self.tree.remove(&m.iova);
+        }
+        Ok(hits)
+    }
+}
+
+pub(crate) struct DomainInner {
+    id: u32,
+    kind: DomainKind,
+    granule: u64,
+    aperture: (u64, u64),
+    iommu_id: u64,
+    mmio: bool,
+    port: Arc<dyn Port>,
+    state: Mutex<DomainState>,
+}
+
+impl DomainInner {
+    fn check(&self, m: &Mapping, size: u64) -> Result<()> {
+        let g = self.granule - 1;
+        if size == 0 || m.iova & g != 0 || m.paddr & g != 0 || (m.last & g) != g {
+            return Err(Error::Unaligned { iova: m.iova, size });
+        }
+        if m.iova < self.aperture.0 || m.last > self.aperture.1 {
+            return Err(Error::OutOfRange { start: m.iova, end: m.last });
+        }
+        if m.prot.0 & !(MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO) != 0 {
+            return Err(Error::InvalidArgument("unknown prot bits"));
+        }
+        if m.prot.0 & MAP_F_MMIO != 0 && !self.mmio {
+            return Err(Error::Unsupported("MMIO"));
+        }
+        Ok(())
+    }
+
+    /// Records a mapping in the tree without sending anything.
+    fn insert(&self, m: Mapping) -> Result<()> {
+        let mut st = self.state.lock();
+        if let Some(o) = st.intersecting(m.iova, m.last).next() {
+            return Err(Error::Overlap { iova: o.iova });
+        }
+        st.tree.insert(m.iova, m);
+        Ok(())
+    }
+
+    fn attached(st: &DomainState, kind: DomainKind) -> bool {
+        !st.endpoints.is_empty() && !matches!(kind, DomainKind::Identity { bypass: true })
+    }
+
+    /// Waits for ops and rolls back failures in the tree; first error wins.
+    fn finish(&self, ops: Vec<PendingOp>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<u64> = ops.iter().map(PendingOp::seq).collect();
+        let replies = self.port.wait(&seqs)?;
+        let mut first = None;
+        let mut st = self.state.lock();
+        for (op, r) in ops.into_iter().zip(replies) {
+            let Err(e) = r.result else { continue };
+            first.get_or_insert(e);
+            match op {
+                PendingOp::Map { iova, last, .. } => {
+                    if st.tree.get(&iova).is_some_and(|m| m.last == last) {
+                        st.tree.remove(&iova);
+                    }
+                }
+                PendingOp::Unmap { removed, .. } => {
+                    for m in removed {
+                        if st.intersecting(m.iova, m.last).next().is_none() {
+                            st.tree.insert(m.iova, m);
+                        }
+                    }
+                }
+            }
+        }
+        match first {
+            Some(e) => {
+                self.port.counters().sync_error();
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DomainInner {
+    fn drop(&mut self) {
+        let mut st = self.state.lock();
+        let pending = st.pending.drain(..).map(|p| p.seq()).collect();
+        self.port.domain_dropped(self.id, pending);
+    }
+}
+
+/// A domain: an address space that endpoints attach to. Cheap to clone
+/// (shared handle); the domain ID is freed when the last handle goes.
+#[derive(Clone)]
+pub struct Domain {
+    inner: Arc<DomainInner>,
+}
+
+/// A queued request of a domain: `(seq, first IOVA, last IOVA)`.
+pub(crate) type Ticket = (u64, u64, u64);
+
+impl Domain {
+    /// The domain ID.
+    pub fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// What the domain translates.
+    pub fn kind(&self) -> DomainKind {
+        self.inner.kind
+    }
+
+    /// The smallest mapping size.
+    pub fn granule(&self) -> u64 {
+        self.inner.granule
+    }
+
+    /// Valid IOVAs `(first, last)`, inclusive.
+    pub fn aperture(&self) -> (u64, u64) {
+        self.inner.aperture
+    }
+
+    /// Attached endpoints.
+    pub fn endpoints(&self) -> Vec<u32> {
+        self.inner.state.lock().endpoints.iter().copied().collect()
+    }
+
+    /// A copy of the mapping tree, in IOVA order.
+    pub fn mappings(&self) -> Vec<Mapping> {
+        self.inner.state.lock().tree.values().copied().collect()
+    }
+
+    /// Records `[iova, iova+size)` → `paddr` and, when the domain is attached,
+    /// queues a MAP (no sync: see [`Self::iotlb_sync_map`]). If queueing
+    /// fails the tree entry is removed again.
+    pub fn map_pages(&self, iova: u64, paddr: u64, size: u64, prot: Prot) -> Result<()> {
+        let d = &self.inner;
+        if d.kind != DomainKind::Paging {
+            return Err(Error::NotPaging);
+        }
+        let last = iova.checked_add(size.wrapping_sub(1)).ok_or(Error::Unaligned { iova, size })?;
+        let m = Mapping { iova, last, paddr, prot };
+        d.check(&m, size)?;
+        let mut st = d.state.lock();
+        if let Some(o) = st.intersecting(iova, last).next() {
+            return Err(Error::Overlap { iova: o.iova });
+        }
+        st.tree.insert(iova, m);
+        if DomainInner::attached(&st, d.kind) {
+            match d.port.submit(&map_req(d.id, &m), 0) {
+                Ok(seq) => st.pending.push(PendingOp::Map { seq, iova, last }),
+                Err(e) => {
+                    st.tree.remove(&iova);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the mappings inside `[iova, iova+size)` and, when attached,
+    /// queues one UNMAP. Never splits a mapping ([`Error::WouldSplit`]).
+    /// Returns the bytes unmapped. Sync with [`Self::iotlb_sync`].
+    pub fn unmap_pages(&self, iova: u64, size: u64) -> Result<u64> {
+        let d = &self.inner;
+        if size == 0 {
+            return Ok(0);
+        }
+        let last = iova.saturating_add(size - 1);
+        let mut st = d.state.lock();
+        let removed = st.remove_range(iova, last)?;
+        let bytes = removed.iter().map(|m| m.last - m.iova + 1).sum();
+        if removed.is_empty() || !DomainInner::attached(&st, d.kind) {
+            return Ok(bytes);
+        }
+        match d.port.submit(&unmap_req(d.id, iova, last), 0) {
+            Ok(seq) => st.pending.push(PendingOp::Unmap { seq, removed }),
+            Err(e) => {
+                for m in removed {
+                    st.tree.insert(m.iova, m);
+                }
+                return Err(e);
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Syncs the MAPs queued for `[iova, iova+size)`, only if the domain is
+    /// attached and such requests are pending. A failed MAP is removed from
+    /// the tree and its status returned as a typed error.
+    pub fn iotlb_sync_map(&self, iova: u64, size: u64) -> Result<()> {
+        let last = iova.saturating_add(size.saturating_sub(1));
+        let ops = {
+            let mut st = self.inner.state.lock();
+            if st.endpoints.is_empty() || st.pending.is_empty() {
+                return Ok(());
+            }
+            let (mine, rest): (Vec<_>, Vec<_>) = st.pending.drain(..).partition(|op| {
+                matches!(op, PendingOp::Map { iova: s, last: e, .. } if *s <= last && *e >= iova)
+            });
+            st.pending = rest;
+            mine
+        };
+        self.inner.finish(ops)
+    }
+
+    /// Syncs every request queued for this domain (UNMAPs and MAPs). A
+    /// failed UNMAP puts its mappings back in the tree.
+    pub fn iotlb_sync(&self) -> Result<()> {
+        let ops = core::mem::take(&mut self.inner.state.lock().pending);
+        self.inner.finish(ops)
+    }
+
+    /// Flushes everything: the same as [`Self::iotlb_sync`], since a
+    /// virtio-iommu has no IOTLB of its own to invalidate beyond UNMAP.
+    pub fn flush_iotlb_all(&self) -> Result<()> {
+        self.iotlb_sync()
+    }
+
+    /// The physical address `iova` translates to, from the tree.
+    pub fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        let st = self.inner.state.lock();
+        let (_, m) = st.tree.range(..=iova).next_back()?;
+        (iova <= m.last).then(|| m.paddr + (iova - m.iova))
+    }
+
+    // --- crate-internal operations for the DMA layer ----------------------
+
+    pub(crate) fn port(&self) -> &dyn Port {
+        &*self.inner.port
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        self.inner.port.counters()
+    }
+
+    /// Records and queues several mappings under one lock. Validation is
+    /// all-or-nothing. Returns tickets `(seq, iova, last)` to sync with
+    /// [`Self::finish_maps`] (none when not attached).
+    pub(crate) fn map_many(&self, maps: &[Mapping]) -> Result<Vec<Ticket>> {
+        let d = &self.inner;
+        if d.kind != DomainKind::Paging {
+            return Err(Error::NotPaging);
+        }
+        for m in maps {
+            d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
+        }
+        let mut st = d.state.lock();
+        for m in maps {
+            if let Some(o) = st.intersecting(m.iova, m.last).next() {
+                return Err(Error::Overlap { iova: o.iova });
+            }
+        }
+        for m in maps {
+            st.tree.insert(m.iova, *m);
+        }
+        let mut tickets = Vec::new();
+        if !DomainInner::attached(&st, d.kind) {
+            return Ok(tickets);
+        }
+        for (i, m) in maps.iter().enumerate() {
+            match d.port.submit(&map_req(d.id, m), 0) {
+                Ok(seq) => tickets.push((seq, m.iova, m.last)),
+                Err(e) => {
+                    // Unqueued ones leave the tree; queued ones stay pending
+                    // for the domain's next sync, and the caller rolls back.
+                    for m in &maps[i..] {
+                        st.tree.remove(&m.iova);
+                    }
+                    st.pending.extend(tickets.iter().map(|&(seq, iova, last)| PendingOp::Map {
+                        seq,
+                        iova,
+                        last,
+                    }));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(tickets)
+    }
+
+    /// Syncs map tickets: one sync; failed MAPs leave the tree.
+    pub(crate) fn finish_maps(&self, tickets: &[Ticket]) -> Result<()> {
+        let ops =
+            tickets.iter().map(|&(seq, iova, last)| PendingOp::Map { seq, iova, last }).collect();
+        self.inner.finish(ops)
+    }
+
+    /// Removes whole mappings from the tree without sending UNMAP (the DMA
+    /// layer sends it at flush time). All ranges are checked first.
+    pub(crate) fn take_ranges(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        for &(s, e) in ranges {
+            let mut it = st.intersecting(s, e);
+            match it.next() {
+                None => return Err(Error::NotMapped { iova: s }),
+                Some(m) if m.iova < s => return Err(Error::WouldSplit { iova: m.iova }),
+                _ => {}
+            }
+            if let Some(m) = st.intersecting(s, e).last().filter(|m| m.last > e) {
+                return Err(Error::WouldSplit { iova: m.iova });
+            }
+        }
+        for &(s, e) in ranges {
+            st.remove_range(s, e)?;
+        }
+        Ok(())
+    }
+
+    /// Queues UNMAPs for freed ranges (sorted here). With `coalesce`, ranges
+    /// with no live mapping between them go out as one UNMAP. Nothing is
+    /// queued when the domain is not attached (the device has no mappings).
+    /// Returns `(seq, first, last)` per UNMAP.
+    pub(crate) fn queue_unmaps(
+        &self,
+        ranges: &[(u64, u64)],
+        coalesce: bool,
+    ) -> Result<Vec<Ticket>> {
+        let d = &self.inner;
+        let mut sorted = ranges.to_vec();
+        sorted.sort_unstable();
+        let mut st = d.state.lock();
+        if !DomainInner::attached(&st, d.kind) {
+            return Ok(Vec::new());
+        }
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+        for (s, e) in sorted {
+            if let Some(prev) = merged.last_mut() {
+                let gap_free = s <= prev.1.saturating_add(1)
+                    || st.intersecting(prev.1 + 1, s - 1).next().is_none();
+                if coalesce && gap_free {
+                    prev.1 = prev.1.max(e);
+                    continue;
+                }
+            }
+            merged.push((s, e));
+        }
+        let mut tickets = Vec::with_capacity(merged.len());
+        for (s, e) in merged {
+            match d.port.submit(&unmap_req(d.id, s, e), 0) {
+                Ok(seq) => tickets.push((seq, s, e)),
+                Err(err) => {
+                    st.pending.extend(
+                        tickets
+                            .iter()
+                            .map(|&(seq, ..)| PendingOp::Unmap { seq, removed: Vec::new() }),
+                    );
+                    return Err(err);
+                }
+            }
+        }
+        Ok(tickets)
+    }
+
+    /// Whether this domain is attached to at least one endpoint.
+    pub fn is_attached(&self) -> bool {
+        !self.inner.state.lock().endpoints.is_empty()
+    }
+}
+
+impl core::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Domain")
+            .field("id", &self.inner.id)
+            .field("kind", &self.inner.kind)
+            .finish()
+    }
+}

@@ -1,0 +1,489 @@
+//! A split virtqueue (virtio 1.2 §2.7), driver side, reusable by any virtio
+//! device driver.
+//!
+//! - Many [`SplitQueue::add`]s, then one [`SplitQueue::kick_prepare`] and one
+//!   notify: the batch costs one exit.
+//! - With EVENT_IDX the notify decision uses the wrap-safe [`need_event`].
+//! - Completions by polling ([`SplitQueue::pop_used`]) or by callback
+//!   ([`SplitQueue::set_callback`] + [`SplitQueue::process_used`]).
+//! - A full ring is reported as [`QueueError::Full`]; the owner kicks, reaps
+//!   completions and retries (the IOMMU driver does exactly that).
+//!
+//! The device is told *bus addresses* of the three ring parts. By default these
+//! are the physical addresses from [`Hal::dma_alloc`]; a driver behind an IOMMU
+//! maps [`SplitQueue::region`] and hands IOVAs with [`SplitQueue::set_bus_addrs`]
+//! (or [`SplitQueue::addrs_at`]) before calling `Transport::setup_queue`.
+//!
+//! ```
+//! # #[cfg(feature = "test-utils")] {
+//! use std::sync::Arc;
+//! use viommu_driver::fake::FakeMemory;
+//! use viommu_driver::queue::{Buffer, SplitQueue};
+//! let mem = FakeMemory::new(64);
+//! let mut q = SplitQueue::new(Arc::new(mem.hal()), 0, 8, false).unwrap();
+//! let head = q.add(&[Buffer::readable(0x1000, 16), Buffer::writable(0x2000, 4)]).unwrap();
+//! assert_eq!(q.num_free(), 6);
+//! assert!(q.kick_prepare()); // the device asked for nothing: notify
+//! assert!(q.pop_used().is_none()); // nothing completed yet
+//! # let _ = head; }
+//! ```
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{fence, Ordering};
+
+use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::transport::{QueueAddrs, Transport};
+
+/// Descriptor flag: the chain continues in `next`.
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the buffer is device-writable.
+pub const DESC_F_WRITE: u16 = 2;
+/// Avail-ring flag: the driver does not want interrupts.
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Used-ring flag: the device does not want notifications.
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// The largest queue size virtio allows for split rings.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// `vring_need_event`: should the driver notify, given the device's
+/// `avail_event`, the new avail index and the index at the previous notify?
+/// Wrap-safe: all arithmetic is modulo 2^16.
+///
+/// ```
+/// use viommu_driver::queue::need_event;
+/// assert!(need_event(5, 6, 5)); // the device waits for entry 5, we added it
+/// assert!(!need_event(9, 6, 5)); // it waits for a later one
+/// assert!(need_event(0xffff, 1, 0xfffe)); // across the wrap
+/// ```
+pub fn need_event(event_idx: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event_idx).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// One buffer of a descriptor chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    /// Bus address the device uses (physical address or IOVA).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// The device writes (true) or reads (false) it.
+    pub device_writable: bool,
+}
+
+impl Buffer {
+    /// A buffer the device reads.
+    pub const fn readable(addr: u64, len: u32) -> Self {
+        Self { addr, len, device_writable: false }
+    }
+    /// A buffer the device writes.
+    pub const fn writable(addr: u64, len: u32) -> Self {
+        Self { addr, len, device_writable: true }
+    }
+}
+
+/// A completed chain: the token [`SplitQueue::add`] returned and the number of
+/// bytes the device says it wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// The head descriptor index returned by `add`.
+    pub token: u16,
+    /// Bytes written by the device into the writable buffers.
+    pub len: u32,
+}
+
+/// Why an add or a setup failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// Not enough free descriptors: kick, reap completions, retry.
+    Full,
+    /// A chain needs at least one buffer.
+    Empty,
+    /// The chain is longer than the queue.
+    TooLong,
+    /// The size is 0, not a power of two, or above [`MAX_QUEUE_SIZE`].
+    BadSize(u16),
+    /// `Hal::dma_alloc` failed.
+    NoMemory,
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full => f.write_str("virtqueue full"),
+            Self::Empty => f.write_str("empty descriptor chain"),
+            Self::TooLong => f.write_str("descriptor chain longer than the queue"),
+            Self::BadSize(s) => write!(f, "bad queue size {s}"),
+            Self::NoMemory => f.write_str("out of DMA memory for the virtqueue"),
+        }
+    }
+}
+
+impl core::error::Error for QueueError {}
+
+/// Byte offsets of the three parts inside the queue's DMA region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLayout {
+    /// Descriptor table offset (always 0).
+    pub desc: usize,
+    /// Avail ring offset.
+    pub avail: usize,
+    /// Used ring offset (4-byte aligned).
+    pub used: usize,
+    /// Total bytes.
+    pub size: usize,
+}
+
+impl QueueLayout {
+    /// The layout for `size` entries.
+    pub const fn new(size: u16) -> Self {
+        let n = size as usize;
+        let avail = 16 * n;
+        let used = (avail + 6 + 2 * n + 3) & !3;
+        Self { desc: 0, avail, used, size: used + 6 + 8 * n }
+    }
+}
+
+/// Callback for completions, see [`SplitQueue::set_callback`].
+pub type UsedCallback = Box<dyn FnMut(Used) + Send>;
+
+/// A split virtqueue in DMA memory from `H`.
+pub struct SplitQueue<H: Hal> {
+    hal: Arc<H>,
+    region: DmaRegion,
+    layout: QueueLayout,
+    index: u16,
+    size: u16,
+    bus: QueueAddrs,
+    event_idx: bool,
+    free_head: u16,
+    num_free: u16,
+    /// Shadow of each descriptor's `next`, so that freeing never trusts ring memory.
+    next: Vec<u16>,
+    /// Chain length per head; 0 when the head is not in flight.
+    chain_len: Vec<u16>,
+    avail_idx: u16,
+    kicked_idx: u16,
+    last_used: u16,
+    bad_used: u64,
+    callback: Option<UsedCallback>,
+}
+
+impl<H: Hal> SplitQueue<H> {
+    /// Allocates a queue of `size` entries (a power of two) for queue number
+    /// `index`. `event_idx` says whether VIRTIO_F_EVENT_IDX was negotiated.
+    /// The bus addresses start as the region's physical addresses.
+    pub fn new(hal: Arc<H>, index: u16, size: u16, event_idx: bool) -> Result<Self, QueueError> {
+        if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+            return Err(QueueError::BadSize(size));
+        }
+        let layout = QueueLayout::new(size);
+        let pages = layout.size.div_ceil(PAGE_SIZE);
+        let region = hal.dma_alloc(pages).ok_or(QueueError::NoMemory)?;
+        let next = (1..=size).map(|i| i % size).collect();
+        let mut q = Self {
+            hal,
+            region,
+            layout,
+            index,
+            size,
+            bus: QueueAddrs { desc: 0, avail: 0, used: 0 },
+            event_idx,
+            free_head: 0,
+            num_free: size,
+            next,
+            chain_len: vec![0; size as usize],
+            avail_idx: 0,
+            kicked_idx: 0,
+            last_used: 0,
+            bad_used: 0,
+            callback: None,
+        };
+        q.bus = q.addrs_at(region.bus_addr);
+        Ok(q)
+    }
+
+    /// The queue number given to `new`.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Number of entries.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The DMA region holding all three parts (to map it behind an IOMMU).
+    pub fn region(&self) -> DmaRegion {
+        self.region
+    }
+
+    /// Offsets of the parts inside [`Self::region`].
+    pub fn layout(&self) -> QueueLayout {
+        self.layout
+    }
+
+    /// The ring addresses if the region were at bus address `base`.
+    pub fn addrs_at(&self, base: u64) -> QueueAddrs {
+        QueueAddrs {
+            desc: base + self.layout.desc as u64,
+            avail: base + self.layout.avail as u64,
+            used: base + self.layout.used as u64,
+        }
+    }
+
+    /// The bus addresses to give `Transport::setup_queue`.
+    pub fn addrs(&self) -> QueueAddrs {
+        self.bus
+    }
+
+    /// Replaces the bus addresses the device will use, e.g. with IOVAs that map
+    /// [`Self::region`]. Call before `setup_queue`.
+    pub fn set_bus_addrs(&mut self, addrs: QueueAddrs) {
+        self.bus = addrs;
+    }
+
+    /// Tells the transport about this queue: size and bus addresses.
+    pub fn setup<T: Transport + ?Sized>(&self, transport: &mut T) {
+        transport.setup_queue(self.index, self.size, self.bus);
+    }
+
+    /// Free descriptors.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Used entries the device returned with an unknown head (a device bug);
+    /// they were skipped.
+    pub fn bad_used(&self) -> u64 {
+        self.bad_used
+    }
+
+    /// Asks the device not to interrupt (polling), or to interrupt again.
+    pub fn set_interrupts(&mut self, enabled: bool) {
+        let flags = if enabled { 0 } else { AVAIL_F_NO_INTERRUPT };
+        self.write_u16(self.layout.avail, flags);
+    }
+
+    /// Adds one chain and makes it available, without notifying.
+    /// Returns the token (head index) [`Self::pop_used`] will report.
+    pub fn add(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
+        let n = bufs.len();
+        if n == 0 {
+            return Err(QueueError::Empty);
+        }
+        if n > self.size as usize {
+            return Err(QueueError::TooLong);
+        }
+        if n > self.num_free as usize {
+            return Err(QueueError::Full);
+        }
+        let head = self.free_head;
+        let mut idx = head;
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == n;
+            let mut flags = if b.device_writable { DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= DESC_F_NEXT;
+            }
+            let next = self.next[idx as usize];
+            let off = self.layout.desc + 16 * idx as usize;
+            self.write_u64(off, b.addr);
+            self.write_u32(off + 8, b.len);
+            self.write_u16(off + 12, flags);
+            self.write_u16(off + 14, if last { 0 } else { next });
+            if !last {
+                idx = next;
+            } else {
+                self.free_head = next;
+            }
+        }
+        self.num_free -= n as u16;
+        self.chain_len[head as usize] = n as u16;
+        let slot = self.avail_idx % self.size;
+        self.write_u16(self.layout.avail + 4 + 2 * slot as usize, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        // The ring entry must be visible before the index that publishes it.
+        fence(Ordering::Release);
+        self.write_u16(self.layout.avail + 2, self.avail_idx);
+        Ok(head)
+    }
+
+    /// Chains added since the last `kick_prepare`.
+    pub fn pending(&self) -> u16 {
+        self.avail_idx.wrapping_sub(self.kicked_idx)
+    }
+
+    /// Decides whether the chains added since the last call need a notify,
+    /// and marks them as notified. Call once after a batch of adds; notify
+    /// (outside any lock, if you like) when it returns true.
+    pub fn kick_prepare(&mut self) -> bool {
+        // Our avail index must be visible before we read the device's state.
+        fence(Ordering::SeqCst);
+        let old = self.kicked_idx;
+        let new = self.avail_idx;
+        self.kicked_idx = new;
+        if old == new {
+            return false;
+        }
+        if self.event_idx {
+            let avail_event = self.read_u16(self.layout.used + 4 + 8 * self.size as usize);
+            need_event(avail_event, new, old)
+        } else {
+            self.read_u16(self.layout.used) & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// `kick_prepare` and notify in one call. Returns whether it notified.
+    pub fn kick<T: Transport + ?Sized>(&mut self, transport: &mut T) -> bool {
+        let need = self.kick_prepare();
+        if need {
+            transport.notify(self.index);
+        }
+        need
+    }
+
+    /// Whether the device has returned a chain we have not popped.
+    pub fn can_pop(&self) -> bool {
+        fence(Ordering::Acquire);
+        self.read_u16(self.layout.used + 2) != self.last_used
+    }
+
+    /// Pops one completed chain, freeing its descriptors.
+    pub fn pop_used(&mut self) -> Option<Used> {
+        loop {
+            let used_idx = self.read_u16(self.layout.used + 2);
+            if used_idx == self.last_used {
+                return None;
+            }
+            // Read the entry only after seeing the index that published it.
+            fence(Ordering::Acquire);
+            let slot = (self.last_used % self.size) as usize;
+            let id = self.read_u32(self.layout.used + 4 + 8 * slot);
+            let len = self.read_u32(self.layout.used + 8 + 8 * slot);
+            self.last_used = self.last_used.wrapping_add(1);
+            if self.event_idx {
+                // used_event: interrupt us when the device passes this index.
+                self.write_u16(self.layout.avail + 4 + 2 * self.size as usize, self.last_used);
+            }
+            let Some(token) = u16::try_from(id).ok().filter(|&t| t < self.size) else {
+                self.bad_used += 1;
+                continue;
+            };
+            let n = self.chain_len[token as usize];
+            if n == 0 {
+                self.bad_used += 1;
+                continue;
+            }
+            self.free_chain(token, n);
+            return Some(Used { token, len });
+        }
+    }
+
+    fn free_chain(&mut self, head: u16, n: u16) {
+        self.chain_len[head as usize] = 0;
+        let mut last = head;
+        for _ in 1..n {
+            last = self.next[last as usize];
+        }
+        self.next[last as usize] = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+    }
+
+    /// Sets the completion callback used by [`Self::process_used`].
+    pub fn set_callback(&mut self, callback: Option<UsedCallback>) {
+        self.callback = callback;
+    }
+
+    /// Pops every completed chain and hands it to the callback (e.g. from an
+    /// interrupt handler). Returns how many were popped; without a callback
+    /// nothing is popped.
+    pub fn process_used(&mut self) -> usize {
+        let Some(mut cb) = self.callback.take() else { return 0 };
+        let mut n = 0;
+        while let Some(u) = self.pop_used() {
+            cb(u);
+            n += 1;
+        }
+        self.callback = Some(cb);
+        n
+    }
+
+    fn ptr(&self, off: usize) -> *mut u8 {
+        debug_assert!(off < self.region.pages * PAGE_SIZE);
+        // SAFETY: every offset we use lies inside the layout, which fits in
+        // the region (checked at allocation), so the pointer stays in bounds.
+        unsafe { self.region.vaddr.as_ptr().add(off) }
+    }
+
+    fn write_u16(&self, off: usize, v: u16) {
+        // SAFETY: in bounds (see `ptr`), 2-aligned by the ring layout, and the
+        // region stays valid while we own it (Hal contract).
+        unsafe { self.ptr(off).cast::<u16>().write_volatile(v.to_le()) }
+    }
+
+    fn write_u32(&self, off: usize, v: u32) {
+        // SAFETY: as in write_u16, 4-aligned by the layout.
+        unsafe { self.ptr(off).cast::<u32>().write_volatile(v.to_le()) }
+    }
+
+    fn write_u64(&self, off: usize, v: u64) {
+        // SAFETY: as in write_u16, 8-aligned (descriptors are 16 bytes).
+        unsafe { self.ptr(off).cast::<u64>().write_volatile(v.to_le()) }
+    }
+
+    fn read_u16(&self, off: usize) -> u16 {
+        // SAFETY: as in write_u16; the device may write concurrently, hence volatile.
+        u16::from_le(unsafe { self.ptr(off).cast::<u16>().read_volatile() })
+    }
+
+    fn read_u32(&self, off: usize) -> u32 {
+        // SAFETY: as in write_u32.
+        u32::from_le(unsafe { self.ptr(off).cast::<u32>().read_volatile() })
+    }
+}
+
+impl<H: Hal> Drop for SplitQueue<H> {
+    fn drop(&mut self) {
+        // SAFETY: the region came from this HAL and the queue is going away;
+        // the owner resets the device before dropping its queues.
+        unsafe { self.hal.dma_dealloc(self.region) }
+    }
+}
+
+impl<H: Hal> fmt::Debug for SplitQueue<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SplitQueue")
+            .field("index", &self.index)
+            .field("size", &self.size)
+            .field("num_free", &self.num_free)
+            .field("avail_idx", &self.avail_idx)
+            .field("last_used", &self.last_used)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn need_event_is_wrap_safe() {
+        // Exhaustive over a window around the wrap: notify iff event in [old, new).
+        for old in [0u16, 100, 0xfff0, 0xffff] {
+            for added in 0u16..40 {
+                let new = old.wrapping_add(added);
+                for d in 0u16..50 {
+                    let event = old.wrapping_add(d).wrapping_sub(5);
+                    let in_window = event.wrapping_sub(old) < added;
+                    assert_eq!(need_event(event, new, old), in_window, "{event} {new} {old}");
+                }
+            }
+        }
+    }
+}
