@@ -728,7 +728,12 @@ impl Device {
         else {
             return false;
         };
-        self.queues[1].last_avail = q.last_avail.wrapping_add(1);
+        let last = q.last_avail.wrapping_add(1);
+        self.queues[1].last_avail = last;
+        if self.has(f::RING_EVENT_IDX) {
+            // Ask to be notified once the driver posts past what we consumed.
+            self.mem.write_u16(addrs.used + 4 + 8 * q.size as u64, last);
+        }
         let Some((_, writable)) = self.read_chain(&q, head) else { return false };
         let Some(&(addr, len)) = writable.first() else { return false };
         let n = event.len().min(len as usize);

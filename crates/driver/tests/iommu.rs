@@ -1,0 +1,361 @@
+//! The device driver against the fake device: init, probe, domains, attach,
+//! map/unmap, failures, faults, ring handling.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use viommu_driver::fake::{FakeConfig, FakeIommu, FakeMemory, InjectReply, Injection};
+use viommu_driver::queue::{Buffer, SplitQueue};
+use viommu_driver::{DomainKind, DriverOptions, Error, Prot, ResvKind, ResvRegion, VirtioIommu};
+use viommu_proto::{fault, features as f, probe, FaultEvent, RequestType, ResvMem, Status};
+
+const RW: Prot = Prot(3);
+
+#[test]
+fn init_requires_version_1_and_map_unmap() {
+    for (bit, name) in [(f::VERSION_1, "VERSION_1"), (f::MAP_UNMAP, "MAP_UNMAP")] {
+        let mut cfg = FakeConfig::default();
+        cfg.features &= !f::bit(bit);
+        let fake = FakeIommu::new(cfg);
+        let r = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default());
+        assert_eq!(r.err(), Some(Error::MissingFeature(name)));
+    }
+}
+
+#[test]
+fn init_takes_offered_features_writes_bypass_and_fills_event_queue() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let info = iommu.info();
+    for bit in [f::INPUT_RANGE, f::DOMAIN_RANGE, f::PROBE, f::MMIO, f::BYPASS_CONFIG, f::VERSION_1]
+    {
+        assert!(info.has(bit), "feature {bit}");
+    }
+    assert_eq!(info.input_range, (0, (1 << 48) - 1));
+    assert_eq!(info.domain_range, (1, 1023));
+    assert_eq!(fake.bypass(), 0, "unattached endpoints blocked");
+    // 16 event buffers are posted: 16 events fit, the 17th is dropped.
+    let ev = FaultEvent { reason: fault::R_DOMAIN, endpoint: 3.into(), ..Default::default() };
+    assert!((0..16).all(|_| fake.inject_fault(ev)));
+    assert!(!fake.inject_fault(ev));
+
+    let (fake, _iommu) =
+        setup_with(FakeConfig::default(), DriverOptions { bypass: true, ..Default::default() });
+    assert_eq!(fake.bypass(), 1);
+}
+
+#[test]
+fn probe_reports_regions_unknown_subtypes_as_reserved_and_adds_sw_msi() {
+    let mut cfg = FakeConfig::default();
+    let resv = |subtype, start: u64, end: u64| ResvMem {
+        subtype,
+        start: start.into(),
+        end: end.into(),
+        ..Default::default()
+    };
+    cfg.resv
+        .insert(1, vec![resv(probe::RESV_MEM_T_RESERVED, 0x1000, 0x1fff), resv(9, 0x5000, 0x5fff)]);
+    cfg.resv.insert(2, vec![resv(probe::RESV_MEM_T_MSI, 0xfee0_0000, 0xfeef_ffff)]);
+    let (_fake, iommu) = setup(cfg);
+    let r1 = iommu.probe_endpoint(1).unwrap();
+    assert_eq!(
+        r1,
+        vec![
+            ResvRegion { start: 0x1000, end: 0x1fff, kind: ResvKind::Reserved },
+            ResvRegion { start: 0x5000, end: 0x5fff, kind: ResvKind::Reserved },
+            ResvRegion { start: 0x0800_0000, end: 0x080f_ffff, kind: ResvKind::SwMsi },
+        ]
+    );
+    let r2 = iommu.probe_endpoint(2).unwrap();
+    assert_eq!(r2, vec![ResvRegion { start: 0xfee0_0000, end: 0xfeef_ffff, kind: ResvKind::Msi }]);
+    assert_eq!(iommu.counters().probe, 2);
+    // Unknown endpoint: typed NOENT.
+    assert_eq!(
+        iommu.probe_endpoint(99).unwrap_err(),
+        Error::Device { request: RequestType::Probe, status: Status::NoEnt }
+    );
+}
+
+#[test]
+fn paging_domain_granule_ids_and_wrong_iommu() {
+    let cfg = FakeConfig { page_size_mask: 1 << 16, ..Default::default() };
+    let (_f, iommu) = setup(cfg);
+    assert_eq!(
+        iommu.alloc_paging(1).unwrap_err(),
+        Error::GranuleTooLarge { granule: 0x10000, page: 0x1000 }
+    );
+
+    let cfg = FakeConfig { domain_range: (5, 6), ..Default::default() };
+    let (_f, iommu) = setup(cfg);
+    let a = iommu.alloc_paging(1).unwrap();
+    let b = iommu.alloc_blocking().unwrap();
+    assert_eq!((a.id(), b.id()), (5, 6));
+    assert_eq!(iommu.alloc_paging(1).unwrap_err(), Error::NoDomainId);
+    drop(a);
+    assert_eq!(iommu.alloc_paging(1).unwrap().id(), 5, "ID freed on drop");
+
+    let (_f2, other) = setup(FakeConfig::default());
+    let foreign = other.alloc_paging(1).unwrap();
+    assert_eq!(iommu.attach(&foreign, 1).unwrap_err(), Error::WrongIommu);
+}
+
+#[test]
+fn first_attach_replays_all_mappings_in_one_sync() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let d = iommu.alloc_paging(1).unwrap();
+    for i in 0..10u64 {
+        d.map_pages(0x10_0000 + i * 0x2000, 0x8000_0000 + i * 0x1000, 0x1000, RW).unwrap();
+    }
+    d.iotlb_sync_map(0, u64::MAX).unwrap();
+    let before = iommu.counters();
+    assert_eq!(before.map, 0, "unattached: tree only");
+    iommu.attach(&d, 1).unwrap();
+    let c = iommu.counters().since(&before);
+    assert_eq!((c.attach, c.map, c.kicks, c.syncs), (1, 10, 1, 1));
+    assert_eq!(c.batch_sizes[3], 1, "one kick carrying 11 requests");
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+
+    // A second endpoint joins: no replay.
+    let before = iommu.counters();
+    iommu.attach(&d, 2).unwrap();
+    assert_eq!(iommu.counters().since(&before).map, 0);
+
+    // After the last detach the device forgets the domain; the driver keeps its tree.
+    iommu.detach(1).unwrap();
+    iommu.detach(2).unwrap();
+    assert!(fake.domains().is_empty());
+    assert_eq!(d.mappings().len(), 10);
+    assert_eq!(iommu.detach(2).unwrap_err(), Error::NotAttached(2));
+    iommu.attach(&d, 3).unwrap();
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+}
+
+#[test]
+fn attach_moves_endpoint_between_domains() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let a = attached(&iommu, 1);
+    let b = iommu.alloc_paging(1).unwrap();
+    iommu.attach(&b, 1).unwrap();
+    assert_eq!(fake.endpoint_domain(1), Some(b.id()));
+    assert!(a.endpoints().is_empty());
+    assert_eq!(iommu.attached_domain(1), Some(b.id()));
+    // Dropping an attached domain detaches its endpoints.
+    drop(b);
+    assert_eq!(fake.endpoint_domain(1), None);
+    assert_eq!(iommu.attached_domain(1), None);
+}
+
+#[test]
+fn map_unmap_never_splits_and_syncs_only_when_needed() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let d = attached(&iommu, 1);
+    assert_eq!(
+        d.map_pages(0x1000, 0x2000, 0x1800, RW).unwrap_err(),
+        Error::Unaligned { iova: 0x1000, size: 0x1800 }
+    );
+    assert!(matches!(d.map_pages(1 << 48, 0, 0x1000, RW), Err(Error::OutOfRange { .. })));
+    d.map_pages(0x10000, 0x40000, 0x4000, RW).unwrap();
+    assert_eq!(
+        d.map_pages(0x12000, 0x0, 0x1000, RW).unwrap_err(),
+        Error::Overlap { iova: 0x10000 }
+    );
+    let before = iommu.counters();
+    d.iotlb_sync_map(0x10000, 0x4000).unwrap();
+    d.iotlb_sync_map(0x10000, 0x4000).unwrap(); // nothing pending: no sync
+    let c = iommu.counters().since(&before);
+    assert_eq!((c.kicks, c.syncs), (1, 1));
+    assert_eq!(d.iova_to_phys(0x13fff), Some(0x43fff));
+    assert_eq!(d.iova_to_phys(0x14000), None);
+    assert_eq!(d.unmap_pages(0x10000, 0x1000).unwrap_err(), Error::WouldSplit { iova: 0x10000 });
+    assert_eq!(d.unmap_pages(0x20000, 0x1000).unwrap(), 0);
+    assert_eq!(d.unmap_pages(0x0, 0x100000).unwrap(), 0x4000);
+    d.iotlb_sync().unwrap();
+    assert!(fake.mappings(d.id()).is_empty());
+    assert_eq!(iommu.counters().unmap, 1);
+    // MMIO was negotiated: allowed.
+    d.map_pages(0x30000, 0xfe00_0000, 0x1000, Prot::READ | Prot::MMIO).unwrap();
+    d.flush_iotlb_all().unwrap();
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+}
+
+#[test]
+fn failed_requests_give_typed_errors_and_roll_back() {
+    let replies = [
+        InjectReply::Status(Status::Range),
+        InjectReply::Status(Status::Inval),
+        InjectReply::Status(Status::NoMem),
+        InjectReply::Status(Status::IoErr),
+        InjectReply::UsedLenZero,
+    ];
+    for reply in replies {
+        let (fake, iommu) = setup(FakeConfig::default());
+        let d = attached(&iommu, 1);
+        let expect = |request| match reply {
+            InjectReply::Status(status) => Error::Device { request, status },
+            InjectReply::UsedLenZero => Error::NoResponse { request, used_len: 0 },
+        };
+        // MAP fails: the tree entry goes away.
+        fake.inject(Injection { request: Some(RequestType::Map), reply });
+        d.map_pages(0x10000, 0x40000, 0x1000, RW).unwrap();
+        assert_eq!(d.iotlb_sync_map(0x10000, 0x1000).unwrap_err(), expect(RequestType::Map));
+        assert!(d.mappings().is_empty());
+        // UNMAP fails: the mapping is back in the tree, as in the device.
+        d.map_pages(0x10000, 0x40000, 0x1000, RW).unwrap();
+        d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+        fake.inject(Injection { request: Some(RequestType::Unmap), reply });
+        d.unmap_pages(0x10000, 0x1000).unwrap();
+        assert_eq!(d.iotlb_sync().unwrap_err(), expect(RequestType::Unmap));
+        assert_eq!(fake.mappings(d.id()), tree(&d));
+        assert_eq!(d.mappings().len(), 1);
+        // ATTACH fails: nothing attached.
+        let e = iommu.alloc_paging(2).unwrap();
+        fake.inject(Injection { request: Some(RequestType::Attach), reply });
+        assert_eq!(iommu.attach(&e, 2).unwrap_err(), expect(RequestType::Attach));
+        assert!(e.endpoints().is_empty());
+        assert_eq!(iommu.attached_domain(2), None);
+        // A replayed MAP fails: the attach is undone.
+        e.map_pages(0x10000, 0x40000, 0x1000, RW).unwrap();
+        fake.inject(Injection { request: Some(RequestType::Map), reply });
+        assert_eq!(iommu.attach(&e, 2).unwrap_err(), expect(RequestType::Map));
+        assert_eq!(fake.endpoint_domain(2), None);
+        assert_eq!(iommu.counters().sync_errors, 4);
+    }
+}
+
+#[test]
+fn identity_domains_bypass_or_map_one_to_one() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let d = iommu.alloc_identity(1).unwrap();
+    assert_eq!(d.kind(), DomainKind::Identity { bypass: true });
+    iommu.attach(&d, 1).unwrap();
+    assert_eq!(iommu.counters().map, 0);
+    assert_eq!(fake.endpoint_domain(1), Some(d.id()));
+    assert_eq!(d.map_pages(0, 0, 0x1000, RW).unwrap_err(), Error::NotPaging);
+
+    let mut cfg = FakeConfig::default();
+    cfg.features &= !f::bit(f::BYPASS_CONFIG);
+    let (fake, iommu) = setup(cfg);
+    let d = iommu.alloc_identity(1).unwrap();
+    assert_eq!(d.kind(), DomainKind::Identity { bypass: false });
+    iommu.attach(&d, 1).unwrap();
+    // The aperture minus the software MSI window: two 1:1 mappings.
+    let m = fake.mappings(d.id());
+    assert_eq!(m, vec![(0, 0x07ff_ffff, 0, 3), (0x0810_0000, (1 << 48) - 1, 0x0810_0000, 3)]);
+}
+
+#[test]
+fn direct_regions_are_merged_checked_and_mapped_once() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let direct = |start, end| ResvRegion { start, end, kind: ResvKind::Direct };
+    iommu.add_reserved_region(1, direct(0x3000, 0x4fff));
+    iommu.add_reserved_region(1, direct(0x1000, 0x3fff));
+    let d = attached(&iommu, 1);
+    assert_eq!(fake.mappings(d.id()), vec![(0x1000, 0x4fff, 0x1000, 3)]);
+    iommu.add_reserved_region(2, direct(1 << 50, (1 << 50) + 0xfff));
+    assert!(matches!(iommu.alloc_paging(2), Err(Error::OutOfRange { .. })));
+}
+
+#[test]
+fn faults_reach_the_handler_and_buffers_are_recycled() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    iommu.set_fault_handler(Some(Box::new(move |r| s.lock().unwrap().push(r))));
+    let ev = |ep: u32| FaultEvent {
+        reason: fault::R_MAPPING,
+        flags: (fault::F_WRITE | fault::F_ADDRESS).into(),
+        endpoint: ep.into(),
+        address: 0xdead_0000u64.into(),
+        ..Default::default()
+    };
+    for round in 0..3u32 {
+        for i in 0..16 {
+            assert!(fake.inject_fault(ev(round * 16 + i)));
+        }
+        assert_eq!(iommu.poll_events().unwrap(), 16);
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 48);
+    assert_eq!(seen[47].endpoint, 47);
+    assert_eq!(seen[0].address, Some(0xdead_0000));
+    assert_eq!(seen[0].reason, fault::R_MAPPING);
+    assert_eq!(iommu.counters().faults, 48);
+    assert_eq!(iommu.counters().event_kicks, 3);
+}
+
+#[test]
+fn full_ring_is_kicked_reaped_and_retried() {
+    let opts = DriverOptions { request_queue_size: 4, ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let d = attached(&iommu, 1);
+    let before = iommu.counters();
+    for i in 0..20u64 {
+        d.map_pages(i * 0x1000 + 0x10000, 0, 0x1000, RW).unwrap();
+    }
+    d.iotlb_sync_map(0, u64::MAX).unwrap();
+    let c = iommu.counters().since(&before);
+    // Two requests fit at a time: 9 kicks on a full ring, 1 by the sync.
+    assert_eq!((c.map, c.kicks, c.syncs), (20, 10, 1));
+    assert_eq!(fake.mappings(d.id()).len(), 20);
+}
+
+#[test]
+fn deferred_device_completes_while_driver_waits() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let d = attached(&iommu, 1);
+    fake.set_deferred(true);
+    d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
+    d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+    assert_eq!(fake.mappings(d.id()).len(), 1);
+}
+
+#[test]
+fn event_idx_suppresses_notifies_the_device_does_not_need() {
+    let mem = FakeMemory::new(16);
+    let mut q = SplitQueue::new(Arc::new(mem.hal()), 0, 8, true).unwrap();
+    q.add(&[Buffer::readable(0x1000, 4)]).unwrap();
+    assert!(q.kick_prepare(), "avail_event 0 is in [0, 1)");
+    q.add(&[Buffer::readable(0x1000, 4)]).unwrap();
+    assert!(!q.kick_prepare(), "device has not consumed entry 0 yet");
+    // The device moves avail_event to 2: the next add needs a notify.
+    let used = q.addrs().used;
+    mem.write(used + 4 + 8 * 8, &2u16.to_le_bytes());
+    q.add(&[Buffer::readable(0x1000, 4)]).unwrap();
+    assert!(q.kick_prepare());
+}
+
+#[test]
+fn queue_recycles_descriptors_out_of_order_and_skips_bogus_used_ids() {
+    let mem = FakeMemory::new(16);
+    let mut q = SplitQueue::new(Arc::new(mem.hal()), 0, 4, false).unwrap();
+    let a = q.add(&[Buffer::readable(0x1000, 4), Buffer::writable(0x2000, 4)]).unwrap();
+    let b = q.add(&[Buffer::writable(0x3000, 8)]).unwrap();
+    assert_eq!(
+        q.add(&[Buffer::readable(0, 1), Buffer::readable(0, 1)]),
+        Err(viommu_driver::queue::QueueError::Full)
+    );
+    let used = q.addrs().used;
+    let entry = |id: u32, len: u32| [id.to_le_bytes(), len.to_le_bytes()].concat();
+    mem.write(used + 4, &entry(b as u32, 8));
+    mem.write(used + 12, &entry(77, 0)); // not a head: skipped
+    mem.write(used + 20, &entry(a as u32, 4));
+    mem.write(used + 2, &3u16.to_le_bytes());
+    let got: Vec<_> = std::iter::from_fn(|| q.pop_used()).map(|u| (u.token, u.len)).collect();
+    assert_eq!(got, vec![(b, 8), (a, 4)]);
+    assert_eq!(q.bad_used(), 1);
+    assert_eq!(q.num_free(), 4);
+    // Callback completion.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    q.set_callback(Some(Box::new(move |u| s.lock().unwrap().push(u.token))));
+    let c = q.add(&[Buffer::readable(0x1000, 4)]).unwrap();
+    mem.write(used + 4 + 8 * 3, &entry(c as u32, 0));
+    mem.write(used + 2, &4u16.to_le_bytes());
+    assert_eq!(q.process_used(), 1);
+    assert_eq!(*seen.lock().unwrap(), vec![c]);
+    // The caller may hand the device other bus addresses (e.g. IOVAs).
+    let iova = q.addrs_at(0xdead_0000);
+    q.set_bus_addrs(iova);
+    assert_eq!(q.addrs().desc, 0xdead_0000);
+}
