@@ -177,7 +177,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         if offset % SECTOR != 0 {
             return Err(Error::Device(format!("offset {offset:#x} is not sector aligned")));
         }
-        let slot = self.free_slots.pop().ok_or_else(|| Error::Device("all request slots busy".into()))?;
+        let slot =
+            self.free_slots.pop().ok_or_else(|| Error::Device("all request slots busy".into()))?;
         let hdr = self.slot_ptr(slot);
         let ty = match op {
             BlkOp::Read => T_IN,
@@ -195,7 +196,11 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         let iova = self.slots_iova + slot as u64 * SLOT as u64;
         let mut bufs = Vec::with_capacity(data.len() + 2);
         bufs.push(Buffer::readable(iova, 16));
-        bufs.extend(data.iter().map(|&(a, l)| Buffer { addr: a, len: l, device_writable: op == BlkOp::Read }));
+        bufs.extend(data.iter().map(|&(a, l)| Buffer {
+            addr: a,
+            len: l,
+            device_writable: op == BlkOp::Read,
+        }));
         bufs.push(Buffer::writable(iova + 16, 1));
         match self.queue.add(&bufs) {
             Ok(token) => {
@@ -216,11 +221,17 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         }
     }
 
+    /// Whether a completion is waiting to be polled.
+    pub fn has_used(&self) -> bool {
+        self.queue.can_pop()
+    }
+
     /// One completed request, if any.
     pub fn poll(&mut self) -> Option<Completion> {
         loop {
             let used = self.queue.pop_used()?;
-            let Some(slot) = self.slot_of.get_mut(used.token as usize).and_then(Option::take) else {
+            let Some(slot) = self.slot_of.get_mut(used.token as usize).and_then(Option::take)
+            else {
                 continue; // a token we never handed out: the queue counted it
             };
             // SAFETY: the device is done with the slot (it returned the chain).

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use viommu_driver::hal::{DmaRegion, Hal, PAGE_SIZE};
 
@@ -34,6 +34,10 @@ struct Chunk {
     pa: u64,
     used: [u64; PAGES_PER_CHUNK / 64],
 }
+
+// SAFETY: a chunk owns its mapping; the pointer is only used by whoever
+// holds the pool's mutex, on any thread.
+unsafe impl Send for Chunk {}
 
 impl Chunk {
     fn new(pagemap: &File) -> Result<Self, Error> {
@@ -117,6 +121,8 @@ struct Pool {
 /// [`Hal`] over hugetlb pages: bus address = guest-physical address.
 ///
 /// Allocations are at most 2 MiB (one hugetlb page) and never span two.
+/// Clones share one pool, so the IOMMU driver, the endpoint driver and the
+/// buffers can all draw from it.
 ///
 /// ```no_run
 /// use viommu_driver::Hal;
@@ -126,15 +132,10 @@ struct Pool {
 /// // SAFETY: nobody uses `r` any more.
 /// unsafe { hal.dma_dealloc(r) };
 /// ```
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct HugePageHal {
-    pool: Mutex<Pool>,
+    pool: Arc<Mutex<Pool>>,
 }
-
-// SAFETY: the raw pointers inside the pool are only touched under the mutex.
-unsafe impl Send for HugePageHal {}
-// SAFETY: as above.
-unsafe impl Sync for HugePageHal {}
 
 impl HugePageHal {
     /// A pool that grows on demand up to `max_huge_pages` 2 MiB pages.
@@ -145,7 +146,7 @@ impl HugePageHal {
         // Fail early, with a clear message, if hugetlb or pagemap do not work.
         let first = Chunk::new(&pool.pagemap)?;
         pool.chunks.push(first);
-        Ok(Self { pool: Mutex::new(pool) })
+        Ok(Self { pool: Arc::new(Mutex::new(pool)) })
     }
 
     /// Bytes currently handed out.

@@ -7,6 +7,7 @@
 //!   which implements the driver's `Hal`;
 //! - [`blk`]: a small virtio-blk endpoint driver whose every ring and buffer
 //!   address is an IOVA from the viommu DMA layer;
+//! - [`mapper`]: how the test workloads map their buffers (per policy);
 //! - [`pattern`]: the known disk contents the tests check against.
 //!
 //! Completion is by polling: nothing here takes interrupts. The guest test
@@ -15,6 +16,7 @@
 
 pub mod blk;
 pub mod hugepage;
+pub mod mapper;
 pub mod pattern;
 pub mod pci;
 pub mod virtio_pci;

@@ -177,6 +177,28 @@ pub struct TransportCounters {
     pub notifies: [Arc<AtomicU64>; 2],
 }
 
+/// Marks a moment in QEMU's trace: rewrites one device-config byte with
+/// the value it holds, which QEMU traces as a config write (for the
+/// virtio-iommu: `virtio_iommu_set_config`) and which changes nothing.
+/// Shares the write counter with its transport, so the count it returns is
+/// the ordinal of the traced event.
+#[derive(Clone, Debug)]
+pub struct ConfigMarker {
+    window: Window,
+    offset: usize,
+    writes: Arc<AtomicU64>,
+}
+
+impl ConfigMarker {
+    /// Makes the traced write; returns how many config writes the
+    /// transport has made so far, this one included.
+    pub fn mark(&self) -> u64 {
+        let v = self.window.r8(self.offset);
+        self.window.w8(self.offset, v);
+        self.writes.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
 /// A virtio-pci modern device driven from Linux userspace.
 ///
 /// ```no_run
@@ -258,6 +280,17 @@ impl PciTransport {
     /// Shared counters of traced accesses.
     pub fn counters(&self) -> TransportCounters {
         self.counters.clone()
+    }
+
+    /// A handle that makes config writes QEMU traces, to mark moments in
+    /// its trace; see [`ConfigMarker`]. `None` without a device config.
+    pub fn marker(&self, offset: usize) -> Option<ConfigMarker> {
+        let window = self.device.clone()?;
+        (offset < window.len).then(|| ConfigMarker {
+            window,
+            offset,
+            writes: self.counters.config_writes.clone(),
+        })
     }
 
     fn select_queue(&mut self, queue: u16) {

@@ -1,14 +1,46 @@
-//! The real-guest test program (see `scripts/real-guest`).
+//! The real-guest test program (see `scripts/real-guest` and docs/real-guest.md).
 //!
-//! - `viommu-guest gen-disk FILE`: writes the known pattern (host side);
-//! - `viommu-guest run`: the tests, inside the guest; options from /proc/cmdline.
+//! - `viommu-guest gen-disk FILE`: writes the known disk pattern (on the host);
+//! - `viommu-guest run`: the tests, inside the guest, options from
+//!   /proc/cmdline: `vg.policy=strict|lazy|lazy-single|lazy-batch|bypass`,
+//!   `vg.mib=N` (MiB per workload), `vg.neg=0|1` (negative tests).
+//!
+//! Output lines for the host script, all starting with `VG `:
+//! `PASS name`, `FAIL name: why`, `MARK name cfgw=K` (the K-th traced config
+//! write starts workload `name`), `PERF name k=v...` (the guest's counters).
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use viommu_driver::hal::{DmaRegion, Hal, PAGE_SIZE};
+use viommu_driver::{DriverOptions, FaultRecord, Prot, VirtioIommu};
+use viommu_guest::blk::{BlkOp, VirtioBlk, S_OK};
+use viommu_guest::hugepage::HugePageHal;
 use viommu_guest::pattern;
+use viommu_guest::virtio_pci::{ConfigMarker, PciTransport};
+use viommu_proto::{fault, Config};
 
+use viommu_guest::mapper::{DmaMapper, IdentityMapper, Mapper};
+
+const IOMMU_BDF: &str = "00:04.0";
+const BLK_BDF: &str = "00:05.0";
+/// Requester ID of 00:05.0.
+const BLK_ENDPOINT: u32 = 0x28;
 /// Size of the disk image: the read region, then the write region.
 const DISK_MIB: u64 = 128;
+const READ_BASE: u64 = 0;
+const WRITE_BASE: u64 = 64 << 20;
+/// IOVA for the read-only test: the DMA layer allocates top-down, far above.
+const NEG_RO_IOVA: u64 = 0x5000_0000;
+/// How long a request may take before we call it stuck (TCG is slow).
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a negative test waits for faults to arrive.
+const FAULT_WAIT: Duration = Duration::from_secs(2);
+
+type Iommu = VirtioIommu<PciTransport, HugePageHal>;
+type Blk = VirtioBlk<PciTransport, HugePageHal>;
 
 fn gen_disk(path: &str) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -20,6 +52,633 @@ fn gen_disk(path: &str) -> std::io::Result<()> {
     f.flush()
 }
 
+/// Options from the kernel command line.
+#[derive(Debug)]
+struct Opts {
+    policy: String,
+    mib: u64,
+    neg: bool,
+    sizes: Vec<usize>,
+    qds: Vec<usize>,
+}
+
+fn parse_size(s: &str) -> Option<usize> {
+    let (n, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    n.parse::<usize>().ok().map(|n| n * mult)
+}
+
+impl Opts {
+    fn from_cmdline(cmdline: &str) -> Result<Self, String> {
+        let mut o = Opts {
+            policy: "strict".into(),
+            mib: 4,
+            neg: true,
+            sizes: vec![4 << 10, 64 << 10, 1 << 20],
+            qds: vec![1, 32],
+        };
+        for kv in cmdline.split_whitespace() {
+            let Some((k, v)) = kv.split_once('=') else { continue };
+            match k {
+                "vg.policy" => o.policy = v.into(),
+                "vg.mib" => o.mib = v.parse().map_err(|_| format!("bad {kv}"))?,
+                "vg.neg" => o.neg = v == "1",
+                "vg.sizes" => {
+                    o.sizes = v
+                        .split(',')
+                        .map(parse_size)
+                        .collect::<Option<_>>()
+                        .ok_or(format!("bad {kv}"))?
+                }
+                "vg.qds" => {
+                    o.qds = v
+                        .split(',')
+                        .map(|q| q.parse().ok())
+                        .collect::<Option<_>>()
+                        .ok_or(format!("bad {kv}"))?
+                }
+                _ => {}
+            }
+        }
+        if o.mib == 0 || o.mib > 64 {
+            return Err(format!("vg.mib={} outside 1..=64", o.mib));
+        }
+        Ok(o)
+    }
+}
+
+/// PASS/FAIL bookkeeping.
+#[derive(Default)]
+struct Results {
+    passed: u32,
+    failed: u32,
+}
+
+impl Results {
+    fn record(&mut self, name: &str, r: Result<(), String>) -> bool {
+        match r {
+            Ok(()) => {
+                self.passed += 1;
+                println!("VG PASS {name}");
+                true
+            }
+            Err(e) => {
+                self.failed += 1;
+                println!("VG FAIL {name}: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// Fault records the driver handed to our handler.
+type FaultLog = Arc<Mutex<Vec<FaultRecord>>>;
+
+/// Everything a test needs.
+struct Rig {
+    hal: HugePageHal,
+    marker: ConfigMarker,
+    iommu: Option<Iommu>,
+    /// The blk endpoint's paging domain.
+    domain: Option<viommu_driver::Domain>,
+    faults: FaultLog,
+}
+
+impl Rig {
+    fn mark(&self, name: &str) {
+        let k = self.marker.mark();
+        println!("VG MARK {name} cfgw={k}");
+    }
+
+    fn poll_events(&self) {
+        if let Some(i) = &self.iommu {
+            if let Err(e) = i.poll_events() {
+                println!("VG INFO poll_events: {e}");
+            }
+        }
+    }
+
+    fn take_faults(&self) -> Vec<FaultRecord> {
+        std::mem::take(&mut *self.faults.lock().expect("fault log"))
+    }
+}
+
+/// The first `len` bytes of a buffer, read while no request uses it.
+fn bytes_of(r: &DmaRegion, len: usize) -> &[u8] {
+    assert!(len <= r.pages * PAGE_SIZE);
+    // SAFETY: the region is ours (from the HAL) and at least `len` bytes; the
+    // device touches it only while a request is in flight, and we read it
+    // only when none is.
+    unsafe { std::slice::from_raw_parts(r.vaddr.as_ptr(), len) }
+}
+
+/// Runs `f` on the first `len` bytes of a buffer no request uses.
+fn with_buf_mut<R>(r: &DmaRegion, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    assert!(len <= r.pages * PAGE_SIZE);
+    // SAFETY: as in `buf`; the slice does not outlive this call.
+    f(unsafe { std::slice::from_raw_parts_mut(r.vaddr.as_ptr(), len) })
+}
+
+/// One workload: `op` of `bytes` at `base`, `size` bytes per request, up to `qd` in flight.
+struct Workload {
+    name: String,
+    op: BlkOp,
+    size: usize,
+    qd: usize,
+    bytes: u64,
+    base: u64,
+    tag: u64,
+}
+
+struct Perf {
+    secs: f64,
+    ios: u64,
+    counts: viommu_driver::CounterSnapshot,
+    blk_kicks: u64,
+}
+
+/// Runs a workload; data is filled (writes) and checked (reads) outside
+/// the timed part.
+fn run_workload(
+    rig: &Rig,
+    blk: &mut Blk,
+    m: &mut dyn Mapper,
+    w: &Workload,
+) -> Result<Perf, String> {
+    let pages = w.size / PAGE_SIZE;
+    let mut bufs = Vec::with_capacity(w.qd);
+    for _ in 0..w.qd {
+        bufs.push(rig.hal.dma_alloc(pages).ok_or("out of hugetlb memory for buffers")?);
+    }
+    let result = run_workload_on(rig, blk, m, w, &bufs);
+    for b in bufs {
+        // SAFETY: no request is in flight (the run finished or the device is
+        // wedged, in which case the suite ends right after).
+        unsafe { rig.hal.dma_dealloc(b) };
+    }
+    result
+}
+
+fn run_workload_on(
+    rig: &Rig,
+    blk: &mut Blk,
+    m: &mut dyn Mapper,
+    w: &Workload,
+    bufs: &[DmaRegion],
+) -> Result<Perf, String> {
+    let n = w.bytes / w.size as u64;
+    let write = w.op == BlkOp::Write;
+    let mut free: Vec<usize> = (0..bufs.len()).rev().collect();
+    // By blk tag: buffer, IOVA, disk offset, round.
+    let mut inflight: HashMap<u16, (usize, u64, u64, u64)> = HashMap::new();
+    let (mut next, mut done) = (0u64, 0u64);
+    let mut untimed = Duration::ZERO;
+    let blk_kicks0 = blk.kicks();
+    rig.mark(&w.name);
+    let before = m.counts();
+    let t0 = Instant::now();
+    let mut round = Vec::with_capacity(w.qd);
+    while done < n {
+        // Completions first, then one round of new requests and one kick.
+        while let Some(c) = blk.poll() {
+            let (b, iova, off, r) = inflight.remove(&c.tag).ok_or("completion with unknown tag")?;
+            if c.status != S_OK {
+                return Err(format!("request at {off:#x} failed with status {}", c.status));
+            }
+            m.complete(r, iova, w.size, !write)?;
+            if !write {
+                let t = Instant::now();
+                pattern::check(bytes_of(&bufs[b], w.size), off, w.tag)
+                    .map_err(|at| format!("wrong data at disk offset {at:#x}"))?;
+                untimed += t.elapsed();
+            }
+            free.push(b);
+            done += 1;
+        }
+        round.clear();
+        while next + (round.len() as u64) < n {
+            let Some(b) = free.pop() else { break };
+            round.push(b);
+        }
+        if !round.is_empty() {
+            if write {
+                let t = Instant::now();
+                for (i, &b) in round.iter().enumerate() {
+                    let off = w.base + (next + i as u64) * w.size as u64;
+                    with_buf_mut(&bufs[b], w.size, |s| pattern::fill(s, off, w.tag));
+                }
+                untimed += t.elapsed();
+            }
+            let rb: Vec<_> = round.iter().map(|&b| (bufs[b].bus_addr, w.size, !write)).collect();
+            let (iovas, r) = m.map_round(&rb)?;
+            for (&b, iova) in round.iter().zip(iovas) {
+                let off = w.base + next * w.size as u64;
+                let tag =
+                    blk.submit(w.op, off, &[(iova, w.size as u32)]).map_err(|e| e.to_string())?;
+                inflight.insert(tag, (b, iova, off, r));
+                next += 1;
+            }
+            blk.kick();
+        }
+        if done < n {
+            // Wait for at least one completion before the next round.
+            let start = Instant::now();
+            while !blk.has_used() {
+                if start.elapsed() > IO_TIMEOUT {
+                    return Err(format!("no completion within {IO_TIMEOUT:?} ({done}/{n} done)"));
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+    m.flush()?;
+    let secs = (t0.elapsed().saturating_sub(untimed)).as_secs_f64();
+    let counts = m.counts().since(&before);
+    Ok(Perf { secs, ios: n, counts, blk_kicks: blk.kicks() - blk_kicks0 })
+}
+
+/// Reads `[base, base+bytes)` back with 1 MiB requests at QD32 and checks it against `tag`.
+fn verify_region(
+    rig: &Rig,
+    blk: &mut Blk,
+    m: &mut dyn Mapper,
+    base: u64,
+    bytes: u64,
+    tag: u64,
+) -> Result<(), String> {
+    let size = (1usize << 20).min(bytes as usize);
+    let w = Workload { name: "verify".into(), op: BlkOp::Read, size, qd: 32, bytes, base, tag };
+    run_workload(rig, blk, m, &w).map(|_| ())
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1 << 20 {
+        format!("{}m", size >> 20)
+    } else {
+        format!("{}k", size >> 10)
+    }
+}
+
+fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &mut Results) {
+    let bytes = o.mib << 20;
+    // A tag per boot and workload: data left by an earlier boot never passes.
+    let boot_tag = o
+        .policy
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut idx = 0u64;
+    for op in [BlkOp::Read, BlkOp::Write] {
+        for &size in &o.sizes {
+            for &qd in &o.qds {
+                idx += 1;
+                let opn = if op == BlkOp::Read { "read" } else { "write" };
+                let name = format!("{opn}-{}-qd{qd}", size_name(size));
+                let (base, tag) = match op {
+                    BlkOp::Read => (READ_BASE, pattern::DISK_TAG),
+                    BlkOp::Write => (WRITE_BASE, boot_tag ^ idx),
+                };
+                let w = Workload { name: name.clone(), op, size, qd, bytes, base, tag };
+                let r = run_workload(rig, blk, m, &w).and_then(|p| {
+                    let mib = bytes as f64 / (1 << 20) as f64;
+                    let c = p.counts;
+                    println!(
+                        "VG PERF {name} ios={} reqs={} bytes={bytes} secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
+                        p.ios, p.ios, p.secs, mib / p.secs.max(1e-9), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
+                    );
+                    if op == BlkOp::Write {
+                        rig.mark(&format!("verify-{name}"));
+                        verify_region(rig, blk, m, base, bytes, tag)?;
+                    }
+                    Ok(())
+                });
+                res.record(&format!("{}-{name}", o.policy), r);
+            }
+        }
+    }
+    rig.mark("end");
+}
+
+// ------------------------------------------------------------------ negative tests
+
+/// Waits for faults of `BLK_ENDPOINT`; also returns whether the request completed.
+fn collect_faults(
+    rig: &Rig,
+    blk: &mut Blk,
+    want_completion: bool,
+) -> (Vec<FaultRecord>, Option<u8>) {
+    let start = Instant::now();
+    let mut status = None;
+    let mut faults = Vec::new();
+    while start.elapsed() < FAULT_WAIT
+        || (want_completion && status.is_none() && start.elapsed() < IO_TIMEOUT)
+    {
+        rig.poll_events();
+        faults.extend(rig.take_faults());
+        if status.is_none() {
+            status = blk.poll().map(|c| c.status);
+        }
+        // Faults and completion both in: one more poll for stragglers, then stop.
+        if status.is_some() && !faults.is_empty() && start.elapsed() > Duration::from_millis(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    rig.poll_events();
+    faults.extend(rig.take_faults());
+    (faults, status)
+}
+
+fn describe(f: &[FaultRecord]) -> String {
+    let first = f.first().map(|r| format!("{r:?}")).unwrap_or_default();
+    format!("{} records, first {first}", f.len())
+}
+
+/// Checks that every fault of `BLK_ENDPOINT` in `faults` has reason
+/// MAPPING, the flags in `want`, and an address in `[iova, iova+len)`.
+fn check_mapping_faults(
+    faults: &[FaultRecord],
+    iova: u64,
+    len: u64,
+    want: u32,
+) -> Result<usize, String> {
+    let mine: Vec<_> = faults.iter().filter(|f| f.endpoint == BLK_ENDPOINT).collect();
+    if mine.is_empty() {
+        return Err(format!(
+            "no fault record for endpoint {BLK_ENDPOINT:#x} ({})",
+            describe(faults)
+        ));
+    }
+    for f in &mine {
+        let in_range = f.address.is_some_and(|a| (iova..iova + len).contains(&a));
+        if f.reason != fault::R_MAPPING || f.flags & want != want || !in_range {
+            return Err(format!("unexpected fault {f:?}"));
+        }
+    }
+    Ok(mine.len())
+}
+
+/// Device accesses through an IOVA nothing maps. The IOVA is chosen equal
+/// to the physical address of a buffer, so that a DMA which escaped
+/// translation would land in (or come from) that buffer.
+/// - blk READ (the device writes memory): faults MAPPING, the buffer
+///   keeps its poison;
+/// - blk WRITE (the device reads memory): faults MAPPING, and none of the
+///   buffer's data reaches the disk (QEMU writes zeros there).
+fn neg_unmapped(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper) -> Result<(), String> {
+    let domain = rig.domain.clone().ok_or("no domain")?;
+    let len = 4096u64;
+    let b = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    let r = (|| -> Result<(), String> {
+        let iova = b.bus_addr;
+        if domain.iova_to_phys(iova).is_some() {
+            return Err(format!("IOVA {iova:#x} is mapped: pick another"));
+        }
+        // Device writes memory.
+        rig.take_faults();
+        with_buf_mut(&b, len as usize, |s| s.fill(0xa5));
+        blk.submit(BlkOp::Read, READ_BASE, &[(iova, len as u32)]).map_err(|e| e.to_string())?;
+        blk.kick();
+        let (faults, status) = collect_faults(rig, blk, true);
+        // QEMU reports a missing mapping with ADDRESS only, read or write.
+        let n = check_mapping_faults(&faults, iova, len, fault::F_ADDRESS)
+            .map_err(|e| format!("device write: {e}"))?;
+        if bytes_of(&b, len as usize).iter().any(|&x| x != 0xa5) {
+            return Err("device write through an unmapped IOVA reached memory".into());
+        }
+        println!("VG INFO unmapped, device write: {n} fault records, blk status {status:?}");
+        // Device reads memory.
+        let off = WRITE_BASE + (60 << 20);
+        let old = pattern::DISK_TAG ^ 0x0eee;
+        let secret = pattern::DISK_TAG ^ 0x5ec7;
+        write_region(rig, blk, m, off, len as usize, old)?;
+        with_buf_mut(&b, len as usize, |s| pattern::fill(s, off, secret));
+        rig.take_faults();
+        blk.submit(BlkOp::Write, off, &[(iova, len as u32)]).map_err(|e| e.to_string())?;
+        blk.kick();
+        let (faults, status) = collect_faults(rig, blk, true);
+        let n = check_mapping_faults(&faults, iova, len, fault::F_ADDRESS)
+            .map_err(|e| format!("device read: {e}"))?;
+        println!("VG INFO unmapped, device read: {n} fault records, blk status {status:?}");
+        read_region_into(rig, blk, m, off, &b)?;
+        let leaked = bytes_of(&b, len as usize).chunks_exact(8).enumerate().any(|(i, w)| {
+            u64::from_le_bytes(w.try_into().expect("8 bytes"))
+                == pattern::word(off + i as u64 * 8, secret)
+        });
+        if leaked {
+            return Err("data from memory behind an unmapped IOVA reached the disk".into());
+        }
+        Ok(())
+    })();
+    // SAFETY: the device never had a mapping of this buffer.
+    unsafe { rig.hal.dma_dealloc(b) };
+    r
+}
+
+/// Reads 4 KiB at `off` into `b` through a proper mapping.
+fn read_region_into(
+    rig: &Rig,
+    blk: &mut Blk,
+    m: &mut dyn Mapper,
+    off: u64,
+    b: &DmaRegion,
+) -> Result<(), String> {
+    let (iovas, round) = m.map_round(&[(b.bus_addr, 4096, true)])?;
+    blk.submit(BlkOp::Read, off, &[(iovas[0], 4096)]).map_err(|e| e.to_string())?;
+    blk.kick();
+    let (_, status) = collect_faults(rig, blk, true);
+    m.complete(round, iovas[0], 4096, true)?;
+    m.flush()?;
+    match status {
+        Some(S_OK) => Ok(()),
+        s => Err(format!("read-back status {s:?}")),
+    }
+}
+
+fn write_region(
+    rig: &Rig,
+    blk: &mut Blk,
+    m: &mut dyn Mapper,
+    off: u64,
+    len: usize,
+    tag: u64,
+) -> Result<(), String> {
+    let w = Workload {
+        name: "prep".into(),
+        op: BlkOp::Write,
+        size: len,
+        qd: 1,
+        bytes: len as u64,
+        base: off,
+        tag,
+    };
+    run_workload(rig, blk, m, &w).map(|_| ())
+}
+
+/// A blk READ into a buffer mapped read-only: faults MAPPING with WRITE,
+/// and the buffer keeps its poison.
+fn neg_read_only(rig: &Rig, blk: &mut Blk) -> Result<(), String> {
+    rig.take_faults();
+    let domain = rig.domain.clone().ok_or("no domain")?;
+    let buf = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    with_buf_mut(&buf, 4096, |s| s.fill(0xa5));
+    let len = 4096u64;
+    domain.map_pages(NEG_RO_IOVA, buf.bus_addr, len, Prot::READ).map_err(|e| e.to_string())?;
+    domain.iotlb_sync_map(NEG_RO_IOVA, len).map_err(|e| e.to_string())?;
+    let r = (|| -> Result<(), String> {
+        blk.submit(BlkOp::Read, READ_BASE, &[(NEG_RO_IOVA, len as u32)])
+            .map_err(|e| e.to_string())?;
+        blk.kick();
+        let (faults, status) = collect_faults(rig, blk, true);
+        let n = check_mapping_faults(&faults, NEG_RO_IOVA, len, fault::F_ADDRESS | fault::F_WRITE)?;
+        if bytes_of(&buf, 4096).iter().any(|&b| b != 0xa5) {
+            return Err("the device wrote through a read-only mapping".into());
+        }
+        println!("VG INFO read-only: {n} fault records, blk status {status:?}");
+        Ok(())
+    })();
+    let u = domain.unmap_pages(NEG_RO_IOVA, len).and_then(|_| domain.iotlb_sync());
+    // SAFETY: unmapped and no request in flight on it.
+    unsafe { rig.hal.dma_dealloc(buf) };
+    r?;
+    u.map_err(|e| e.to_string())
+}
+
+/// Detaches the endpoint (bypass is 0) and restarts virtio-blk with rings
+/// and buffer at IOVA = physical address, so that any DMA that escaped the
+/// IOMMU would work and move data. Nothing must complete, data must not
+/// move, and faults must arrive.
+fn neg_unattached(rig: &Rig, blk: Blk) -> Result<(), String> {
+    let iommu = rig.iommu.as_ref().ok_or("no iommu")?;
+    drop(blk); // resets the device
+    iommu.detach(BLK_ENDPOINT).map_err(|e| e.to_string())?;
+    rig.take_faults();
+    let t = PciTransport::open(BLK_BDF).map_err(|e| e.to_string())?;
+    let hal = Arc::new(rig.hal.clone());
+    let mut blk = VirtioBlk::new(t, hal, 64, |r| Ok(r.bus_addr)).map_err(|e| e.to_string())?;
+    let buf = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    with_buf_mut(&buf, 4096, |s| s.fill(0xa5));
+    blk.submit(BlkOp::Read, READ_BASE, &[(buf.bus_addr, 4096)]).map_err(|e| e.to_string())?;
+    blk.kick();
+    let (faults, status) = collect_faults(rig, &mut blk, false);
+    let moved = bytes_of(&buf, 4096).iter().any(|&b| b != 0xa5);
+    drop(blk);
+    // SAFETY: the device is reset and never saw a mapping of this buffer.
+    unsafe { rig.hal.dma_dealloc(buf) };
+    let mine: Vec<_> = faults.iter().filter(|f| f.endpoint == BLK_ENDPOINT).collect();
+    if status.is_some() {
+        return Err(format!(
+            "request completed (status {status:?}) though the endpoint is unattached"
+        ));
+    }
+    if moved {
+        return Err("data moved to an unattached endpoint's buffer".into());
+    }
+    if mine.is_empty() {
+        return Err(format!("no fault record ({})", describe(&faults)));
+    }
+    if let Some(f) =
+        mine.iter().find(|f| f.reason != fault::R_UNKNOWN && f.reason != fault::R_DOMAIN)
+    {
+        return Err(format!("unexpected fault reason {f:?}"));
+    }
+    println!("VG INFO unattached: {} fault records, first {:?}", mine.len(), mine[0]);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ main
+
+fn setup(o: &Opts, res: &mut Results) -> Result<(Rig, Blk, Box<dyn Mapper>), String> {
+    let hal = HugePageHal::new(60).map_err(|e| e.to_string())?;
+    let faults: FaultLog = Arc::default();
+    let t = PciTransport::open(IOMMU_BDF).map_err(|e| e.to_string())?;
+    let marker = t.marker(Config::BYPASS_OFFSET).ok_or("virtio-iommu has no device config")?;
+    if o.policy == "bypass" {
+        // No IOMMU driver: boot-bypass lets the endpoint reach memory directly.
+        drop(t);
+        let rig = Rig { hal: hal.clone(), marker, iommu: None, domain: None, faults };
+        let blk = VirtioBlk::new(
+            PciTransport::open(BLK_BDF).map_err(|e| e.to_string())?,
+            Arc::new(hal),
+            256,
+            |r| Ok(r.bus_addr),
+        )
+        .map_err(|e| e.to_string())?;
+        return Ok((rig, blk, Box::new(IdentityMapper)));
+    }
+    let opts = DriverOptions { event_buffers: 256, ..DriverOptions::default() };
+    let iommu = VirtioIommu::new(t, hal.clone(), opts).map_err(|e| e.to_string())?;
+    let log = faults.clone();
+    iommu.set_fault_handler(Some(Box::new(move |f| log.lock().expect("fault log").push(f))));
+    let info = iommu.info();
+    println!(
+        "VG INFO iommu features={:#x} page_size_mask={:#x} input_range={:x?} queues={:?}",
+        info.features, info.page_size_mask, info.input_range, info.queue_sizes
+    );
+    let resv = iommu.probe_endpoint(BLK_ENDPOINT).map_err(|e| e.to_string());
+    res.record(
+        "probe-msi-region",
+        resv.and_then(|r| {
+            r.iter()
+                .any(|r| {
+                    r.kind == viommu_driver::ResvKind::Msi
+                        && r.start == 0xfee0_0000
+                        && r.end == 0xfeef_ffff
+                })
+                .then_some(())
+                .ok_or(format!("no MSI region [0xfee00000, 0xfeefffff] in {r:?}"))
+        }),
+    );
+    let domain = iommu.alloc_paging(BLK_ENDPOINT).map_err(|e| e.to_string())?;
+    iommu.attach(&domain, BLK_ENDPOINT).map_err(|e| e.to_string())?;
+    let mut m = DmaMapper::new(&iommu, domain.clone(), BLK_ENDPOINT, &o.policy)?;
+    let rig = Rig { hal: hal.clone(), marker, iommu: Some(iommu), domain: Some(domain), faults };
+    let blk = VirtioBlk::new(
+        PciTransport::open(BLK_BDF).map_err(|e| e.to_string())?,
+        Arc::new(hal),
+        256,
+        |r| m.map_coherent(r.bus_addr, r.pages * PAGE_SIZE).map_err(viommu_guest::Error::Driver),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((rig, blk, Box::new(m)))
+}
+
+fn run() -> Results {
+    let mut res = Results::default();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let o = match Opts::from_cmdline(&cmdline) {
+        Ok(o) => o,
+        Err(e) => {
+            res.record("options", Err(e));
+            return res;
+        }
+    };
+    println!("VG INFO options {o:?}");
+    let (rig, mut blk, mut m) = match setup(&o, &mut res) {
+        Ok(v) => v,
+        Err(e) => {
+            res.record(&format!("{}-setup", o.policy), Err(e));
+            return res;
+        }
+    };
+    res.record(
+        "blk-capacity",
+        (blk.capacity() == DISK_MIB << 20)
+            .then_some(())
+            .ok_or(format!("capacity {} bytes", blk.capacity())),
+    );
+    run_workloads(&rig, &mut blk, m.as_mut(), &o, &mut res);
+    if o.neg && rig.iommu.is_some() {
+        res.record("neg-unmapped-iova", neg_unmapped(&rig, &mut blk, m.as_mut()));
+        res.record("neg-read-only-mapping", neg_read_only(&rig, &mut blk));
+        // Last: it leaves the endpoint detached.
+        res.record("neg-unattached-endpoint", neg_unattached(&rig, blk));
+    }
+    res
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -29,33 +688,14 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Some("run") => smoke(),
+        Some("run") => {
+            let res = run();
+            println!("VG DONE passed={} failed={}", res.passed, res.failed);
+            std::process::exit(if res.failed == 0 { 0 } else { 1 });
+        }
         _ => {
             eprintln!("usage: viommu-guest gen-disk FILE | run");
             std::process::exit(2);
         }
     }
-}
-
-fn smoke() {
-    use viommu_driver::Transport;
-    for bdf in ["00:04.0", "00:05.0"] {
-        let mut t = match viommu_guest::virtio_pci::PciTransport::open(bdf) {
-            Ok(t) => t,
-            Err(e) => {
-                println!("VG FAIL open-{bdf} {e}");
-                continue;
-            }
-        };
-        t.set_status(0);
-        let f = t.device_features();
-        let mut cfg = [0u8; 40];
-        t.read_config(0, &mut cfg);
-        println!("VG INFO {bdf} features={f:#x} queues={} q0max={} cfg={cfg:02x?}", t.num_queues(), t.max_queue_size(0));
-    }
-    let hal = viommu_guest::hugepage::HugePageHal::new(4).unwrap();
-    use viommu_driver::Hal;
-    let r = hal.dma_alloc(2).unwrap();
-    println!("VG INFO dma {:#x}", r.bus_addr);
-    println!("VG DONE");
 }
