@@ -259,9 +259,9 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
         Some(m) => DmaEngine::translated(ram.clone(), m.iommu(), BENCH_ENDPOINT),
     });
     let mut dmas: Vec<Box<dyn GuestDma + Send>> = Vec::with_capacity(spec.threads);
-    for cpu in 0..spec.threads {
+    for _ in 0..spec.threads {
         dmas.push(match &machine {
-            Some(m) => m.guest_dma(cpu)?,
+            Some(m) => m.guest_dma(),
             None => Box::new(DirectDma),
         });
     }
@@ -277,6 +277,7 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
             let (engine, net_errors) = (engine.clone(), net_errors.clone());
             let spec = *spec;
             handles.push(scope.spawn(move || -> Result<ThreadTally, BenchError> {
+                crate::machine::set_guest_cpu(t);
                 let mut tally = ThreadTally::default();
                 match spec.workload {
                     Workload::Block => {
@@ -311,19 +312,18 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         let deadline = Instant::now() + spec.duration;
                         while Instant::now() < deadline {
                             let t0 = Instant::now();
-                            let intact = guest.round(&mut *dma, &mut dev)?;
+                            guest.round(&mut *dma, &mut dev)?;
                             tally.lat.record(t0.elapsed());
-                            tally.errors += (NET_BATCH - intact) as u64;
                             tally.ios += NET_BATCH as u64;
                             tally.bytes += (NET_BATCH * spec.io_size) as u64;
                         }
                         tally.end = Some(Instant::now());
-                        guest.drain(&mut *dma);
+                        guest.drain(&mut *dma, &mut dev)?;
                         tally.errors += guest.rx_errors;
                     }
                 }
                 // Deferred UNMAPs go out now, so that every MAP's UNMAP is counted.
-                dma.flush();
+                dma.flush()?;
                 Ok(tally)
             }));
         }
@@ -335,6 +335,11 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
         Ok(start)
     })?;
     let end = tallies.iter().filter_map(|t| t.end).max().unwrap_or(start);
+    if std::env::var_os("VIOMMU_DEBUG").is_some() {
+        if let Some(m) = &machine {
+            eprintln!("{:?} {:?}", m.link().stats(), m.driver().counters());
+        }
+    }
     let mut lat = Histogram::default();
     tallies.iter().for_each(|t| lat.merge(&t.lat));
     let counts = match (&machine, before) {

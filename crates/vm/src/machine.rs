@@ -4,11 +4,14 @@
 use std::sync::Arc;
 
 use viommu_device::{DeviceConfig, EndpointConfig, Iommu, ResvRegion, VirtioIommu as Device};
+use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, DmaPlatform, Policy};
 use viommu_driver::{DriverOptions, VirtioIommu as Driver};
 use viommu_proto::{RequestType, EVENT_QUEUE};
 
 use crate::bench::Mode;
-use crate::endpoint::{DirectDma, GuestDma, MapError};
+use crate::endpoint::{
+    reset_out, Dir, DirectDma, GuestDma, IoBuf, IoToken, MapError, Seg, TokenInner,
+};
 use crate::ram::{GuestHal, GuestRam};
 use crate::transport::{DeviceLink, ExitCost, VmTransport};
 
@@ -76,6 +79,9 @@ pub fn device_config(endpoint: u32) -> DeviceConfig {
 /// The running VM. Fields drop in order: driver state first, the device's
 /// I/O thread last.
 pub struct Machine {
+    // Held for its Drop: stops the flush-queue timer first.
+    _timer: Option<Timer>,
+    dma: Option<Arc<DmaDomain>>,
     domain: Option<viommu_driver::Domain>,
     driver: GuestDriver,
     iommu: Arc<Iommu>,
@@ -120,7 +126,20 @@ impl Machine {
         if let Some(d) = &domain {
             driver.attach(d, endpoint)?;
         }
-        Ok(Self { domain, driver, iommu, endpoint, mode, link, ram })
+        let dma = match (&domain, dma_options(mode)) {
+            (Some(d), Some(opts)) => {
+                let resv = driver.reserved_regions(endpoint)?;
+                Some(Arc::new(DmaDomain::new(
+                    d.clone(),
+                    &resv,
+                    opts,
+                    Arc::new(VmPlatform::default()),
+                )?))
+            }
+            _ => None,
+        };
+        let timer = dma.as_ref().map(|d| Timer::start(d.clone()));
+        Ok(Self { _timer: timer, dma, domain, driver, iommu, endpoint, mode, link, ram })
     }
 
     /// The device's shared state, for `translate()`.
@@ -153,13 +172,17 @@ impl Machine {
         self.link.exit_cost()
     }
 
-    /// The guest DMA API for guest thread `cpu`, as the mode calls for.
-    pub fn guest_dma(&self, cpu: usize) -> Result<Box<dyn GuestDma + Send>, MapError> {
-        let _ = cpu;
-        match self.mode {
-            Mode::NoIommu | Mode::Identity => Ok(Box::new(DirectDma)),
-            m => Err(MapError(format!("mode {m} needs the DMA layer"))),
+    /// The guest DMA API for one guest thread, as the mode calls for.
+    pub fn guest_dma(&self) -> Box<dyn GuestDma + Send> {
+        match &self.dma {
+            None => Box::new(DirectDma),
+            Some(dma) => Box::new(DriverDma { dma: dma.clone(), batch: self.mode == Mode::Best }),
         }
+    }
+
+    /// The DMA layer (paging and identity modes).
+    pub fn dma(&self) -> Option<&Arc<DmaDomain>> {
+        self.dma.as_ref()
     }
 
     /// Current counts.
@@ -179,5 +202,185 @@ impl Machine {
     /// The endpoint ID.
     pub fn endpoint(&self) -> u32 {
         self.endpoint
+    }
+}
+
+/// The DMA layer's options for each mode; `None` where no DMA layer is used.
+pub fn dma_options(mode: Mode) -> Option<DmaOptions> {
+    let base = DmaOptions { coalesce_unmaps: false, ..DmaOptions::default() };
+    Some(match mode {
+        Mode::NoIommu => return None,
+        Mode::Identity => base,
+        Mode::StrictEverySync => {
+            DmaOptions { policy: Policy::Strict, sync_every_map: true, ..base }
+        }
+        Mode::Strict => DmaOptions { policy: Policy::Strict, ..base },
+        Mode::Lazy => DmaOptions { policy: Policy::Lazy, ..base },
+        Mode::LazySingle => DmaOptions { policy: Policy::LazySingle, ..base },
+        Mode::Best => DmaOptions { policy: Policy::Lazy, coalesce_unmaps: true, ..base },
+    })
+}
+
+thread_local! {
+    static GUEST_CPU: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Declares the calling thread to be guest CPU `cpu` (selects its per-CPU
+/// IOVA cache and flush queue).
+pub fn set_guest_cpu(cpu: usize) {
+    GUEST_CPU.with(|c| c.set(cpu));
+}
+
+/// Clock and CPU number for the DMA layer: the monotonic clock and the
+/// number set by [`set_guest_cpu`].
+#[derive(Debug)]
+struct VmPlatform {
+    start: std::time::Instant,
+}
+
+impl Default for VmPlatform {
+    fn default() -> Self {
+        Self { start: std::time::Instant::now() }
+    }
+}
+
+impl DmaPlatform for VmPlatform {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn cpu_id(&self) -> usize {
+        GUEST_CPU.with(|c| c.get())
+    }
+}
+
+/// The guest kernel's flush-queue timer: ticks the DMA layer every 2 ms.
+struct Timer {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Timer {
+    fn start(dma: Arc<DmaDomain>) -> Self {
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (lock, cond) = &*s;
+            let mut stopped = lock.lock().unwrap();
+            while !*stopped {
+                let (g, _) =
+                    cond.wait_timeout(stopped, std::time::Duration::from_millis(2)).unwrap();
+                stopped = g;
+                if !*stopped {
+                    // Errors are counted by the driver; the next tick retries.
+                    let _ = dma.tick();
+                }
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap() = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dir(d: Dir) -> DmaDirection {
+    match d {
+        Dir::ToDevice => DmaDirection::ToDevice,
+        Dir::FromDevice => DmaDirection::FromDevice,
+    }
+}
+
+fn map_err(e: viommu_driver::Error) -> MapError {
+    MapError(e.to_string())
+}
+
+/// [`GuestDma`] over the driver's DMA layer. With `batch`, every buffer of
+/// an I/O goes into one batch (one sync); without, each buffer is its own
+/// `map_single` or `map_sg` call (one sync each, as Linux's virtio ring).
+struct DriverDma {
+    dma: Arc<DmaDomain>,
+    batch: bool,
+}
+
+impl GuestDma for DriverDma {
+    fn map_io(&mut self, bufs: &[IoBuf<'_>], out: &mut Vec<Vec<Seg>>) -> Result<IoToken, MapError> {
+        reset_out(out, bufs.len());
+        let pairs = |segs: &[Seg]| segs.iter().map(|s| (s.addr, s.len)).collect::<Vec<_>>();
+        if self.batch {
+            let mut b = self.dma.begin();
+            for (buf, o) in bufs.iter().zip(out.iter_mut()) {
+                match buf.segs {
+                    [one] => o.push(Seg {
+                        addr: b.map(one.addr, one.len, dir(buf.dir)).map_err(map_err)?,
+                        len: one.len,
+                    }),
+                    many => o.extend(
+                        b.map_sg(&pairs(many), dir(buf.dir))
+                            .map_err(map_err)?
+                            .into_iter()
+                            .map(|s| Seg { addr: s.addr, len: s.len }),
+                    ),
+                }
+            }
+            return Ok(IoToken(TokenInner::Batch(b.commit().map_err(map_err)?)));
+        }
+        let mut singles = Vec::new();
+        let mut sgs = Vec::new();
+        let mut result = Ok(());
+        for (buf, o) in bufs.iter().zip(out.iter_mut()) {
+            let r = match buf.segs {
+                [one] => self.dma.map_single(one.addr, one.len, dir(buf.dir)).map(|iova| {
+                    singles.push((iova, one.len));
+                    o.push(Seg { addr: iova, len: one.len });
+                }),
+                many => self.dma.map_sg(&pairs(many), dir(buf.dir)).map(|m| {
+                    o.extend(m.segments.iter().map(|s| Seg { addr: s.addr, len: s.len }));
+                    sgs.push(m);
+                }),
+            };
+            if let Err(e) = r {
+                result = Err(map_err(e));
+                break;
+            }
+        }
+        let token = IoToken(TokenInner::Separate(singles, sgs));
+        match result {
+            Ok(()) => Ok(token),
+            Err(e) => {
+                // Undo the buffers mapped before the failure.
+                let _ = self.unmap_io(token);
+                Err(e)
+            }
+        }
+    }
+
+    fn unmap_io(&mut self, token: IoToken) -> Result<(), MapError> {
+        match token.0 {
+            TokenInner::Direct => Ok(()),
+            TokenInner::Batch(m) => self.dma.unmap(m).map_err(map_err),
+            TokenInner::Separate(singles, sgs) => {
+                let mut first = Ok(());
+                for (iova, len) in singles {
+                    // The direction is not used to unmap.
+                    first = first.and(self.dma.unmap_single(iova, len, DmaDirection::ToDevice));
+                }
+                for m in sgs {
+                    first = first.and(self.dma.unmap_sg(m));
+                }
+                first.map_err(map_err)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), MapError> {
+        self.dma.flush().map_err(map_err)
     }
 }

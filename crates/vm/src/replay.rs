@@ -329,14 +329,7 @@ pub fn parse_qemu_trace(text: &str) -> Result<Stream, ParseError> {
         let a = trace_args(args);
         let get = |k: &str| a.get(k).copied();
         let op = match event {
-            "virtio_queue_notify" => {
-                if get("vdev") == iommu_vdev && get("n") == Some("0") {
-                    Op::Kick
-                } else {
-                    skipped += 1;
-                    continue;
-                }
-            }
+            "virtio_queue_notify" if get("vdev") == iommu_vdev && get("n") == Some("0") => Op::Kick,
             "virtio_iommu_attach" => Op::Request(attach_request(
                 num(get("domain"), "domain").map_err(err)?,
                 num(get("endpoint"), "endpoint").map_err(err)?,

@@ -21,10 +21,13 @@ use crate::ram::GuestRam;
 /// Most queues a backend may have (bits of the pending-kick mask).
 pub const MAX_QUEUES: usize = 8;
 
-/// How long a completion wait blocks before the driver re-polls. Only a
-/// safety net for interrupts the driver suppressed (EVENT_IDX): every
-/// completion that needs an interrupt raises one.
-const IRQ_WAIT: Duration = Duration::from_millis(1);
+/// How long a completion wait blocks before the driver re-polls. Every
+/// completion that needs an interrupt raises one, so this only bounds the
+/// stall when the waiter's own request was never kicked: the driver calls
+/// `wait_for_used` holding its transport lock, which another thread may need
+/// to kick a request that this waiter's request rides on (EVENT_IDX
+/// suppressed this one's kick).
+const IRQ_WAIT: Duration = Duration::from_micros(50);
 
 /// What the transport needs from a device model, register by register, as a
 /// virtio-mmio or virtio-pci transport in a VMM would.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use viommu_driver::PAGE_SIZE;
 
-use super::{pattern, Dir, DmaEngine, DmaFault, GuestDma, MapError, Seg};
+use super::{pattern, Dir, DmaEngine, DmaFault, GuestDma, IoBuf, MapError, Seg};
 use crate::ram::{GuestPages, GuestRam};
 
 /// Bytes of a request header: le32 type, le32 reserved, le64 sector.
@@ -142,7 +142,7 @@ pub struct BlockGuest {
     hdr_page: GuestPages,
     data_pages: Vec<GuestPages>,
     data: Vec<Seg>,
-    mapped: Vec<Seg>,
+    mapped: Vec<Vec<Seg>>,
     buf: Vec<u8>,
 }
 
@@ -202,23 +202,21 @@ impl BlockGuest {
         self.ram.write(status_gpa, &[0xff]).map_err(ram_err)?;
 
         let data_dir = if write { Dir::ToDevice } else { Dir::FromDevice };
-        dma.begin();
-        let mapped = (|| {
-            let h = dma.map(hdr_gpa, HEADER_LEN, Dir::ToDevice)?;
-            dma.map_sg(&self.data, data_dir, &mut self.mapped)?;
-            let s = dma.map(status_gpa, 1, Dir::FromDevice)?;
-            Ok::<_, MapError>((h, s))
-        })();
-        let commit = dma.commit();
-        let (h, s) = mapped?;
-        commit?;
-
-        let req = BlockRequest { header: h, data: &self.mapped, status: s };
+        let hdr_seg = [Seg { addr: hdr_gpa, len: HEADER_LEN }];
+        let status_seg = [Seg { addr: status_gpa, len: 1 }];
+        let bufs = [
+            IoBuf { segs: &hdr_seg, dir: Dir::ToDevice },
+            IoBuf { segs: &self.data, dir: data_dir },
+            IoBuf { segs: &status_seg, dir: Dir::FromDevice },
+        ];
+        let token = dma.map_io(&bufs, &mut self.mapped)?;
+        let req = BlockRequest {
+            header: self.mapped[0][0].addr,
+            data: &self.mapped[1],
+            status: self.mapped[2][0].addr,
+        };
         let status = dev.process(&req, dev_scratch).unwrap_or(S_IOERR);
-
-        dma.unmap(h, HEADER_LEN, Dir::ToDevice);
-        dma.unmap_sg(&self.mapped, data_dir);
-        dma.unmap(s, 1, Dir::FromDevice);
+        dma.unmap_io(token)?;
 
         let mut st = [0u8];
         self.ram.read(status_gpa, &mut st).map_err(ram_err)?;

@@ -36,25 +36,49 @@ pub enum Dir {
 #[error("DMA mapping failed: {0}")]
 pub struct MapError(pub String);
 
-/// The guest's DMA API, per thread (as per CPU in a kernel).
+/// One buffer of an I/O: its guest-physical pieces and direction.
+#[derive(Clone, Copy, Debug)]
+pub struct IoBuf<'a> {
+    /// Guest-physical segments (one for a simple buffer, many for a scatter list).
+    pub segs: &'a [Seg],
+    /// Who reads it.
+    pub dir: Dir,
+}
+
+/// What must be undone to unmap one I/O; opaque to endpoints.
+#[derive(Debug)]
+pub struct IoToken(pub(crate) TokenInner);
+
+#[derive(Debug)]
+pub(crate) enum TokenInner {
+    /// Nothing was mapped.
+    Direct,
+    /// One committed batch.
+    Batch(viommu_driver::dma::DmaMapping),
+    /// Buffers mapped one call each: singles `(iova, len)` and scatter lists.
+    Separate(Vec<(u64, usize)>, Vec<viommu_driver::dma::SgMapping>),
+}
+
+/// The guest's DMA API, per thread (as per CPU in a kernel). Endpoints map
+/// all the buffers of one I/O with one call, so that an implementation may
+/// pay one sync for them (the batch API) or one per buffer (as Linux's
+/// virtio ring does).
 pub trait GuestDma {
-    /// Starts a batch: the maps until [`GuestDma::commit`] may share one sync.
-    fn begin(&mut self) {}
-    /// Ends a batch: the device knows every mapping of it once this returns.
-    fn commit(&mut self) -> Result<(), MapError> {
+    /// Maps the buffers of one I/O. `out[i]` receives buffer i's device
+    /// segments (contiguous pieces may merge). On error nothing stays mapped.
+    fn map_io(&mut self, bufs: &[IoBuf<'_>], out: &mut Vec<Vec<Seg>>) -> Result<IoToken, MapError>;
+    /// Unmaps one I/O.
+    fn unmap_io(&mut self, token: IoToken) -> Result<(), MapError>;
+    /// Pushes out deferred work (lazy UNMAPs) now.
+    fn flush(&mut self) -> Result<(), MapError> {
         Ok(())
     }
-    /// Maps one buffer at guest-physical `gpa`; returns its bus address.
-    fn map(&mut self, gpa: u64, len: usize, dir: Dir) -> Result<u64, MapError>;
-    /// Maps a scatter list; `out` receives the device-visible segments
-    /// (possibly fewer: contiguous ones may merge).
-    fn map_sg(&mut self, segs: &[Seg], dir: Dir, out: &mut Vec<Seg>) -> Result<(), MapError>;
-    /// Unmaps what [`GuestDma::map`] returned.
-    fn unmap(&mut self, bus: u64, len: usize, dir: Dir);
-    /// Unmaps what [`GuestDma::map_sg`] returned.
-    fn unmap_sg(&mut self, mapped: &[Seg], dir: Dir);
-    /// Pushes out deferred work (lazy UNMAPs) now.
-    fn flush(&mut self) {}
+}
+
+/// Resizes `out` to `n` empty lists, keeping their allocations.
+pub(crate) fn reset_out(out: &mut Vec<Vec<Seg>>, n: usize) {
+    out.resize_with(n, Vec::new);
+    out.iter_mut().for_each(Vec::clear);
 }
 
 /// No translation: bus address = guest-physical address (no IOMMU, or an
@@ -63,19 +87,17 @@ pub trait GuestDma {
 pub struct DirectDma;
 
 impl GuestDma for DirectDma {
-    fn map(&mut self, gpa: u64, _len: usize, _dir: Dir) -> Result<u64, MapError> {
-        Ok(gpa)
+    fn map_io(&mut self, bufs: &[IoBuf<'_>], out: &mut Vec<Vec<Seg>>) -> Result<IoToken, MapError> {
+        reset_out(out, bufs.len());
+        for (b, o) in bufs.iter().zip(out.iter_mut()) {
+            o.extend_from_slice(b.segs);
+        }
+        Ok(IoToken(TokenInner::Direct))
     }
 
-    fn map_sg(&mut self, segs: &[Seg], _dir: Dir, out: &mut Vec<Seg>) -> Result<(), MapError> {
-        out.clear();
-        out.extend_from_slice(segs);
+    fn unmap_io(&mut self, _token: IoToken) -> Result<(), MapError> {
         Ok(())
     }
-
-    fn unmap(&mut self, _bus: u64, _len: usize, _dir: Dir) {}
-
-    fn unmap_sg(&mut self, _mapped: &[Seg], _dir: Dir) {}
 }
 
 /// Why a device-side DMA failed.

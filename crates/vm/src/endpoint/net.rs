@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use viommu_driver::PAGE_SIZE;
 
-use super::{pattern, Dir, DmaEngine, GuestDma, MapError, Seg};
+use super::{pattern, Dir, DmaEngine, GuestDma, IoBuf, IoToken, MapError, Seg};
 use crate::ram::{GuestPages, GuestRam};
 
 /// Size of one RX or TX buffer: two per page, as a page pool would split them.
@@ -33,6 +33,11 @@ impl NetDevice {
     /// The guest posts an RX buffer (bus address).
     pub fn post_rx(&mut self, buf: Seg) {
         self.rx_posted.push_back(buf);
+    }
+
+    /// Takes back every posted RX buffer (the guest is about to unmap them).
+    pub fn withdraw_rx(&mut self) {
+        self.rx_posted.clear();
     }
 
     /// Packets dropped for want of an RX buffer or by a DMA fault.
@@ -70,13 +75,16 @@ impl NetDevice {
 pub struct NetGuest {
     ram: Arc<GuestRam>,
     pages: Vec<GuestPages>,
-    tx: Vec<u64>,
-    rx: Vec<u64>,
-    /// Bus address → guest-physical address of the posted RX buffers.
-    rx_bus: Vec<(u64, u64)>,
+    tx: Vec<Seg>,
+    rx: Vec<Seg>,
+    /// The RX refill in the device's hands: its mapping and, per buffer,
+    /// (bus address, guest-physical address).
+    rx_token: Option<IoToken>,
+    rx_posted: Vec<(u64, u64)>,
+    mapped: Vec<Vec<Seg>>,
     packet: Vec<u8>,
     next_offset: u64,
-    /// Received packets whose data did not match.
+    /// Received packets whose data did not match, or that never arrived.
     pub rx_errors: u64,
 }
 
@@ -90,55 +98,45 @@ impl NetGuest {
         for _ in 0..npages {
             pages.push(ram.alloc_pages(1).ok_or_else(|| MapError("guest RAM exhausted".into()))?);
         }
-        let mut bufs =
-            pages.iter().flat_map(|p| (0..per_page).map(move |i| p.gpa + (i * BUF_LEN) as u64));
-        let tx = bufs.by_ref().take(batch).collect();
+        let mut bufs = pages.iter().flat_map(|p| {
+            (0..per_page).map(move |i| Seg { addr: p.gpa + (i * BUF_LEN) as u64, len: BUF_LEN })
+        });
+        let tx = bufs.by_ref().take(batch).map(|s| Seg { len: packet_len, ..s }).collect();
         let rx = bufs.take(batch).collect();
         Ok(Self {
             ram,
             pages,
             tx,
             rx,
-            rx_bus: Vec::new(),
+            rx_token: None,
+            rx_posted: Vec::new(),
+            mapped: Vec::new(),
             packet: vec![0; packet_len],
             next_offset: 0,
             rx_errors: 0,
         })
     }
 
-    /// Maps every RX buffer and posts it (the initial fill).
+    /// Maps every RX buffer (one I/O) and posts it.
     pub fn fill_rx(&mut self, dma: &mut dyn GuestDma, dev: &mut NetDevice) -> Result<(), MapError> {
-        let rx = self.rx.clone();
-        self.refill(dma, dev, &rx)
-    }
-
-    fn refill(
-        &mut self,
-        dma: &mut dyn GuestDma,
-        dev: &mut NetDevice,
-        bufs: &[u64],
-    ) -> Result<(), MapError> {
-        dma.begin();
-        let mut res = Ok(());
-        for &gpa in bufs {
-            match dma.map(gpa, BUF_LEN, Dir::FromDevice) {
-                Ok(bus) => {
-                    self.rx_bus.push((bus, gpa));
-                    dev.post_rx(Seg { addr: bus, len: BUF_LEN });
-                }
-                Err(e) => {
-                    res = Err(e);
-                    break;
-                }
-            }
+        let bufs: Vec<IoBuf<'_>> = self
+            .rx
+            .iter()
+            .map(|s| IoBuf { segs: std::slice::from_ref(s), dir: Dir::FromDevice })
+            .collect();
+        let token = dma.map_io(&bufs, &mut self.mapped)?;
+        self.rx_token = Some(token);
+        for (m, s) in self.mapped.iter().zip(&self.rx) {
+            self.rx_posted.push((m[0].addr, s.addr));
+            dev.post_rx(m[0]);
         }
-        let c = dma.commit();
-        res.and(c)
+        Ok(())
     }
 
-    /// One round: transmit `batch` packets (mapped in one batch), complete
-    /// them, then take each received packet (unmap, check) and refill the RX
-    /// queue (mapped in one batch). Returns the packets received intact.
+    /// One round: transmit every TX buffer (mapped as one I/O), complete
+    /// them, take the received packets (check, unmap the RX buffers) and
+    /// refill the RX queue (mapped as one I/O). Returns the packets received
+    /// intact.
     pub fn round(
         &mut self,
         dma: &mut dyn GuestDma,
@@ -146,63 +144,59 @@ impl NetGuest {
     ) -> Result<usize, MapError> {
         let len = self.packet.len();
         let ram_err = |e: crate::RamError| MapError(e.to_string());
-        let start_offset = self.next_offset;
-        let mut tx_bus = Vec::with_capacity(self.tx.len());
-        dma.begin();
-        let mut res = Ok(());
-        for (i, &gpa) in self.tx.iter().enumerate() {
-            pattern::fill(&mut self.packet, start_offset + (i * len) as u64);
-            self.ram.write(gpa, &self.packet).map_err(ram_err)?;
-            match dma.map(gpa, len, Dir::ToDevice) {
-                Ok(bus) => tx_bus.push(bus),
-                Err(e) => {
-                    res = Err(e);
-                    break;
-                }
+        let base = self.next_offset;
+        for (i, s) in self.tx.iter().enumerate() {
+            pattern::fill(&mut self.packet, base + (i * len) as u64);
+            self.ram.write(s.addr, &self.packet).map_err(ram_err)?;
+        }
+        let bufs: Vec<IoBuf<'_>> = self
+            .tx
+            .iter()
+            .map(|s| IoBuf { segs: std::slice::from_ref(s), dir: Dir::ToDevice })
+            .collect();
+        let tx_token = dma.map_io(&bufs, &mut self.mapped)?;
+        let mut received = Vec::with_capacity(self.tx.len());
+        for (i, m) in self.mapped.iter().enumerate() {
+            let offset = base + (i * len) as u64;
+            if let Some(rx) = dev.transmit(m[0].addr, len, offset) {
+                received.push((rx, offset));
             }
         }
-        let c = dma.commit();
-        let fail = res.and(c).err();
-
-        let mut received = Vec::with_capacity(tx_bus.len());
-        for (i, &bus) in tx_bus.iter().enumerate() {
-            if fail.is_none() {
-                if let Some(rx) = dev.transmit(bus, len, start_offset + (i * len) as u64) {
-                    received.push((rx, start_offset + (i * len) as u64));
-                }
-            }
-            dma.unmap(bus, len, Dir::ToDevice);
-        }
-        if let Some(e) = fail {
-            return Err(e);
-        }
+        dma.unmap_io(tx_token)?;
         self.next_offset += (self.tx.len() * len) as u64;
 
         let mut intact = 0;
-        let mut used = Vec::with_capacity(received.len());
-        for (rx, offset) in received {
-            let Some(pos) = self.rx_bus.iter().position(|&(b, _)| b == rx.addr) else {
+        for (rx, offset) in &received {
+            let Some(&(_, gpa)) = self.rx_posted.iter().find(|&&(b, _)| b == rx.addr) else {
                 self.rx_errors += 1;
                 continue;
             };
-            let (bus, gpa) = self.rx_bus.swap_remove(pos);
-            dma.unmap(bus, BUF_LEN, Dir::FromDevice);
             self.ram.read(gpa, &mut self.packet[..rx.len]).map_err(ram_err)?;
-            if pattern::check(&self.packet[..rx.len], offset) {
+            if pattern::check(&self.packet[..rx.len], *offset) {
                 intact += 1;
             } else {
                 self.rx_errors += 1;
             }
-            used.push(gpa);
         }
-        self.refill(dma, dev, &used)?;
+        // The whole refill is unmapped at once: the device used every buffer
+        // of it (a drop would leave some posted; they are withdrawn first).
+        self.rx_errors += (self.rx_posted.len() - received.len()) as u64;
+        dev.withdraw_rx();
+        self.rx_posted.clear();
+        if let Some(t) = self.rx_token.take() {
+            dma.unmap_io(t)?;
+        }
+        self.fill_rx(dma, dev)?;
         Ok(intact)
     }
 
     /// Unmaps the RX buffers still posted.
-    pub fn drain(&mut self, dma: &mut dyn GuestDma) {
-        for (bus, _) in self.rx_bus.drain(..) {
-            dma.unmap(bus, BUF_LEN, Dir::FromDevice);
+    pub fn drain(&mut self, dma: &mut dyn GuestDma, dev: &mut NetDevice) -> Result<(), MapError> {
+        dev.withdraw_rx();
+        self.rx_posted.clear();
+        match self.rx_token.take() {
+            Some(t) => dma.unmap_io(t),
+            None => Ok(()),
         }
     }
 }
@@ -231,6 +225,6 @@ mod tests {
             assert_eq!(guest.round(&mut DirectDma, &mut dev).unwrap(), 8);
         }
         assert_eq!((guest.rx_errors, dev.dropped(), errors.load(Ordering::Relaxed)), (0, 0, 0));
-        guest.drain(&mut DirectDma);
+        guest.drain(&mut DirectDma, &mut dev).unwrap();
     }
 }
