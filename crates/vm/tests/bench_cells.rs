@@ -33,3 +33,23 @@ fn no_iommu_and_identity_send_no_map_requests() {
     let id = cell(Mode::Identity, Workload::Block, 4096, 1);
     assert!(id.translations >= 3 * id.ios, "header, data and status are translated");
 }
+
+#[test]
+fn every_mode_runs_both_workloads_with_checked_data() {
+    for mode in Mode::ALL {
+        let b = cell(mode, Workload::Block, 4096, 2);
+        let n = cell(mode, Workload::Net, 1500, 1);
+        if !matches!(mode, Mode::NoIommu | Mode::Identity) {
+            // Every MAP gets its UNMAP by the end (the final flush included),
+            // unless coalescing merged UNMAPs.
+            assert!(b.map_requests > 0 && n.map_requests > 0, "{mode}");
+            if mode == Mode::Best {
+                assert!(b.unmap_requests < b.map_requests, "{mode}: coalesced");
+                assert!(b.kicks_per_io() < 1.5, "{mode}: {}", b.kicks_per_io());
+            } else {
+                assert_eq!(b.unmap_requests, b.map_requests, "{mode}");
+            }
+            assert!(b.translations >= 3 * b.ios, "{mode}");
+        }
+    }
+}
