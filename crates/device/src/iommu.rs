@@ -226,9 +226,9 @@ impl Iommu {
         let req = match Request::parse(readable) {
             Ok(req) => req,
             Err(ParseError::UnknownRequestType(_)) => {
-                self.counters.request(None);
                 return match writable.get_mut(..4) {
                     Some(tail) => {
+                        self.counters.request(None);
                         self.counters.status(Status::Unsupp);
                         tail.copy_from_slice(&[Status::Unsupp as u8, 0, 0, 0]);
                         4

@@ -82,7 +82,9 @@ impl Op {
             Op::Detach { d, e } => detach(d, e),
             Op::Map { d, s, e, p, flags } => map(d, s, e, p, flags),
             Op::Unmap { d, s, e } => unmap(d, s, e),
-            Op::Probe { e } => Request::Probe(ProbeBody { endpoint: U32::new(e), reserved: [0; 64] }),
+            Op::Probe { e } => {
+                Request::Probe(ProbeBody { endpoint: U32::new(e), reserved: [0; 64] })
+            }
         }
     }
 }
@@ -150,7 +152,8 @@ impl Model {
                         return Status::NoMem;
                     }
                     let resv = self.resv(e);
-                    if dom.maps.iter().any(|m| resv.iter().any(|r| m.0 <= r.end && r.start <= m.1)) {
+                    if dom.maps.iter().any(|m| resv.iter().any(|r| m.0 <= r.end && r.start <= m.1))
+                    {
                         return Status::Unsupp;
                     }
                 } else {
@@ -191,7 +194,8 @@ impl Model {
                 if dom.bypass {
                     return Status::Inval;
                 }
-                if s % PAGE != 0 || p % PAGE != 0 || (e + 1) % PAGE != 0 || e < s || e >= 40 * PAGE {
+                if s % PAGE != 0 || p % PAGE != 0 || (e + 1) % PAGE != 0 || e < s || e >= 40 * PAGE
+                {
                     return Status::Range;
                 }
                 if resv.iter().any(|r| s <= r.end && r.start <= e) {

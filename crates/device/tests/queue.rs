@@ -62,6 +62,9 @@ fn still_serving(drv: &mut Driver, dev: &mut VirtioIommu) {
     assert_eq!(drv.request(dev, &probe(1)), Status::Ok);
 }
 
+/// (address, length, flags) of one descriptor.
+type Buf = (u64, u32, u16);
+
 /// Malformed chains: each gets used length 0, nothing is executed, nothing is written,
 /// and the next request is served.
 #[test]
@@ -75,7 +78,7 @@ fn malformed_chains_get_used_len_zero() {
     let w = drv.alloc(64);
     mem.write_slice(&[0xaa; 64], GuestAddress(w)).unwrap();
     let oob = MEM_SIZE as u64 - 2;
-    let cases: Vec<(&str, Vec<(u64, u32, u16)>)> = vec![
+    let cases: Vec<(&str, Vec<Buf>)> = vec![
         ("readable too short", vec![(r, 10, 0), (w, 4, F_WRITE)]),
         ("no writable part", vec![(r, req.len() as u32, 0)]),
         ("writable shorter than tail", vec![(r, req.len() as u32, 0), (w, 3, F_WRITE)]),
@@ -152,7 +155,10 @@ fn request_split_over_descriptors() {
     let r = drv.alloc(128);
     mem.write_slice(&req, GuestAddress(r)).unwrap();
     let w = drv.alloc(1024);
-    let mut descs: Vec<(u64, u32, u16)> = (0..req.len() as u64).step_by(7).map(|o| (r + o, 7.min(req.len() as u32 - o as u32), 0)).collect();
+    let mut descs: Vec<(u64, u32, u16)> = (0..req.len() as u64)
+        .step_by(7)
+        .map(|o| (r + o, 7.min(req.len() as u32 - o as u32), 0))
+        .collect();
     descs.push((w, 100, F_WRITE));
     descs.push((w + 100, 416, F_WRITE));
     drv.push_chain(0, &descs);
@@ -253,7 +259,16 @@ fn fault_flood_is_coalesced_and_bounded() {
 fn features_offered_as_configured() {
     let dev = VirtioIommu::new(cfg(&[1])).unwrap();
     let f = dev.device_features();
-    for b in [VERSION_1, RING_EVENT_IDX, INPUT_RANGE, DOMAIN_RANGE, MAP_UNMAP, PROBE, MMIO, BYPASS_CONFIG] {
+    for b in [
+        VERSION_1,
+        RING_EVENT_IDX,
+        INPUT_RANGE,
+        DOMAIN_RANGE,
+        MAP_UNMAP,
+        PROBE,
+        MMIO,
+        BYPASS_CONFIG,
+    ] {
         assert_ne!(f & bit(b), 0, "bit {b}");
     }
     assert_eq!(f & (bit(BYPASS) | bit(ACCESS_PLATFORM) | bit(RING_INDIRECT_DESC)), 0);
@@ -269,7 +284,10 @@ fn features_offered_as_configured() {
         map_unmap: true,
     };
     let f = VirtioIommu::new(c.clone()).unwrap().device_features();
-    assert_eq!(f, bit(VERSION_1) | bit(RING_EVENT_IDX) | bit(MAP_UNMAP) | bit(BYPASS) | bit(ACCESS_PLATFORM));
+    assert_eq!(
+        f,
+        bit(VERSION_1) | bit(RING_EVENT_IDX) | bit(MAP_UNMAP) | bit(BYPASS) | bit(ACCESS_PLATFORM)
+    );
     // "Devices SHOULD NOT offer both VIRTIO_IOMMU_F_BYPASS and VIRTIO_IOMMU_F_BYPASS_CONFIG."
     c.features.bypass_config = true;
     assert!(matches!(VirtioIommu::new(c), Err(Error::Config(_))));

@@ -316,7 +316,9 @@ fn map_unmap_without_feature_is_unsupp() {
 /// SHOULD set the request status to VIRTIO_IOMMU_S_RANGE, and SHOULD NOT remove any mapping."
 #[test]
 fn unmap_worked_examples() {
-    let cases: [(&[(u64, u64)], (u64, u64), Status, usize); 7] = [
+    // (mappings, unmap range, status, mappings left)
+    type Example = (&'static [(u64, u64)], (u64, u64), Status, usize);
+    let cases: [Example; 7] = [
         (&[], (0, 4), Status::Ok, 0),
         (&[(0, 9)], (0, 9), Status::Ok, 0),
         (&[(0, 4), (5, 9)], (0, 9), Status::Ok, 0),

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use common::*;
-use viommu_device::{Access, DeviceConfig, FaultKind, Iommu, Listener, Mapping, Segment, VirtioIommu};
+use viommu_device::{
+    Access, DeviceConfig, FaultKind, Iommu, Listener, Mapping, Segment, VirtioIommu,
+};
 use viommu_proto::features::{bit, BYPASS, MAP_UNMAP, VERSION_1};
 use viommu_proto::*;
 use vm_memory::{Bytes, GuestAddress};
@@ -67,7 +69,10 @@ fn legacy_bypass_when_negotiated() {
 fn msi_and_reserved_regions() {
     let i = Iommu::new(cfg_with_resv()).unwrap();
     assert_eq!(exec(&i, attach(1, 1)), Status::Ok);
-    assert_eq!(i.translate(1, 0xfee0_1000, 4, Access::Write).unwrap().segments(), &[seg(0xfee0_1000, 4)]);
+    assert_eq!(
+        i.translate(1, 0xfee0_1000, 4, Access::Write).unwrap().segments(),
+        &[seg(0xfee0_1000, 4)]
+    );
     let f = i.translate(1, 0xfeef_fffe, 4, Access::Write).unwrap_err();
     assert_eq!((f.kind, f.address), (FaultKind::Reserved, 0xfeef_fffe));
     i.set_bypass(true);

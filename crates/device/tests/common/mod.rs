@@ -163,8 +163,14 @@ impl<'a> Driver<'a> {
 
     pub fn setup_queues(&self, dev: &mut VirtioIommu) {
         for (i, q) in [&self.rq, &self.eq].into_iter().enumerate() {
-            dev.set_queue(i as u16, QSIZE, q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-                .unwrap();
+            dev.set_queue(
+                i as u16,
+                QSIZE,
+                q.desc_table_addr().0,
+                q.avail_addr().0,
+                q.used_addr().0,
+            )
+            .unwrap();
         }
         dev.activate().unwrap();
     }
