@@ -31,42 +31,31 @@ impl Metric {
 
     fn title(self) -> &'static str {
         match self {
-            Metric::Throughput => "MB/s",
+            Metric::Throughput => "MB/s (log)",
             Metric::Kicks => "kicks per I/O (log)",
         }
     }
 
-    /// Maps a value to 0..=1 of the panel height, given the panel maximum.
+    /// Maps a value to 0..=1 of the panel height, given the panel maximum:
+    /// log10(1 + v), so that zero stays at the axis and decades are even.
     fn scale(self, v: f64, max: f64) -> f64 {
-        match self {
-            Metric::Throughput => v / max,
-            Metric::Kicks => (1.0 + v).log10() / (1.0 + max).log10(),
-        }
+        (1.0 + v).log10() / (1.0 + max).log10()
     }
 
+    /// Ticks at 1, 2, 5 times each power of ten up to `max`, and 0.
     fn ticks(self, max: f64) -> Vec<f64> {
-        match self {
-            Metric::Throughput => {
-                let step = nice_step(max / 4.0);
-                (0..=((max / step).floor() as usize)).map(|i| i as f64 * step).collect()
-            }
-            Metric::Kicks => {
-                let mut t = vec![0.0, 1.0];
-                while t.last().copied().unwrap_or(1.0) * 10.0 <= max {
-                    t.push(t.last().copied().unwrap_or(1.0) * 10.0);
+        let mut t = vec![0.0];
+        let mut decade = 1.0;
+        while decade <= max {
+            for m in [1.0, 2.0, 5.0] {
+                if m * decade <= max {
+                    t.push(m * decade);
                 }
-                t
             }
+            decade *= 10.0;
         }
+        t
     }
-}
-
-fn nice_step(raw: f64) -> f64 {
-    if raw <= 0.0 {
-        return 1.0;
-    }
-    let mag = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * mag).find(|&s| s >= raw).unwrap_or(10.0 * mag)
 }
 
 fn esc(s: &str) -> String {
@@ -208,11 +197,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nice_steps() {
-        assert_eq!(nice_step(0.0), 1.0);
-        assert_eq!(nice_step(3.0), 5.0);
-        assert_eq!(nice_step(120.0), 200.0);
-        assert_eq!(Metric::Kicks.ticks(300.0), vec![0.0, 1.0, 10.0, 100.0]);
+    fn log_ticks_and_scale() {
+        assert_eq!(Metric::Kicks.ticks(30.0), vec![0.0, 1.0, 2.0, 5.0, 10.0, 20.0]);
+        assert_eq!(Metric::Throughput.ticks(0.5), vec![0.0]);
+        assert_eq!(Metric::Kicks.scale(0.0, 99.0), 0.0);
+        assert!((Metric::Kicks.scale(9.0, 99.0) - 0.5).abs() < 1e-12);
     }
 
     #[test]

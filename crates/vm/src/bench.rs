@@ -335,11 +335,6 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
         Ok(start)
     })?;
     let end = tallies.iter().filter_map(|t| t.end).max().unwrap_or(start);
-    if std::env::var_os("VIOMMU_DEBUG").is_some() {
-        if let Some(m) = &machine {
-            eprintln!("{:?} {:?}", m.link().stats(), m.driver().counters());
-        }
-    }
     let mut lat = Histogram::default();
     tallies.iter().for_each(|t| lat.merge(&t.lat));
     let counts = match (&machine, before) {
