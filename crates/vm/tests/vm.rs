@@ -109,3 +109,20 @@ fn detach_blocks_dma_again() {
     assert_eq!((c.map_requests, c.kicks), (1, 1), "ATTACH + replayed MAP, one kick");
     assert!(m.iommu().translate(EP, 0x4000, 8, Access::Read).is_ok());
 }
+
+#[test]
+fn exit_cost_is_charged_per_kick_and_reported_apart() {
+    let m = machine(Mode::Strict);
+    m.exit_cost().set_per_kick(Duration::from_micros(200));
+    let d = m.domain().unwrap();
+    let before = m.counts();
+    for i in 0..5u64 {
+        d.map_pages(0x10_0000 + i * 0x1000, 0x20_0000, 0x1000, Prot::READ).unwrap();
+        d.iotlb_sync_map(0x10_0000 + i * 0x1000, 0x1000).unwrap();
+    }
+    let c = m.counts().since(&before);
+    assert_eq!(c.kicks, 5);
+    let injected = Duration::from_nanos(c.exit_injected_ns);
+    assert!(injected >= Duration::from_millis(1), "{injected:?}");
+    assert!(injected < Duration::from_millis(50), "{injected:?}");
+}
