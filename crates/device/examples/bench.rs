@@ -1,0 +1,243 @@
+//! Prints the per-operation cost of MAP, UNMAP and translate (hit and miss) at 1k, 16k and
+//! 256k live mappings, through the full virtqueue path (128 requests per kick) and directly,
+//! and the request rate through the queue.
+//!
+//! ```text
+//! cargo run --release -p viommu-device --example bench [-- --quick]
+//! ```
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use viommu_device::{Access, DeviceConfig, EndpointConfig, Limits, VirtioIommu};
+use viommu_proto::{AttachBody, MapBody, Request, Status, UnmapBody, MAP_F_READ, MAP_F_WRITE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::little_endian::{U32, U64};
+
+type Mem = GuestMemoryMmap<()>;
+
+const QSIZE: u16 = 256;
+const BATCH: u16 = 128;
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const READ_BUFS: u64 = 0x10000;
+const WRITE_BUFS: u64 = 0x20000;
+const PAGE: u64 = 0x1000;
+
+/// SplitMix64 for reproducible random addresses.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// The driver side: 128 fixed two-descriptor slots; a batch rewrites the request bytes and
+/// publishes all slots at once.
+struct Driver {
+    mem: Mem,
+    avail_idx: u16,
+}
+
+impl Driver {
+    fn new() -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        for k in 0..u64::from(BATCH) {
+            let (r, w) = (READ_BUFS + k * 64, WRITE_BUFS + k * 16);
+            write_desc(&mem, 2 * k, r, 36, 1, 2 * k as u16 + 1);
+            write_desc(&mem, 2 * k + 1, w, 4, 2, 0);
+        }
+        Self { mem, avail_idx: 0 }
+    }
+
+    fn publish(&mut self, reqs: &[Request]) {
+        for (k, r) in reqs.iter().enumerate() {
+            let mut b = [0u8; 72];
+            let n = r.encode(&mut b).unwrap();
+            let k = k as u64;
+            self.mem.write_slice(&b[..n], GuestAddress(READ_BUFS + k * 64)).unwrap();
+            write_desc(&self.mem, 2 * k, READ_BUFS + k * 64, n as u32, 1, 2 * k as u16 + 1);
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx.wrapping_add(k as u16) % QSIZE);
+            self.mem.write_obj(2 * k as u16, GuestAddress(slot)).unwrap();
+        }
+        self.avail_idx = self.avail_idx.wrapping_add(reqs.len() as u16);
+        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    fn check_ok(&self, n: usize) {
+        for k in 0..n as u64 {
+            let s: u8 = self.mem.read_obj(GuestAddress(WRITE_BUFS + k * 16)).unwrap();
+            assert_eq!(s, Status::Ok as u8, "request {k} failed");
+        }
+    }
+}
+
+fn write_desc(mem: &Mem, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write_slice(&d, GuestAddress(DESC + 16 * i)).unwrap();
+}
+
+fn map(start: u64, phys: u64) -> Request {
+    Request::Map(MapBody {
+        domain: U32::new(1),
+        virt_start: U64::new(start),
+        virt_end: U64::new(start + PAGE - 1),
+        phys_start: U64::new(phys),
+        flags: U32::new(MAP_F_READ | MAP_F_WRITE),
+    })
+}
+
+fn unmap(start: u64) -> Request {
+    Request::Unmap(UnmapBody {
+        domain: U32::new(1),
+        virt_start: U64::new(start),
+        virt_end: U64::new(start + PAGE - 1),
+        reserved: [0; 4],
+    })
+}
+
+/// Live mapping `i` sits at page 2i; page 2i+1 stays free for the MAP/UNMAP being timed.
+fn live(i: u64) -> u64 {
+    2 * i * PAGE
+}
+
+struct Row {
+    n: u64,
+    queue_map: f64,
+    queue_unmap: f64,
+    direct_map: f64,
+    direct_unmap: f64,
+    hit: f64,
+    hot: f64,
+    miss: f64,
+}
+
+fn measure(n: u64, batches: usize, lookups: usize) -> Row {
+    let cfg = DeviceConfig {
+        input_range: (0, u64::MAX),
+        limits: Limits { max_mappings_per_domain: 1 << 22, ..Limits::default() },
+        endpoints: vec![EndpointConfig::new(1)],
+        ..Default::default()
+    };
+    let mut dev = VirtioIommu::new(cfg).unwrap();
+    let f = dev.device_features();
+    dev.ack_features(f);
+    dev.set_queue(0, QSIZE, DESC, AVAIL, USED).unwrap();
+    dev.set_queue(1, QSIZE, 0x4000, 0x5000, 0x6000).unwrap();
+    dev.activate().unwrap();
+    let iommu = dev.iommu();
+    let attach = AttachBody { domain: U32::new(1), endpoint: U32::new(1), ..Default::default() };
+    assert_eq!(iommu.execute(&Request::Attach(attach), &mut []), Status::Ok);
+    let mut rng = Rng(n);
+    for i in 0..n {
+        assert_eq!(iommu.execute(&map(live(i), rng.next() & !0xfff & 0xffff_ffff_f000), &mut []), Status::Ok);
+    }
+    let mut drv = Driver::new();
+
+    // Through the queue: 128 MAPs into free pages spread over the tree, one kick; then the
+    // 128 UNMAPs, one kick. Only the kick is timed.
+    let (mut t_map, mut t_unmap) = (0.0, 0.0);
+    for _ in 0..batches {
+        let pages: Vec<u64> = (0..BATCH).map(|_| live(rng.next() % n) + PAGE).collect();
+        let mut pages = pages;
+        pages.sort_unstable();
+        pages.dedup();
+        let maps: Vec<Request> = pages.iter().map(|&p| map(p, p)).collect();
+        drv.publish(&maps);
+        let t = Instant::now();
+        dev.process_request_queue(&drv.mem).unwrap();
+        t_map += t.elapsed().as_secs_f64() / maps.len() as f64;
+        drv.check_ok(maps.len());
+        let unmaps: Vec<Request> = pages.iter().map(|&p| unmap(p)).collect();
+        drv.publish(&unmaps);
+        let t = Instant::now();
+        dev.process_request_queue(&drv.mem).unwrap();
+        t_unmap += t.elapsed().as_secs_f64() / unmaps.len() as f64;
+        drv.check_ok(unmaps.len());
+    }
+
+    // Directly, without virtqueues (Iommu::execute).
+    let ops = batches * usize::from(BATCH);
+    let pages: Vec<u64> = (0..ops).map(|_| live(rng.next() % n) + PAGE).collect();
+    let reqs: Vec<(Request, Request)> = pages.iter().map(|&p| (map(p, p), unmap(p))).collect();
+    let (mut d_map, mut d_unmap) = (0.0, 0.0);
+    for chunk in reqs.chunks(usize::from(BATCH)) {
+        let t = Instant::now();
+        for (m, _) in chunk {
+            black_box(iommu.execute(m, &mut []));
+        }
+        d_map += t.elapsed().as_secs_f64() / chunk.len() as f64;
+        let t = Instant::now();
+        for (_, u) in chunk {
+            black_box(iommu.execute(u, &mut []));
+        }
+        d_unmap += t.elapsed().as_secs_f64() / chunk.len() as f64;
+    }
+    let chunks = reqs.chunks(usize::from(BATCH)).len() as f64;
+
+    // Translate: random live pages (hit) and random free pages (miss, which raises a
+    // coalesced fault event).
+    let hits: Vec<u64> = (0..4096).map(|_| live(rng.next() % n) + (rng.next() & 0xff0)).collect();
+    let t = Instant::now();
+    for k in 0..lookups {
+        black_box(iommu.translate(1, hits[k % 4096], 16, Access::Read).unwrap());
+    }
+    let hit = t.elapsed().as_secs_f64() / lookups as f64;
+    let t = Instant::now();
+    for k in 0..lookups {
+        black_box(iommu.translate(1, hits[k % 16], 16, Access::Read).unwrap());
+    }
+    let hot = t.elapsed().as_secs_f64() / lookups as f64;
+    let misses: Vec<u64> = hits.iter().map(|&a| a + PAGE).collect();
+    let t = Instant::now();
+    for k in 0..lookups / 4 {
+        black_box(iommu.translate(1, misses[k % 4096], 16, Access::Read).unwrap_err());
+    }
+    let miss = t.elapsed().as_secs_f64() / (lookups / 4) as f64;
+
+    Row {
+        n,
+        queue_map: t_map / batches as f64,
+        queue_unmap: t_unmap / batches as f64,
+        direct_map: d_map / chunks,
+        direct_unmap: d_unmap / chunks,
+        hit,
+        hot,
+        miss,
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (batches, lookups) = if quick { (20, 200_000) } else { (200, 4_000_000) };
+    println!("viommu-device bench: 1 domain, 1 endpoint, 4 KiB mappings; queue path = 128 requests per kick");
+    println!();
+    println!("| live mappings | MAP via queue | UNMAP via queue | MAP direct | UNMAP direct | translate hit, random | translate hit, 16 hot pages | translate miss (+fault) | queue requests/s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [1 << 10, 1 << 14, 1 << 18] {
+        let r = measure(n, batches, lookups);
+        let ns = |s: f64| format!("{:.0} ns", s * 1e9);
+        let rate = 2.0 / (r.queue_map + r.queue_unmap);
+        println!(
+            "| {}k | {} | {} | {} | {} | {} | {} | {} | {:.2} M |",
+            r.n >> 10,
+            ns(r.queue_map),
+            ns(r.queue_unmap),
+            ns(r.direct_map),
+            ns(r.direct_unmap),
+            ns(r.hit),
+            ns(r.hot),
+            ns(r.miss),
+            rate / 1e6
+        );
+    }
+}
