@@ -8,27 +8,37 @@
 
 use std::collections::HashMap;
 
-use viommu_driver::dma::{DmaDirection, DmaDomain, DmaMapping, DmaOptions, Policy};
+use viommu_driver::dma::{DmaDirection, DmaDomain, DmaMapping, DmaOptions, Policy, SgMapping};
 use viommu_driver::{CounterSnapshot, Domain, VirtioIommu};
 
 use crate::hugepage::HugePageHal;
 use crate::virtio_pci::PciTransport;
 
-/// One buffer of a round: physical address, length, and whether the device writes it.
-pub type RoundBuf = (u64, usize, bool);
+/// One buffer of a round: its physical segments `(paddr, len)` and
+/// whether the device writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundBuf {
+    /// Physical segments, in order.
+    pub segs: Vec<(u64, usize)>,
+    /// The device writes the buffer (a disk read).
+    pub device_writes: bool,
+}
+
+/// A mapped buffer: what the device is given, and what to release later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    /// Descriptors `(IOVA, len)`; runs contiguous in IOVA space are merged.
+    pub descs: Vec<(u64, u32)>,
+    /// Handle for [`Mapper::complete`].
+    pub handle: u64,
+}
 
 /// Maps and unmaps the data buffers of the workloads.
 pub trait Mapper {
-    /// Maps the buffers of one round; returns their IOVAs and the round's id.
-    fn map_round(&mut self, bufs: &[RoundBuf]) -> Result<(Vec<u64>, u64), String>;
-    /// One request of round `round` completed; its buffer was `(iova, len, device_writes)`.
-    fn complete(
-        &mut self,
-        round: u64,
-        iova: u64,
-        len: usize,
-        device_writes: bool,
-    ) -> Result<(), String>;
+    /// Maps the buffers of one round (one sync with the batch API).
+    fn map_round(&mut self, bufs: &[RoundBuf]) -> Result<Vec<Mapped>, String>;
+    /// The request using buffer `handle` completed: unmap it (under the policy).
+    fn complete(&mut self, handle: u64) -> Result<(), String>;
     /// Sends every deferred UNMAP and waits for it.
     fn flush(&mut self) -> Result<(), String>;
     /// The driver's request and kick counters so far.
@@ -43,15 +53,32 @@ fn dir(device_writes: bool) -> DmaDirection {
     }
 }
 
+/// Merges `(addr, len)` runs that touch into single descriptors.
+pub fn merge_descs(runs: impl IntoIterator<Item = (u64, usize)>) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for (a, l) in runs {
+        match out.last_mut() {
+            Some(d) if d.0 + d.1 as u64 == a && d.1 as usize + l <= u32::MAX as usize => {
+                d.1 += l as u32
+            }
+            _ => out.push((a, l as u32)),
+        }
+    }
+    out
+}
+
 /// No IOMMU: bus address = physical address, nothing sent.
 #[derive(Debug, Default)]
 pub struct IdentityMapper;
 
 impl Mapper for IdentityMapper {
-    fn map_round(&mut self, bufs: &[RoundBuf]) -> Result<(Vec<u64>, u64), String> {
-        Ok((bufs.iter().map(|b| b.0).collect(), 0))
+    fn map_round(&mut self, bufs: &[RoundBuf]) -> Result<Vec<Mapped>, String> {
+        Ok(bufs
+            .iter()
+            .map(|b| Mapped { descs: merge_descs(b.segs.iter().copied()), handle: 0 })
+            .collect())
     }
-    fn complete(&mut self, _: u64, _: u64, _: usize, _: bool) -> Result<(), String> {
+    fn complete(&mut self, _: u64) -> Result<(), String> {
         Ok(())
     }
     fn flush(&mut self) -> Result<(), String> {
@@ -62,13 +89,28 @@ impl Mapper for IdentityMapper {
     }
 }
 
+/// What one handle holds until its request completes.
+enum Held {
+    /// `map_single`: IOVA, length, direction.
+    Single(u64, usize, DmaDirection),
+    /// `map_sg`.
+    Sg(SgMapping),
+    /// A request of a batch round.
+    Round(u64),
+}
+
 /// The viommu DMA layer under one policy.
+///
+/// Without the batch API a one-segment buffer costs one `map_single`, a
+/// scattered one one `map_sg` (one IOVA range, one sync); with it, a
+/// round's buffers share one [`DmaBatch`](viommu_driver::dma::DmaBatch).
 pub struct DmaMapper {
     iommu: VirtioIommu<PciTransport, HugePageHal>,
     dma: DmaDomain,
     batch: bool,
-    next_round: u64,
-    /// Batch mode: the round's mapping and its requests still in flight.
+    next: u64,
+    held: HashMap<u64, Held>,
+    /// Batch rounds: the round's mapping and its requests still in flight.
     rounds: HashMap<u64, (DmaMapping, usize)>,
 }
 
@@ -91,7 +133,14 @@ impl DmaMapper {
         let resv = iommu.reserved_regions(endpoint).map_err(|e| e.to_string())?;
         let opts = DmaOptions { policy, ..DmaOptions::default() };
         let dma = DmaDomain::with_std(domain, &resv, opts).map_err(|e| e.to_string())?;
-        Ok(Self { iommu: iommu.clone(), dma, batch, next_round: 0, rounds: HashMap::new() })
+        Ok(Self {
+            iommu: iommu.clone(),
+            dma,
+            batch,
+            next: 0,
+            held: HashMap::new(),
+            rounds: HashMap::new(),
+        })
     }
 
     /// Maps a region for the device's lifetime (rings, request headers), read-write.
@@ -103,49 +152,75 @@ impl DmaMapper {
     pub fn dma(&self) -> &DmaDomain {
         &self.dma
     }
+
+    fn hold(&mut self, h: Held) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.held.insert(id, h);
+        id
+    }
+
+    fn map_batch(&mut self, bufs: &[RoundBuf]) -> Result<Vec<Mapped>, String> {
+        let mut b = self.dma.begin();
+        let mut descs = Vec::with_capacity(bufs.len());
+        for buf in bufs {
+            let d = dir(buf.device_writes);
+            let runs = if let [(p, l)] = buf.segs[..] {
+                vec![(b.map(p, l, d).map_err(|e| e.to_string())?, l)]
+            } else {
+                let segs = b.map_sg(&buf.segs, d).map_err(|e| e.to_string())?;
+                segs.iter().map(|s| (s.addr, s.len)).collect()
+            };
+            descs.push(merge_descs(runs));
+        }
+        let mapping = b.commit().map_err(|e| e.to_string())?;
+        let round = self.next;
+        self.next += 1;
+        self.rounds.insert(round, (mapping, bufs.len()));
+        Ok(descs
+            .into_iter()
+            .map(|descs| Mapped { descs, handle: self.hold(Held::Round(round)) })
+            .collect())
+    }
 }
 
 impl Mapper for DmaMapper {
-    fn map_round(&mut self, bufs: &[RoundBuf]) -> Result<(Vec<u64>, u64), String> {
-        let round = self.next_round;
-        self.next_round += 1;
-        if !self.batch {
-            let iovas = bufs
-                .iter()
-                .map(|&(p, l, w)| self.dma.map_single(p, l, dir(w)).map_err(|e| e.to_string()))
-                .collect::<Result<_, _>>()?;
-            return Ok((iovas, round));
+    fn map_round(&mut self, bufs: &[RoundBuf]) -> Result<Vec<Mapped>, String> {
+        if self.batch {
+            return self.map_batch(bufs);
         }
-        let mut b = self.dma.begin();
-        let iovas = bufs
-            .iter()
-            .map(|&(p, l, w)| b.map(p, l, dir(w)).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
-        let mapping = b.commit().map_err(|e| e.to_string())?;
-        self.rounds.insert(round, (mapping, bufs.len()));
-        Ok((iovas, round))
+        let mut out = Vec::with_capacity(bufs.len());
+        for buf in bufs {
+            let d = dir(buf.device_writes);
+            let (descs, held) = if let [(p, l)] = buf.segs[..] {
+                let iova = self.dma.map_single(p, l, d).map_err(|e| e.to_string())?;
+                (vec![(iova, l as u32)], Held::Single(iova, l, d))
+            } else {
+                let m = self.dma.map_sg(&buf.segs, d).map_err(|e| e.to_string())?;
+                (merge_descs(m.segments.iter().map(|s| (s.addr, s.len))), Held::Sg(m))
+            };
+            out.push(Mapped { descs, handle: self.hold(held) });
+        }
+        Ok(out)
     }
 
-    fn complete(
-        &mut self,
-        round: u64,
-        iova: u64,
-        len: usize,
-        device_writes: bool,
-    ) -> Result<(), String> {
-        if !self.batch {
-            return self.dma.unmap_single(iova, len, dir(device_writes)).map_err(|e| e.to_string());
-        }
-        let left = {
-            let r = self.rounds.get_mut(&round).ok_or_else(|| format!("unknown round {round}"))?;
-            r.1 -= 1;
-            r.1
+    fn complete(&mut self, handle: u64) -> Result<(), String> {
+        let held = self.held.remove(&handle).ok_or_else(|| format!("unknown handle {handle}"))?;
+        let r = match held {
+            Held::Single(iova, len, d) => self.dma.unmap_single(iova, len, d),
+            Held::Sg(m) => self.dma.unmap_sg(m),
+            Held::Round(round) => {
+                let r =
+                    self.rounds.get_mut(&round).ok_or_else(|| format!("unknown round {round}"))?;
+                r.1 -= 1;
+                if r.1 > 0 {
+                    return Ok(());
+                }
+                let (mapping, _) = self.rounds.remove(&round).expect("present");
+                self.dma.unmap(mapping)
+            }
         };
-        if left == 0 {
-            let (mapping, _) = self.rounds.remove(&round).expect("present");
-            self.dma.unmap(mapping).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        r.map_err(|e| e.to_string())
     }
 
     fn flush(&mut self) -> Result<(), String> {
@@ -154,5 +229,28 @@ impl Mapper for DmaMapper {
 
     fn counts(&self) -> CounterSnapshot {
         self.iommu.counters()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_merge_only_when_touching() {
+        assert_eq!(
+            merge_descs([(0x1000, 0x1000), (0x2000, 0x800), (0x4000, 0x10)]),
+            [(0x1000, 0x1800), (0x4000, 0x10)]
+        );
+        assert!(merge_descs([]).is_empty());
+    }
+
+    #[test]
+    fn identity_mapper_gives_physical_addresses() {
+        let mut m = IdentityMapper;
+        let bufs = [RoundBuf { segs: vec![(0x5000, 4096), (0x7000, 4096)], device_writes: true }];
+        let out = m.map_round(&bufs).unwrap();
+        assert_eq!(out[0].descs, [(0x5000, 4096), (0x7000, 4096)]);
+        assert_eq!(m.counts(), CounterSnapshot::default());
     }
 }

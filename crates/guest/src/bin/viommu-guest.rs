@@ -22,7 +22,7 @@ use viommu_guest::pattern;
 use viommu_guest::virtio_pci::{ConfigMarker, PciTransport};
 use viommu_proto::{fault, Config};
 
-use viommu_guest::mapper::{DmaMapper, IdentityMapper, Mapper};
+use viommu_guest::mapper::{DmaMapper, IdentityMapper, Mapper, RoundBuf};
 
 const IOMMU_BDF: &str = "00:04.0";
 const BLK_BDF: &str = "00:05.0";
@@ -58,6 +58,8 @@ struct Opts {
     policy: String,
     mib: u64,
     neg: bool,
+    /// Also run scattered variants of the sizes above 4 KiB.
+    sg: bool,
     sizes: Vec<usize>,
     qds: Vec<usize>,
 }
@@ -77,6 +79,7 @@ impl Opts {
             policy: "strict".into(),
             mib: 4,
             neg: true,
+            sg: true,
             sizes: vec![4 << 10, 64 << 10, 1 << 20],
             qds: vec![1, 32],
         };
@@ -86,6 +89,7 @@ impl Opts {
                 "vg.policy" => o.policy = v.into(),
                 "vg.mib" => o.mib = v.parse().map_err(|_| format!("bad {kv}"))?,
                 "vg.neg" => o.neg = v == "1",
+                "vg.sg" => o.sg = v == "1",
                 "vg.sizes" => {
                     o.sizes = v
                         .split(',')
@@ -168,18 +172,63 @@ impl Rig {
 
 /// The first `len` bytes of a buffer, read while no request uses it.
 fn bytes_of(r: &DmaRegion, len: usize) -> &[u8] {
-    assert!(len <= r.pages * PAGE_SIZE);
-    // SAFETY: the region is ours (from the HAL) and at least `len` bytes; the
-    // device touches it only while a request is in flight, and we read it
-    // only when none is.
-    unsafe { std::slice::from_raw_parts(r.vaddr.as_ptr(), len) }
+    bytes_at(r, 0, len)
+}
+
+/// `len` bytes at offset `at` of a buffer, read while no request uses it.
+fn bytes_at(r: &DmaRegion, at: usize, len: usize) -> &[u8] {
+    assert!(at + len <= r.pages * PAGE_SIZE);
+    // SAFETY: the range lies in the region, which is ours (from the HAL);
+    // the device touches it only while a request is in flight, and we read
+    // it only when none is.
+    unsafe { std::slice::from_raw_parts(r.vaddr.as_ptr().add(at), len) }
 }
 
 /// Runs `f` on the first `len` bytes of a buffer no request uses.
 fn with_buf_mut<R>(r: &DmaRegion, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    assert!(len <= r.pages * PAGE_SIZE);
-    // SAFETY: as in `buf`; the slice does not outlive this call.
-    f(unsafe { std::slice::from_raw_parts_mut(r.vaddr.as_ptr(), len) })
+    with_bytes_mut(r, 0, len, f)
+}
+
+/// Runs `f` on `len` bytes at offset `at` of a buffer no request uses.
+fn with_bytes_mut<R>(r: &DmaRegion, at: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    assert!(at + len <= r.pages * PAGE_SIZE);
+    // SAFETY: as in `bytes_at`; the slice does not outlive this call.
+    f(unsafe { std::slice::from_raw_parts_mut(r.vaddr.as_ptr().add(at), len) })
+}
+
+/// The physical segments of a workload buffer: one run, or (scattered)
+/// every other 4 KiB page.
+fn segments(r: &DmaRegion, w: &Workload) -> Vec<(u64, usize)> {
+    if !w.scattered {
+        return vec![(r.bus_addr, w.size)];
+    }
+    (0..w.size / PAGE_SIZE).map(|i| (r.bus_addr + (2 * i * PAGE_SIZE) as u64, PAGE_SIZE)).collect()
+}
+
+/// Byte offsets in the buffer of each segment, with the length.
+fn segment_offsets(r: &DmaRegion, w: &Workload) -> impl Iterator<Item = (usize, usize)> {
+    let base = r.bus_addr;
+    segments(r, w).into_iter().map(move |(p, l)| ((p - base) as usize, l))
+}
+
+/// Fills a buffer with the pattern of disk offset `off`.
+fn fill_buf(r: &DmaRegion, w: &Workload, off: u64) {
+    let mut disk = off;
+    for (at, len) in segment_offsets(r, w) {
+        with_bytes_mut(r, at, len, |s| pattern::fill(s, disk, w.tag));
+        disk += len as u64;
+    }
+}
+
+/// Checks a buffer against the pattern of disk offset `off`.
+fn check_buf(r: &DmaRegion, w: &Workload, off: u64) -> Result<(), String> {
+    let mut disk = off;
+    for (at, len) in segment_offsets(r, w) {
+        pattern::check(bytes_at(r, at, len), disk, w.tag)
+            .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
+        disk += len as u64;
+    }
+    Ok(())
 }
 
 /// One workload: `op` of `bytes` at `base`, `size` bytes per request, up to `qd` in flight.
@@ -187,6 +236,9 @@ struct Workload {
     name: String,
     op: BlkOp,
     size: usize,
+    /// Every 4 KiB page of a request's buffer is physically apart (as in
+    /// the Linux baseline's "scattered"); otherwise buffers are contiguous.
+    scattered: bool,
     qd: usize,
     bytes: u64,
     base: u64,
@@ -208,18 +260,33 @@ fn run_workload(
     m: &mut dyn Mapper,
     w: &Workload,
 ) -> Result<Perf, String> {
-    let pages = w.size / PAGE_SIZE;
+    let pages = w.size.div_ceil(PAGE_SIZE) * if w.scattered { 2 } else { 1 };
     let mut bufs = Vec::with_capacity(w.qd);
     for _ in 0..w.qd {
         bufs.push(rig.hal.dma_alloc(pages).ok_or("out of hugetlb memory for buffers")?);
     }
     let result = run_workload_on(rig, blk, m, w, &bufs);
+    if result.is_err() {
+        drain(blk);
+    }
     for b in bufs {
         // SAFETY: no request is in flight (the run finished or the device is
         // wedged, in which case the suite ends right after).
         unsafe { rig.hal.dma_dealloc(b) };
     }
     result
+}
+
+/// After a failed workload: takes whatever completes within a short while,
+/// so the next workload starts with an idle queue.
+fn drain(blk: &mut Blk) {
+    let mut quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(500) {
+        if blk.poll().is_some() {
+            quiet = Instant::now();
+        }
+        std::hint::spin_loop();
+    }
 }
 
 fn run_workload_on(
@@ -232,8 +299,8 @@ fn run_workload_on(
     let n = w.bytes / w.size as u64;
     let write = w.op == BlkOp::Write;
     let mut free: Vec<usize> = (0..bufs.len()).rev().collect();
-    // By blk tag: buffer, IOVA, disk offset, round.
-    let mut inflight: HashMap<u16, (usize, u64, u64, u64)> = HashMap::new();
+    // By blk tag: buffer, mapping handle, disk offset.
+    let mut inflight: HashMap<u16, (usize, u64, u64)> = HashMap::new();
     let (mut next, mut done) = (0u64, 0u64);
     let mut untimed = Duration::ZERO;
     let blk_kicks0 = blk.kicks();
@@ -244,15 +311,14 @@ fn run_workload_on(
     while done < n {
         // Completions first, then one round of new requests and one kick.
         while let Some(c) = blk.poll() {
-            let (b, iova, off, r) = inflight.remove(&c.tag).ok_or("completion with unknown tag")?;
+            let (b, handle, off) = inflight.remove(&c.tag).ok_or("completion with unknown tag")?;
             if c.status != S_OK {
                 return Err(format!("request at {off:#x} failed with status {}", c.status));
             }
-            m.complete(r, iova, w.size, !write)?;
+            m.complete(handle)?;
             if !write {
                 let t = Instant::now();
-                pattern::check(bytes_of(&bufs[b], w.size), off, w.tag)
-                    .map_err(|at| format!("wrong data at disk offset {at:#x}"))?;
+                check_buf(&bufs[b], w, off)?;
                 untimed += t.elapsed();
             }
             free.push(b);
@@ -268,17 +334,19 @@ fn run_workload_on(
                 let t = Instant::now();
                 for (i, &b) in round.iter().enumerate() {
                     let off = w.base + (next + i as u64) * w.size as u64;
-                    with_buf_mut(&bufs[b], w.size, |s| pattern::fill(s, off, w.tag));
+                    fill_buf(&bufs[b], w, off);
                 }
                 untimed += t.elapsed();
             }
-            let rb: Vec<_> = round.iter().map(|&b| (bufs[b].bus_addr, w.size, !write)).collect();
-            let (iovas, r) = m.map_round(&rb)?;
-            for (&b, iova) in round.iter().zip(iovas) {
+            let rb: Vec<_> = round
+                .iter()
+                .map(|&b| RoundBuf { segs: segments(&bufs[b], w), device_writes: !write })
+                .collect();
+            let mapped = m.map_round(&rb)?;
+            for (&b, mp) in round.iter().zip(mapped) {
                 let off = w.base + next * w.size as u64;
-                let tag =
-                    blk.submit(w.op, off, &[(iova, w.size as u32)]).map_err(|e| e.to_string())?;
-                inflight.insert(tag, (b, iova, off, r));
+                let tag = blk.submit(w.op, off, &mp.descs).map_err(|e| e.to_string())?;
+                inflight.insert(tag, (b, mp.handle, off));
                 next += 1;
             }
             blk.kick();
@@ -310,7 +378,16 @@ fn verify_region(
     tag: u64,
 ) -> Result<(), String> {
     let size = (1usize << 20).min(bytes as usize);
-    let w = Workload { name: "verify".into(), op: BlkOp::Read, size, qd: 32, bytes, base, tag };
+    let w = Workload {
+        name: "verify".into(),
+        op: BlkOp::Read,
+        size,
+        scattered: false,
+        qd: 32,
+        bytes,
+        base,
+        tag,
+    };
     run_workload(rig, blk, m, &w).map(|_| ())
 }
 
@@ -331,16 +408,24 @@ fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &m
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let mut idx = 0u64;
     for op in [BlkOp::Read, BlkOp::Write] {
-        for &size in &o.sizes {
+        let variants = o.sizes.iter().flat_map(|&size| {
+            // Without an IOMMU a scattered buffer is one descriptor per page,
+            // more than the ring holds at QD32 (and than seg_max at 1 MiB):
+            // only IOVA space makes it one descriptor.
+            let sg = (o.sg && size > PAGE_SIZE && o.policy != "bypass").then_some((size, true));
+            [Some((size, false)), sg].into_iter().flatten()
+        });
+        for (size, scattered) in variants {
             for &qd in &o.qds {
                 idx += 1;
                 let opn = if op == BlkOp::Read { "read" } else { "write" };
-                let name = format!("{opn}-{}-qd{qd}", size_name(size));
+                let sg = if scattered { "-sg" } else { "" };
+                let name = format!("{opn}-{}{sg}-qd{qd}", size_name(size));
                 let (base, tag) = match op {
                     BlkOp::Read => (READ_BASE, pattern::DISK_TAG),
                     BlkOp::Write => (WRITE_BASE, boot_tag ^ idx),
                 };
-                let w = Workload { name: name.clone(), op, size, qd, bytes, base, tag };
+                let w = Workload { name: name.clone(), op, size, scattered, qd, bytes, base, tag };
                 let r = run_workload(rig, blk, m, &w).and_then(|p| {
                     let mib = bytes as f64 / (1 << 20) as f64;
                     let c = p.counts;
@@ -485,11 +570,12 @@ fn read_region_into(
     off: u64,
     b: &DmaRegion,
 ) -> Result<(), String> {
-    let (iovas, round) = m.map_round(&[(b.bus_addr, 4096, true)])?;
-    blk.submit(BlkOp::Read, off, &[(iovas[0], 4096)]).map_err(|e| e.to_string())?;
+    let mapped =
+        m.map_round(&[RoundBuf { segs: vec![(b.bus_addr, 4096)], device_writes: true }])?;
+    blk.submit(BlkOp::Read, off, &mapped[0].descs).map_err(|e| e.to_string())?;
     blk.kick();
     let (_, status) = collect_faults(rig, blk, true);
-    m.complete(round, iovas[0], 4096, true)?;
+    m.complete(mapped[0].handle)?;
     m.flush()?;
     match status {
         Some(S_OK) => Ok(()),
@@ -509,6 +595,7 @@ fn write_region(
         name: "prep".into(),
         op: BlkOp::Write,
         size: len,
+        scattered: false,
         qd: 1,
         bytes: len as u64,
         base: off,
