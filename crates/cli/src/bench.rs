@@ -243,6 +243,7 @@ fn report_json(results: &[CellResult]) -> serde_json::Value {
                 "translations": r.translations,
                 "data_errors": r.data_errors,
                 "faults": r.faults,
+                "wait_timeouts": r.wait_timeouts,
             })
         })
         .collect();

@@ -160,6 +160,9 @@ pub struct CellResult {
     pub data_errors: u64,
     /// Translation faults (must be 0 in a benchmark).
     pub faults: u64,
+    /// Completion waits that timed out and had the I/O thread look at the
+    /// queue without a kick (see [`crate::LinkCounts::wait_timeouts`]).
+    pub wait_timeouts: u64,
 }
 
 impl CellResult {
@@ -358,5 +361,6 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
             + block_dev.data_errors()
             + net_errors.load(Ordering::Relaxed),
         faults: engine.faults(),
+        wait_timeouts: counts.wait_timeouts,
     })
 }

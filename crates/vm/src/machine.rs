@@ -53,6 +53,8 @@ pub struct MachineCounts {
     /// Flush-queue flushes the DMA layer made because an entry timed out
     /// (each may cost a kick of its own).
     pub timeout_flushes: u64,
+    /// Completion waits that timed out (see [`crate::LinkCounts::wait_timeouts`]).
+    pub wait_timeouts: u64,
 }
 
 impl MachineCounts {
@@ -66,6 +68,7 @@ impl MachineCounts {
             syncs: self.syncs - earlier.syncs,
             exit_injected_ns: self.exit_injected_ns - earlier.exit_injected_ns,
             timeout_flushes: self.timeout_flushes - earlier.timeout_flushes,
+            wait_timeouts: self.wait_timeouts - earlier.wait_timeouts,
         }
     }
 }
@@ -200,14 +203,16 @@ impl Machine {
         let dev = self.iommu.counters();
         let req = |t| dev.requests_of(t);
         let drv = self.driver.counters();
+        let link = self.link.stats();
         MachineCounts {
             map_requests: req(RequestType::Map),
             unmap_requests: req(RequestType::Unmap),
             requests: dev.requests.iter().sum(),
-            kicks: self.link.stats().kicks[0],
+            kicks: link.kicks[0],
             syncs: drv.syncs,
             exit_injected_ns: self.link.exit_cost().injected().as_nanos() as u64,
             timeout_flushes: drv.flushes_timeout,
+            wait_timeouts: link.wait_timeouts,
         }
     }
 

@@ -27,7 +27,7 @@ pub const MAX_QUEUES: usize = 8;
 /// `wait_for_used` holding its transport lock, which another thread may need
 /// to kick a request that this waiter's request rides on (EVENT_IDX
 /// suppressed this one's kick).
-const IRQ_WAIT: Duration = Duration::from_micros(50);
+const IRQ_WAIT: Duration = Duration::from_micros(200);
 
 /// What the transport needs from a device model, register by register, as a
 /// virtio-mmio or virtio-pci transport in a VMM would.
@@ -113,7 +113,8 @@ pub struct LinkCounts {
     pub interrupts: [u64; MAX_QUEUES],
     /// Times the device thread woke up (kicks may fold into one wakeup).
     pub wakeups: u64,
-    /// Completion waits that ended by timeout rather than by interrupt.
+    /// Completion waits that ended by timeout rather than by interrupt; each
+    /// made the I/O thread look at the queue without a guest kick.
     pub wait_timeouts: u64,
     /// Queue-processing errors reported by the device.
     pub device_errors: u64,
@@ -398,6 +399,12 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
         let key = Arc::as_ptr(&self.shared) as *const () as usize;
         if !self.shared.irq.wait(key, q, IRQ_WAIT) {
             self.shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+            // The waiter's request may ride on a kick another thread cannot
+            // make while this one holds the driver's transport lock: have the
+            // I/O thread look at the queue anyway (counted apart, not as a
+            // guest kick).
+            self.shared.pending.fetch_or(1 << q, Ordering::AcqRel);
+            self.shared.kick.signal();
         }
     }
 }
