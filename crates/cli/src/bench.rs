@@ -117,6 +117,15 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         return Err("thread counts must be 1..=64".into());
     }
     let specs = specs(args);
+    if let Some(first) = specs.first() {
+        println!(
+            "viommu bench: {} cells of {:.2} s, exit cost {} ns per kick, {} CPUs",
+            specs.len(),
+            first.duration.as_secs_f64(),
+            first.exit_cost.as_nanos(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
     let mut progress = Progress::new(specs.len(), !args.no_progress);
     let mut results = Vec::with_capacity(specs.len());
     for spec in &specs {
@@ -134,6 +143,14 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     progress.finish();
 
     print!("{}", table(&results));
+    println!("\nmodes:");
+    for m in &args.modes {
+        println!("  {:<18} {}", m.name(), m.describe());
+    }
+    println!(
+        "req/IO = MAP+UNMAP requests per I/O (net: per packet), kicks/IO = request-queue \
+         notifications per I/O; counts include the final flush of deferred UNMAPs."
+    );
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let json_path = args.out.join("bench.json");
     let svg_path = args.out.join("bench.svg");
