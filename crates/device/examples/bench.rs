@@ -122,6 +122,7 @@ struct Row {
 }
 
 fn measure(n: u64, batches: usize, lookups: usize) -> Row {
+    let queue_only = std::env::var("BENCH_QUEUE_ONLY").is_ok();
     let cfg = DeviceConfig {
         input_range: (0, u64::MAX),
         limits: Limits { max_mappings_per_domain: 1 << 22, ..Limits::default() },
@@ -139,13 +140,16 @@ fn measure(n: u64, batches: usize, lookups: usize) -> Row {
     assert_eq!(iommu.execute(&Request::Attach(attach), &mut []), Status::Ok);
     let mut rng = Rng(n);
     for i in 0..n {
-        assert_eq!(iommu.execute(&map(live(i), rng.next() & !0xfff & 0xffff_ffff_f000), &mut []), Status::Ok);
+        assert_eq!(
+            iommu.execute(&map(live(i), rng.next() & !0xfff & 0xffff_ffff_f000), &mut []),
+            Status::Ok
+        );
     }
     let mut drv = Driver::new();
 
     // Through the queue: 128 MAPs into free pages spread over the tree, one kick; then the
     // 128 UNMAPs, one kick. Only the kick is timed.
-    let (mut t_map, mut t_unmap) = (0.0, 0.0);
+    let (mut t_map, mut t_unmap) = (vec![], vec![]);
     for _ in 0..batches {
         let pages: Vec<u64> = (0..BATCH).map(|_| live(rng.next() % n) + PAGE).collect();
         let mut pages = pages;
@@ -155,75 +159,102 @@ fn measure(n: u64, batches: usize, lookups: usize) -> Row {
         drv.publish(&maps);
         let t = Instant::now();
         dev.process_request_queue(&drv.mem).unwrap();
-        t_map += t.elapsed().as_secs_f64() / maps.len() as f64;
+        t_map.push(t.elapsed().as_secs_f64() / maps.len() as f64);
         drv.check_ok(maps.len());
         let unmaps: Vec<Request> = pages.iter().map(|&p| unmap(p)).collect();
         drv.publish(&unmaps);
         let t = Instant::now();
         dev.process_request_queue(&drv.mem).unwrap();
-        t_unmap += t.elapsed().as_secs_f64() / unmaps.len() as f64;
+        t_unmap.push(t.elapsed().as_secs_f64() / unmaps.len() as f64);
         drv.check_ok(unmaps.len());
     }
 
+    if queue_only {
+        let (m, u) = (median(t_map), median(t_unmap));
+        return Row {
+            n,
+            queue_map: m,
+            queue_unmap: u,
+            direct_map: 0.0,
+            direct_unmap: 0.0,
+            hit: 0.0,
+            hot: 0.0,
+            miss: 0.0,
+        };
+    }
     // Directly, without virtqueues (Iommu::execute).
     let ops = batches * usize::from(BATCH);
     let pages: Vec<u64> = (0..ops).map(|_| live(rng.next() % n) + PAGE).collect();
     let reqs: Vec<(Request, Request)> = pages.iter().map(|&p| (map(p, p), unmap(p))).collect();
-    let (mut d_map, mut d_unmap) = (0.0, 0.0);
+    let (mut d_map, mut d_unmap) = (vec![], vec![]);
     for chunk in reqs.chunks(usize::from(BATCH)) {
         let t = Instant::now();
         for (m, _) in chunk {
             black_box(iommu.execute(m, &mut []));
         }
-        d_map += t.elapsed().as_secs_f64() / chunk.len() as f64;
+        d_map.push(t.elapsed().as_secs_f64() / chunk.len() as f64);
         let t = Instant::now();
         for (_, u) in chunk {
             black_box(iommu.execute(u, &mut []));
         }
-        d_unmap += t.elapsed().as_secs_f64() / chunk.len() as f64;
+        d_unmap.push(t.elapsed().as_secs_f64() / chunk.len() as f64);
     }
-    let chunks = reqs.chunks(usize::from(BATCH)).len() as f64;
 
     // Translate: random live pages (hit) and random free pages (miss, which raises a
     // coalesced fault event).
     let hits: Vec<u64> = (0..4096).map(|_| live(rng.next() % n) + (rng.next() & 0xff0)).collect();
-    let t = Instant::now();
-    for k in 0..lookups {
-        black_box(iommu.translate(1, hits[k % 4096], 16, Access::Read).unwrap());
-    }
-    let hit = t.elapsed().as_secs_f64() / lookups as f64;
-    let t = Instant::now();
-    for k in 0..lookups {
-        black_box(iommu.translate(1, hits[k % 16], 16, Access::Read).unwrap());
-    }
-    let hot = t.elapsed().as_secs_f64() / lookups as f64;
+    let time_lookups = |addrs: &[u64], count: usize, ok: bool| {
+        let mut per = vec![];
+        for chunk in 0..count / 10_000 {
+            let t = Instant::now();
+            for k in chunk * 10_000..(chunk + 1) * 10_000 {
+                let r = iommu.translate(1, addrs[k % addrs.len()], 16, Access::Read);
+                assert_eq!(r.is_ok(), ok);
+                black_box(r).ok();
+            }
+            per.push(t.elapsed().as_secs_f64() / 10_000.0);
+        }
+        median(per)
+    };
+    let hit = time_lookups(&hits, lookups, true);
+    let hot = time_lookups(&hits[..16], lookups, true);
     let misses: Vec<u64> = hits.iter().map(|&a| a + PAGE).collect();
-    let t = Instant::now();
-    for k in 0..lookups / 4 {
-        black_box(iommu.translate(1, misses[k % 4096], 16, Access::Read).unwrap_err());
-    }
-    let miss = t.elapsed().as_secs_f64() / (lookups / 4) as f64;
+    let miss = time_lookups(&misses, lookups / 4, false);
 
     Row {
         n,
-        queue_map: t_map / batches as f64,
-        queue_unmap: t_unmap / batches as f64,
-        direct_map: d_map / chunks,
-        direct_unmap: d_unmap / chunks,
+        queue_map: median(t_map),
+        queue_unmap: median(t_unmap),
+        direct_map: median(d_map),
+        direct_unmap: median(d_unmap),
         hit,
         hot,
         miss,
     }
 }
 
+/// Median of per-batch costs: robust to the preemptions of a shared machine.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (batches, lookups) = if quick { (20, 200_000) } else { (200, 4_000_000) };
-    println!("viommu-device bench: 1 domain, 1 endpoint, 4 KiB mappings; queue path = 128 requests per kick");
+    let (mut batches, lookups) = if quick { (20, 200_000) } else { (200, 4_000_000) };
+    if let Some(b) = std::env::var("BENCH_BATCHES").ok().and_then(|b| b.parse().ok()) {
+        batches = b;
+    }
+    println!("viommu-device bench: 1 domain, 1 endpoint, 4 KiB mappings at random addresses; queue path = 128 requests per kick;");
+    println!("each figure is the median over batches (128 requests, or 10k translations) of the per-operation cost");
     println!();
     println!("| live mappings | MAP via queue | UNMAP via queue | MAP direct | UNMAP direct | translate hit, random | translate hit, 16 hot pages | translate miss (+fault) | queue requests/s |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for n in [1 << 10, 1 << 14, 1 << 18] {
+    let sizes: Vec<u64> = match std::env::var("BENCH_SIZES") {
+        Ok(v) => v.split(',').filter_map(|x| x.parse().ok()).collect(),
+        Err(_) => vec![1 << 10, 1 << 14, 1 << 18],
+    };
+    for n in sizes {
         let r = measure(n, batches, lookups);
         let ns = |s: f64| format!("{:.0} ns", s * 1e9);
         let rate = 2.0 / (r.queue_map + r.queue_unmap);

@@ -81,6 +81,8 @@ pub struct Iommu {
     faults: Mutex<FaultQueue>,
     counters: Counters,
     listener: RwLock<Option<Arc<dyn Listener>>>,
+    /// Lets requests skip the listener lock when none is registered (the common case).
+    has_listener: AtomicBool,
     notifier: RwLock<Option<FaultNotifier>>,
 }
 
@@ -110,6 +112,7 @@ impl Iommu {
             faults: Mutex::new(FaultQueue::new(cfg.limits.max_pending_faults)),
             counters: Counters::default(),
             listener: RwLock::new(None),
+            has_listener: AtomicBool::new(false),
             notifier: RwLock::new(None),
             cfg,
         })
@@ -161,7 +164,9 @@ impl Iommu {
 
     /// Registers the back-end listener (replacing any previous one).
     pub fn set_listener(&self, l: Option<Arc<dyn Listener>>) {
-        *write(&self.listener) = l;
+        let mut slot = write(&self.listener);
+        self.has_listener.store(l.is_some(), Relaxed);
+        *slot = l;
     }
 
     /// Registers the function called when a fault event becomes pending.
@@ -197,6 +202,9 @@ impl Iommu {
     }
 
     fn listener(&self) -> Option<Arc<dyn Listener>> {
+        if !self.has_listener.load(Relaxed) {
+            return None;
+        }
         read(&self.listener).clone()
     }
 
@@ -345,7 +353,7 @@ impl Iommu {
         // first detach it from that domain and attach it to the one identified by domain."
         self.detach_locked(&mut ctl, ep, listener.as_deref());
         let entry = ctl.domains.entry(domain_id).or_insert_with(|| DomainEntry {
-            domain: Arc::new(Domain::new(domain_id, bypass)),
+            domain: Arc::new(Domain::new(domain_id, bypass, self.granule)),
             endpoints: Vec::new(),
             resv: Vec::new(),
         });
@@ -713,7 +721,7 @@ impl Iommu {
             if d.endpoints.is_empty() || ctl.domains.contains_key(&d.id) {
                 return Err(format!("domain {}: no endpoint or listed twice", d.id));
             }
-            let domain = Arc::new(Domain::new(d.id, d.bypass));
+            let domain = Arc::new(Domain::new(d.id, d.bypass, self.granule));
             let mut entry = DomainEntry { domain, endpoints: Vec::new(), resv: Vec::new() };
             {
                 let mut tree = write(&entry.domain.mappings);
