@@ -32,7 +32,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_workload, default_value = "block,net")]
     workloads: Vec<Workload>,
     /// Seconds of timed I/O per cell.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.2)]
     duration: f64,
     /// Short cells (0.05 s) for a smoke run; overrides --duration.
     #[arg(long)]
@@ -136,11 +136,13 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             spec.mode,
             spec.threads
         ));
+        let t0 = std::time::Instant::now();
         let r = run_cell(spec).map_err(|e| format!("{} {}: {e}", spec.workload, spec.mode))?;
-        results.push(r);
+        results.push((r, t0.elapsed()));
         progress.step();
     }
     progress.finish();
+    let (results, walls): (Vec<CellResult>, Vec<Duration>) = results.into_iter().unzip();
 
     print!("{}", table(&results));
     println!("\nmodes:");
@@ -154,7 +156,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let json_path = args.out.join("bench.json");
     let svg_path = args.out.join("bench.svg");
-    let text = serde_json::to_string_pretty(&report_json(&results)).expect("json");
+    let text = serde_json::to_string_pretty(&report_json(&results, &walls)).expect("json");
     std::fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
     std::fs::write(&svg_path, chart::svg(&results))
         .map_err(|e| format!("{}: {e}", svg_path.display()))?;
@@ -233,10 +235,11 @@ pub fn table(results: &[CellResult]) -> String {
     out
 }
 
-fn report_json(results: &[CellResult]) -> serde_json::Value {
+fn report_json(results: &[CellResult], walls: &[Duration]) -> serde_json::Value {
     let cells: Vec<_> = results
         .iter()
-        .map(|r| {
+        .zip(walls)
+        .map(|(r, wall)| {
             json!({
                 "workload": r.spec.workload.name(),
                 "mode": r.spec.mode.name(),
@@ -261,6 +264,7 @@ fn report_json(results: &[CellResult]) -> serde_json::Value {
                 "data_errors": r.data_errors,
                 "faults": r.faults,
                 "wait_timeouts": r.wait_timeouts,
+                "cell_wall_s": wall.as_secs_f64(),
             })
         })
         .collect();
