@@ -61,23 +61,29 @@ impl Hasher for PageHasher {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7cc1_b727_220a_95);
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
+/// Granules per chunk of the start bitmap.
+const CHUNK_SHIFT: u32 = 9;
+
 /// The mappings of one domain.
 ///
-/// The B-tree keyed by first IOVA is the authority: MAP checks overlap with one descent,
-/// UNMAP walks only the mappings inside its range. Translation goes first to a hash index
-/// of granule number to mapping, which holds every mapping of at most
-/// [`INDEXED_GRANULES`] granules (the common DMA case): one or two cache misses instead of
-/// a descent through the tree. Larger mappings are found through the tree.
+/// Small mappings (at most [`INDEXED_GRANULES`] granules, the common DMA case) live in a hash
+/// index from granule number to mapping, so translate, MAP's overlap check and an exact
+/// UNMAP cost one or two cache misses whatever the number of mappings. Their first granules
+/// are also marked in a bitmap per chunk of 512 granules, kept in a B-tree of non-empty
+/// chunks: that gives UNMAP of a range, and the address order, without visiting unmapped
+/// space. Larger mappings live in a B-tree keyed by first IOVA. Every operation is
+/// O(log n), and an UNMAP that removes k mappings is O(k log n).
 #[derive(Clone, Debug)]
 pub struct MappingTree {
-    map: BTreeMap<u64, Entry>,
+    large: BTreeMap<u64, Entry>,
     pages: HashMap<u64, Indexed, BuildHasherDefault<PageHasher>>,
+    starts: BTreeMap<u64, [u64; 8]>,
     shift: u32,
-    large: usize,
+    small: usize,
 }
 
 impl Default for MappingTree {
@@ -90,101 +96,145 @@ impl MappingTree {
     /// An empty tree for mappings aligned on `granule` (a power of two).
     pub fn new(granule: u64) -> Self {
         Self {
-            map: BTreeMap::new(),
+            large: BTreeMap::new(),
             pages: HashMap::default(),
+            starts: BTreeMap::new(),
             shift: granule.max(1).trailing_zeros(),
-            large: 0,
+            small: 0,
         }
     }
 
     /// Number of live mappings.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.small + self.large.len()
     }
 
     /// True if no mapping is live.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
     /// Granule numbers covered by `m`, if it is small enough to be indexed.
     fn indexed_pages(&self, m: &Mapping) -> Option<std::ops::RangeInclusive<u64>> {
         let (first, last) = (m.start >> self.shift, m.end >> self.shift);
         // Aligned mappings cover whole granules; a MappingTree used directly may not be.
-        let aligned = m.start & ((1 << self.shift) - 1) == 0
-            && m.end.wrapping_add(1) & ((1 << self.shift) - 1) == 0;
+        let mask = (1u64 << self.shift) - 1;
+        let aligned = m.start & mask == 0 && m.end.wrapping_add(1) & mask == 0;
         (aligned && last - first < INDEXED_GRANULES).then_some(first..=last)
+    }
+
+    /// The small mapping owning granule `page`.
+    fn small_at(&self, page: u64) -> Option<Mapping> {
+        let ix = self.pages.get(&page)?;
+        let first = page - u64::from(ix.offset);
+        let end = ((first + u64::from(ix.last) + 1) << self.shift).wrapping_sub(1);
+        Some(Mapping { start: first << self.shift, end, phys: ix.phys, flags: ix.flags })
     }
 
     /// The mapping that contains `iova`, if any.
     #[inline]
     pub fn lookup(&self, iova: u64) -> Option<Mapping> {
-        let page = iova >> self.shift;
-        if let Some(ix) = self.pages.get(&page) {
-            let first = page - u64::from(ix.offset);
-            let end = ((first + u64::from(ix.last) + 1) << self.shift).wrapping_sub(1);
-            return Some(Mapping {
-                start: first << self.shift,
-                end,
-                phys: ix.phys,
-                flags: ix.flags,
-            });
+        if let Some(m) = self.small_at(iova >> self.shift) {
+            return Some(m);
         }
-        if self.large == 0 {
+        if self.large.is_empty() {
             return None;
         }
-        self.tree_lookup(iova)
+        self.large_lookup(iova)
     }
 
-    fn tree_lookup(&self, iova: u64) -> Option<Mapping> {
-        let (&start, e) = self.map.range(..=iova).next_back()?;
+    fn large_lookup(&self, iova: u64) -> Option<Mapping> {
+        let (&start, e) = self.large.range(..=iova).next_back()?;
         (e.end >= iova).then_some(Mapping { start, end: e.end, phys: e.phys, flags: e.flags })
+    }
+
+    /// Calls `f` with each granule in `[first, last]` where a small mapping starts, in
+    /// order, until `f` returns false. Visits only non-empty chunks.
+    fn for_each_start(&self, first: u64, last: u64, mut f: impl FnMut(u64) -> bool) {
+        for (&chunk, bits) in self.starts.range(first >> CHUNK_SHIFT..=last >> CHUNK_SHIFT) {
+            let base = chunk << CHUNK_SHIFT;
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let g = base + (w as u64) * 64 + u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    if g < first {
+                        continue;
+                    }
+                    if g > last || !f(g) {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// True if any mapping intersects `[start, end]`.
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
-        let (first, last) = (start >> self.shift, end >> self.shift);
-        if self.large == 0 && last - first < INDEXED_GRANULES {
-            // Every mapping is indexed and owns its granules whole: a mapping meets the range
-            // exactly when it owns one of the range's granules.
-            return (first..=last).any(|p| self.pages.contains_key(&p));
+        if end < start {
+            return false;
         }
-        // Only the last mapping starting at or before `end` can reach into the range.
-        self.map.range(..=end).next_back().is_some_and(|(_, e)| e.end >= start)
+        let (first, last) = (start >> self.shift, end >> self.shift);
+        // A small mapping meets the range if it owns the range's first granule or starts
+        // in a later one (small mappings own their granules whole).
+        if self.pages.contains_key(&first) {
+            return true;
+        }
+        let mut found = false;
+        if first < last {
+            self.for_each_start(first + 1, last, |_| {
+                found = true;
+                false
+            });
+        }
+        // Only the last large mapping starting at or before `end` can reach into the range.
+        found || self.large.range(..=end).next_back().is_some_and(|(_, e)| e.end >= start)
     }
 
     /// Inserts a mapping; the caller has checked [`Self::overlaps`].
     pub fn insert(&mut self, m: Mapping) {
-        self.map.insert(m.start, Entry { end: m.end, phys: m.phys, flags: m.flags });
-        match self.indexed_pages(&m) {
-            Some(pages) => {
-                let (first, last) = (*pages.start(), *pages.end());
-                for p in pages {
-                    let (offset, last) = ((p - first) as u8, (last - first) as u8);
-                    self.pages.insert(p, Indexed { phys: m.phys, flags: m.flags, offset, last });
-                }
-            }
-            None => self.large += 1,
+        let Some(pages) = self.indexed_pages(&m) else {
+            self.large.insert(m.start, Entry { end: m.end, phys: m.phys, flags: m.flags });
+            return;
+        };
+        let (first, last) = (*pages.start(), *pages.end());
+        for p in pages {
+            let (offset, last) = ((p - first) as u8, (last - first) as u8);
+            self.pages.insert(p, Indexed { phys: m.phys, flags: m.flags, offset, last });
         }
+        let bits = self.starts.entry(first >> CHUNK_SHIFT).or_insert([0; 8]);
+        let bit = first & ((1 << CHUNK_SHIFT) - 1);
+        bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        self.small += 1;
     }
 
-    fn forget(&mut self, m: &Mapping) {
-        match self.indexed_pages(m) {
-            Some(pages) => {
-                for p in pages {
-                    self.pages.remove(&p);
-                }
-            }
-            None => self.large -= 1,
+    /// Removes a mapping known to be live.
+    fn remove(&mut self, m: &Mapping) {
+        let Some(pages) = self.indexed_pages(m) else {
+            self.large.remove(&m.start);
+            return;
+        };
+        let first = *pages.start();
+        for p in pages {
+            self.pages.remove(&p);
         }
+        let chunk = first >> CHUNK_SHIFT;
+        if let Some(bits) = self.starts.get_mut(&chunk) {
+            let bit = first & ((1 << CHUNK_SHIFT) - 1);
+            bits[(bit / 64) as usize] &= !(1 << (bit % 64));
+            if bits.iter().all(|&w| w == 0) {
+                self.starts.remove(&chunk);
+            }
+        }
+        self.small -= 1;
     }
 
     /// Checks that removing `[start, end]` splits no mapping.
     pub fn check_unmap(&self, start: u64, end: u64) -> Result<(), WouldSplit> {
-        if self.tree_lookup(start).is_some_and(|m| m.start < start) {
+        if self.lookup(start).is_some_and(|m| m.start < start) {
             return Err(WouldSplit);
         }
-        if self.tree_lookup(end).is_some_and(|m| m.end > end) {
+        if self.lookup(end).is_some_and(|m| m.end > end) {
             return Err(WouldSplit);
         }
         Ok(())
@@ -198,35 +248,51 @@ impl MappingTree {
         end: u64,
         mut removed: impl FnMut(Mapping),
     ) -> Result<usize, WouldSplit> {
+        if end < start {
+            return Ok(0);
+        }
         // Fast path, the usual driver pattern: the range is exactly one mapping.
-        if self.lookup(start).is_some_and(|m| m.start == start && m.end == end) {
-            let e = self.map.remove(&start).expect("indexed mapping is in the tree");
-            let m = Mapping { start, end, phys: e.phys, flags: e.flags };
-            self.forget(&m);
+        if let Some(m) = self.lookup(start).filter(|m| m.start == start && m.end == end) {
+            self.remove(&m);
             removed(m);
             return Ok(1);
         }
         self.check_unmap(start, end)?;
-        let mut count = 0;
-        // Each step is one O(log n) pop; no scan of mappings outside the range.
-        while let Some(key) = self.map.range(start..=end).next().map(|(&k, _)| k) {
-            let e = self.map.remove(&key).expect("key just found");
-            let m = Mapping { start: key, end: e.end, phys: e.phys, flags: e.flags };
-            self.forget(&m);
-            removed(m);
-            count += 1;
-        }
-        Ok(count)
-    }
-
-    /// All mappings in address order.
-    pub fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
-        self.map.iter().map(|(&start, e)| Mapping {
+        // With no split, every small mapping starting in the range's granules lies inside it.
+        let mut gone = Vec::new();
+        self.for_each_start(start >> self.shift, end >> self.shift, |g| {
+            gone.extend(self.small_at(g));
+            true
+        });
+        gone.extend(self.large.range(start..=end).map(|(&start, e)| Mapping {
             start,
             end: e.end,
             phys: e.phys,
             flags: e.flags,
-        })
+        }));
+        gone.sort_unstable_by_key(|m| m.start);
+        for m in &gone {
+            self.remove(m);
+            removed(*m);
+        }
+        Ok(gone.len())
+    }
+
+    /// All mappings in address order (a copy: O(n)).
+    pub fn iter(&self) -> impl Iterator<Item = Mapping> {
+        let mut all: Vec<Mapping> = Vec::with_capacity(self.len());
+        self.for_each_start(0, u64::MAX, |g| {
+            all.extend(self.small_at(g));
+            true
+        });
+        all.extend(self.large.iter().map(|(&start, e)| Mapping {
+            start,
+            end: e.end,
+            phys: e.phys,
+            flags: e.flags,
+        }));
+        all.sort_unstable_by_key(|m| m.start);
+        all.into_iter()
     }
 }
 
@@ -315,28 +381,59 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 128, ..Default::default() })]
 
-        /// The page index always agrees with the tree, for indexed and large mappings.
+        /// The tree (hash index, start bitmaps, large-mapping tree) behaves like a flat list
+        /// of mappings with linear scans: overlap, lookup, unmap (with splits), order.
         #[test]
-        fn index_agrees_with_tree(ops in proptest::collection::vec((proptest::bool::ANY, 0u64..64, 1u64..8), 1..100)) {
+        fn tree_matches_flat_list(
+            ops in proptest::collection::vec((0u8..3, 0u64..80, 1u64..9, 0u64..0x1000), 1..120)
+        ) {
             let mut t = MappingTree::new(0x1000);
-            for (is_map, page, pages) in ops {
+            let mut flat: Vec<Mapping> = Vec::new();
+            for (kind, page, pages, jitter) in ops {
                 let (s, e) = (page << 12, ((page + pages) << 12) - 1);
-                if is_map {
-                    if !t.overlaps(s, e) {
-                        t.insert(Mapping { start: s, end: e, phys: s << 4, flags: 1 });
+                match kind {
+                    0 => {
+                        let naive = flat.iter().any(|m| m.start <= e && s <= m.end);
+                        proptest::prop_assert_eq!(t.overlaps(s, e), naive);
+                        if !naive {
+                            let m = Mapping { start: s, end: e, phys: s << 4, flags: 1 };
+                            t.insert(m);
+                            flat.push(m);
+                        }
                     }
-                } else {
-                    let _ = t.unmap(s, e, |_| {});
+                    _ => {
+                        // Unaligned ranges too (kind 2).
+                        let (s, e) = if kind == 2 { (s + jitter, e - jitter) } else { (s, e) };
+                        if e < s {
+                            proptest::prop_assert_eq!(t.unmap(s, e, |_| {}), Ok(0));
+                            continue;
+                        }
+                        let split = flat.iter().any(|m| m.start <= e && s <= m.end && (m.start < s || m.end > e));
+                        let mut got = vec![];
+                        let r = t.unmap(s, e, |m| got.push(m));
+                        if split {
+                            proptest::prop_assert_eq!(r, Err(WouldSplit));
+                        } else {
+                            let mut want: Vec<Mapping> = flat.iter().copied().filter(|m| s <= m.start && m.end <= e).collect();
+                            want.sort_by_key(|m| m.start);
+                            flat.retain(|m| !(s <= m.start && m.end <= e));
+                            proptest::prop_assert_eq!(r, Ok(want.len()));
+                            proptest::prop_assert_eq!(got, want);
+                        }
+                    }
                 }
-                for probe in 0..72u64 {
+                for probe in 0..90u64 {
                     let iova = (probe << 12) + 0x123;
-                    proptest::prop_assert_eq!(t.lookup(iova), t.tree_lookup(iova));
+                    let naive = flat.iter().copied().find(|m| m.start <= iova && iova <= m.end);
+                    proptest::prop_assert_eq!(t.lookup(iova), naive);
                 }
+                let mut sorted = flat.clone();
+                sorted.sort_by_key(|m| m.start);
+                proptest::prop_assert_eq!(t.iter().collect::<Vec<_>>(), sorted);
+                proptest::prop_assert_eq!(t.len(), flat.len());
             }
-            let small = t.iter().filter(|m| (m.end - m.start) >> 12 < INDEXED_GRANULES).count();
-            proptest::prop_assert_eq!(t.large, t.len() - small);
         }
     }
 }
