@@ -786,3 +786,43 @@ fn main() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_come_from_the_kernel_command_line() {
+        let o = Opts::from_cmdline(
+            "console=ttyS0 quiet vg.policy=lazy-batch vg.mib=8 vg.neg=0 vg.sizes=4k,1m vg.qds=32",
+        )
+        .unwrap();
+        assert_eq!((o.policy.as_str(), o.mib, o.neg, o.sg), ("lazy-batch", 8, false, true));
+        assert_eq!((o.sizes, o.qds), (vec![4096, 1 << 20], vec![32]));
+        assert!(Opts::from_cmdline("vg.mib=65").is_err(), "the write region is 64 MiB");
+        assert!(Opts::from_cmdline("vg.sizes=4x").is_err());
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("512"), Some(512));
+    }
+
+    #[test]
+    fn scattered_buffers_use_every_other_page() {
+        let r = DmaRegion { bus_addr: 0x20_0000, vaddr: std::ptr::NonNull::dangling(), pages: 32 };
+        let mut w = Workload {
+            name: String::new(),
+            op: BlkOp::Read,
+            size: 64 << 10,
+            scattered: true,
+            qd: 1,
+            bytes: 0,
+            base: 0,
+            tag: 0,
+        };
+        let segs = segments(&r, &w);
+        assert_eq!(segs.len(), 16);
+        assert_eq!(segs[1], (0x20_2000, 4096));
+        assert_eq!(segs[15].0 + 4096, 0x20_0000 + 32 * 4096 - 4096);
+        w.scattered = false;
+        assert_eq!(segments(&r, &w), [(0x20_0000, 64 << 10)]);
+    }
+}
