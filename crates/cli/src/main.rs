@@ -38,6 +38,11 @@ enum Command {
         /// Print each request whose status is not OK (at most 20).
         #[arg(long, short)]
         verbose: bool,
+        /// Go through the full virtqueue path (device on its I/O thread,
+        /// one chain per request, one notify per recorded kick) instead of
+        /// the raw request path.
+        #[arg(long)]
+        virtqueue: bool,
     },
 }
 
@@ -45,7 +50,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
-        Command::Replay { file, export, verbose } => replay::run(&file, export.as_deref(), verbose),
+        Command::Replay { file, export, verbose, virtqueue } => {
+            replay::run(&file, export.as_deref(), verbose, virtqueue)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

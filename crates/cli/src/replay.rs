@@ -38,20 +38,30 @@ fn read_input(path: &Path) -> Result<String, String> {
 }
 
 /// Runs the command.
-pub fn run(path: &Path, export: Option<&Path>, verbose: bool) -> Result<(), String> {
+pub fn run(
+    path: &Path,
+    export: Option<&Path>,
+    verbose: bool,
+    virtqueue: bool,
+) -> Result<(), String> {
     let text = read_input(path)?;
     let stream = replay::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     if let Some(out) = export {
         std::fs::write(out, replay::to_native(&stream.ops))
             .map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    let report = replay::run(&stream).map_err(|e| format!("device config: {e}"))?;
+    let report = if virtqueue {
+        replay::run_virtqueue(&stream).map_err(|e| e.to_string())?
+    } else {
+        replay::run(&stream).map_err(|e| format!("device config: {e}"))?
+    };
+    let path_name = if virtqueue { "virtqueue path" } else { "raw request path" };
     let format = match stream.format {
         Format::Native => "native",
         Format::QemuTrace => "QEMU trace",
     };
     println!(
-        "{}: {format}, {} requests, {} kicks, {} endpoints {:?}, {} lines skipped",
+        "{}: {format}, {} requests, {} kicks, {} endpoints {:?}, {} lines skipped; {path_name}",
         path.display(),
         report.total(),
         report.kicks,
@@ -64,8 +74,13 @@ pub fn run(path: &Path, export: Option<&Path>, verbose: bool) -> Result<(), Stri
         if report.sent[i] == 0 {
             continue;
         }
-        let ns = report.elapsed_by_type[i].as_nanos() as f64 / report.sent[i] as f64;
-        println!("{name:<8} {:>10} {ns:>10.1}", report.sent[i]);
+        if virtqueue {
+            // Requests complete in batches: no time per type.
+            println!("{name:<8} {:>10} {:>10}", report.sent[i], "-");
+        } else {
+            let ns = report.elapsed_by_type[i].as_nanos() as f64 / report.sent[i] as f64;
+            println!("{name:<8} {:>10} {ns:>10.1}", report.sent[i]);
+        }
     }
     println!(
         "{:<8} {:>10} {:>10.1}",
@@ -75,6 +90,10 @@ pub fn run(path: &Path, export: Option<&Path>, verbose: bool) -> Result<(), Stri
     );
     if report.kicks > 0 {
         println!("requests per kick: {:.2}", report.total() as f64 / report.kicks as f64);
+        if virtqueue {
+            let us = report.elapsed.as_secs_f64() * 1e6 / report.kicks as f64;
+            println!("wall time per kick (notify, process, interrupt): {us:.1} us");
+        }
     }
     let statuses: Vec<String> = (0..9u8)
         .filter(|&s| report.statuses[s as usize] > 0)

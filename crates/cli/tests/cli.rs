@@ -29,11 +29,22 @@ fn replays_the_linux_trace_excerpt() {
     let (ok, out, err) = viommu(&["replay", &data("linux-6.12-lazy-dd.excerpt.trace")]);
     assert!(ok, "{err}");
     assert!(out.contains("QEMU trace, 1533 requests, 774 kicks, 1 endpoints [24]"), "{out}");
+    assert!(out.contains("raw request path"), "{out}");
     assert!(out.contains("statuses: OK 1533; malformed (used length 0): 0"), "{out}");
     assert!(out.contains("MAP             768"), "{out}");
     assert!(out.contains("UNMAP           764"), "{out}");
     // Four mappings are still live at the end of the excerpt: the domain stays.
     assert!(out.contains("domains alive at the end: 1"), "{out}");
+}
+
+#[test]
+fn replays_the_linux_trace_excerpt_through_the_virtqueue() {
+    let (ok, out, err) =
+        viommu(&["replay", "--virtqueue", &data("linux-6.12-lazy-dd.excerpt.trace")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1533 requests, 774 kicks"), "{out}");
+    assert!(out.contains("virtqueue path"), "{out}");
+    assert!(out.contains("statuses: OK 1533; malformed (used length 0): 0"), "{out}");
 }
 
 #[test]
