@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// Short cells (0.05 s) for a smoke run; overrides --duration.
     #[arg(long)]
     quick: bool,
-    /// Extra delay per request-queue kick, in nanoseconds, to model a VM exit.
+    /// Extra delay per kick (any virtqueue notify), in nanoseconds, to model a VM exit.
     #[arg(long, default_value_t = 0)]
     exit_cost_ns: u64,
     /// Directory for bench.json and bench.svg.
