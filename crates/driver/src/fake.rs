@@ -295,7 +295,8 @@ struct Device {
     queues: [Queue; 2],
     domains: BTreeMap<u32, Dom>,
     ep_domain: BTreeMap<u32, u32>,
-    inject: VecDeque<Injection>,
+    /// Injections with the number of matching requests to let through first.
+    inject: VecDeque<(u32, Injection)>,
     stats: FakeStats,
     deferred: bool,
 }
@@ -377,7 +378,12 @@ impl FakeIommu {
 
     /// Fails the next matching request.
     pub fn inject(&self, injection: Injection) {
-        self.lock().inject.push_back(injection);
+        self.inject_nth(0, injection);
+    }
+
+    /// Lets `skip` matching requests through, then fails the next one.
+    pub fn inject_nth(&self, skip: u32, injection: Injection) {
+        self.lock().inject.push_back((skip, injection));
     }
 
     /// Deferred mode: notifies only count; requests are processed when the
@@ -541,9 +547,16 @@ impl Device {
     }
 
     fn process_requests(&mut self) {
+        // Like a real device: after publishing avail_event, look again, or a
+        // request added meanwhile (whose driver saw no need to notify) is lost.
+        while self.process_available() {}
+    }
+
+    /// Processes every available request; true if more arrived meanwhile.
+    fn process_available(&mut self) -> bool {
         let q = self.queues[0];
-        let Some(addrs) = q.addrs else { return };
-        let Some(avail) = self.mem.read_u16(addrs.avail + 2) else { return };
+        let Some(addrs) = q.addrs else { return false };
+        let Some(avail) = self.mem.read_u16(addrs.avail + 2) else { return false };
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let mut last = q.last_avail;
         while last != avail {
@@ -573,9 +586,12 @@ impl Device {
             }
             self.push_used(0, head, used_len);
         }
-        if self.has(f::RING_EVENT_IDX) {
-            self.mem.write_u16(addrs.used + 4 + 8 * q.size as u64, last);
+        if !self.has(f::RING_EVENT_IDX) {
+            return false;
         }
+        self.mem.write_u16(addrs.used + 4 + 8 * q.size as u64, last);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.read_u16(addrs.avail + 2).is_some_and(|a| a != last)
     }
 
     /// Executes one request: status, probe properties, and "used length 0".
@@ -589,11 +605,14 @@ impl Device {
         };
         let ty = req.request_type();
         self.stats.requests[ty as usize - 1] += 1;
-        if let Some(pos) = self.inject.iter().position(|i| i.request.is_none_or(|t| t == ty)) {
-            let inj = self.inject.remove(pos).map(|i| i.reply);
-            match inj {
-                Some(InjectReply::Status(s)) => return (s, Vec::new(), false),
-                _ => return (Status::IoErr, Vec::new(), true),
+        if let Some(pos) = self.inject.iter().position(|(_, i)| i.request.is_none_or(|t| t == ty)) {
+            if self.inject[pos].0 > 0 {
+                self.inject[pos].0 -= 1;
+            } else {
+                match self.inject.remove(pos).map(|(_, i)| i.reply) {
+                    Some(InjectReply::Status(s)) => return (s, Vec::new(), false),
+                    _ => return (Status::IoErr, Vec::new(), true),
+                }
             }
         }
         let mut props = Vec::new();

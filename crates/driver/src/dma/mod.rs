@@ -560,16 +560,24 @@ impl DmaDomain {
         // A previous flush's failure is not this unmap's: it is counted and retried.
         let _ = self.reap(q);
         match cause {
-            Some(cause) => self.flush_queue(q, cause, false),
+            Some(cause) => self.flush_queue(q, cause, false, true),
             None => Ok(()),
         }
     }
 
-    /// Sends the queue's UNMAPs (plus the retry list). With `wait`, syncs
+    /// Sends the queue's UNMAPs (and the retry list's, `with_retry`). With `wait`, syncs
     /// now; otherwise they ride on the next kick and complete in `reap`.
-    fn flush_queue(&self, q: &Mutex<FlushQueue>, cause: FlushCause, wait: bool) -> Result<()> {
+    fn flush_queue(
+        &self,
+        q: &Mutex<FlushQueue>,
+        cause: FlushCause,
+        wait: bool,
+        with_retry: bool,
+    ) -> Result<()> {
         let mut entries = core::mem::take(&mut q.lock().entries);
-        entries.append(&mut self.retry.lock());
+        if with_retry {
+            entries.append(&mut self.retry.lock());
+        }
         if entries.is_empty() {
             return Ok(());
         }
@@ -661,11 +669,11 @@ impl DmaDomain {
             first = first.and(self.reap_inner(q, Some(cfg.timeout_ns)));
             let expired = q.lock().expired(now, cfg);
             if expired {
-                first = first.and(self.flush_queue(q, FlushCause::Timeout, true));
+                first = first.and(self.flush_queue(q, FlushCause::Timeout, true, false));
             }
         }
         if !self.retry.lock().is_empty() {
-            first = first.and(self.flush_queue(&self.single, FlushCause::Timeout, true));
+            first = first.and(self.flush_queue(&self.single, FlushCause::Timeout, true, true));
         }
         first
     }
@@ -674,21 +682,17 @@ impl DmaDomain {
     /// failed ones. Afterwards all unmapped IOVAs are back in the allocator
     /// (unless the device keeps failing UNMAPs).
     pub fn flush(&self) -> Result<()> {
+        // Retries first: what fails during this flush waits for the next one.
         let mut first = Ok(());
-        let mut any = false;
+        if !self.retry.lock().is_empty() {
+            first = self.flush_queue(&self.single, FlushCause::Explicit, true, true);
+        }
         for (q, _) in self.queues() {
             let has = !q.lock().entries.is_empty();
             if has {
-                any = true;
-                first = first.and(self.flush_queue(q, FlushCause::Explicit, true));
+                first = first.and(self.flush_queue(q, FlushCause::Explicit, true, false));
             }
             first = first.and(self.reap_inner(q, Some(0)));
-        }
-        if !self.retry.lock().is_empty() {
-            if !any {
-                self.domain.counters().flush(FlushCause::Explicit);
-            }
-            first = first.and(self.flush_queue(&self.single, FlushCause::Explicit, true));
         }
         first
     }
