@@ -46,3 +46,11 @@ pub use iommu::{FaultNotifier, Iommu};
 pub use listener::Listener;
 pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
 pub use translate::{Access, Fault, FaultKind, Segment, Translation};
+
+// The state is shared with other device models' threads; the device moves to its own.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    const fn owned<T: Send>() {}
+    shared::<Iommu>();
+    owned::<VirtioIommu>();
+};
