@@ -31,22 +31,9 @@ const RQ: u64 = 0x0;
 const EQ: u64 = 0x8000;
 const DATA: u64 = 0x1_0000;
 
-/// SplitMix64: seeds the byte stream each case is decoded from.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// (is MSI, first page, extra pages) of a reserved region.
 type FuzzResv = (bool, u16, u8);
