@@ -9,7 +9,7 @@
 //!   and Strict / Lazy / LazySingle unmap policies with UNMAP coalescing.
 //!
 //! `no_std` + `alloc`; the default `std` feature adds a default clock and
-//! `std::sync::Mutex`. `test-utils` adds [`fake`], an in-process fake device.
+//! `std::sync::Mutex`. `test-utils` adds `fake`, an in-process fake device.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 

@@ -1,5 +1,5 @@
 //! What the driver needs from the bus it sits on: feature negotiation,
-//! config access, queue setup and notification. DMA memory is [`Hal`]'s job.
+//! config access, queue setup and notification. DMA memory is [`Hal`](crate::hal::Hal)'s job.
 //!
 //! Implementations: the in-process VM (`crates/vm`), Linux userspace over
 //! sysfs PCI (`crates/guest`), and the test fakes in this crate.

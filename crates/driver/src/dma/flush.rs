@@ -2,7 +2,7 @@
 //!
 //! An unmapped IOVA allocation goes through three states:
 //! 1. **queued**: gone from the domain's tree, still mapped in the device, in
-//!    a [`FlushQueue`]'s `entries`;
+//!    a flush queue's `entries`;
 //! 2. **in flight**: its (possibly coalesced) UNMAP is on the request ring;
 //!    a flush that does not wait rides on the next kick, whoever makes it;
 //! 3. **done**: the UNMAP covering it completed, the IOVA goes back to the
