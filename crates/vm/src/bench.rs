@@ -239,6 +239,24 @@ struct ThreadTally {
 }
 
 /// Runs one cell on a fresh VM and returns what it measured.
+///
+/// ```
+/// use std::time::Duration;
+/// use viommu_vm::bench::{run_cell, CellSpec, Mode, Workload};
+/// let r = run_cell(&CellSpec {
+///     mode: Mode::Best,
+///     workload: Workload::Block,
+///     io_size: 16 << 10,
+///     threads: 1,
+///     duration: Duration::from_millis(20),
+///     exit_cost: Duration::ZERO,
+/// })
+/// .unwrap();
+/// assert!(r.ios > 0 && r.data_errors == 0);
+/// // Header+status page and 4 data pages: 5 MAPs, about one kick per I/O.
+/// assert_eq!(r.map_requests, 5 * r.ios);
+/// assert!(r.kicks_per_io() < 2.0); // 1, plus the final flush and timer flushes
+/// ```
 pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
     if spec.threads == 0 || spec.io_size == 0 {
         return Err(BenchError::Spec("threads and io_size must be positive".into()));

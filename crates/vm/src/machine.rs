@@ -115,6 +115,18 @@ impl Machine {
     /// Starts the device, initialises the driver and attaches `endpoint` to
     /// the domain `mode` calls for (identity or paging). `Mode::NoIommu`
     /// builds the VM but attaches nothing.
+    ///
+    /// ```
+    /// use viommu_device::Access;
+    /// use viommu_driver::Prot;
+    /// use viommu_vm::{bench::Mode, machine::Machine, GuestRam};
+    /// let m = Machine::new(GuestRam::new(8 << 20).unwrap(), 8, Mode::Strict).unwrap();
+    /// let d = m.domain().unwrap();
+    /// d.map_pages(0x10000, 0x20000, 0x1000, Prot::READ).unwrap();
+    /// d.iotlb_sync_map(0x10000, 0x1000).unwrap(); // one MAP, one kick
+    /// let t = m.iommu().translate(8, 0x10010, 4, Access::Read).unwrap();
+    /// assert_eq!(t.contiguous().unwrap().addr, 0x20010);
+    /// ```
     pub fn new(ram: Arc<GuestRam>, endpoint: u32, mode: Mode) -> Result<Self, MachineError> {
         Self::with_config(ram, device_config(endpoint), endpoint, mode)
     }
