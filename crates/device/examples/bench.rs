@@ -227,7 +227,9 @@ fn measure(n: u64, batches: usize, lookups: usize) -> Row {
             }
         });
         let ns = t.elapsed().as_secs_f64() / per_thread as f64 * 1e9;
-        println!("(16k mappings, 2 threads translating at once: {ns:.0} ns per translation per thread)");
+        println!(
+            "(16k mappings, 2 threads translating at once: {ns:.0} ns per translation per thread)"
+        );
     }
     Row {
         n,

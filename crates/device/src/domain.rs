@@ -2,7 +2,7 @@
 //! O(log n) in the live mappings, and an UNMAP that removes k mappings is O(k log n).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
@@ -46,14 +46,43 @@ struct Indexed {
 /// Mappings spanning at most this many granules are also entered in the page index.
 pub const INDEXED_GRANULES: u64 = 4;
 
-/// A multiplicative hasher for page numbers: one multiply, no DoS concern because keys are
-/// granule numbers the guest chooses only within the bounds the limits allow.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PageHasher(u64);
+/// Builds the page index's hasher: a keyed mix of the granule number, with keys drawn
+/// from the standard library's per-process randomness. Granule numbers are guest-chosen;
+/// an unkeyed or weak hash would let aligned or crafted IOVAs pile into one probe sequence
+/// (aligned buffers alone would with a plain multiply).
+#[derive(Clone, Copy, Debug)]
+pub struct PageHashKeys {
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for PageHashKeys {
+    fn default() -> Self {
+        let rs = std::collections::hash_map::RandomState::new();
+        Self { k0: rs.hash_one(0x5eed_u64), k1: rs.hash_one(0xfeed_u64) }
+    }
+}
+
+impl BuildHasher for PageHashKeys {
+    type Hasher = PageHasher;
+    fn build_hasher(&self) -> PageHasher {
+        PageHasher { state: self.k0, k1: self.k1 }
+    }
+}
+
+/// The hasher: xor with a key, then the SplitMix64 finaliser (a bijective avalanche mix).
+#[derive(Clone, Copy, Debug)]
+pub struct PageHasher {
+    state: u64,
+    k1: u64,
+}
 
 impl Hasher for PageHasher {
     fn finish(&self) -> u64 {
-        self.0
+        let mut z = self.state ^ self.k1;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -61,7 +90,7 @@ impl Hasher for PageHasher {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+        self.state = (self.state ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     }
 }
 
@@ -80,7 +109,7 @@ const CHUNK_SHIFT: u32 = 9;
 #[derive(Clone, Debug)]
 pub struct MappingTree {
     large: BTreeMap<u64, Entry>,
-    pages: HashMap<u64, Indexed, BuildHasherDefault<PageHasher>>,
+    pages: HashMap<u64, Indexed, PageHashKeys>,
     starts: BTreeMap<u64, [u64; 8]>,
     shift: u32,
     small: usize,
