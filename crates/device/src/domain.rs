@@ -138,11 +138,6 @@ impl MappingTree {
         self.small + self.large.len()
     }
 
-    /// True if no mapping is live.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Granule numbers covered by `m`, if it is small enough to be indexed.
     fn indexed_pages(&self, m: &Mapping) -> Option<std::ops::RangeInclusive<u64>> {
         let (first, last) = (m.start >> self.shift, m.end >> self.shift);
@@ -379,7 +374,7 @@ mod tests {
         assert_eq!(t.unmap(0, 9, |_| {}), Ok(1)); // (6)
         let mut t = tree(&[(0, 4), (10, 14)]);
         assert_eq!(t.unmap(0, 14, |_| {}), Ok(2)); // (7)
-        assert!(t.is_empty());
+        assert_eq!(t.len(), 0);
     }
 
     #[test]

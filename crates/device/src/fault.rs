@@ -45,7 +45,7 @@ impl PendingFault {
 
 /// What happened to a fault offered to the queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Queued {
+pub(crate) enum Offer {
     /// Queued for delivery.
     Queued,
     /// Merged into a pending event of the same kind.
@@ -56,56 +56,51 @@ pub enum Queued {
 
 /// The bounded queue of pending faults.
 #[derive(Clone, Debug, Default)]
-pub struct FaultQueue {
+pub(crate) struct FaultQueue {
     pending: VecDeque<PendingFault>,
     cap: usize,
 }
 
 impl FaultQueue {
     /// An empty queue holding at most `cap` events.
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self { pending: VecDeque::new(), cap }
     }
 
     /// Offers a fault. The scan is over at most `cap` entries, on the fault path only.
-    pub fn push(&mut self, f: PendingFault) -> Queued {
+    pub(crate) fn push(&mut self, f: PendingFault) -> Offer {
         if self.pending.iter().any(|p| p.same_kind(&f)) {
-            return Queued::Coalesced;
+            return Offer::Coalesced;
         }
         if self.pending.len() >= self.cap {
-            return Queued::Dropped;
+            return Offer::Dropped;
         }
         self.pending.push_back(f);
-        Queued::Queued
+        Offer::Queued
     }
 
     /// The oldest pending event.
-    pub fn front(&self) -> Option<&PendingFault> {
+    pub(crate) fn front(&self) -> Option<&PendingFault> {
         self.pending.front()
     }
 
     /// Removes the oldest pending event (after delivery).
-    pub fn pop(&mut self) -> Option<PendingFault> {
+    pub(crate) fn pop(&mut self) -> Option<PendingFault> {
         self.pending.pop_front()
     }
 
     /// Number of pending events.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pending.len()
     }
 
-    /// True if nothing is pending.
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
     /// Drops everything pending.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.pending.clear();
     }
 
     /// The pending events, oldest first.
-    pub fn to_vec(&self) -> Vec<PendingFault> {
+    pub(crate) fn to_vec(&self) -> Vec<PendingFault> {
         self.pending.iter().copied().collect()
     }
 }
@@ -121,20 +116,20 @@ mod tests {
     #[test]
     fn same_kind_coalesces_until_delivered() {
         let mut q = FaultQueue::new(4);
-        assert_eq!(q.push(f(1, 0x1000)), Queued::Queued);
-        assert_eq!(q.push(f(1, 0x2000)), Queued::Coalesced);
-        assert_eq!(q.push(f(2, 0x1000)), Queued::Queued);
+        assert_eq!(q.push(f(1, 0x1000)), Offer::Queued);
+        assert_eq!(q.push(f(1, 0x2000)), Offer::Coalesced);
+        assert_eq!(q.push(f(2, 0x1000)), Offer::Queued);
         assert_eq!(q.pop().map(|p| p.address), Some(0x1000));
-        assert_eq!(q.push(f(1, 0x3000)), Queued::Queued);
+        assert_eq!(q.push(f(1, 0x3000)), Offer::Queued);
         assert_eq!(q.len(), 2);
     }
 
     #[test]
     fn full_queue_drops() {
         let mut q = FaultQueue::new(2);
-        assert_eq!(q.push(f(1, 0)), Queued::Queued);
-        assert_eq!(q.push(f(2, 0)), Queued::Queued);
-        assert_eq!(q.push(f(3, 0)), Queued::Dropped);
+        assert_eq!(q.push(f(1, 0)), Offer::Queued);
+        assert_eq!(q.push(f(2, 0)), Offer::Queued);
+        assert_eq!(q.push(f(3, 0)), Offer::Dropped);
         assert_eq!(q.len(), 2);
     }
 }

@@ -22,7 +22,7 @@ use crate::counters::{CounterSnapshot, Counters};
 use crate::domain::{Domain, Mapping};
 use crate::endpoint::{Endpoint, EndpointTable};
 use crate::error::ConfigError;
-use crate::fault::{FaultQueue, PendingFault, Queued};
+use crate::fault::{FaultQueue, Offer, PendingFault};
 use crate::listener::Listener;
 use crate::sync::{lock, read, write};
 use crate::translate::{Access, Fault, FaultKind, Segment, Translation};
@@ -650,13 +650,13 @@ impl Iommu {
         };
         let outcome = lock(&self.faults).push(ev);
         match outcome {
-            Queued::Queued => {
+            Offer::Queued => {
                 if let Some(n) = read(&self.notifier).clone() {
                     n();
                 }
             }
-            Queued::Coalesced => self.counters.fault_coalesced(),
-            Queued::Dropped => self.counters.fault_dropped(),
+            Offer::Coalesced => self.counters.fault_coalesced(),
+            Offer::Dropped => self.counters.fault_dropped(),
         }
         f
     }

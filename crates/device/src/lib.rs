@@ -25,7 +25,7 @@
 pub mod config;
 mod counters;
 mod device;
-pub mod domain;
+mod domain;
 mod endpoint;
 mod error;
 pub mod fault;

@@ -21,7 +21,7 @@ pub const MAX_READABLE: usize = size_of::<ReqHead>() + size_of::<ProbeBody>();
 
 /// Why a chain could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChainError {
+pub(crate) enum ChainError {
     /// No descriptor at all.
     Empty,
     /// A device-readable descriptor follows a device-writable one.
@@ -34,20 +34,20 @@ pub enum ChainError {
 
 /// A gathered request.
 #[derive(Debug)]
-pub struct Gathered {
+pub(crate) struct Gathered {
     /// The first readable bytes.
-    pub readable: [u8; MAX_READABLE],
+    pub(crate) readable: [u8; MAX_READABLE],
     /// How many of them are valid.
-    pub readable_len: usize,
+    pub(crate) readable_len: usize,
     /// The device-writable buffers, in order.
-    pub writable: SmallVec<[(GuestAddress, u32); 4]>,
+    pub(crate) writable: SmallVec<[(GuestAddress, u32); 4]>,
     /// Their total length.
-    pub writable_len: u64,
+    pub(crate) writable_len: u64,
 }
 
 impl Gathered {
     /// Bytes of the writable part the reply may use: the tail, plus properties for PROBE.
-    pub fn reply_len(&self, probe_size: u32) -> usize {
+    pub(crate) fn reply_len(&self, probe_size: u32) -> usize {
         let need = match RequestType::from_u8(self.readable[0]) {
             Some(RequestType::Probe) => probe_size as usize + 4,
             _ => 4,
@@ -57,7 +57,7 @@ impl Gathered {
 }
 
 /// Walks `chain`, copying at most [`MAX_READABLE`] readable bytes.
-pub fn gather<M: GuestMemoryBackend>(
+pub(crate) fn gather<M: GuestMemoryBackend>(
     chain: DescriptorChain<&M>,
     mem: &M,
 ) -> Result<Gathered, ChainError> {
@@ -92,7 +92,7 @@ pub fn gather<M: GuestMemoryBackend>(
 }
 
 /// Checks that the first `len` bytes of the writable buffers are in guest memory.
-pub fn check_writable<M: GuestMemoryBackend>(g: &Gathered, mem: &M, len: usize) -> bool {
+pub(crate) fn check_writable<M: GuestMemoryBackend>(g: &Gathered, mem: &M, len: usize) -> bool {
     let mut left = len;
     for &(addr, n) in &g.writable {
         if left == 0 {
@@ -108,7 +108,7 @@ pub fn check_writable<M: GuestMemoryBackend>(g: &Gathered, mem: &M, len: usize) 
 }
 
 /// Scatters `data` over the writable buffers.
-pub fn scatter<M: GuestMemoryBackend>(g: &Gathered, mem: &M, mut data: &[u8]) -> bool {
+pub(crate) fn scatter<M: GuestMemoryBackend>(g: &Gathered, mem: &M, mut data: &[u8]) -> bool {
     for &(addr, n) in &g.writable {
         if data.is_empty() {
             break;
