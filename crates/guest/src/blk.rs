@@ -154,6 +154,11 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         self.free_slots.len()
     }
 
+    /// Free descriptors in the ring (a request takes its data buffers + 2).
+    pub fn free_descriptors(&self) -> u16 {
+        self.queue.num_free()
+    }
+
     /// Notifications sent to the block device.
     pub fn kicks(&self) -> u64 {
         self.kicks
