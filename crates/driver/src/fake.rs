@@ -299,6 +299,7 @@ struct Device {
     inject: VecDeque<(u32, Injection)>,
     stats: FakeStats,
     deferred: bool,
+    stalled: bool,
 }
 
 /// A fake virtio-iommu device.
@@ -324,6 +325,7 @@ impl FakeIommu {
             inject: VecDeque::new(),
             stats: FakeStats::default(),
             deferred: false,
+            stalled: false,
         };
         Self { dev: Arc::new(Mutex::new(dev)), mem }
     }
@@ -392,6 +394,21 @@ impl FakeIommu {
         self.lock().deferred = deferred;
     }
 
+    /// Stalled mode: the device processes nothing at all. Leaving it, the
+    /// device catches up with what it was notified of.
+    pub fn set_stalled(&self, stalled: bool) {
+        let mut d = self.lock();
+        d.stalled = stalled;
+        if !stalled && !d.deferred {
+            d.process_requests();
+        }
+    }
+
+    /// Sets DEVICE_NEEDS_RESET in the status, as a device with an internal error does.
+    pub fn set_needs_reset(&self) {
+        self.lock().status |= crate::transport::status::DEVICE_NEEDS_RESET;
+    }
+
     /// Writes a fault event into the next event buffer. False when the
     /// driver posted none (the device drops the event).
     pub fn inject_fault(&self, event: FaultEvent) -> bool {
@@ -454,7 +471,7 @@ impl Transport for FakeTransport {
         match queue {
             0 => {
                 d.stats.kicks += 1;
-                if !d.deferred {
+                if !d.deferred && !d.stalled {
                     d.process_requests();
                 }
             }
@@ -490,7 +507,7 @@ impl Transport for FakeTransport {
 
     fn wait_for_used(&mut self, _queue: u16) {
         let mut d = self.lock();
-        if d.deferred {
+        if d.deferred && !d.stalled {
             d.process_requests();
         }
     }

@@ -1418,7 +1418,14 @@ impl DomainInner {
             return Ok(());
         }
         let seqs: Vec<u64> = ops.iter().map(PendingOp::seq).collect();
-        let replies = self.port.wait(&seqs)?;
+        let replies = match self.port.wait(&seqs) {
+            Ok(r) => r,
+            Err(e) => {
+                // No answer (timeout, reset): keep them for a later sync.
+                self.state.lock().pending.extend(ops);
+                return Err(e);
+            }
+        };
         let mut first = None;
         let mut st = self.state.lock();
         for (op, r) in ops.into_iter().zip(replies) {

@@ -359,3 +359,21 @@ fn queue_recycles_descriptors_out_of_order_and_skips_bogus_used_ids() {
     q.set_bus_addrs(iova);
     assert_eq!(q.addrs().desc, 0xdead_0000);
 }
+
+#[test]
+fn a_silent_device_gives_timeout_or_needs_reset() {
+    let opts = DriverOptions { spin_limit: 5000, ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let d = attached(&iommu, 1);
+    fake.set_stalled(true);
+    d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
+    assert_eq!(d.iotlb_sync_map(0x10000, 0x1000).unwrap_err(), Error::Timeout);
+    // The unanswered MAP stays pending: a later sync collects it.
+    fake.set_stalled(false);
+    d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+    fake.set_stalled(true);
+    fake.set_needs_reset();
+    d.map_pages(0x20000, 0, 0x1000, RW).unwrap();
+    assert_eq!(d.iotlb_sync_map(0x20000, 0x1000).unwrap_err(), Error::DeviceNeedsReset);
+}
