@@ -302,12 +302,14 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                 let mut tally = ThreadTally::default();
                 match spec.workload {
                     Workload::Block => {
-                        let mut guest = BlockGuest::new(ram, spec.io_size)?;
+                        // Every thread reaches the barrier, even one whose setup failed.
+                        let setup = BlockGuest::new(ram, spec.io_size);
+                        barrier.wait();
+                        let mut guest = setup?;
                         let mut scratch = Vec::with_capacity(spec.io_size);
                         // Each thread has its own 1 GiB of the emulated disk.
                         let sectors = (spec.io_size / 512) as u64;
                         let base = (t as u64) << 21;
-                        barrier.wait();
                         let deadline = Instant::now() + spec.duration;
                         let mut i = 0u64;
                         while Instant::now() < deadline {
@@ -326,10 +328,11 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         tally.end = Some(Instant::now());
                     }
                     Workload::Net => {
-                        let mut guest = NetGuest::new(ram, NET_BATCH, spec.io_size)?;
                         let mut dev = NetDevice::new(engine, net_errors);
-                        guest.fill_rx(&mut *dma, &mut dev)?;
+                        let setup = NetGuest::new(ram, NET_BATCH, spec.io_size)
+                            .and_then(|mut g| g.fill_rx(&mut *dma, &mut dev).map(|()| g));
                         barrier.wait();
+                        let mut guest = setup?;
                         let deadline = Instant::now() + spec.duration;
                         while Instant::now() < deadline {
                             let t0 = Instant::now();
