@@ -298,7 +298,13 @@ fn io_thread<B: VirtioBackend>(s: &Shared<B>) {
             if pending & (1 << q) == 0 {
                 continue;
             }
-            match dev.process_queue(q, s.ram.memory()) {
+            // A panicking device model must not leave the guest waiting
+            // forever: it becomes DEVICE_NEEDS_RESET, as a device error does.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dev.process_queue(q, s.ram.memory())
+            }))
+            .unwrap_or_else(|_| Err("device model panicked".into()));
+            match r {
                 Ok(true) => {
                     s.stats.interrupts[q as usize].fetch_add(1, Ordering::Relaxed);
                     s.irq.raise(q as usize);
@@ -406,5 +412,137 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
             self.shared.pending.fetch_or(1 << q, Ordering::AcqRel);
             self.shared.kick.signal();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A backend that records what it is asked and answers as told.
+    struct Fake {
+        processed: Arc<AtomicUsize>,
+        answer: fn(u16) -> Result<bool, String>,
+        resets: Arc<AtomicUsize>,
+    }
+
+    impl VirtioBackend for Fake {
+        fn device_features(&self) -> u64 {
+            0b101
+        }
+        fn ack_features(&mut self, features: u64) -> bool {
+            features & !0b101 == 0
+        }
+        fn read_config(&self, offset: usize, buf: &mut [u8]) {
+            buf.fill(offset as u8);
+        }
+        fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
+        fn reset(&mut self) {
+            self.resets.fetch_add(1, Ordering::Relaxed);
+        }
+        fn max_queue_size(&self, queue: u16) -> u16 {
+            if queue < 2 {
+                64
+            } else {
+                0
+            }
+        }
+        fn set_queue(&mut self, _queue: u16, _size: u16, _addrs: QueueAddrs) {}
+        fn activate(&mut self, _mem: &GuestMemoryMmap) -> bool {
+            true
+        }
+        fn process_queue(&mut self, queue: u16, _mem: &GuestMemoryMmap) -> Result<bool, String> {
+            self.processed.fetch_add(1, Ordering::Relaxed);
+            (self.answer)(queue)
+        }
+    }
+
+    fn link(
+        answer: fn(u16) -> Result<bool, String>,
+    ) -> (DeviceLink<Fake>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let processed = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let fake = Fake { processed: processed.clone(), answer, resets: resets.clone() };
+        (DeviceLink::start(fake, GuestRam::new(1 << 20).unwrap()).unwrap(), processed, resets)
+    }
+
+    fn wait_until(mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_kick_reaches_the_io_thread_and_the_interrupt_comes_back() {
+        let (link, processed, _) = link(|_| Ok(true));
+        let mut t = link.transport();
+        t.notify(0);
+        wait_until(|| link.stats().interrupts[0] == 1);
+        assert_eq!(processed.load(Ordering::Relaxed), 1);
+        // The interrupt is not lost although it came before the wait.
+        let start = Instant::now();
+        t.wait_for_used(0);
+        assert!(start.elapsed() < IRQ_WAIT, "returned on the interrupt, not the timeout");
+        assert_eq!(link.stats().kicks[0], 1);
+        assert_eq!(link.stats().wait_timeouts, 0);
+    }
+
+    #[test]
+    fn status_handshake_features_and_reset() {
+        let (link, _, resets) = link(|_| Ok(false));
+        let mut t = link.transport();
+        t.set_driver_features(0b111); // bit 1 was not offered
+        t.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        assert_eq!(t.status() & status::FEATURES_OK, 0, "refused features do not stick");
+        t.set_driver_features(0b100);
+        t.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        assert_ne!(t.status() & status::FEATURES_OK, 0);
+        t.set_status(0);
+        assert_eq!((t.status(), resets.load(Ordering::Relaxed)), (0, 1));
+        assert_eq!(t.max_queue_size(1), 64);
+        let mut b = [0u8; 2];
+        t.read_config(7, &mut b);
+        assert_eq!(b, [7, 7]);
+    }
+
+    #[test]
+    fn device_errors_and_panics_set_needs_reset_and_wake_waiters() {
+        for answer in [(|_| Err("bad ring".to_string())) as fn(u16) -> Result<bool, String>, |_| {
+            panic!("device bug")
+        }] {
+            let (link, _, _) = link(answer);
+            let mut t = link.transport();
+            t.notify(0);
+            wait_until(|| link.stats().device_errors == 1);
+            assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+            // The I/O thread survived: it still serves kicks.
+            t.notify(1);
+            wait_until(|| link.stats().device_errors == 2);
+        }
+    }
+
+    #[test]
+    fn a_wait_without_interrupt_times_out_and_has_the_queue_looked_at() {
+        let (link, processed, _) = link(|_| Ok(false));
+        let mut t = link.transport();
+        t.wait_for_used(0);
+        assert_eq!(link.stats().wait_timeouts, 1);
+        wait_until(|| processed.load(Ordering::Relaxed) == 1);
+        assert_eq!(link.stats().kicks[0], 0, "not counted as a guest kick");
+    }
+
+    #[test]
+    fn exit_cost_spins_and_counts() {
+        let (link, _, _) = link(|_| Ok(false));
+        link.exit_cost().set_per_kick(Duration::from_micros(300));
+        let mut t = link.transport();
+        let start = Instant::now();
+        t.notify(0);
+        t.notify(0);
+        assert!(start.elapsed() >= Duration::from_micros(600));
+        assert!(link.exit_cost().injected() >= Duration::from_micros(600));
     }
 }
