@@ -23,6 +23,7 @@ fn block(mode: Mode, io_size: usize) -> (MachineCounts, MachineCounts) {
     let mut dma = m.guest_dma();
     let mut scratch = Vec::new();
     let before = m.counts();
+    let drv_before = m.driver().counters();
     for i in 0..N {
         let out = guest.io(&mut *dma, &dev, i % 2 == 1, i * 256, &mut scratch).unwrap();
         assert_eq!((out.status, out.data_ok), (S_OK, true), "{mode} I/O {i}");
@@ -30,6 +31,9 @@ fn block(mode: Mode, io_size: usize) -> (MachineCounts, MachineCounts) {
     let mid = m.counts().since(&before);
     dma.flush().unwrap();
     let end = m.counts().since(&before);
+    let drv = m.driver().counters().since(&drv_before);
+    // The driver's own counts agree with the device's and the transport's.
+    assert_eq!((drv.map, drv.unmap, drv.kicks), (end.map_requests, end.unmap_requests, end.kicks));
     assert_eq!(dev.data_errors() + dev.dma_faults() + dev.dma().faults(), 0);
     let d = m.domain().unwrap();
     let device_maps = m.iommu().mappings(d.id()).map_or(0, |v| v.len());
