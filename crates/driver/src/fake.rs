@@ -383,6 +383,11 @@ impl FakeIommu {
         self.inject_nth(0, injection);
     }
 
+    /// Injections not yet used up.
+    pub fn pending_injections(&self) -> usize {
+        self.lock().inject.len()
+    }
+
     /// Lets `skip` matching requests through, then fails the next one.
     pub fn inject_nth(&self, skip: u32, injection: Injection) {
         self.lock().inject.push_back((skip, injection));

@@ -1218,6 +1218,14 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         self.shared.endpoints.lock().get(&endpoint).and_then(|s| s.domain.as_ref().map(|d| d.0))
     }
 
+    /// The interrupt handler: reaps request completions (so that waiting
+    /// syncs find their replies without polling the ring themselves) and
+    /// consumes the event queue. Returns the number of fault records.
+    pub fn handle_interrupt(&self) -> Result<usize> {
+        self.shared.req.lock().reap();
+        self.poll_events()
+    }
+
     // -----------------------------------------------------------------------
     // Faults
     // -----------------------------------------------------------------------
