@@ -85,3 +85,84 @@ fn random_operations_keep_driver_and_device_in_step() {
     }
     assert!(failures_seen > 50, "the injections were exercised: {failures_seen}");
 }
+
+/// The DMA layer under random maps, unmaps, policy switches, clock ticks and
+/// injected failures: once everything is unmapped and flushed, no IOVA, tree
+/// entry or device mapping is left, and on the way, after each flush with no
+/// failure pending, the device equals the tree.
+#[test]
+fn random_dma_operations_leak_nothing() {
+    use viommu_driver::dma::{
+        DmaDirection as Dir, DmaMapping, DmaOptions, FlushQueueConfig, Policy,
+    };
+    let mut failures = 0;
+    for seed in 1..=8u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+        let opts = DmaOptions {
+            lazy: FlushQueueConfig { entries: 8, timeout_ns: 1000 },
+            lazy_single: FlushQueueConfig { entries: 32, timeout_ns: 5000 },
+            ..Default::default()
+        };
+        let (fake, _iommu, dma, clock) = dma_setup(opts);
+        let mut live: Vec<DmaMapping> = Vec::new();
+        for step in 0..400 {
+            let r = match rng.below(12) {
+                0..=3 => {
+                    let mut b = dma.begin();
+                    let base = 0x4000_0000 + rng.below(1 << 20) * 0x1000;
+                    let ok = b.map(base, 16, Dir::ToDevice).is_ok()
+                        && b.map_sg(
+                            &[(base + 0x1000, 4096 * (1 + rng.below(3) as usize))],
+                            Dir::FromDevice,
+                        )
+                        .is_ok()
+                        && b.map(base + 64, 1, Dir::FromDevice).is_ok();
+                    assert!(ok, "seed {seed} step {step}: reserving IOVAs");
+                    b.commit().map(|m| live.push(m))
+                }
+                4..=6 if !live.is_empty() => {
+                    let m = live.swap_remove(rng.below(live.len() as u64) as usize);
+                    dma.unmap(m)
+                }
+                7 => dma.set_policy(
+                    [Policy::Strict, Policy::Lazy, Policy::LazySingle][rng.below(3) as usize],
+                ),
+                8 => {
+                    clock.advance(rng.below(3000));
+                    clock.cpu.store(rng.below(4), std::sync::atomic::Ordering::SeqCst);
+                    dma.tick()
+                }
+                9 if fake.pending_injections() == 0 => {
+                    let request =
+                        Some([RequestType::Map, RequestType::Unmap][rng.below(2) as usize]);
+                    fake.inject(Injection { request, reply: REPLIES[rng.below(5) as usize] });
+                    Ok(())
+                }
+                10 => dma.flush(),
+                _ => Ok(()),
+            };
+            match r {
+                Ok(()) => {}
+                Err(Error::Device { .. } | Error::NoResponse { .. }) => failures += 1,
+                Err(e) => panic!("seed {seed} step {step}: unexpected {e}"),
+            }
+        }
+        for m in live.drain(..) {
+            let _ = dma.unmap(m);
+        }
+        // Whatever injection is left must not bite the final flushes.
+        while fake.pending_injections() > 0 {
+            let _ = dma
+                .map_single(0x7000_0000, 4096, Dir::ToDevice)
+                .map(|i| dma.unmap_single(i, 4096, Dir::ToDevice));
+            let _ = dma.flush();
+        }
+        let _ = dma.flush();
+        dma.flush().unwrap();
+        assert_eq!(dma.pending_unmaps(), 0, "seed {seed}");
+        assert_eq!(dma.iova_in_use(), 0, "seed {seed}");
+        assert!(dma.domain().mappings().is_empty(), "seed {seed}");
+        assert!(fake.mappings(dma.domain().id()).is_empty(), "seed {seed}");
+    }
+    assert!(failures > 20, "the injections were exercised: {failures}");
+}
