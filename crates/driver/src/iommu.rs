@@ -560,6 +560,9 @@ pub(crate) trait Port: Send + Sync {
     /// Queues a request (PROBE with `props` bytes of properties) and returns
     /// its ticket. Waits for ring space when the ring is full.
     fn submit(&self, req: &Request, props: usize) -> Result<u64>;
+    /// Queues several requests in order with few lock holds. On failure,
+    /// the tickets of those queued before it come with the error.
+    fn submit_all(&self, reqs: &[Request]) -> Result<Vec<u64>, (Vec<u64>, Error)>;
     /// One sync: kicks, then waits until every ticket has a reply.
     fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>>;
     /// The replies of `seqs` if all are in, without kicking or waiting.
@@ -639,6 +642,32 @@ impl<T: Transport, H: Hal> Shared<T, H> {
         need
     }
 
+    /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
+    /// notifies, waits for the device and goes on. Tickets go to `seqs`.
+    fn submit_into(&self, reqs: &[Request], props: usize, seqs: &mut Vec<u64>) -> Result<()> {
+        let mut spins = 0;
+        loop {
+            let need = {
+                let mut q = self.req.lock();
+                q.reap();
+                while let Some(req) = reqs.get(seqs.len()) {
+                    let Some(seq) = q.try_add(req, props)? else { break };
+                    bump(&self.counters.requests[req.request_type() as usize - 1]);
+                    seqs.push(seq);
+                }
+                if seqs.len() == reqs.len() {
+                    return Ok(());
+                }
+                // Full ring: make sure the device sees what is there, then retry.
+                self.prepare_kick(&mut q)
+            };
+            if need {
+                self.notify(REQUEST_QUEUE);
+            }
+            self.wait_device(&mut spins)?;
+        }
+    }
+
     /// Waits a little for the device, without holding the request-queue lock.
     fn wait_device(&self, spins: &mut u64) -> Result<()> {
         *spins += 1;
@@ -660,22 +689,16 @@ impl<T: Transport, H: Hal> Shared<T, H> {
 
 impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     fn submit(&self, req: &Request, props: usize) -> Result<u64> {
-        let mut spins = 0;
-        loop {
-            let need = {
-                let mut q = self.req.lock();
-                q.reap();
-                if let Some(seq) = q.try_add(req, props)? {
-                    bump(&self.counters.requests[req.request_type() as usize - 1]);
-                    return Ok(seq);
-                }
-                // Full ring: make sure the device sees what is there, then retry.
-                self.prepare_kick(&mut q)
-            };
-            if need {
-                self.notify(REQUEST_QUEUE);
-            }
-            self.wait_device(&mut spins)?;
+        let mut seqs = Vec::with_capacity(1);
+        self.submit_into(core::slice::from_ref(req), props, &mut seqs)?;
+        seqs.pop().ok_or(Error::Timeout)
+    }
+
+    fn submit_all(&self, reqs: &[Request]) -> Result<Vec<u64>, (Vec<u64>, Error)> {
+        let mut seqs = Vec::with_capacity(reqs.len());
+        match self.submit_into(reqs, 0, &mut seqs) {
+            Ok(()) => Ok(seqs),
+            Err(e) => Err((seqs, e)),
         }
     }
 
@@ -1166,22 +1189,18 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         let d = &domain.inner;
         let mut st = d.state.lock();
         let bypass = matches!(d.kind, DomainKind::Identity { bypass: true });
-        let mut seqs =
-            vec![s.submit(
-                &attach_req(d.id, endpoint, if bypass { ATTACH_F_BYPASS } else { 0 }),
-                0,
-            )?];
+        let flags = if bypass { ATTACH_F_BYPASS } else { 0 };
+        let mut reqs = vec![attach_req(d.id, endpoint, flags)];
         if st.endpoints.is_empty() {
-            for m in st.tree.values() {
-                match s.submit(&map_req(d.id, m), 0) {
-                    Ok(seq) => seqs.push(seq),
-                    Err(e) => {
-                        let _ = s.wait(&seqs);
-                        return Err(e);
-                    }
-                }
-            }
+            reqs.extend(st.tree.values().map(|m| map_req(d.id, m)));
         }
+        let seqs = match s.submit_all(&reqs) {
+            Ok(seqs) => seqs,
+            Err((seqs, e)) => {
+                let _ = s.wait(&seqs);
+                return Err(e);
+            }
+        };
         let replies = s.wait(&seqs)?;
         first_error(&s.counters, &replies[..1])?;
         if let Err(e) = first_error(&s.counters, &replies[1..]) {
@@ -1637,29 +1656,28 @@ impl Domain {
         for m in maps {
             st.tree.insert(m.iova, *m);
         }
-        let mut tickets = Vec::new();
         if !DomainInner::attached(&st, d.kind) {
-            return Ok(tickets);
+            return Ok(Vec::new());
         }
-        for (i, m) in maps.iter().enumerate() {
-            match d.port.submit(&map_req(d.id, m), 0) {
-                Ok(seq) => tickets.push((seq, m.iova, m.last)),
-                Err(e) => {
-                    // Unqueued ones leave the tree; queued ones stay pending
-                    // for the domain's next sync, and the caller rolls back.
-                    for m in &maps[i..] {
-                        st.tree.remove(&m.iova);
-                    }
-                    st.pending.extend(tickets.iter().map(|&(seq, iova, last)| PendingOp::Map {
-                        seq,
-                        iova,
-                        last,
-                    }));
-                    return Err(e);
+        let reqs: Vec<Request> = maps.iter().map(|m| map_req(d.id, m)).collect();
+        let ticket = |(seq, m): (u64, &Mapping)| (seq, m.iova, m.last);
+        match d.port.submit_all(&reqs) {
+            Ok(seqs) => Ok(seqs.into_iter().zip(maps).map(ticket).collect()),
+            Err((seqs, e)) => {
+                // Unqueued ones leave the tree; queued ones stay pending
+                // for the domain's next sync, and the caller rolls back.
+                for m in &maps[seqs.len()..] {
+                    st.tree.remove(&m.iova);
                 }
+                let queued = seqs.into_iter().zip(maps).map(ticket);
+                st.pending.extend(queued.map(|(seq, iova, last)| PendingOp::Map {
+                    seq,
+                    iova,
+                    last,
+                }));
+                Err(e)
             }
         }
-        Ok(tickets)
     }
 
     /// Syncs map tickets: one sync; failed MAPs leave the tree.
@@ -1718,21 +1736,16 @@ impl Domain {
             }
             merged.push((s, e));
         }
-        let mut tickets = Vec::with_capacity(merged.len());
-        for (s, e) in merged {
-            match d.port.submit(&unmap_req(d.id, s, e), 0) {
-                Ok(seq) => tickets.push((seq, s, e)),
-                Err(err) => {
-                    st.pending.extend(
-                        tickets
-                            .iter()
-                            .map(|&(seq, ..)| PendingOp::Unmap { seq, removed: Vec::new() }),
-                    );
-                    return Err(err);
-                }
+        let reqs: Vec<Request> = merged.iter().map(|&(s, e)| unmap_req(d.id, s, e)).collect();
+        match d.port.submit_all(&reqs) {
+            Ok(seqs) => Ok(seqs.into_iter().zip(merged).map(|(seq, (s, e))| (seq, s, e)).collect()),
+            Err((seqs, err)) => {
+                st.pending.extend(
+                    seqs.into_iter().map(|seq| PendingOp::Unmap { seq, removed: Vec::new() }),
+                );
+                Err(err)
             }
         }
-        Ok(tickets)
     }
 
     /// Whether this domain is attached to at least one endpoint.
