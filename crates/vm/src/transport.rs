@@ -483,11 +483,9 @@ mod tests {
         wait_until(|| link.stats().interrupts[0] == 1);
         assert_eq!(processed.load(Ordering::Relaxed), 1);
         // The interrupt is not lost although it came before the wait.
-        let start = Instant::now();
         t.wait_for_used(0);
-        assert!(start.elapsed() < IRQ_WAIT, "returned on the interrupt, not the timeout");
+        assert_eq!(link.stats().wait_timeouts, 0, "returned on the interrupt, not a timeout");
         assert_eq!(link.stats().kicks[0], 1);
-        assert_eq!(link.stats().wait_timeouts, 0);
     }
 
     #[test]
