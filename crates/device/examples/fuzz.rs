@@ -146,16 +146,41 @@ enum Payload {
 /// A well-formed request on a small ID and address space, so that cases reach deep states.
 #[derive(Arbitrary, Debug)]
 enum GoodReq {
-    Attach { d: u8, e: u8, bypass: bool },
-    Detach { d: u8, e: u8 },
-    Map { d: u8, page: u8, pages: u8, phys: u16, flags: u8 },
-    Unmap { d: u8, page: u8, pages: u8 },
-    Probe { e: u8 },
+    Attach {
+        d: u8,
+        e: u8,
+        bypass: bool,
+    },
+    Detach {
+        d: u8,
+        e: u8,
+    },
+    Map {
+        d: u8,
+        page: u8,
+        pages: u8,
+        phys: u16,
+        flags: u8,
+    },
+    Unmap {
+        d: u8,
+        page: u8,
+        pages: u8,
+    },
+    Probe {
+        e: u8,
+    },
+    /// A MAP ending at the last byte of the address space (no INPUT_RANGE limits it then).
+    MapTop {
+        d: u8,
+        pages: u8,
+        flags: u8,
+    },
 }
 
 impl GoodReq {
     /// Encodes the request; endpoint numbers index the configured endpoints (8 = unknown).
-    fn bytes(&self, eps: &[u32]) -> Vec<u8> {
+    fn bytes(&self, eps: &[u32], granule: u64) -> Vec<u8> {
         let ep =
             |e: u8| if e % 9 == 8 || eps.is_empty() { 99 } else { eps[usize::from(e) % eps.len()] };
         let mut b = vec![0u8; 72];
@@ -198,6 +223,15 @@ impl GoodReq {
                     if pages == 255 { u64::MAX } else { start + (u64::from(pages) << 12) + 0xfff },
                 );
                 28
+            }
+            GoodReq::MapTop { d, pages, flags } => {
+                b[0] = 3;
+                put32(&mut b, 4, u32::from(d % 3));
+                put64(&mut b, 8, u64::MAX - (u64::from(pages % 8) + 1) * granule + 1);
+                put64(&mut b, 16, u64::MAX);
+                put64(&mut b, 24, 0x10_0000);
+                put32(&mut b, 32, u32::from(flags % 8));
+                36
             }
             GoodReq::Probe { e } => {
                 b[0] = 5;
@@ -298,7 +332,7 @@ impl Case {
                 for batch in reqs.chunks(usize::from(self.qsize / 2)) {
                     for r in batch {
                         let eps: Vec<u32> = self.cfg.endpoints.iter().map(|e| e.id).collect();
-                        let bytes = r.bytes(&eps);
+                        let bytes = r.bytes(&eps, self.cfg.granule());
                         let at = self.next_desc[0];
                         let rd = DATA + 0x4000 + u64::from(at) * 0x400;
                         self.mem.write_slice(&bytes, GuestAddress(rd)).unwrap();
@@ -355,9 +389,10 @@ impl Case {
                 let access =
                     [Access::Read, Access::Write, Access::ReadWrite][usize::from(access % 3)];
                 let iommu = self.dev.iommu();
-                if let Ok(t) =
-                    iommu.translate(u32::from(ep % 9), u64::from(iova), u64::from(len), access)
-                {
+                // Odd values reach down from the top of the address space.
+                let iova =
+                    if iova & 1 == 1 { u64::MAX - u64::from(iova >> 1) } else { u64::from(iova) };
+                if let Ok(t) = iommu.translate(u32::from(ep % 9), iova, u64::from(len), access) {
                     let total: u64 = t.iter().map(|s| s.len).sum();
                     assert_eq!(total, u64::from(len), "segments cover the access exactly");
                 }

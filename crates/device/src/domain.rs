@@ -151,7 +151,7 @@ impl MappingTree {
     fn small_at(&self, page: u64) -> Option<Mapping> {
         let ix = self.pages.get(&page)?;
         let first = page - u64::from(ix.offset);
-        let end = ((first + u64::from(ix.last) + 1) << self.shift).wrapping_sub(1);
+        let end = (first.wrapping_add(u64::from(ix.last) + 1) << self.shift).wrapping_sub(1);
         Some(Mapping { start: first << self.shift, end, phys: ix.phys, flags: ix.flags })
     }
 
@@ -390,6 +390,23 @@ mod tests {
         let mut seen = vec![];
         assert_eq!(t.unmap(0, u64::MAX, |m| seen.push(m.start)), Ok(2));
         assert_eq!(seen, vec![0, u64::MAX - 0xfff]);
+    }
+
+    /// Small mappings at the very top of the address space, byte and page granules.
+    #[test]
+    fn top_of_address_space() {
+        for granule in [1u64, 0x1000] {
+            let mut t = MappingTree::new(granule);
+            let start = u64::MAX - (2 * granule - 1);
+            let m = Mapping { start, end: u64::MAX, phys: 0, flags: 1 };
+            t.insert(m);
+            assert_eq!(t.lookup(u64::MAX), Some(m));
+            assert!(t.overlaps(u64::MAX, u64::MAX));
+            assert_eq!(t.iter().collect::<Vec<_>>(), vec![m]);
+            assert_eq!(t.unmap(start, u64::MAX, |_| {}), Ok(1));
+            t.insert(m);
+            assert_eq!(t.unmap(0, u64::MAX, |_| {}), Ok(1));
+        }
     }
 
     #[test]
