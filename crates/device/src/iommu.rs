@@ -726,7 +726,8 @@ impl Iommu {
             {
                 let mut tree = write(&entry.domain.mappings);
                 for m in &d.mappings {
-                    if m.end < m.start || tree.overlaps(m.start, m.end) || d.bypass {
+                    let bad = m.end < m.start || m.phys.checked_add(m.end - m.start).is_none();
+                    if bad || tree.overlaps(m.start, m.end) || d.bypass {
                         return Err(format!("domain {}: bad mapping {m:?}", d.id));
                     }
                     tree.insert(*m);
