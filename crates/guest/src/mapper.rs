@@ -43,6 +43,8 @@ pub trait Mapper {
     fn flush(&mut self) -> Result<(), String>;
     /// The driver's request and kick counters so far.
     fn counts(&self) -> CounterSnapshot;
+    /// Most descriptors a buffer of `segs` physical segments becomes.
+    fn max_descs(&self, segs: usize) -> usize;
 }
 
 fn dir(device_writes: bool) -> DmaDirection {
@@ -86,6 +88,9 @@ impl Mapper for IdentityMapper {
     }
     fn counts(&self) -> CounterSnapshot {
         CounterSnapshot::default()
+    }
+    fn max_descs(&self, segs: usize) -> usize {
+        segs
     }
 }
 
@@ -229,6 +234,12 @@ impl Mapper for DmaMapper {
 
     fn counts(&self) -> CounterSnapshot {
         self.iommu.counters()
+    }
+
+    /// One: a buffer gets one IOVA range, and page-aligned segments (all
+    /// the workloads use) lie back to back in it.
+    fn max_descs(&self, _segs: usize) -> usize {
+        1
     }
 }
 

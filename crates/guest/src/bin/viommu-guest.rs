@@ -327,9 +327,8 @@ fn run_workload_on(
             done += 1;
         }
         round.clear();
-        // Header + status + at most one descriptor per segment (fewer when
-        // the IOMMU makes a scattered buffer one IOVA range).
-        let per_req = segments(&bufs[0], w).len() + 2;
+        // Header + status + the data descriptors.
+        let per_req = m.max_descs(segments(&bufs[0], w).len()) + 2;
         let mut descs = blk.free_descriptors() as usize;
         while next + (round.len() as u64) < n && descs >= per_req {
             let Some(b) = free.pop() else { break };
