@@ -18,7 +18,8 @@ const NET_PACKET: usize = 1500;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Modes to run, comma-separated: none, identity, strict-every-sync,
-    /// strict, lazy, lazy-single, best.
+    /// strict, lazy, lazy-single, best; also linux-lazy and linux-strict
+    /// (models of the Linux driver's per-descriptor mapping, not run by default).
     #[arg(long, value_delimiter = ',', value_parser = parse_mode,
           default_value = "none,identity,strict-every-sync,strict,lazy,lazy-single,best")]
     modes: Vec<Mode>,
@@ -50,7 +51,7 @@ pub struct BenchArgs {
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::from_name(s).ok_or_else(|| {
-        let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
+        let names: Vec<_> = Mode::ALL.iter().chain(&Mode::EXTRA).map(|m| m.name()).collect();
         format!("unknown mode {s:?}; expected one of {}", names.join(", "))
     })
 }
@@ -272,7 +273,11 @@ fn report_json(results: &[CellResult], walls: &[Duration]) -> serde_json::Value 
         "tool": "viommu bench",
         "version": env!("CARGO_PKG_VERSION"),
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "modes": Mode::ALL.iter().map(|m| json!({"name": m.name(), "meaning": m.describe()})).collect::<Vec<_>>(),
+        "modes": Mode::ALL
+            .iter()
+            .chain(&Mode::EXTRA)
+            .map(|m| json!({"name": m.name(), "meaning": m.describe()}))
+            .collect::<Vec<_>>(),
         "cells": cells,
     })
 }

@@ -33,6 +33,12 @@ pub enum Mode {
     LazySingle,
     /// Lazy, the batch API (one sync per I/O) and UNMAP coalescing.
     Best,
+    /// What Linux 6.7+ does in lazy mode under virtio-blk: every descriptor
+    /// (header, each data page, status, and the indirect descriptor table)
+    /// mapped and synced on its own; UNMAPs deferred to per-CPU queues.
+    LinuxLazy,
+    /// The same per-descriptor mapping with the strict policy.
+    LinuxStrict,
 }
 
 impl Mode {
@@ -57,12 +63,24 @@ impl Mode {
             Mode::Lazy => "lazy",
             Mode::LazySingle => "lazy-single",
             Mode::Best => "best",
+            Mode::LinuxLazy => "linux-lazy",
+            Mode::LinuxStrict => "linux-strict",
         }
     }
 
+    /// Modes outside the default sweep: models of the Linux driver's own
+    /// behaviour, to compare with counts from real guests.
+    pub const EXTRA: [Mode; 2] = [Mode::LinuxLazy, Mode::LinuxStrict];
+
     /// Parses a [`Mode::name`].
     pub fn from_name(s: &str) -> Option<Mode> {
-        Mode::ALL.into_iter().find(|m| m.name() == s)
+        Mode::ALL.into_iter().chain(Mode::EXTRA).find(|m| m.name() == s)
+    }
+
+    /// Whether the endpoint maps each descriptor on its own and uses an
+    /// indirect descriptor table, as Linux's virtio ring does.
+    pub fn per_descriptor(self) -> bool {
+        matches!(self, Mode::LinuxLazy | Mode::LinuxStrict)
     }
 
     /// One line on what the mode does.
@@ -75,6 +93,12 @@ impl Mode {
             Mode::Lazy => "lazy, per-CPU flush queues 256/10 ms (Linux >= 6.7 default)",
             Mode::LazySingle => "lazy, one flush queue 32768/1 s",
             Mode::Best => "lazy + batch API (1 sync per I/O) + UNMAP coalescing",
+            Mode::LinuxLazy => {
+                "lazy, every descriptor mapped and synced alone (Linux 6.12 virtio ring)"
+            }
+            Mode::LinuxStrict => {
+                "strict, every descriptor mapped and synced alone (Linux 6.12 strict)"
+            }
         }
     }
 }
@@ -303,7 +327,8 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                 match spec.workload {
                     Workload::Block => {
                         // Every thread reaches the barrier, even one whose setup failed.
-                        let setup = BlockGuest::new(ram, spec.io_size);
+                        let setup = BlockGuest::new(ram, spec.io_size)
+                            .and_then(|g| g.with_indirect(spec.mode.per_descriptor()));
                         barrier.wait();
                         let mut guest = setup?;
                         let mut scratch = Vec::with_capacity(spec.io_size);

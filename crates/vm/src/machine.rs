@@ -247,6 +247,8 @@ pub fn dma_options(mode: Mode) -> Option<DmaOptions> {
         Mode::Lazy => DmaOptions { policy: Policy::Lazy, ..base },
         Mode::LazySingle => DmaOptions { policy: Policy::LazySingle, ..base },
         Mode::Best => DmaOptions { policy: Policy::Lazy, coalesce_unmaps: true, ..base },
+        Mode::LinuxLazy => DmaOptions { policy: Policy::Lazy, ..base },
+        Mode::LinuxStrict => DmaOptions { policy: Policy::Strict, ..base },
     })
 }
 

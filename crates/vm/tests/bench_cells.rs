@@ -36,7 +36,7 @@ fn no_iommu_and_identity_send_no_map_requests() {
 
 #[test]
 fn every_mode_runs_both_workloads_with_checked_data() {
-    for mode in Mode::ALL {
+    for mode in Mode::ALL.into_iter().chain(Mode::EXTRA) {
         let b = cell(mode, Workload::Block, 4096, 2);
         let n = cell(mode, Workload::Net, 1500, 1);
         if !matches!(mode, Mode::NoIommu | Mode::Identity) {

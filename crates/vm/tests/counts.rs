@@ -19,7 +19,8 @@ fn block(mode: Mode, io_size: usize) -> (MachineCounts, MachineCounts) {
     let ram = GuestRam::new(32 << 20).unwrap();
     let m = Machine::new(ram.clone(), EP, mode).unwrap();
     let dev = BlockDevice::new(Arc::new(DmaEngine::translated(ram.clone(), m.iommu(), EP)));
-    let mut guest = BlockGuest::new(ram, io_size).unwrap();
+    let mut guest =
+        BlockGuest::new(ram, io_size).unwrap().with_indirect(mode.per_descriptor()).unwrap();
     let mut dma = m.guest_dma();
     let mut scratch = Vec::new();
     let before = m.counts();
@@ -80,6 +81,18 @@ fn best_pays_one_kick_per_io_and_coalesces_unmaps() {
     let (mid, _) = block(Mode::Best, 1 << 20);
     assert_eq!(mid.map_requests, 257 * N, "1 header/status page + 256 data pages");
     assert!((N..=N + mid.timeout_flushes).contains(&mid.kicks), "{mid:?}");
+}
+
+#[test]
+fn linux_modes_reproduce_the_linux_guest_counts() {
+    // ../shared/linux-baseline.md, Linux 6.12 under QEMU, per virtio-blk
+    // request: MAPs = data segments + 3 (header, status, indirect table),
+    // one kick per MAP; strict adds one kick per UNMAP.
+    let (mid, end) = block(Mode::LinuxLazy, 4096);
+    assert_eq!((mid.map_requests, end.unmap_requests), (4 * N, 4 * N));
+    assert!((4 * N..=4 * N + mid.timeout_flushes).contains(&mid.kicks), "{mid:?}");
+    let (_, c) = block(Mode::LinuxStrict, 64 << 10);
+    assert_eq!((c.map_requests, c.unmap_requests, c.kicks), (19 * N, 19 * N, 38 * N));
 }
 
 #[test]

@@ -21,6 +21,13 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 /// Status: unknown request type.
 pub const S_UNSUPP: u8 = 2;
+/// Bytes of one indirect descriptor: le64 addr, le32 len, le16 flags, le16 next.
+pub const DESC_LEN: usize = 16;
+/// Indirect descriptor flag: the device writes the buffer.
+const DESC_F_WRITE: u16 = 2;
+/// Most descriptors the device accepts in one indirect table.
+pub const MAX_INDIRECT: usize = 1024;
+
 /// Where the status byte sits in the header page (header and status share a
 /// page, as small kmalloc objects do).
 const STATUS_OFFSET: u64 = 512;
@@ -75,6 +82,43 @@ impl BlockDevice {
             self.dma_faults.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+
+    /// Serves a request given as an indirect descriptor table of `n`
+    /// descriptors at bus address `table`: header, data segments, status.
+    /// A table the device cannot use (too short, too long, wrong directions)
+    /// gets no answer, as a device would return the chain unwritten.
+    pub fn process_indirect(
+        &self,
+        table: u64,
+        n: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Option<u8>, DmaFault> {
+        if !(2..=MAX_INDIRECT).contains(&n) {
+            return Ok(None);
+        }
+        let mut raw = vec![0u8; n * DESC_LEN];
+        if let Err(e) = self.dma.read(table, &mut raw) {
+            self.dma_faults.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        let descs: Vec<(Seg, bool)> = raw
+            .chunks_exact(DESC_LEN)
+            .map(|d| {
+                let addr = u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(d[8..12].try_into().expect("4 bytes")) as usize;
+                let flags = u16::from_le_bytes(d[12..14].try_into().expect("2 bytes"));
+                (Seg { addr, len }, flags & DESC_F_WRITE != 0)
+            })
+            .collect();
+        let (hdr, rest) = descs.split_first().expect("n >= 2");
+        let (status, data) = rest.split_last().expect("n >= 2");
+        if hdr.1 || !status.1 || hdr.0.len < HEADER_LEN || status.0.len < 1 {
+            return Ok(None);
+        }
+        let data: Vec<Seg> = data.iter().map(|d| d.0).collect();
+        let req = BlockRequest { header: hdr.0.addr, data: &data, status: status.0.addr };
+        self.process(&req, scratch).map(Some)
     }
 
     fn serve(&self, req: &BlockRequest<'_>, scratch: &mut Vec<u8>) -> Result<u8, DmaFault> {
@@ -144,6 +188,9 @@ pub struct BlockGuest {
     data: Vec<Seg>,
     mapped: Vec<Vec<Seg>>,
     buf: Vec<u8>,
+    /// With an indirect table: its pages, and per-descriptor mapping.
+    table: Option<GuestPages>,
+    mapped_table: Vec<Vec<Seg>>,
 }
 
 impl BlockGuest {
@@ -165,7 +212,30 @@ impl BlockGuest {
             .enumerate()
             .map(|(i, p)| Seg { addr: p.gpa, len: PAGE_SIZE.min(io_size - i * PAGE_SIZE) })
             .collect();
-        Ok(Self { ram, hdr_page, data_pages, data, mapped: Vec::new(), buf: vec![0; io_size] })
+        Ok(Self {
+            ram,
+            hdr_page,
+            data_pages,
+            data,
+            mapped: Vec::new(),
+            buf: vec![0; io_size],
+            table: None,
+            mapped_table: Vec::new(),
+        })
+    }
+
+    /// With `on`, requests go as Linux's virtio ring sends them: every
+    /// descriptor (header, each data segment, status) mapped on its own, and
+    /// an indirect descriptor table, filled with their bus addresses and
+    /// mapped last, is all the device is given.
+    pub fn with_indirect(mut self, on: bool) -> Result<Self, MapError> {
+        if on && self.table.is_none() {
+            let bytes = (self.data.len() + 2) * DESC_LEN;
+            let pages = bytes.div_ceil(PAGE_SIZE);
+            let run = self.ram.alloc_pages(pages).ok_or(MapError("guest RAM exhausted".into()))?;
+            self.table = Some(run);
+        }
+        Ok(self)
     }
 
     /// Guest-physical data segments.
@@ -204,19 +274,56 @@ impl BlockGuest {
         let data_dir = if write { Dir::ToDevice } else { Dir::FromDevice };
         let hdr_seg = [Seg { addr: hdr_gpa, len: HEADER_LEN }];
         let status_seg = [Seg { addr: status_gpa, len: 1 }];
-        let bufs = [
-            IoBuf { segs: &hdr_seg, dir: Dir::ToDevice },
-            IoBuf { segs: &self.data, dir: data_dir },
-            IoBuf { segs: &status_seg, dir: Dir::FromDevice },
-        ];
-        let token = dma.map_io(&bufs, &mut self.mapped)?;
-        let req = BlockRequest {
-            header: self.mapped[0][0].addr,
-            data: &self.mapped[1],
-            status: self.mapped[2][0].addr,
+        let status = match self.table {
+            None => {
+                let bufs = [
+                    IoBuf { segs: &hdr_seg, dir: Dir::ToDevice },
+                    IoBuf { segs: &self.data, dir: data_dir },
+                    IoBuf { segs: &status_seg, dir: Dir::FromDevice },
+                ];
+                let token = dma.map_io(&bufs, &mut self.mapped)?;
+                let req = BlockRequest {
+                    header: self.mapped[0][0].addr,
+                    data: &self.mapped[1],
+                    status: self.mapped[2][0].addr,
+                };
+                let status = dev.process(&req, dev_scratch).unwrap_or(S_IOERR);
+                dma.unmap_io(token)?;
+                status
+            }
+            Some(table) => {
+                let mut bufs = Vec::with_capacity(self.data.len() + 2);
+                bufs.push(IoBuf { segs: &hdr_seg, dir: Dir::ToDevice });
+                bufs.extend(
+                    self.data
+                        .iter()
+                        .map(|s| IoBuf { segs: std::slice::from_ref(s), dir: data_dir }),
+                );
+                bufs.push(IoBuf { segs: &status_seg, dir: Dir::FromDevice });
+                let token = dma.map_io(&bufs, &mut self.mapped)?;
+                let n = bufs.len();
+                let mut raw = vec![0u8; n * DESC_LEN];
+                for (i, (d, b)) in raw.chunks_exact_mut(DESC_LEN).zip(&bufs).enumerate() {
+                    let seg = self.mapped[i][0];
+                    let flags = if b.dir == Dir::FromDevice { DESC_F_WRITE } else { 0 };
+                    d[0..8].copy_from_slice(&seg.addr.to_le_bytes());
+                    d[8..12].copy_from_slice(&(seg.len as u32).to_le_bytes());
+                    d[12..14].copy_from_slice(&flags.to_le_bytes());
+                }
+                self.ram.write(table.gpa, &raw).map_err(ram_err)?;
+                let table_seg = [Seg { addr: table.gpa, len: raw.len() }];
+                let table_buf = [IoBuf { segs: &table_seg, dir: Dir::ToDevice }];
+                let table_token = dma.map_io(&table_buf, &mut self.mapped_table)?;
+                let status = dev
+                    .process_indirect(self.mapped_table[0][0].addr, n, dev_scratch)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(S_IOERR);
+                dma.unmap_io(token)?;
+                dma.unmap_io(table_token)?;
+                status
+            }
         };
-        let status = dev.process(&req, dev_scratch).unwrap_or(S_IOERR);
-        dma.unmap_io(token)?;
 
         let mut st = [0u8];
         self.ram.read(status_gpa, &mut st).map_err(ram_err)?;
@@ -236,6 +343,9 @@ impl BlockGuest {
 impl Drop for BlockGuest {
     fn drop(&mut self) {
         self.ram.free_pages(self.hdr_page);
+        if let Some(t) = self.table.take() {
+            self.ram.free_pages(t);
+        }
         for p in self.data_pages.drain(..) {
             self.ram.free_pages(p);
         }
@@ -260,6 +370,23 @@ mod tests {
             let out = guest.io(&mut DirectDma, &dev, write, 128 * i as u64, &mut scratch).unwrap();
             assert_eq!(out, BlockOutcome { status: S_OK, data_ok: true });
         }
+        assert_eq!(dev.data_errors(), 0);
+    }
+
+    #[test]
+    fn indirect_tables_carry_the_request() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let dev = BlockDevice::new(Arc::new(DmaEngine::direct(ram.clone())));
+        let mut guest =
+            BlockGuest::new(ram.clone(), 16 << 10).unwrap().with_indirect(true).unwrap();
+        let mut scratch = Vec::new();
+        for write in [false, true] {
+            let out = guest.io(&mut DirectDma, &dev, write, 64, &mut scratch).unwrap();
+            assert_eq!(out, BlockOutcome { status: S_OK, data_ok: true });
+        }
+        // A table the device cannot use gets no answer.
+        assert!(matches!(dev.process_indirect(4096, 1, &mut scratch), Ok(None)));
+        assert!(matches!(dev.process_indirect(4096, MAX_INDIRECT + 1, &mut scratch), Ok(None)));
         assert_eq!(dev.data_errors(), 0);
     }
 }
