@@ -1,0 +1,293 @@
+//! The IOMMU state (domains, endpoints, mappings): its requests are in `requests`, its
+//! translation in `translation`, reset and state transfer in `state`.
+//!
+//! Concurrency: requests are serialised by one `control` mutex, which translate never
+//! takes. Translate looks the endpoint up in a fixed table (no lock), then read-locks the
+//! endpoint's attachment and the domain's mappings: readers never block each other, and a
+//! writer (ATTACH, DETACH, MAP, UNMAP) only blocks the translations of that one endpoint or
+//! domain for the length of a tree update.
+
+mod requests;
+mod state;
+mod translation;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+
+use viommu_proto::features::{self, bit};
+use viommu_proto::{ParseError, Request, RequestType, Status};
+
+use crate::config::{DeviceConfig, ResvRegion};
+use crate::counters::{CounterSnapshot, Counters};
+use crate::domain::{Domain, Mapping};
+use crate::endpoint::EndpointTable;
+use crate::error::ConfigError;
+use crate::fault::FaultQueue;
+use crate::listener::Listener;
+use crate::sync::{lock, read, write};
+
+/// A function the IOMMU calls when a fault event becomes pending, so the VMM can run
+/// [`crate::VirtioIommu::process_event_queue`].
+pub type FaultNotifier = Arc<dyn Fn() + Send + Sync>;
+
+/// Bookkeeping that only the request path needs.
+#[derive(Debug)]
+pub(crate) struct DomainEntry {
+    pub(crate) domain: Arc<Domain>,
+    /// Attached endpoint IDs.
+    pub(crate) endpoints: Vec<u32>,
+    /// Union of the attached endpoints' reserved regions: MAP may not touch them.
+    resv: Vec<ResvRegion>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    pub(crate) domains: BTreeMap<u32, DomainEntry>,
+    total_mappings: usize,
+}
+
+/// The virtio-iommu state, shared with the VMM's other device models through `Arc`.
+///
+/// ```
+/// use viommu_device::{Access, DeviceConfig, EndpointConfig, Iommu};
+/// use viommu_proto::{AttachBody, MapBody, Request, Status};
+/// use zerocopy::little_endian::{U32, U64};
+///
+/// let cfg = DeviceConfig { endpoints: vec![EndpointConfig::new(8)], ..Default::default() };
+/// let iommu = Iommu::new(cfg).unwrap();
+/// let attach = AttachBody { domain: U32::new(1), endpoint: U32::new(8), ..Default::default() };
+/// assert_eq!(iommu.execute(&Request::Attach(attach), &mut []), Status::Ok);
+/// let map = MapBody {
+///     domain: U32::new(1),
+///     virt_start: U64::new(0x1000),
+///     virt_end: U64::new(0x1fff),
+///     phys_start: U64::new(0xa000),
+///     flags: U32::new(viommu_proto::MAP_F_READ),
+/// };
+/// assert_eq!(iommu.execute(&Request::Map(map), &mut []), Status::Ok);
+/// let t = iommu.translate(8, 0x1010, 16, Access::Read).unwrap();
+/// assert_eq!(t.contiguous().unwrap().addr, 0xa010);
+/// assert!(iommu.translate(8, 0x1010, 16, Access::Write).is_err());
+/// ```
+pub struct Iommu {
+    cfg: DeviceConfig,
+    granule: u64,
+    offered: u64,
+    negotiated: AtomicU64,
+    bypass: AtomicBool,
+    endpoints: EndpointTable,
+    control: Mutex<Control>,
+    faults: Mutex<FaultQueue>,
+    counters: Counters,
+    listener: RwLock<Option<Arc<dyn Listener>>>,
+    /// Lets requests skip the listener lock when none is registered (the common case).
+    has_listener: AtomicBool,
+    notifier: RwLock<Option<FaultNotifier>>,
+}
+
+impl std::fmt::Debug for Iommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iommu")
+            .field("negotiated", &self.negotiated.load(Relaxed))
+            .field("bypass", &self.bypass.load(Relaxed))
+            .field("domains", &lock(&self.control).domains.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iommu {
+    /// Builds the state. Standalone (without [`crate::VirtioIommu`]) every offered feature
+    /// counts as negotiated, which is what [`Self::handle_request`] replays want.
+    pub fn new(cfg: DeviceConfig) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let offered = cfg.features.bits();
+        Ok(Self {
+            granule: cfg.granule(),
+            offered,
+            negotiated: AtomicU64::new(offered),
+            bypass: AtomicBool::new(cfg.bypass),
+            endpoints: EndpointTable::new(&cfg.endpoints),
+            control: Mutex::new(Control::default()),
+            faults: Mutex::new(FaultQueue::new(cfg.limits.max_pending_faults)),
+            counters: Counters::default(),
+            listener: RwLock::new(None),
+            has_listener: AtomicBool::new(false),
+            notifier: RwLock::new(None),
+            cfg,
+        })
+    }
+
+    /// The configuration this state was built from.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// Offered feature bits.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Feature bits in force (negotiated by the driver, or all offered when standalone).
+    pub fn negotiated_features(&self) -> u64 {
+        self.negotiated.load(Relaxed)
+    }
+
+    pub(crate) fn set_negotiated(&self, features: u64) {
+        self.negotiated.store(features & self.offered, Relaxed);
+    }
+
+    fn negotiated(&self, feature: u32) -> bool {
+        self.negotiated.load(Relaxed) & bit(feature) != 0
+    }
+
+    fn offered(&self, feature: u32) -> bool {
+        self.offered & bit(feature) != 0
+    }
+
+    /// The config `bypass` field.
+    pub fn bypass(&self) -> bool {
+        self.bypass.load(Relaxed)
+    }
+
+    /// Sets the config `bypass` field (the device wrapper enforces who may).
+    pub fn set_bypass(&self, on: bool) {
+        self.bypass.store(on, Relaxed);
+    }
+
+    /// True if unattached endpoints are in bypass mode (§5.13.6 "An endpoint is in bypass
+    /// mode if..."): BYPASS_CONFIG offered and `bypass` is 1, or legacy BYPASS negotiated.
+    pub fn global_bypass(&self) -> bool {
+        (self.offered(features::BYPASS_CONFIG) && self.bypass())
+            || self.negotiated(features::BYPASS)
+    }
+
+    /// Registers the back-end listener (replacing any previous one).
+    pub fn set_listener(&self, l: Option<Arc<dyn Listener>>) {
+        let mut slot = write(&self.listener);
+        self.has_listener.store(l.is_some(), Relaxed);
+        *slot = l;
+    }
+
+    /// Registers the function called when a fault event becomes pending.
+    pub fn set_fault_notifier(&self, n: Option<FaultNotifier>) {
+        *write(&self.notifier) = n;
+    }
+
+    /// A copy of the counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.get()
+    }
+
+    pub(crate) fn counters_ref(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of domains that exist.
+    pub fn domain_count(&self) -> usize {
+        lock(&self.control).domains.len()
+    }
+
+    /// Mappings of one domain, in address order (a copy; O(n)).
+    pub fn mappings(&self, domain: u32) -> Option<Vec<Mapping>> {
+        let ctl = lock(&self.control);
+        let entry = ctl.domains.get(&domain)?;
+        let v = read(&entry.domain.mappings).iter().collect();
+        Some(v)
+    }
+
+    /// The domain an endpoint is attached to.
+    pub fn endpoint_domain(&self, endpoint: u32) -> Option<u32> {
+        read(&self.endpoints.get(endpoint)?.attached).as_ref().map(|d| d.id)
+    }
+
+    fn listener(&self) -> Option<Arc<dyn Listener>> {
+        if !self.has_listener.load(Relaxed) {
+            return None;
+        }
+        read(&self.listener).clone()
+    }
+
+    // ---- requests -------------------------------------------------------------------
+
+    /// Processes one request given as raw bytes, without virtqueues (used by replay tools).
+    ///
+    /// `readable` is the device-readable part (head and body; extra bytes are ignored).
+    /// `writable` is the device-writable part: for PROBE `probe_size` bytes of properties
+    /// then the tail, otherwise just the tail. Returns the used length, as the device would
+    /// report it: 0 when the request could not be parsed (readable part too short, writable
+    /// part shorter than a tail, or PROBE without the PROBE feature), in which case nothing
+    /// was written or executed. An unknown request type is answered UNSUPP.
+    ///
+    /// ```
+    /// use viommu_device::{DeviceConfig, EndpointConfig, Iommu};
+    /// let iommu = Iommu::new(DeviceConfig { endpoints: vec![EndpointConfig::new(3)], ..Default::default() }).unwrap();
+    /// let mut req = [0u8; 20];
+    /// req[0] = 1; // ATTACH
+    /// req[4] = 7; // domain 7
+    /// req[8] = 3; // endpoint 3
+    /// let mut tail = [0xffu8; 4];
+    /// assert_eq!(iommu.handle_request(&req, &mut tail), 4);
+    /// assert_eq!(tail, [0, 0, 0, 0]); // OK
+    /// ```
+    pub fn handle_request(&self, readable: &[u8], writable: &mut [u8]) -> u32 {
+        let req = match Request::parse(readable) {
+            Ok(req) => req,
+            Err(ParseError::UnknownRequestType(_)) => {
+                return match writable.get_mut(..4) {
+                    Some(tail) => {
+                        self.counters.request(None);
+                        self.counters.status(Status::Unsupp);
+                        tail.copy_from_slice(&[Status::Unsupp as u8, 0, 0, 0]);
+                        4
+                    }
+                    None => self.malformed(),
+                };
+            }
+            Err(_) => return self.malformed(),
+        };
+        let props_len = match req {
+            // §5.13.6.8: without the PROBE feature the buffer is returned unwritten.
+            Request::Probe(_) if !self.offered(features::PROBE) => return self.malformed(),
+            Request::Probe(_) => self.cfg.probe_size as usize,
+            _ => 0,
+        };
+        if writable.len() < 4 {
+            return self.malformed();
+        }
+        if writable.len() < props_len + 4 {
+            // §5.13.6.8: a properties buffer smaller than probe_size gets INVAL and no
+            // property; the tail is the last four writable bytes.
+            self.counters.request(Some(RequestType::Probe));
+            self.counters.status(Status::Inval);
+            writable.fill(0);
+            let n = writable.len();
+            writable[n - 4] = Status::Inval as u8;
+            return n as u32;
+        }
+        let (props, rest) = writable.split_at_mut(props_len);
+        let status = self.execute(&req, props);
+        rest[..4].copy_from_slice(&[status as u8, 0, 0, 0]);
+        (props_len + 4) as u32
+    }
+
+    fn malformed(&self) -> u32 {
+        self.counters.malformed();
+        0
+    }
+
+    /// Executes one parsed request and returns its status. For PROBE, `props` receives the
+    /// properties (it must be `probe_size` bytes, or the answer is INVAL).
+    pub fn execute(&self, req: &Request, props: &mut [u8]) -> Status {
+        self.counters.request(Some(req.request_type()));
+        let status = match req {
+            Request::Attach(b) => self.attach(b),
+            Request::Detach(b) => self.detach(b),
+            Request::Map(b) => self.map(b),
+            Request::Unmap(b) => self.unmap(b),
+            Request::Probe(b) => self.probe(b, props),
+        };
+        self.counters.status(status);
+        status
+    }
+}

@@ -1,0 +1,122 @@
+//! Translation for the VMM's other device models, and the fault events it raises.
+
+use viommu_proto::MAP_F_MMIO;
+
+use super::Iommu;
+use crate::config::ResvKind;
+use crate::fault::{Offer, PendingFault};
+use crate::sync::{lock, read};
+use crate::translate::{Access, Fault, FaultKind, Segment, Translation};
+
+impl Iommu {
+    /// Translates `[iova, iova + len)` for a DMA `access` by `endpoint` into guest-physical
+    /// segments.
+    ///
+    /// Rules, in order: an unknown endpoint fails without an event. A range touching a
+    /// RESERVED region faults; one inside the MSI region is identity-mapped (the doorbell
+    /// bypasses translation), one crossing its edge faults. An unattached endpoint is
+    /// identity-mapped in global bypass mode, else faults (reason DOMAIN). An endpoint in a
+    /// bypass domain is identity-mapped. Otherwise every byte must be covered by mappings
+    /// carrying the access's flags (else reason MAPPING). Each fault except the unknown
+    /// endpoint queues a fault event (see [`crate::fault`] for coalescing).
+    ///
+    /// Safe to call from any number of threads while requests are processed: it takes
+    /// two read locks and never the request lock. A zero-length access translates to nothing.
+    pub fn translate(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Translation, Fault> {
+        let Some(ep) = self.endpoints.get(endpoint) else {
+            return Err(Fault {
+                kind: FaultKind::UnknownEndpoint,
+                endpoint,
+                address: iova,
+                access,
+            });
+        };
+        if len == 0 {
+            return Ok(Translation::default());
+        }
+        let fault = |kind, address| Err(self.raise(Fault { kind, endpoint, address, access }));
+        let Some(last) = iova.checked_add(len - 1) else {
+            return fault(FaultKind::Overflow, iova);
+        };
+        if let Some(r) = ep.resv_hit(iova, last) {
+            let inside = r.start <= iova && last <= r.end;
+            if r.kind == ResvKind::Msi && inside {
+                return Ok(Translation::identity(iova, len));
+            }
+            return fault(FaultKind::Reserved, iova.max(r.start));
+        }
+        let attached = read(&ep.attached);
+        let Some(domain) = attached.as_ref() else {
+            if self.global_bypass() {
+                return Ok(Translation::identity(iova, len));
+            }
+            return fault(FaultKind::NotAttached, iova);
+        };
+        if domain.bypass {
+            return Ok(Translation::identity(iova, len));
+        }
+        let need = access.required_map_flags();
+        let tree = read(&domain.mappings);
+        let mut out = Translation::default();
+        let mut cur = iova;
+        // Each round consumes one mapping, so the loop is bounded by the mappings in range.
+        loop {
+            let Some(m) = tree.lookup(cur) else { return fault(FaultKind::Unmapped, cur) };
+            if m.flags & need != need {
+                return fault(FaultKind::Permission, cur);
+            }
+            let seg_end = m.end.min(last);
+            out.push(Segment {
+                addr: m.phys + (cur - m.start),
+                len: seg_end - cur + 1,
+                mmio: m.flags & MAP_F_MMIO != 0,
+            });
+            if seg_end == last {
+                return Ok(out);
+            }
+            cur = seg_end + 1;
+        }
+    }
+
+    /// Queues the fault event for `f` and returns `f`.
+    pub(super) fn raise(&self, f: Fault) -> Fault {
+        self.counters.fault_raised();
+        let ev = PendingFault {
+            reason: f.kind.reason(),
+            flags: f.access.fault_flags() | viommu_proto::fault::F_ADDRESS,
+            endpoint: f.endpoint,
+            address: f.address,
+        };
+        let outcome = lock(&self.faults).push(ev);
+        match outcome {
+            Offer::Queued => {
+                if let Some(n) = read(&self.notifier).clone() {
+                    n();
+                }
+            }
+            Offer::Coalesced => self.counters.fault_coalesced(),
+            Offer::Dropped => self.counters.fault_dropped(),
+        }
+        f
+    }
+
+    /// Number of fault events waiting for an event-queue buffer.
+    pub fn pending_faults(&self) -> usize {
+        lock(&self.faults).len()
+    }
+
+    pub(crate) fn front_fault(&self) -> Option<PendingFault> {
+        lock(&self.faults).front().copied()
+    }
+
+    pub(crate) fn pop_fault(&self) {
+        lock(&self.faults).pop();
+        self.counters.fault_delivered();
+    }
+}
