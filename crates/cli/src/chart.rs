@@ -127,7 +127,8 @@ fn panel(
 ) {
     let cells: Vec<&CellResult> =
         results.iter().filter(|r| r.spec.workload == workload && r.spec.io_size == size).collect();
-    let max = cells.iter().map(|r| metric.value(r)).fold(0.0, f64::max).max(1.0);
+    // Some headroom above the tallest bar.
+    let max = cells.iter().map(|r| metric.value(r)).fold(0.0, f64::max).max(1.0) * 1.3;
     let unit = if workload == Workload::Net { "packets" } else { "requests" };
     let _ = writeln!(
         s,
