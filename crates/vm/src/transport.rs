@@ -159,6 +159,9 @@ struct Shared<B> {
     pending: AtomicU32,
     driver_features: AtomicU64,
     stop: AtomicBool,
+    /// Unique per link, so that a thread's seen-interrupt counts never carry
+    /// over to a later link allocated at the same address.
+    id: usize,
     stats: LinkStats,
     exit: ExitCost,
 }
@@ -188,6 +191,11 @@ impl<B: VirtioBackend> DeviceLink<B> {
             pending: AtomicU32::new(0),
             driver_features: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            id: {
+                static NEXT: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
             stats: LinkStats::default(),
             exit: ExitCost::default(),
         });
@@ -402,7 +410,7 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
 
     fn wait_for_used(&mut self, queue: u16) {
         let q = queue as usize % MAX_QUEUES;
-        let key = Arc::as_ptr(&self.shared) as *const () as usize;
+        let key = self.shared.id;
         if !self.shared.irq.wait(key, q, IRQ_WAIT) {
             self.shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
             // The waiter's request may ride on a kick another thread cannot
