@@ -60,6 +60,14 @@ impl Translation {
         t
     }
 
+    /// The one segment `[iova, iova + len)` translates to inside mapping `m`.
+    pub(crate) fn single(m: crate::domain::Mapping, iova: u64, len: u64) -> Self {
+        let mut t = Self::default();
+        let mmio = m.flags & viommu_proto::MAP_F_MMIO != 0;
+        t.segments.push(Segment { addr: m.phys + (iova - m.start), len, mmio });
+        t
+    }
+
     /// Appends a segment, merging it into the previous one when physically contiguous.
     pub(crate) fn push(&mut self, s: Segment) {
         if let Some(last) = self.segments.last_mut() {

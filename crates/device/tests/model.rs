@@ -281,6 +281,14 @@ proptest! {
             let got = iommu.execute(&op.request(), &mut props);
             let want = model.apply(op);
             prop_assert_eq!(got, want, "op {} {:?}", n, op);
+            // Translate between requests too, so a stale cached translation would show.
+            for e in [1u32, 3] {
+                for page in [(n as u64 * 7) % 40, 2, 3] {
+                    let iova = page * PAGE + 8;
+                    let got = iommu.translate(e, iova, 1, Access::Read).ok().map(|t| t.segments()[0].addr);
+                    prop_assert_eq!(got, model.translate(e, iova), "after op {} ep {} iova {:#x}", n, e, iova);
+                }
+            }
         }
         check_state(&iommu, &model)?;
     }

@@ -158,6 +158,72 @@ fn translate_concurrently_with_map_unmap() {
     }
 }
 
+/// Cached translations: after UNMAP, DETACH, ATTACH elsewhere or a bypass change has
+/// completed, no thread may still translate through what was removed, including a thread
+/// that translated the same address just before.
+#[test]
+fn no_stale_translation_after_changes() {
+    use std::sync::mpsc;
+    let i = Arc::new(Iommu::new(cfg(&[1, 2])).unwrap());
+    assert_eq!(exec(&i, attach(1, 1)), Status::Ok);
+    assert_eq!(exec(&i, map(1, 0x5000, 0x5fff, 0x9000, RW)), Status::Ok);
+    let (to_reader, rx) = mpsc::channel::<Option<u64>>();
+    let (tx, from_reader) = mpsc::channel::<Option<u64>>();
+    let reader = {
+        let i = i.clone();
+        thread::spawn(move || {
+            // Each message: "translate now", answered with what the reader sees.
+            while let Ok(Some(iova)) = rx.recv() {
+                let r = i.translate(1, iova, 8, Access::Read).ok().map(|t| t.segments()[0].addr);
+                tx.send(r).unwrap();
+            }
+        })
+    };
+    let ask = |iova| {
+        to_reader.send(Some(iova)).unwrap();
+        from_reader.recv().unwrap()
+    };
+    assert_eq!(ask(0x5010), Some(0x9010));
+    assert_eq!(ask(0x5010), Some(0x9010)); // now cached in the reader
+    assert_eq!(exec(&i, unmap(1, 0x5000, 0x5fff)), Status::Ok);
+    assert_eq!(ask(0x5010), None);
+    assert_eq!(exec(&i, map(1, 0x5000, 0x5fff, 0x7000, RW)), Status::Ok);
+    assert_eq!(ask(0x5010), Some(0x7010));
+    assert_eq!(exec(&i, detach(1, 1)), Status::Ok);
+    assert_eq!(ask(0x5010), None);
+    i.set_bypass(true);
+    assert_eq!(ask(0x5010), Some(0x5010));
+    assert_eq!(ask(0x5010), Some(0x5010)); // cached identity
+    assert_eq!(exec(&i, attach(2, 1)), Status::Ok);
+    assert_eq!(ask(0x5010), None, "attached to an empty domain");
+    assert_eq!(exec(&i, detach(2, 1)), Status::Ok);
+    assert_eq!(ask(0x5010), Some(0x5010));
+    i.set_bypass(false);
+    assert_eq!(ask(0x5010), None);
+    // The same checks in this thread.
+    assert_eq!(exec(&i, attach(3, 1)), Status::Ok);
+    assert_eq!(exec(&i, map(3, 0x5000, 0x5fff, 0x3000, RW)), Status::Ok);
+    assert_eq!(i.translate(1, 0x5000, 4, Access::Read).unwrap().segments()[0].addr, 0x3000);
+    assert_eq!(exec(&i, unmap(3, 0, u64::MAX)), Status::Ok);
+    assert!(i.translate(1, 0x5000, 4, Access::Read).is_err());
+    to_reader.send(None).unwrap();
+    reader.join().unwrap();
+}
+
+/// Two IOMMU instances never share cached translations.
+#[test]
+fn instances_do_not_share_cached_translations() {
+    let a = Iommu::new(cfg(&[1])).unwrap();
+    let b = Iommu::new(cfg(&[1])).unwrap();
+    for (i, phys) in [(&a, 0x1000), (&b, 0x2000)] {
+        assert_eq!(exec(i, attach(1, 1)), Status::Ok);
+        assert_eq!(exec(i, map(1, 0, 0xfff, phys, RW)), Status::Ok);
+    }
+    assert_eq!(a.translate(1, 0x10, 4, Access::Read).unwrap().segments()[0].addr, 0x1010);
+    assert_eq!(b.translate(1, 0x10, 4, Access::Read).unwrap().segments()[0].addr, 0x2010);
+    assert_eq!(a.translate(1, 0x10, 4, Access::Read).unwrap().segments()[0].addr, 0x1010);
+}
+
 // ---- listeners --------------------------------------------------------------------------
 
 #[derive(Default)]

@@ -9,10 +9,11 @@
 
 mod requests;
 mod state;
+mod tlb;
 mod translation;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, RwLock};
 
 use viommu_proto::features::{self, bit};
@@ -71,6 +72,10 @@ pub(crate) struct Control {
 /// assert!(iommu.translate(8, 0x1010, 16, Access::Write).is_err());
 /// ```
 pub struct Iommu {
+    /// Process-unique instance ID, for the per-thread translation caches.
+    id: u64,
+    /// Bumped after every change that can take a translation away (see `tlb`).
+    epoch: AtomicU64,
     cfg: DeviceConfig,
     granule: u64,
     offered: u64,
@@ -103,6 +108,8 @@ impl Iommu {
         cfg.validate()?;
         let offered = cfg.features.bits();
         Ok(Self {
+            id: tlb::new_instance_id(),
+            epoch: AtomicU64::new(0),
             granule: cfg.granule(),
             offered,
             negotiated: AtomicU64::new(offered),
@@ -135,6 +142,13 @@ impl Iommu {
 
     pub(crate) fn set_negotiated(&self, features: u64) {
         self.negotiated.store(features & self.offered, Relaxed);
+        // Legacy BYPASS may have come or gone.
+        self.invalidate();
+    }
+
+    /// Empties every thread's translation cache for this instance; call after the change.
+    pub(crate) fn invalidate(&self) {
+        self.epoch.fetch_add(1, Release);
     }
 
     fn negotiated(&self, feature: u32) -> bool {
@@ -153,6 +167,7 @@ impl Iommu {
     /// Sets the config `bypass` field (the device wrapper enforces who may).
     pub fn set_bypass(&self, on: bool) {
         self.bypass.store(on, Relaxed);
+        self.invalidate();
     }
 
     /// True if unattached endpoints are in bypass mode (§5.13.6 "An endpoint is in bypass

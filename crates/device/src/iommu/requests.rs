@@ -87,6 +87,7 @@ impl Iommu {
         entry.endpoints.push(ep_id);
         entry.resv.extend_from_slice(&ep.resv);
         *write(&ep.attached) = Some(entry.domain.clone());
+        self.invalidate();
         if let Some(l) = listener {
             l.on_attach(ep_id, domain_id, bypass);
             for m in read(&entry.domain.mappings).iter() {
@@ -106,6 +107,7 @@ impl Iommu {
         listener: Option<&dyn Listener>,
     ) {
         let Some(dom) = write(&ep.attached).take() else { return };
+        self.invalidate();
         if let Some(entry) = ctl.domains.get_mut(&dom.id) {
             entry.endpoints.retain(|&e| e != ep.id);
             if entry.endpoints.is_empty() {
@@ -236,6 +238,9 @@ impl Iommu {
         // (the UNMAP request would split the mapping), then the device SHOULD set the request
         // status to VIRTIO_IOMMU_S_RANGE, and SHOULD NOT remove any mapping."
         let Ok(count) = result else { return Status::Range };
+        if count > 0 {
+            self.invalidate();
+        }
         // The used entry is written after this returns: listeners have finished.
         if let Some(l) = listener {
             for m in &removed {

@@ -86,6 +86,7 @@ impl Iommu {
             }
             ctl.domains.insert(d.id, entry);
         }
+        self.invalidate();
         let mut q = lock(&self.faults);
         for f in faults {
             q.push(*f);

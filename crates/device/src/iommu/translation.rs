@@ -1,9 +1,12 @@
 //! Translation for the VMM's other device models, and the fault events it raises.
 
-use viommu_proto::MAP_F_MMIO;
+use std::sync::atomic::Ordering::Acquire;
 
-use super::Iommu;
+use viommu_proto::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+
+use super::{tlb, Iommu};
 use crate::config::ResvKind;
+use crate::domain::Mapping;
 use crate::fault::{Offer, PendingFault};
 use crate::sync::{lock, read};
 use crate::translate::{Access, Fault, FaultKind, Segment, Translation};
@@ -20,8 +23,9 @@ impl Iommu {
     /// carrying the access's flags (else reason MAPPING). Each fault except the unknown
     /// endpoint queues a fault event (see [`crate::fault`] for coalescing).
     ///
-    /// Safe to call from any number of threads while requests are processed: it takes
-    /// two read locks and never the request lock. A zero-length access translates to nothing.
+    /// Safe to call from any number of threads while requests are processed. A per-thread
+    /// cache (see `tlb`) answers repeated translations without locks; otherwise it takes two
+    /// read locks and never the request lock. A zero-length access translates to nothing.
     pub fn translate(
         &self,
         endpoint: u32,
@@ -51,17 +55,27 @@ impl Iommu {
             }
             return fault(FaultKind::Reserved, iova.max(r.start));
         }
-        let attached = read(&ep.attached);
-        let Some(domain) = attached.as_ref() else {
-            if self.global_bypass() {
-                return Ok(Translation::identity(iova, len));
+        // Read the epoch before the state: an entry is then never newer than its tag says.
+        let epoch = self.epoch.load(Acquire);
+        let need = access.required_map_flags();
+        if let Some(m) = tlb::lookup(self.id, epoch, endpoint, iova, last) {
+            if m.flags & need == need {
+                return Ok(Translation::single(m, iova, len));
             }
-            return fault(FaultKind::NotAttached, iova);
+        }
+        let attached = read(&ep.attached);
+        let bypass = match attached.as_ref() {
+            None if self.global_bypass() => true,
+            None => return fault(FaultKind::NotAttached, iova),
+            Some(domain) => domain.bypass,
         };
-        if domain.bypass {
+        if bypass {
+            let identity =
+                Mapping { start: 0, end: u64::MAX, phys: 0, flags: MAP_F_READ | MAP_F_WRITE };
+            tlb::insert(self.id, epoch, endpoint, iova, identity);
             return Ok(Translation::identity(iova, len));
         }
-        let need = access.required_map_flags();
+        let domain = attached.as_ref().expect("bypass handled the unattached case");
         let tree = read(&domain.mappings);
         let mut out = Translation::default();
         let mut cur = iova;
@@ -70,6 +84,11 @@ impl Iommu {
             let Some(m) = tree.lookup(cur) else { return fault(FaultKind::Unmapped, cur) };
             if m.flags & need != need {
                 return fault(FaultKind::Permission, cur);
+            }
+            if cur == iova && last <= m.end {
+                // One mapping serves the whole access: the common case, worth caching.
+                tlb::insert(self.id, epoch, endpoint, iova, m);
+                return Ok(Translation::single(m, iova, len));
             }
             let seg_end = m.end.min(last);
             out.push(Segment {
