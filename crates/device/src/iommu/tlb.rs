@@ -8,7 +8,7 @@
 //! visible. MAP only adds translations and leaves the epoch alone. A hit touches no shared
 //! cache line for writing, so translating threads do not slow each other down.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::domain::Mapping;
@@ -23,8 +23,16 @@ struct Entry {
     mapping: Mapping,
 }
 
+/// An empty slot: epoch 0 is never current for instance 0, which does not exist.
+const EMPTY: Entry = Entry {
+    iommu: 0,
+    epoch: 0,
+    endpoint: 0,
+    mapping: Mapping { start: 1, end: 0, phys: 0, flags: 0 },
+};
+
 thread_local! {
-    static TLB: RefCell<[Option<Entry>; SLOTS]> = const { RefCell::new([None; SLOTS]) };
+    static TLB: [Cell<Entry>; SLOTS] = const { [const { Cell::new(EMPTY) }; SLOTS] };
 }
 
 /// A process-unique ID for each IOMMU instance, so instances never share entries.
@@ -48,8 +56,7 @@ pub(super) fn lookup(
     last: u64,
 ) -> Option<Mapping> {
     TLB.try_with(|t| {
-        let t = t.try_borrow().ok()?;
-        let e = t[slot(iommu, endpoint, iova)]?;
+        let e = t[slot(iommu, endpoint, iova)].get();
         let hit = e.iommu == iommu
             && e.epoch == epoch
             && e.endpoint == endpoint
@@ -65,8 +72,6 @@ pub(super) fn lookup(
 #[inline]
 pub(super) fn insert(iommu: u64, epoch: u64, endpoint: u32, iova: u64, mapping: Mapping) {
     let _ = TLB.try_with(|t| {
-        if let Ok(mut t) = t.try_borrow_mut() {
-            t[slot(iommu, endpoint, iova)] = Some(Entry { iommu, epoch, endpoint, mapping });
-        }
+        t[slot(iommu, endpoint, iova)].set(Entry { iommu, epoch, endpoint, mapping })
     });
 }
