@@ -47,6 +47,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::BitOr;
 use core::sync::atomic::{AtomicU64, Ordering};
+use core::time::Duration;
 
 use viommu_proto::{
     features as f, AttachBody, Config, DetachBody, FaultEvent, MapBody, ProbeBody, Property,
@@ -58,7 +59,7 @@ use zerocopy::FromBytes;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
 use crate::queue::{Buffer, QueueError, SplitQueue};
-use crate::sync::{relax, Mutex};
+use crate::sync::{relax, Mutex, Waiter};
 use crate::transport::{status, Transport};
 use crate::{Error, Result};
 
@@ -83,8 +84,17 @@ pub struct DriverOptions {
     pub sw_msi: Option<(u64, u64)>,
     /// Guest page size: the granule may not exceed it.
     pub guest_page_size: u64,
-    /// Polls of the used ring before a sync gives up with [`Error::Timeout`].
+    /// Polls of the used ring before a wait gives up with [`Error::Timeout`].
+    /// The `no_std` bound (default 100 million); with `std` the default is
+    /// `u64::MAX` and [`Self::timeout`] bounds the wait instead.
     pub spin_limit: u64,
+    /// With `std`: wall-clock bound of one wait for the device (default 5 s),
+    /// after which it gives [`Error::Timeout`]. `None` waits without a time
+    /// bound. Ignored without `std` (no clock): only `spin_limit` applies.
+    ///
+    /// A request that timed out keeps its ring slot and buffers until the
+    /// device returns it, since the device may still write them.
+    pub timeout: Option<Duration>,
     /// Largest `probe_size` accepted, to bound the PROBE buffer.
     pub max_probe_size: u32,
 }
@@ -98,7 +108,8 @@ impl Default for DriverOptions {
             event_buffers: 16,
             sw_msi: Some((0x0800_0000, 0x080f_ffff)),
             guest_page_size: PAGE_SIZE as u64,
-            spin_limit: u64::MAX,
+            spin_limit: if cfg!(feature = "std") { u64::MAX } else { 100_000_000 },
+            timeout: Some(Duration::from_secs(5)),
             max_probe_size: 64 * 1024,
         }
     }
@@ -244,6 +255,7 @@ pub(crate) struct Counters {
     event_kicks: AtomicU64,
     syncs: AtomicU64,
     sync_errors: AtomicU64,
+    timeouts: AtomicU64,
     batch: [AtomicU64; BATCH_BUCKETS],
     flushes: [AtomicU64; 3],
     faults: AtomicU64,
@@ -282,6 +294,7 @@ impl Counters {
             event_kicks: g(&self.event_kicks),
             syncs: g(&self.syncs),
             sync_errors: g(&self.sync_errors),
+            timeouts: g(&self.timeouts),
             batch_sizes: core::array::from_fn(|i| g(&self.batch[i])),
             flushes_full: g(&self.flushes[0]),
             flushes_timeout: g(&self.flushes[1]),
@@ -314,6 +327,8 @@ pub struct CounterSnapshot {
     pub syncs: u64,
     /// Syncs that returned a failed request.
     pub sync_errors: u64,
+    /// Waits for the device that gave up with [`Error::Timeout`].
+    pub timeouts: u64,
     /// Requests per kick, see [`BATCH_BUCKETS`].
     pub batch_sizes: [u64; BATCH_BUCKETS],
     /// DMA-layer flushes because a queue was full.
@@ -348,6 +363,7 @@ impl CounterSnapshot {
             event_kicks: self.event_kicks - earlier.event_kicks,
             syncs: self.syncs - earlier.syncs,
             sync_errors: self.sync_errors - earlier.sync_errors,
+            timeouts: self.timeouts - earlier.timeouts,
             batch_sizes: core::array::from_fn(|i| self.batch_sizes[i] - earlier.batch_sizes[i]),
             flushes_full: self.flushes_full - earlier.flushes_full,
             flushes_timeout: self.flushes_timeout - earlier.flushes_timeout,
@@ -423,6 +439,8 @@ struct ReqQueue<H: Hal> {
     inflight: Vec<Option<Inflight>>,
     /// Replies by ticket, until their owner takes them.
     done: BTreeMap<u64, Reply>,
+    /// Tickets whose waiter gave up: their replies are dropped on arrival.
+    abandoned: BTreeSet<u64>,
     next_seq: u64,
     /// Requests made available but not yet covered by a notify.
     unkicked: u64,
@@ -450,6 +468,7 @@ impl<H: Hal> ReqQueue<H> {
             free_slots: (0..nslots).rev().collect(),
             inflight,
             done: BTreeMap::new(),
+            abandoned: BTreeSet::new(),
             next_seq: 0,
             unkicked: 0,
         })
@@ -529,7 +548,9 @@ impl<H: Hal> ReqQueue<H> {
             }
             let result = reply_result(inf.request, used.len, tail[0]);
             self.release(inf.buf);
-            self.done.insert(inf.seq, Reply { result, props });
+            if !self.abandoned.remove(&inf.seq) {
+                self.done.insert(inf.seq, Reply { result, props });
+            }
         }
     }
 
@@ -567,6 +588,13 @@ pub(crate) trait Port: Send + Sync {
     fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>>;
     /// The replies of `seqs` if all are in, without kicking or waiting.
     fn try_take(&self, seqs: &[u64]) -> Option<Vec<Reply>>;
+    /// Nobody will take the replies of `seqs` (their wait gave up): drop
+    /// them when they come. Their ring slots stay in use until then.
+    fn abandon(&self, seqs: &[u64]);
+    /// [`Self::wait`]; if it gives up, the tickets are abandoned.
+    fn wait_or_abandon(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
+        self.wait(seqs).inspect_err(|_| self.abandon(seqs))
+    }
     /// Notifies the device if requests are waiting for a notify.
     fn kick(&self);
     fn counters(&self) -> &Counters;
@@ -645,7 +673,7 @@ impl<T: Transport, H: Hal> Shared<T, H> {
     /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
     /// notifies, waits for the device and goes on. Tickets go to `seqs`.
     fn submit_into(&self, reqs: &[Request], props: usize, seqs: &mut Vec<u64>) -> Result<()> {
-        let mut spins = 0;
+        let mut waiter = self.waiter();
         loop {
             let need = {
                 let mut q = self.req.lock();
@@ -664,19 +692,23 @@ impl<T: Transport, H: Hal> Shared<T, H> {
             if need {
                 self.notify(REQUEST_QUEUE);
             }
-            self.wait_device(&mut spins)?;
+            self.wait_device(&mut waiter)?;
         }
     }
 
+    fn waiter(&self) -> Waiter {
+        Waiter::new(self.opts.spin_limit, self.opts.timeout)
+    }
+
     /// Waits a little for the device, without holding the request-queue lock.
-    fn wait_device(&self, spins: &mut u64) -> Result<()> {
-        *spins += 1;
-        if *spins > self.opts.spin_limit {
+    fn wait_device(&self, waiter: &mut Waiter) -> Result<()> {
+        let Some(spins) = waiter.poll() else {
+            bump(&self.counters.timeouts);
             return Err(Error::Timeout);
-        }
+        };
         match self.transport.try_lock() {
             Some(mut t) => {
-                if *spins % 1024 == 0 && t.status() & status::DEVICE_NEEDS_RESET != 0 {
+                if spins % 1024 == 0 && t.status() & status::DEVICE_NEEDS_RESET != 0 {
                     return Err(Error::DeviceNeedsReset);
                 }
                 t.wait_for_used(REQUEST_QUEUE);
@@ -712,12 +744,21 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
         bump(&self.counters.syncs);
         self.kick();
-        let mut spins = 0;
+        let mut waiter = self.waiter();
         loop {
             if let Some(replies) = self.try_take(seqs) {
                 return Ok(replies);
             }
-            self.wait_device(&mut spins)?;
+            self.wait_device(&mut waiter)?;
+        }
+    }
+
+    fn abandon(&self, seqs: &[u64]) {
+        let mut q = self.req.lock();
+        for &seq in seqs {
+            if q.done.remove(&seq).is_none() && seq < q.next_seq {
+                q.abandoned.insert(seq);
+            }
         }
     }
 
@@ -743,7 +784,7 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
                 }
             }
             // Best effort: the handle is gone, nobody can take an error.
-            if !pending.is_empty() && self.wait(&pending).is_err() {
+            if !pending.is_empty() && self.wait_or_abandon(&pending).is_err() {
                 self.counters.sync_error();
             }
         }
@@ -850,10 +891,9 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
 
     fn init(t: &mut T, opts: &DriverOptions) -> Result<DeviceInfo> {
         t.set_status(0);
-        let mut spins = 0u64;
+        let mut waiter = Waiter::new(opts.spin_limit, opts.timeout);
         while t.status() != 0 {
-            spins += 1;
-            if spins > opts.spin_limit {
+            if waiter.poll().is_none() {
                 return Err(Error::Timeout);
             }
             relax();
@@ -1016,7 +1056,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if s.info.has(f::PROBE) && s.info.probe_size > 0 {
             let req = Request::Probe(ProbeBody { endpoint: U32::new(endpoint), reserved: [0; 64] });
             let seq = s.submit(&req, s.info.probe_size as usize)?;
-            let reply = s.wait(&[seq])?.pop().ok_or(Error::Timeout)?;
+            let reply = s.wait_or_abandon(&[seq])?.pop().ok_or(Error::Timeout)?;
             first_error(&s.counters, core::slice::from_ref(&reply))?;
             for prop in PropertyIter::new(&reply.props) {
                 match prop.map_err(Error::Probe)? {
@@ -1194,19 +1234,27 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if st.endpoints.is_empty() {
             reqs.extend(st.tree.values().map(|m| map_req(d.id, m)));
         }
-        let seqs = match s.submit_all(&reqs) {
-            Ok(seqs) => seqs,
-            Err((seqs, e)) => {
-                let _ = s.wait(&seqs);
+        let (seqs, queued) = match s.submit_all(&reqs) {
+            Ok(seqs) => (seqs, Ok(())),
+            Err((seqs, e)) if !seqs.is_empty() => (seqs, Err(e)),
+            Err((_, e)) => return Err(e),
+        };
+        let replies = match s.wait_or_abandon(&seqs) {
+            Ok(r) => r,
+            Err(e) => {
+                // The device may still attach it: count it as attached, so
+                // that unmaps keep reaching the device (detach to undo).
+                st.endpoints.insert(endpoint);
+                drop(st);
+                entry.domain = Some((d.id, Arc::downgrade(d)));
                 return Err(e);
             }
         };
-        let replies = s.wait(&seqs)?;
         first_error(&s.counters, &replies[..1])?;
-        if let Err(e) = first_error(&s.counters, &replies[1..]) {
+        if let Err(e) = first_error(&s.counters, &replies[1..]).and(queued) {
             // Undo the attach: the device forgets the domain and its mappings.
             let seq = s.submit(&detach_req(d.id, endpoint), 0)?;
-            let _ = s.wait(&[seq])?;
+            let _ = s.wait_or_abandon(&[seq])?;
             return Err(e);
         }
         st.endpoints.insert(endpoint);
@@ -1314,7 +1362,7 @@ fn detach_locked<T: Transport + 'static, H: Hal + 'static>(
 ) -> Result<()> {
     let mut st = dom.map(|d| d.state.lock());
     let seq = s.submit(&detach_req(id, endpoint), 0)?;
-    let replies = s.wait(&[seq])?;
+    let replies = s.wait_or_abandon(&[seq])?;
     first_error(&s.counters, &replies)?;
     if let Some(st) = st.as_mut() {
         st.endpoints.remove(&endpoint);
@@ -1366,6 +1414,24 @@ impl PendingOp {
     }
 }
 
+/// Where a timed-out MAP stands.
+#[derive(Clone, Copy)]
+enum StaleStep {
+    /// Its reply is not in yet.
+    Map(u64),
+    /// It succeeded late: a cleanup UNMAP is to be queued (`None`) or on the ring.
+    Unmap(Option<u64>),
+}
+
+/// A MAP whose sync timed out. It left the tree, but the device may still
+/// apply it, so its range stays blocked (no new MAP, no IOVA reuse) until its
+/// reply is in and, if it succeeded, a cleanup UNMAP has completed.
+struct Stale {
+    step: StaleStep,
+    iova: u64,
+    last: u64,
+}
+
 #[derive(Default)]
 struct DomainState {
     endpoints: BTreeSet<u32>,
@@ -1373,6 +1439,8 @@ struct DomainState {
     tree: BTreeMap<u64, Mapping>,
     /// Requests queued by `map_pages`/`unmap_pages` and not yet synced.
     pending: Vec<PendingOp>,
+    /// Timed-out MAPs, see [`Stale`].
+    stale: Vec<Stale>,
 }
 
 impl DomainState {
@@ -1381,6 +1449,12 @@ impl DomainState {
         let before =
             self.tree.range(..start).next_back().map(|(_, m)| m).filter(|m| m.last >= start);
         before.into_iter().chain(self.tree.range(start..=last).map(|(_, m)| m))
+    }
+
+    /// First IOVA of a mapping or stale range that overlaps `[start, last]`.
+    fn overlap(&self, start: u64, last: u64) -> Option<u64> {
+        let stale = self.stale.iter().find(|s| s.iova <= last && start <= s.last);
+        self.intersecting(start, last).next().map(|m| m.iova).or(stale.map(|s| s.iova))
     }
 
     /// Removes the whole mappings inside `[start, last]`; refuses to split one.
@@ -1393,6 +1467,22 @@ impl DomainState {
             self.tree.remove(&m.iova);
         }
         Ok(hits)
+    }
+
+    /// A MAP did not happen: its tree entry goes.
+    fn undo_map(&mut self, iova: u64, last: u64) {
+        if self.tree.get(&iova).is_some_and(|m| m.last == last) {
+            self.tree.remove(&iova);
+        }
+    }
+
+    /// An UNMAP did not happen (or may not have): its mappings come back.
+    fn undo_unmap(&mut self, removed: Vec<Mapping>) {
+        for m in removed {
+            if self.intersecting(m.iova, m.last).next().is_none() {
+                self.tree.insert(m.iova, m);
+            }
+        }
     }
 }
 
@@ -1428,8 +1518,8 @@ impl DomainInner {
     /// Records a mapping in the tree without sending anything.
     fn insert(&self, m: Mapping) -> Result<()> {
         let mut st = self.state.lock();
-        if let Some(o) = st.intersecting(m.iova, m.last).next() {
-            return Err(Error::Overlap { iova: o.iova });
+        if let Some(iova) = st.overlap(m.iova, m.last) {
+            return Err(Error::Overlap { iova });
         }
         st.tree.insert(m.iova, m);
         Ok(())
@@ -1439,40 +1529,116 @@ impl DomainInner {
         !st.endpoints.is_empty() && !matches!(kind, DomainKind::Identity { bypass: true })
     }
 
+    /// Moves stale MAPs on with the replies that are in (`got`, or reaped
+    /// now): a failed one is done; a successful one needs a cleanup UNMAP
+    /// (queued here, not kicked) while the domain is attached.
+    fn settle_stale(&self, st: &mut DomainState, mut got: BTreeMap<u64, Reply>) {
+        if st.stale.is_empty() {
+            return;
+        }
+        let attached = Self::attached(st, self.kind);
+        let mut reply = |seq: u64| {
+            got.remove(&seq).or_else(|| self.port.try_take(&[seq]).and_then(|mut r| r.pop()))
+        };
+        let mut keep = Vec::new();
+        for mut s in core::mem::take(&mut st.stale) {
+            if let StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) = s.step {
+                match reply(seq).map(|r| r.result) {
+                    None => {
+                        keep.push(s);
+                        continue;
+                    }
+                    Some(Ok(())) if matches!(s.step, StaleStep::Map(_)) => {
+                        s.step = StaleStep::Unmap(None)
+                    }
+                    Some(Ok(())) => continue,
+                    Some(Err(_)) if matches!(s.step, StaleStep::Map(_)) => continue,
+                    Some(Err(_)) => {
+                        // The cleanup failed: count it and send it again.
+                        self.port.counters().sync_error();
+                        s.step = StaleStep::Unmap(None);
+                    }
+                }
+            }
+            if !attached {
+                // The device forgot the domain with its last endpoint.
+                continue;
+            }
+            if let Ok(seq) = self.port.submit(&unmap_req(self.id, s.iova, s.last), 0) {
+                s.step = StaleStep::Unmap(Some(seq));
+            }
+            keep.push(s);
+        }
+        st.stale = keep;
+    }
+
+    /// Sends the cleanup UNMAPs of stale MAPs and waits for them once.
+    fn drain_stale(&self) -> Result<()> {
+        let seqs: Vec<u64> = {
+            let mut st = self.state.lock();
+            self.settle_stale(&mut st, BTreeMap::new());
+            st.stale
+                .iter()
+                .filter_map(|s| match s.step {
+                    StaleStep::Unmap(Some(seq)) => Some(seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let replies = self.port.wait(&seqs)?;
+        let got = seqs.into_iter().zip(replies).collect();
+        self.settle_stale(&mut self.state.lock(), got);
+        Ok(())
+    }
+
+    /// Whether `[start, last]` touches a stale MAP's range.
+    pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
+        let st = self.state.lock();
+        st.stale.iter().any(|s| s.iova <= last && start <= s.last)
+    }
+
     /// Waits for ops and rolls back failures in the tree; first error wins.
     fn finish(&self, ops: Vec<PendingOp>) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
         let seqs: Vec<u64> = ops.iter().map(PendingOp::seq).collect();
-        let replies = match self.port.wait(&seqs) {
+        let replies = self.port.wait(&seqs);
+        let mut st = self.state.lock();
+        let replies = match replies {
             Ok(r) => r,
             Err(e) => {
-                // No answer (timeout, reset): keep them for a later sync.
-                self.state.lock().pending.extend(ops);
+                // No answer (timeout, reset): roll back as for a failure,
+                // but a MAP's range stays blocked until the device answers.
+                for op in ops {
+                    match op {
+                        PendingOp::Map { seq, iova, last } => {
+                            st.undo_map(iova, last);
+                            st.stale.push(Stale { step: StaleStep::Map(seq), iova, last });
+                        }
+                        PendingOp::Unmap { seq, removed } => {
+                            self.port.abandon(&[seq]);
+                            st.undo_unmap(removed);
+                        }
+                    }
+                }
+                self.port.counters().sync_error();
                 return Err(e);
             }
         };
         let mut first = None;
-        let mut st = self.state.lock();
         for (op, r) in ops.into_iter().zip(replies) {
             let Err(e) = r.result else { continue };
             first.get_or_insert(e);
             match op {
-                PendingOp::Map { iova, last, .. } => {
-                    if st.tree.get(&iova).is_some_and(|m| m.last == last) {
-                        st.tree.remove(&iova);
-                    }
-                }
-                PendingOp::Unmap { removed, .. } => {
-                    for m in removed {
-                        if st.intersecting(m.iova, m.last).next().is_none() {
-                            st.tree.insert(m.iova, m);
-                        }
-                    }
-                }
+                PendingOp::Map { iova, last, .. } => st.undo_map(iova, last),
+                PendingOp::Unmap { removed, .. } => st.undo_unmap(removed),
             }
         }
+        self.settle_stale(&mut st, BTreeMap::new());
         match first {
             Some(e) => {
                 self.port.counters().sync_error();
@@ -1486,6 +1652,15 @@ impl DomainInner {
 impl Drop for DomainInner {
     fn drop(&mut self) {
         let mut st = self.state.lock();
+        let stale: Vec<u64> = st
+            .stale
+            .iter()
+            .filter_map(|s| match s.step {
+                StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) => Some(seq),
+                StaleStep::Unmap(None) => None,
+            })
+            .collect();
+        self.port.abandon(&stale);
         let pending = st.pending.drain(..).map(|p| p.seq()).collect();
         self.port.domain_dropped(self.id, pending);
     }
@@ -1544,8 +1719,9 @@ impl Domain {
         let m = Mapping { iova, last, paddr, prot };
         d.check(&m, size)?;
         let mut st = d.state.lock();
-        if let Some(o) = st.intersecting(iova, last).next() {
-            return Err(Error::Overlap { iova: o.iova });
+        d.settle_stale(&mut st, BTreeMap::new());
+        if let Some(iova) = st.overlap(iova, last) {
+            return Err(Error::Overlap { iova });
         }
         st.tree.insert(iova, m);
         if DomainInner::attached(&st, d.kind) {
@@ -1607,10 +1783,19 @@ impl Domain {
     }
 
     /// Syncs every request queued for this domain (UNMAPs and MAPs). A
-    /// failed UNMAP puts its mappings back in the tree.
+    /// failed UNMAP puts its mappings back in the tree. Also cleans up after
+    /// timed-out MAPs the device has answered since (see [`Self::stale_ranges`]).
     pub fn iotlb_sync(&self) -> Result<()> {
         let ops = core::mem::take(&mut self.inner.state.lock().pending);
-        self.inner.finish(ops)
+        self.inner.finish(ops)?;
+        self.inner.drain_stale()
+    }
+
+    /// Ranges `(first, last)` of MAPs whose sync timed out and that the device
+    /// has not answered yet (or whose cleanup UNMAP is not done): no new
+    /// mapping may overlap them ([`Error::Overlap`]) until then.
+    pub fn stale_ranges(&self) -> Vec<(u64, u64)> {
+        self.inner.state.lock().stale.iter().map(|s| (s.iova, s.last)).collect()
     }
 
     /// Flushes everything: the same as [`Self::iotlb_sync`], since a
@@ -1648,9 +1833,10 @@ impl Domain {
             d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
         }
         let mut st = d.state.lock();
+        d.settle_stale(&mut st, BTreeMap::new());
         for m in maps {
-            if let Some(o) = st.intersecting(m.iova, m.last).next() {
-                return Err(Error::Overlap { iova: o.iova });
+            if let Some(iova) = st.overlap(m.iova, m.last) {
+                return Err(Error::Overlap { iova });
             }
         }
         for m in maps {
@@ -1678,6 +1864,16 @@ impl Domain {
                 Err(e)
             }
         }
+    }
+
+    /// See [`DomainInner::drain_stale`].
+    pub(crate) fn drain_stale(&self) -> Result<()> {
+        self.inner.drain_stale()
+    }
+
+    /// See [`DomainInner::is_stale`].
+    pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
+        self.inner.is_stale(start, last)
     }
 
     /// Syncs map tickets: one sync; failed MAPs leave the tree.

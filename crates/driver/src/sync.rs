@@ -102,3 +102,39 @@ mod imp {
 }
 
 pub(crate) use imp::{relax, Mutex};
+
+/// Bounds one wait for the device: a poll count, and with `std` a wall-clock deadline.
+pub(crate) struct Waiter {
+    spins: u64,
+    limit: u64,
+    #[cfg(feature = "std")]
+    deadline: Option<std::time::Instant>,
+}
+
+impl Waiter {
+    pub(crate) fn new(limit: u64, timeout: Option<core::time::Duration>) -> Self {
+        #[cfg(feature = "std")]
+        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+        #[cfg(not(feature = "std"))]
+        let _ = timeout;
+        Self {
+            spins: 0,
+            limit,
+            #[cfg(feature = "std")]
+            deadline,
+        }
+    }
+
+    /// Counts one poll. Returns the polls so far, or `None` once a bound is passed.
+    pub(crate) fn poll(&mut self) -> Option<u64> {
+        self.spins += 1;
+        if self.spins > self.limit {
+            return None;
+        }
+        #[cfg(feature = "std")]
+        if self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return None;
+        }
+        Some(self.spins)
+    }
+}

@@ -5,11 +5,12 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use viommu_driver::dma::{DmaDirection as Dir, DmaDomain, DmaOptions, FlushQueueConfig, Policy};
 use viommu_driver::fake::{FakeConfig, InjectReply, Injection};
-use viommu_driver::Error;
+use viommu_driver::{DriverOptions, Error};
 use viommu_proto::{RequestType, Status};
 
 fn strict() -> DmaOptions {
@@ -394,4 +395,28 @@ fn stress_lazy_attach_detach_vs_map_unmap() {
 #[test]
 fn stress_strict_with_a_late_device() {
     stress(Policy::Strict, true);
+}
+
+#[test]
+fn a_timed_out_dma_map_keeps_its_iova_until_the_device_answers() {
+    let opts = DriverOptions { timeout: Some(Duration::from_millis(20)), ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let d = attached(&iommu, 1);
+    let resv = iommu.reserved_regions(1).unwrap();
+    let dma =
+        DmaDomain::new(d, &resv, DmaOptions::default(), Arc::new(ManualClock::default())).unwrap();
+    fake.set_stalled(true);
+    assert_eq!(dma.map_single(0x4000_0000, 4096, Dir::ToDevice), Err(Error::Timeout));
+    // Rolled back in the tree; the IOVA is held, not reused.
+    assert!(dma.domain().mappings().is_empty());
+    assert_eq!((dma.iova_in_use(), dma.pending_unmaps()), (0x1000, 1));
+    let other = dma.map_single(0x5000_0000, 4096, Dir::ToDevice);
+    assert_eq!(other, Err(Error::Timeout));
+    fake.set_stalled(false);
+    // Both MAPs landed late; flush cleans up and frees both IOVAs.
+    assert_eq!(fake.mappings(dma.domain().id()).len(), 2);
+    dma.flush().unwrap();
+    assert_eq!((dma.iova_in_use(), dma.pending_unmaps()), (0, 0));
+    assert!(fake.mappings(dma.domain().id()).is_empty());
+    assert!(dma.domain().stale_ranges().is_empty());
 }

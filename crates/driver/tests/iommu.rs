@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
 use viommu_driver::fake::{FakeConfig, FakeIommu, FakeMemory, InjectReply, Injection};
@@ -364,18 +365,83 @@ fn queue_recycles_descriptors_out_of_order_and_skips_bogus_used_ids() {
 
 #[test]
 fn a_silent_device_gives_timeout_or_needs_reset() {
+    assert_eq!(DriverOptions::default().timeout, Some(Duration::from_secs(5)));
     let opts = DriverOptions { spin_limit: 5000, ..Default::default() };
     let (fake, iommu) = setup_with(FakeConfig::default(), opts);
     let d = attached(&iommu, 1);
     fake.set_stalled(true);
     d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
     assert_eq!(d.iotlb_sync_map(0x10000, 0x1000).unwrap_err(), Error::Timeout);
-    // The unanswered MAP stays pending: a later sync collects it.
+    // Rolled back, but the range stays blocked while the device may still map it.
+    assert!(d.mappings().is_empty());
+    assert_eq!(d.stale_ranges(), vec![(0x10000, 0x10fff)]);
+    // The device wakes up and applies the MAP; the next sync unmaps it again.
     fake.set_stalled(false);
-    d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+    assert_eq!(fake.mappings(d.id()).len(), 1);
+    d.iotlb_sync().unwrap();
+    assert!(d.stale_ranges().is_empty());
     assert_eq!(fake.mappings(d.id()), tree(&d));
     fake.set_stalled(true);
     fake.set_needs_reset();
     d.map_pages(0x20000, 0, 0x1000, RW).unwrap();
     assert_eq!(d.iotlb_sync_map(0x20000, 0x1000).unwrap_err(), Error::DeviceNeedsReset);
+}
+
+#[test]
+fn timed_out_requests_keep_their_ring_slots_until_the_device_answers() {
+    // 4 descriptors: two requests at a time.
+    let opts = DriverOptions {
+        request_queue_size: 4,
+        timeout: Some(Duration::from_millis(20)),
+        ..Default::default()
+    };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let d = attached(&iommu, 1);
+    fake.set_stalled(true);
+    let before = iommu.counters();
+    d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
+    assert_eq!(d.iotlb_sync_map(0x10000, 0x1000), Err(Error::Timeout));
+    assert_eq!(d.map_pages(0x10000, 0x8000, 0x1000, RW), Err(Error::Overlap { iova: 0x10000 }));
+    d.map_pages(0x20000, 0, 0x1000, RW).unwrap();
+    assert_eq!(d.iotlb_sync_map(0x20000, 0x1000), Err(Error::Timeout));
+    // Both slots still belong to the unanswered MAPs: a third finds none.
+    assert_eq!(d.map_pages(0x30000, 0, 0x1000, RW), Err(Error::Timeout));
+    assert!(d.mappings().is_empty());
+    assert_eq!(d.stale_ranges(), vec![(0x10000, 0x10fff), (0x20000, 0x20fff)]);
+    let c = iommu.counters().since(&before);
+    assert_eq!((c.map, c.timeouts, c.sync_errors), (2, 3, 2));
+    // The device wakes up: the first MAP lands, the second fails.
+    let ioerr =
+        Injection { request: Some(RequestType::Map), reply: InjectReply::Status(Status::IoErr) };
+    fake.inject_nth(1, ioerr);
+    fake.set_stalled(false);
+    assert_eq!(fake.mappings(d.id()).len(), 1);
+    d.iotlb_sync().unwrap();
+    // One cleanup UNMAP, for the MAP that succeeded late.
+    assert_eq!(iommu.counters().since(&before).unmap, 1);
+    assert!(d.stale_ranges().is_empty());
+    assert!(fake.mappings(d.id()).is_empty());
+    d.map_pages(0x10000, 0x8000, 0x1000, RW).unwrap();
+    d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+}
+
+#[test]
+fn a_timed_out_unmap_puts_its_mappings_back() {
+    let opts = DriverOptions { timeout: Some(Duration::from_millis(20)), ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let d = attached(&iommu, 1);
+    d.map_pages(0x10000, 0, 0x2000, RW).unwrap();
+    d.iotlb_sync_map(0x10000, 0x2000).unwrap();
+    fake.set_stalled(true);
+    assert_eq!(d.unmap_pages(0x10000, 0x2000), Ok(0x2000));
+    assert_eq!(d.iotlb_sync(), Err(Error::Timeout));
+    // The device may not have unmapped it: the tree says mapped.
+    assert_eq!(d.mappings().len(), 1);
+    fake.set_stalled(false);
+    assert!(fake.mappings(d.id()).is_empty());
+    assert_eq!(d.unmap_pages(0x10000, 0x2000), Ok(0x2000));
+    d.iotlb_sync().unwrap();
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+    assert_eq!(iommu.counters().sync_errors, 1);
 }

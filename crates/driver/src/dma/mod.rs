@@ -388,18 +388,24 @@ impl DmaDomain {
         } else {
             self.domain.map_many(maps).and_then(|t| self.domain.finish_maps(&t))
         };
-        if result.is_err() {
-            self.rollback(allocs);
+        if let Err(e) = &result {
+            self.rollback(allocs, e);
         }
         result
     }
 
     /// Undoes a failed map: unmaps what got mapped, synced, and frees the
-    /// IOVAs. Allocations whose UNMAP fails stay reserved (retry list).
-    fn rollback(&self, allocs: &[(u64, u64)]) {
+    /// IOVAs. Allocations whose UNMAP fails stay reserved (retry list). After
+    /// a timeout the device is not waited for again: the IOVAs go straight to
+    /// the retry list, and a later flush frees them once the device answered.
+    fn rollback(&self, allocs: &[(u64, u64)], err: &Error) {
         let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
         for r in &ranges {
             let _ = self.domain.take_ranges(core::slice::from_ref(r));
+        }
+        if matches!(err, Error::Timeout | Error::DeviceNeedsReset) {
+            self.retry.lock().extend_from_slice(allocs);
+            return;
         }
         match self.unmap_now(allocs.to_vec(), false) {
             Ok(()) => {}
@@ -514,7 +520,7 @@ impl DmaDomain {
             Vec::new()
         } else {
             let seqs: Vec<u64> = tickets.iter().map(|t| t.0).collect();
-            match self.domain.port().wait(&seqs) {
+            match self.domain.port().wait_or_abandon(&seqs) {
                 Ok(r) => r,
                 Err(e) => {
                     self.retry.lock().extend(allocs);
@@ -525,8 +531,14 @@ impl DmaDomain {
         self.apply(settle(&tickets, &replies, allocs, |a| self.range_of(a)))
     }
 
-    fn apply(&self, out: Outcome) -> Result<()> {
-        self.free_allocs(&out.free);
+    fn apply(&self, mut out: Outcome) -> Result<()> {
+        // A range a timed-out MAP may still create is not reused before its cleanup.
+        let (stale, free): (Vec<_>, Vec<_>) = out.free.into_iter().partition(|a| {
+            let (s, l) = self.range_of(a);
+            self.domain.is_stale(s, l)
+        });
+        out.retry.extend(stale);
+        self.free_allocs(&free);
         if !out.retry.is_empty() {
             self.retry.lock().extend(out.retry);
         }
@@ -673,6 +685,7 @@ impl DmaDomain {
             }
         }
         if !self.retry.lock().is_empty() {
+            first = first.and(self.domain.drain_stale());
             first = first.and(self.flush_queue(&self.single, FlushCause::Timeout, true, true));
         }
         first
@@ -685,7 +698,8 @@ impl DmaDomain {
         // Retries first: what fails during this flush waits for the next one.
         let mut first = Ok(());
         if !self.retry.lock().is_empty() {
-            first = self.flush_queue(&self.single, FlushCause::Explicit, true, true);
+            first = self.domain.drain_stale();
+            first = first.and(self.flush_queue(&self.single, FlushCause::Explicit, true, true));
         }
         for (q, _) in self.queues() {
             let has = !q.lock().entries.is_empty();
