@@ -210,6 +210,34 @@ fn no_stale_translation_after_changes() {
     reader.join().unwrap();
 }
 
+/// "behave as if the driver issued a DETACH request ... followed by the ATTACH request", but
+/// without a window: an endpoint moving between domains while global bypass is on is never
+/// seen unattached (which would be identity-mapped) by a concurrent translation.
+#[test]
+fn moving_endpoint_never_bypasses() {
+    let i = Arc::new(Iommu::new(DeviceConfig { bypass: true, ..cfg(&[1, 2]) }).unwrap());
+    assert_eq!(exec(&i, attach(1, 2)), Status::Ok);
+    assert_eq!(exec(&i, attach(2, 2)), Status::Ok);
+    assert_eq!(exec(&i, attach(1, 1)), Status::Ok);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (i, stop) = (i.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut tries = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                assert!(i.translate(1, 0x9000, 8, Access::Read).is_err(), "bypassed while moving");
+                tries += 1;
+            }
+            tries
+        })
+    };
+    for k in 0..4000u32 {
+        assert_eq!(exec(&i, attach(1 + k % 2, 1)), Status::Ok);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+}
+
 /// Two IOMMU instances never share cached translations.
 #[test]
 fn instances_do_not_share_cached_translations() {

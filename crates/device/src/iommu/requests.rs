@@ -78,7 +78,13 @@ impl Iommu {
         let listener = self.listener();
         // "If the endpoint ... is already attached to another domain, then the device SHOULD
         // first detach it from that domain and attach it to the one identified by domain."
-        self.detach_locked(&mut ctl, ep, listener.as_deref());
+        // The switch happens under the endpoint's lock, so a concurrent translation sees the
+        // old domain or the new one, never an unattached (possibly bypassing) endpoint.
+        let mut slot = write(&ep.attached);
+        let old = slot.take();
+        if let Some(old) = &old {
+            self.leave_domain(&mut ctl, ep, old.id);
+        }
         let entry = ctl.domains.entry(domain_id).or_insert_with(|| DomainEntry {
             domain: Arc::new(Domain::new(domain_id, bypass, self.granule)),
             endpoints: Vec::new(),
@@ -86,9 +92,13 @@ impl Iommu {
         });
         entry.endpoints.push(ep_id);
         entry.resv.extend_from_slice(&ep.resv);
-        *write(&ep.attached) = Some(entry.domain.clone());
+        *slot = Some(entry.domain.clone());
+        drop(slot);
         self.invalidate();
         if let Some(l) = listener {
+            if let Some(old) = old {
+                l.on_detach(ep_id, old.id);
+            }
             l.on_attach(ep_id, domain_id, bypass);
             for m in read(&entry.domain.mappings).iter() {
                 l.on_map(ep_id, &m);
@@ -97,9 +107,28 @@ impl Iommu {
         Status::Ok
     }
 
-    /// Detaches `ep` from whatever domain it is in; destroys the domain if it was the last
-    /// endpoint ("After all endpoints have been successfully detached from a domain, it
-    /// ceases to exist").
+    /// Removes `ep` from domain `id`'s bookkeeping; the domain ceases to exist with its
+    /// last endpoint ("After all endpoints have been successfully detached from a domain,
+    /// it ceases to exist").
+    fn leave_domain(&self, ctl: &mut Control, ep: &Endpoint, id: u32) {
+        let Some(entry) = ctl.domains.get_mut(&id) else { return };
+        entry.endpoints.retain(|&e| e != ep.id);
+        if entry.endpoints.is_empty() {
+            let n = read(&entry.domain.mappings).len();
+            ctl.total_mappings -= n;
+            ctl.domains.remove(&id);
+        } else {
+            let eps = &self.endpoints;
+            entry.resv = entry
+                .endpoints
+                .iter()
+                .filter_map(|&e| eps.get(e))
+                .flat_map(|e| e.resv.iter().copied())
+                .collect();
+        }
+    }
+
+    /// Detaches `ep` from whatever domain it is in.
     pub(super) fn detach_locked(
         &self,
         ctl: &mut Control,
@@ -108,22 +137,7 @@ impl Iommu {
     ) {
         let Some(dom) = write(&ep.attached).take() else { return };
         self.invalidate();
-        if let Some(entry) = ctl.domains.get_mut(&dom.id) {
-            entry.endpoints.retain(|&e| e != ep.id);
-            if entry.endpoints.is_empty() {
-                let n = read(&entry.domain.mappings).len();
-                ctl.total_mappings -= n;
-                ctl.domains.remove(&dom.id);
-            } else {
-                let eps = &self.endpoints;
-                entry.resv = entry
-                    .endpoints
-                    .iter()
-                    .filter_map(|&e| eps.get(e))
-                    .flat_map(|e| e.resv.iter().copied())
-                    .collect();
-            }
-        }
+        self.leave_domain(ctl, ep, dom.id);
         if let Some(l) = listener {
             l.on_detach(ep.id, dom.id);
         }
