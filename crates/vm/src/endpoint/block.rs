@@ -27,6 +27,9 @@ pub const DESC_LEN: usize = 16;
 const DESC_F_WRITE: u16 = 2;
 /// Most descriptors the device accepts in one indirect table.
 pub const MAX_INDIRECT: usize = 1024;
+/// Most data bytes the device moves for one request; lengths come from the
+/// guest, so the bounce buffer must not follow them without a bound.
+pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 
 /// Where the status byte sits in the header page (header and status share a
 /// page, as small kmalloc objects do).
@@ -126,7 +129,11 @@ impl BlockDevice {
         self.dma.read(req.header, &mut hdr)?;
         let ty = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
         let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
-        let total: usize = req.data.iter().map(|s| s.len).sum();
+        let total = req.data.iter().try_fold(0usize, |acc, s| acc.checked_add(s.len));
+        let Some(total) = total.filter(|&t| t <= MAX_REQUEST_BYTES) else {
+            self.dma.write(req.status, &[S_IOERR])?;
+            return Ok(S_IOERR);
+        };
         scratch.resize(total, 0);
         let disk = sector * 512;
         let status = match ty {
@@ -387,6 +394,14 @@ mod tests {
         // A table the device cannot use gets no answer.
         assert!(matches!(dev.process_indirect(4096, 1, &mut scratch), Ok(None)));
         assert!(matches!(dev.process_indirect(4096, MAX_INDIRECT + 1, &mut scratch), Ok(None)));
+        // Lengths the guest made up are bounded before anything is allocated.
+        let hdr = [0u8; HEADER_LEN];
+        ram.write(8192, &hdr).unwrap();
+        let huge =
+            [Seg { addr: 0x10000, len: usize::MAX / 2 }, Seg { addr: 0, len: usize::MAX / 2 }];
+        let req = BlockRequest { header: 8192, data: &huge, status: 8192 + 512 };
+        assert_eq!(dev.process(&req, &mut scratch).unwrap(), S_IOERR);
+        assert!(scratch.capacity() < MAX_REQUEST_BYTES);
         assert_eq!(dev.data_errors(), 0);
     }
 }

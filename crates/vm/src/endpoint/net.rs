@@ -49,7 +49,11 @@ impl NetDevice {
     /// offset is `offset`: reads and checks it, then receives it into the
     /// next RX buffer. Returns the RX buffer used, or `None` if dropped.
     pub fn transmit(&mut self, tx: u64, len: usize, offset: u64) -> Option<Seg> {
-        let buf = &mut self.scratch[..len];
+        // The length comes from the guest: a packet larger than a buffer is dropped.
+        let Some(buf) = self.scratch.get_mut(..len) else {
+            self.dropped += 1;
+            return None;
+        };
         if self.dma.read(tx, buf).is_err() {
             self.dropped += 1;
             return None;
@@ -225,6 +229,8 @@ mod tests {
             assert_eq!(guest.round(&mut DirectDma, &mut dev).unwrap(), 8);
         }
         assert_eq!((guest.rx_errors, dev.dropped(), errors.load(Ordering::Relaxed)), (0, 0, 0));
+        assert_eq!(dev.transmit(4096, BUF_LEN + 1, 0), None, "oversized packet dropped");
+        assert_eq!(dev.dropped(), 1);
         guest.drain(&mut DirectDma, &mut dev).unwrap();
     }
 }
