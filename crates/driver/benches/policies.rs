@@ -35,6 +35,8 @@ struct Mode {
     contiguous: bool,
     /// Request-queue size (QEMU's virtio-iommu uses 256).
     queue: u16,
+    /// Negotiate INDIRECT_DESC (QEMU offers it): one descriptor per request.
+    indirect: bool,
 }
 
 const fn mode(name: &'static str, policy: Policy, sync_every_map: bool, batch: bool) -> Mode {
@@ -47,10 +49,11 @@ const fn mode(name: &'static str, policy: Policy, sync_every_map: bool, batch: b
         coalesce: batch,
         contiguous: false,
         queue: 256,
+        indirect: true,
     }
 }
 
-const MODES: [Mode; 10] = [
+const MODES: [Mode; 12] = [
     Mode { identity: true, ..mode("identity (bypass)", Policy::Strict, false, false) },
     mode("strict, sync every map (Linux < 6.7)", Policy::Strict, true, false),
     mode("strict + sync_map (Linux 6.12 strict)", Policy::Strict, false, false),
@@ -67,6 +70,11 @@ const MODES: [Mode; 10] = [
         ..mode("strict + batch + coalesce, 1024-entry queue", Policy::Strict, false, true)
     },
     Mode { queue: 1024, ..mode("best, 1024-entry queue", Policy::Lazy, false, true) },
+    Mode {
+        indirect: false,
+        ..mode("strict + batch + coalesce, no INDIRECT_DESC", Policy::Strict, false, true)
+    },
+    Mode { indirect: false, ..mode("best, no INDIRECT_DESC", Policy::Lazy, false, true) },
 ];
 
 const HDR: u64 = 0x4000_0000;
@@ -81,7 +89,11 @@ fn data_segments(io: u64, pages: u64, contiguous: bool) -> Vec<(u64, usize)> {
 fn run(m: Mode, pages: u64, ios: u64) -> (CounterSnapshot, u64) {
     let fake =
         FakeIommu::new(FakeConfig { mem_pages: 256, queue_max: m.queue, ..Default::default() });
-    let opts = DriverOptions { request_queue_size: m.queue, ..Default::default() };
+    let opts = DriverOptions {
+        request_queue_size: m.queue,
+        indirect_desc: m.indirect,
+        ..Default::default()
+    };
     let iommu = VirtioIommu::new(fake.transport(), fake.hal(), opts).unwrap();
     let domain = if m.identity { iommu.alloc_identity(1) } else { iommu.alloc_paging(1) }.unwrap();
     iommu.attach(&domain, 1).unwrap();

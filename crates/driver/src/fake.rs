@@ -22,7 +22,7 @@ use viommu_proto::{
 use zerocopy::IntoBytes;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
-use crate::queue::{DESC_F_NEXT, DESC_F_WRITE};
+use crate::queue::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use crate::transport::{QueueAddrs, Transport};
 
 /// Bus address of the first page of fake memory.
@@ -208,6 +208,7 @@ impl Default for FakeConfig {
             f::MMIO,
             f::BYPASS_CONFIG,
             f::RING_EVENT_IDX,
+            f::RING_INDIRECT_DESC,
         ]
         .iter()
         .fold(0, |a, &b| a | f::bit(b));
@@ -285,6 +286,14 @@ struct Dom {
 
 /// A chain's device-readable bytes and its writable buffers.
 type Chain = (Vec<u8>, Vec<(u64, u32)>);
+
+/// One descriptor as read from guest memory.
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
 
 struct Device {
     cfg: FakeConfig,
@@ -523,36 +532,78 @@ impl Device {
         self.driver_features & f::bit(bit) != 0
     }
 
-    /// Walks one chain: device-readable bytes and writable buffers.
+    /// Walks one chain: device-readable bytes and writable buffers. An
+    /// indirect descriptor (with INDIRECT_DESC negotiated) must end the chain;
+    /// its table is walked instead, bounded by its length, and may not nest.
+    /// Its WRITE flag is ignored, as the spec asks.
     fn read_chain(&self, q: &Queue, head: u16) -> Option<Chain> {
         let addrs = q.addrs?;
-        let mut readable = Vec::new();
-        let mut writable = Vec::new();
+        let mut chain = (Vec::new(), Vec::new());
         let mut idx = head;
         for _ in 0..q.size {
-            let mut desc = [0u8; 16];
-            if idx >= q.size || !self.mem.read(addrs.desc + 16 * idx as u64, &mut desc) {
-                return None;
-            }
-            let addr = u64::from_le_bytes(desc[0..8].try_into().ok()?);
-            let len = u32::from_le_bytes(desc[8..12].try_into().ok()?);
-            let flags = u16::from_le_bytes([desc[12], desc[13]]);
-            let next = u16::from_le_bytes([desc[14], desc[15]]);
-            if flags & DESC_F_WRITE != 0 {
-                writable.push((addr, len));
-            } else {
-                let mut b = vec![0u8; len.min(4096) as usize];
-                if !self.mem.read(addr, &mut b) {
+            let d = self.read_desc(addrs.desc, q.size, idx)?;
+            if d.flags & DESC_F_INDIRECT != 0 {
+                let len = d.len as usize;
+                let bad = !self.has(f::RING_INDIRECT_DESC)
+                    || d.flags & DESC_F_NEXT != 0
+                    || len == 0
+                    || len % 16 != 0
+                    || len / 16 > q.size as usize;
+                if bad {
                     return None;
                 }
-                readable.extend_from_slice(&b);
+                return self.walk(d.addr, (len / 16) as u16, chain);
             }
-            if flags & DESC_F_NEXT == 0 {
-                return Some((readable, writable));
+            self.take_buf(&d, &mut chain)?;
+            if d.flags & DESC_F_NEXT == 0 {
+                return Some(chain);
             }
-            idx = next;
+            idx = d.next;
         }
         None
+    }
+
+    /// Walks an indirect table of `n` descriptors from entry 0.
+    fn walk(&self, table: u64, n: u16, mut chain: Chain) -> Option<Chain> {
+        let mut idx = 0;
+        for _ in 0..n {
+            let d = self.read_desc(table, n, idx)?;
+            if d.flags & DESC_F_INDIRECT != 0 {
+                return None; // nested indirect
+            }
+            self.take_buf(&d, &mut chain)?;
+            if d.flags & DESC_F_NEXT == 0 {
+                return Some(chain);
+            }
+            idx = d.next;
+        }
+        None
+    }
+
+    fn read_desc(&self, table: u64, n: u16, idx: u16) -> Option<Desc> {
+        let mut b = [0u8; 16];
+        if idx >= n || !self.mem.read(table + 16 * idx as u64, &mut b) {
+            return None;
+        }
+        Some(Desc {
+            addr: u64::from_le_bytes(b[0..8].try_into().ok()?),
+            len: u32::from_le_bytes(b[8..12].try_into().ok()?),
+            flags: u16::from_le_bytes([b[12], b[13]]),
+            next: u16::from_le_bytes([b[14], b[15]]),
+        })
+    }
+
+    fn take_buf(&self, d: &Desc, (readable, writable): &mut Chain) -> Option<()> {
+        if d.flags & DESC_F_WRITE != 0 {
+            writable.push((d.addr, d.len));
+        } else {
+            let mut b = vec![0u8; d.len.min(4096) as usize];
+            if !self.mem.read(d.addr, &mut b) {
+                return None;
+            }
+            readable.extend_from_slice(&b);
+        }
+        Some(())
     }
 
     fn push_used(&mut self, queue: usize, id: u16, len: u32) {

@@ -75,6 +75,11 @@ pub struct DriverOptions {
     pub bypass: bool,
     /// Negotiate VIRTIO_F_EVENT_IDX when offered.
     pub event_idx: bool,
+    /// Negotiate VIRTIO_F_RING_INDIRECT_DESC when offered: each request then
+    /// takes one ring descriptor (its two buffers sit in a table
+    /// preallocated per descriptor), so a ring of N entries holds N requests
+    /// instead of N/2.
+    pub indirect_desc: bool,
     /// Largest request-queue size to use (rounded down to a power of two).
     pub request_queue_size: u16,
     /// Number of event buffers to post (rounded down to a power of two).
@@ -104,6 +109,7 @@ impl Default for DriverOptions {
         Self {
             bypass: false,
             event_idx: true,
+            indirect_desc: true,
             request_queue_size: 256,
             event_buffers: 16,
             sw_msi: Some((0x0800_0000, 0x080f_ffff)),
@@ -447,18 +453,17 @@ struct ReqQueue<H: Hal> {
 }
 
 impl<H: Hal> ReqQueue<H> {
-    fn new(hal: Arc<H>, size: u16, event_idx: bool) -> Result<Self> {
-        let nslots = (size / 2).max(1);
+    fn new(hal: Arc<H>, size: u16, event_idx: bool, indirect: bool) -> Result<Self> {
+        let mut vq = SplitQueue::new(hal.clone(), REQUEST_QUEUE, size, event_idx)?;
+        // A request is 2 buffers: 2 descriptors, or 1 pointing to its table.
+        let nslots = if indirect {
+            vq.enable_indirect(2)?;
+            size
+        } else {
+            (size / 2).max(1)
+        };
         let pages = (nslots as usize * SLOT_SIZE).div_ceil(PAGE_SIZE);
         let slots = hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
-        let vq = match SplitQueue::new(hal.clone(), REQUEST_QUEUE, size, event_idx) {
-            Ok(vq) => vq,
-            Err(e) => {
-                // SAFETY: just allocated, never shown to the device.
-                unsafe { hal.dma_dealloc(slots) };
-                return Err(e.into());
-            }
-        };
         let mut inflight = Vec::new();
         inflight.resize_with(size as usize, || None);
         Ok(Self {
@@ -921,6 +926,9 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if opts.event_idx {
             wanted |= f::bit(f::RING_EVENT_IDX);
         }
+        if opts.indirect_desc {
+            wanted |= f::bit(f::RING_INDIRECT_DESC);
+        }
         let features = offered & wanted;
         t.set_driver_features(features);
         let st = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
@@ -978,7 +986,8 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     fn with_queues(mut t: T, hal: Arc<H>, opts: DriverOptions, info: DeviceInfo) -> Result<Self> {
         let event_idx = info.has(f::RING_EVENT_IDX);
         let built = (|| {
-            let req = ReqQueue::new(hal.clone(), info.queue_sizes.0, event_idx)?;
+            let indirect = info.has(f::RING_INDIRECT_DESC);
+            let req = ReqQueue::new(hal.clone(), info.queue_sizes.0, event_idx, indirect)?;
             let n = info.queue_sizes.1;
             let vq = SplitQueue::new(hal.clone(), EVENT_QUEUE, n, event_idx)?;
             let bufs = hal

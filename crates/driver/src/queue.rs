@@ -8,6 +8,9 @@
 //!   ([`SplitQueue::set_callback`] + [`SplitQueue::process_used`]).
 //! - A full ring is reported as [`QueueError::Full`]; the owner kicks, reaps
 //!   completions and retries (the IOMMU driver does exactly that).
+//! - With VIRTIO_F_RING_INDIRECT_DESC, [`SplitQueue::enable_indirect`] makes
+//!   every chain of 2 or more buffers take one ring descriptor, pointing to a
+//!   table preallocated for that descriptor: no allocation per add.
 //!
 //! The device is told *bus addresses* of the three ring parts. By default these
 //! are the physical addresses from [`Hal::dma_alloc`]; a driver behind an IOMMU
@@ -42,6 +45,8 @@ use crate::transport::{QueueAddrs, Transport};
 pub const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the buffer is device-writable.
 pub const DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of descriptors (VIRTIO_F_RING_INDIRECT_DESC).
+pub const DESC_F_INDIRECT: u16 = 4;
 /// Avail-ring flag: the driver does not want interrupts.
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Used-ring flag: the device does not want notifications.
@@ -171,6 +176,16 @@ pub struct SplitQueue<H: Hal> {
     last_used: u16,
     bad_used: u64,
     callback: Option<UsedCallback>,
+    indirect: Option<Indirect>,
+}
+
+/// One indirect table per ring descriptor, in one DMA region.
+struct Indirect {
+    region: DmaRegion,
+    /// Bus address of the region (its physical address unless replaced).
+    bus: u64,
+    /// Descriptors per table.
+    max: u16,
 }
 
 impl<H: Hal> SplitQueue<H> {
@@ -202,6 +217,7 @@ impl<H: Hal> SplitQueue<H> {
             last_used: 0,
             bad_used: 0,
             callback: None,
+            indirect: None,
         };
         q.bus = q.addrs_at(region.bus_addr);
         Ok(q)
@@ -247,6 +263,35 @@ impl<H: Hal> SplitQueue<H> {
         self.bus = addrs;
     }
 
+    /// Preallocates one indirect table of `max_chain` descriptors per ring
+    /// descriptor (call only if VIRTIO_F_RING_INDIRECT_DESC was negotiated).
+    /// From then on, a chain of 2..=`max_chain` buffers takes one ring
+    /// descriptor; longer chains are still added directly.
+    pub fn enable_indirect(&mut self, max_chain: u16) -> Result<(), QueueError> {
+        if max_chain < 2 || max_chain > self.size {
+            return Err(QueueError::BadSize(max_chain));
+        }
+        if self.indirect.is_some() {
+            return Ok(());
+        }
+        let bytes = self.size as usize * max_chain as usize * 16;
+        let region = self.hal.dma_alloc(bytes.div_ceil(PAGE_SIZE)).ok_or(QueueError::NoMemory)?;
+        self.indirect = Some(Indirect { region, bus: region.bus_addr, max: max_chain });
+        Ok(())
+    }
+
+    /// The DMA region of the indirect tables, if enabled (to map it behind an IOMMU).
+    pub fn indirect_region(&self) -> Option<DmaRegion> {
+        self.indirect.as_ref().map(|i| i.region)
+    }
+
+    /// Replaces the bus address the device uses for [`Self::indirect_region`].
+    pub fn set_indirect_bus_addr(&mut self, base: u64) {
+        if let Some(i) = self.indirect.as_mut() {
+            i.bus = base;
+        }
+    }
+
     /// Tells the transport about this queue: size and bus addresses.
     pub fn setup<T: Transport + ?Sized>(&self, transport: &mut T) {
         transport.setup_queue(self.index, self.size, self.bus);
@@ -279,6 +324,11 @@ impl<H: Hal> SplitQueue<H> {
         if n > self.size as usize {
             return Err(QueueError::TooLong);
         }
+        if let Some(max) = self.indirect.as_ref().map(|i| i.max as usize) {
+            if (2..=max).contains(&n) {
+                return self.add_indirect(bufs);
+            }
+        }
         if n > self.num_free as usize {
             return Err(QueueError::Full);
         }
@@ -304,13 +354,60 @@ impl<H: Hal> SplitQueue<H> {
         }
         self.num_free -= n as u16;
         self.chain_len[head as usize] = n as u16;
+        self.publish(head);
+        Ok(head)
+    }
+
+    /// Writes the chain into the table of the next free descriptor and adds
+    /// that one descriptor.
+    fn add_indirect(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
+        let Some(ind) = self.indirect.as_ref() else { return Err(QueueError::TooLong) };
+        if self.num_free == 0 {
+            return Err(QueueError::Full);
+        }
+        let head = self.free_head;
+        let table = head as usize * ind.max as usize * 16;
+        let (region, bus) = (ind.region, ind.bus + table as u64);
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let mut flags = if b.device_writable { DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= DESC_F_NEXT;
+            }
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&b.addr.to_le_bytes());
+            d[8..12].copy_from_slice(&b.len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..].copy_from_slice(&(if last { 0 } else { i as u16 + 1 }).to_le_bytes());
+            // SAFETY: the table of `head` lies inside the region (size *
+            // max descriptors), which stays valid while we own it; the device
+            // reads it only after the ring publishes it, and not after it
+            // returned `head`, which is ours until we reuse it.
+            unsafe {
+                let p = region.vaddr.as_ptr().add(table + 16 * i);
+                core::ptr::copy_nonoverlapping(d.as_ptr(), p, 16);
+            }
+        }
+        let off = self.layout.desc + 16 * head as usize;
+        self.write_u64(off, bus);
+        self.write_u32(off + 8, 16 * bufs.len() as u32);
+        self.write_u16(off + 12, DESC_F_INDIRECT);
+        self.write_u16(off + 14, 0);
+        self.free_head = self.next[head as usize];
+        self.num_free -= 1;
+        self.chain_len[head as usize] = 1;
+        self.publish(head);
+        Ok(head)
+    }
+
+    /// Puts `head` in the avail ring and publishes the new index.
+    fn publish(&mut self, head: u16) {
         let slot = self.avail_idx % self.size;
         self.write_u16(self.layout.avail + 4 + 2 * slot as usize, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         // The ring entry must be visible before the index that publishes it.
         fence(Ordering::Release);
         self.write_u16(self.layout.avail + 2, self.avail_idx);
-        Ok(head)
     }
 
     /// Chains added since the last `kick_prepare`.
@@ -450,9 +547,14 @@ impl<H: Hal> SplitQueue<H> {
 
 impl<H: Hal> Drop for SplitQueue<H> {
     fn drop(&mut self) {
-        // SAFETY: the region came from this HAL and the queue is going away;
+        // SAFETY: the regions came from this HAL and the queue is going away;
         // the owner resets the device before dropping its queues.
-        unsafe { self.hal.dma_dealloc(self.region) }
+        unsafe {
+            if let Some(i) = self.indirect.take() {
+                self.hal.dma_dealloc(i.region);
+            }
+            self.hal.dma_dealloc(self.region)
+        }
     }
 }
 

@@ -289,18 +289,71 @@ fn faults_reach_the_handler_and_buffers_are_recycled() {
 
 #[test]
 fn full_ring_is_kicked_reaped_and_retried() {
-    let opts = DriverOptions { request_queue_size: 4, ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
-    let d = attached(&iommu, 1);
-    let before = iommu.counters();
-    for i in 0..20u64 {
-        d.map_pages(i * 0x1000 + 0x10000, 0, 0x1000, RW).unwrap();
+    // Without INDIRECT_DESC two requests fit in 4 descriptors, with it four.
+    for (indirect_desc, kicks) in [(false, 10), (true, 5)] {
+        let opts = DriverOptions { request_queue_size: 4, indirect_desc, ..Default::default() };
+        let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+        assert_eq!(iommu.info().has(f::RING_INDIRECT_DESC), indirect_desc);
+        let d = attached(&iommu, 1);
+        let before = iommu.counters();
+        for i in 0..20u64 {
+            d.map_pages(i * 0x1000 + 0x10000, 0, 0x1000, RW).unwrap();
+        }
+        d.iotlb_sync_map(0, u64::MAX).unwrap();
+        let c = iommu.counters().since(&before);
+        // kicks - 1 on a full ring, 1 by the sync.
+        assert_eq!((c.map, c.kicks, c.syncs), (20, kicks, 1));
+        assert_eq!(fake.mappings(d.id()).len(), 20);
+        assert_eq!(fake.stats().malformed, 0);
     }
-    d.iotlb_sync_map(0, u64::MAX).unwrap();
-    let c = iommu.counters().since(&before);
-    // Two requests fit at a time: 9 kicks on a full ring, 1 by the sync.
-    assert_eq!((c.map, c.kicks, c.syncs), (20, 10, 1));
-    assert_eq!(fake.mappings(d.id()).len(), 20);
+}
+
+#[test]
+fn fake_device_walks_indirect_tables_and_rejects_bad_ones() {
+    use viommu_driver::queue::DESC_F_INDIRECT;
+    use viommu_driver::Transport;
+    let fake = FakeIommu::new(FakeConfig::default());
+    let mut t = fake.transport();
+    let features = t.device_features();
+    t.set_driver_features(features);
+    let mem = fake.memory().clone();
+    let mut q = SplitQueue::new(Arc::new(fake.hal()), 0, 8, false).unwrap();
+    q.enable_indirect(2).unwrap();
+    q.setup(&mut t);
+    let table = q.indirect_region().unwrap().bus_addr;
+    let desc = q.addrs().desc;
+    // A MAP into a domain that does not exist: NOENT, 4 bytes written.
+    let req = viommu_proto::Request::Map(viommu_proto::MapBody {
+        domain: 9.into(),
+        virt_start: 0.into(),
+        virt_end: 0xfff.into(),
+        phys_start: 0.into(),
+        flags: 1.into(),
+    });
+    let mut bytes = [0u8; 64];
+    let len = req.encode(&mut bytes).unwrap();
+    let buf = viommu_driver::Hal::dma_alloc(&fake.hal(), 1).unwrap().bus_addr;
+    mem.write(buf, &bytes[..len]);
+    let add = |q: &mut SplitQueue<_>| {
+        q.add(&[Buffer::readable(buf, len as u32), Buffer::writable(buf + 0x100, 4)]).unwrap()
+    };
+    let good = add(&mut q);
+    assert_eq!(q.num_free(), 7, "one ring descriptor per request");
+    let short = add(&mut q); // table length not a multiple of 16
+    mem.write(desc + 16 * short as u64 + 8, &24u32.to_le_bytes());
+    let nested = add(&mut q); // an indirect descriptor inside the table
+    let entry = table + 16 * 2 * nested as u64;
+    mem.write(entry + 12, &(DESC_F_INDIRECT | 1).to_le_bytes());
+    let chained = add(&mut q); // INDIRECT together with NEXT
+    mem.write(desc + 16 * chained as u64 + 12, &(DESC_F_INDIRECT | 1).to_le_bytes());
+    q.kick(&mut t);
+    let got: Vec<_> = std::iter::from_fn(|| q.pop_used()).map(|u| (u.token, u.len)).collect();
+    assert_eq!(got, vec![(good, 4), (short, 0), (nested, 0), (chained, 0)]);
+    let mut status = [0u8; 1];
+    mem.read(buf + 0x100, &mut status);
+    assert_eq!(status[0], Status::NoEnt as u8);
+    assert_eq!(fake.stats().malformed, 3);
+    assert_eq!(q.num_free(), 8);
 }
 
 #[test]
@@ -389,9 +442,9 @@ fn a_silent_device_gives_timeout_or_needs_reset() {
 
 #[test]
 fn timed_out_requests_keep_their_ring_slots_until_the_device_answers() {
-    // 4 descriptors: two requests at a time.
+    // Two requests at a time (one descriptor each, with INDIRECT_DESC).
     let opts = DriverOptions {
-        request_queue_size: 4,
+        request_queue_size: 2,
         timeout: Some(Duration::from_millis(20)),
         ..Default::default()
     };
