@@ -43,7 +43,7 @@ pub use domain::Mapping;
 pub use error::{ConfigError, Error};
 pub use fault::PendingFault;
 pub use iommu::{FaultNotifier, Iommu};
-pub use listener::Listener;
+pub use listener::{Listener, ListenerError};
 pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
 pub use translate::{Access, Fault, FaultKind, Segment, Translation};
 

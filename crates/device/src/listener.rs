@@ -1,6 +1,29 @@
 //! Hooks for back-ends (VFIO, vhost) that must follow the guest's IOMMU programming.
 
+use viommu_proto::Status;
+
 use crate::domain::Mapping;
+
+/// Why a back-end could not follow a mapping; the request fails with the matching status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ListenerError {
+    /// Out of resources (e.g. memory the back-end may pin): NOMEM.
+    #[error("back-end out of resources")]
+    NoMem,
+    /// Any other back-end failure: DEVERR.
+    #[error("back-end failure")]
+    DevErr,
+}
+
+impl ListenerError {
+    /// The status the failed request gets.
+    pub fn status(self) -> Status {
+        match self {
+            Self::NoMem => Status::NoMem,
+            Self::DevErr => Status::DevErr,
+        }
+    }
+}
 
 /// Told about every change to what an endpoint can reach, per endpoint.
 ///
@@ -13,15 +36,19 @@ use crate::domain::Mapping;
 ///   domain already holds, so the back-end can mirror it.
 /// - [`on_detach`](Self::on_detach) means: drop every mapping of this endpoint. No per-mapping
 ///   `on_unmap` precedes it. Device reset detaches every attached endpoint this way.
+/// - [`on_map`](Self::on_map) may refuse. A refused MAP fails (NOMEM or DEVERR) and the
+///   endpoints already told get `on_unmap`; the mapping is never visible to translate. A
+///   refused replay after `on_attach` fails the ATTACH and detaches the endpoint (`on_detach`).
 ///
 /// ```
 /// use std::sync::{Arc, Mutex};
-/// use viommu_device::{Listener, Mapping};
+/// use viommu_device::{Listener, ListenerError, Mapping};
 /// #[derive(Default)]
 /// struct Log(Mutex<Vec<String>>);
 /// impl Listener for Log {
-///     fn on_map(&self, endpoint: u32, m: &Mapping) {
+///     fn on_map(&self, endpoint: u32, m: &Mapping) -> Result<(), ListenerError> {
 ///         self.0.lock().unwrap().push(format!("map {endpoint} {:#x}", m.start));
+///         Ok(())
 ///     }
 /// }
 /// let log: Arc<dyn Listener> = Arc::new(Log::default());
@@ -36,9 +63,10 @@ pub trait Listener: Send + Sync {
     fn on_detach(&self, endpoint: u32, domain: u32) {
         let _ = (endpoint, domain);
     }
-    /// `endpoint` can now reach `mapping`.
-    fn on_map(&self, endpoint: u32, mapping: &Mapping) {
+    /// `endpoint` can now reach `mapping`, unless this returns an error.
+    fn on_map(&self, endpoint: u32, mapping: &Mapping) -> Result<(), ListenerError> {
         let _ = (endpoint, mapping);
+        Ok(())
     }
     /// `endpoint` can no longer reach `mapping`.
     fn on_unmap(&self, endpoint: u32, mapping: &Mapping) {

@@ -91,7 +91,12 @@ fn restore_refuses_foreign_state() {
     let state = dev.snapshot();
     let mut other = VirtioIommu::new(cfg(&[1])).unwrap();
     assert!(other.restore(state.clone()).is_err());
-    let mut bad = state;
+    let mut bad = state.clone();
     bad.domains[0].mappings.push(viommu_device::Mapping { start: 5, end: 1, phys: 0, flags: 1 });
     assert!(dev.restore(bad).is_err());
+    // A failed restore leaves the device reset, not half restored.
+    assert_eq!(dev.iommu().domain_count(), 0);
+    assert_eq!(dev.iommu().endpoint_domain(2), None);
+    assert!(dev.restore(state).is_ok());
+    assert_eq!(dev.iommu().endpoint_domain(2), Some(1));
 }

@@ -8,7 +8,7 @@ use std::thread;
 
 use common::*;
 use viommu_device::{
-    Access, DeviceConfig, FaultKind, Iommu, Listener, Mapping, Segment, VirtioIommu,
+    Access, DeviceConfig, FaultKind, Iommu, Listener, ListenerError, Mapping, Segment, VirtioIommu,
 };
 use viommu_proto::features::{bit, BYPASS, MAP_UNMAP, VERSION_1};
 use viommu_proto::*;
@@ -264,8 +264,13 @@ impl Listener for Log {
     fn on_detach(&self, endpoint: u32, domain: u32) {
         self.0.lock().unwrap().push(format!("detach {endpoint} {domain}"));
     }
-    fn on_map(&self, endpoint: u32, m: &Mapping) {
+    fn on_map(&self, endpoint: u32, m: &Mapping) -> Result<(), ListenerError> {
         self.0.lock().unwrap().push(format!("map {endpoint} {:#x}", m.start));
+        // A back-end that cannot pin the page at 0xbad000 for endpoint 2.
+        if endpoint == 2 && m.start == 0xbad000 {
+            return Err(ListenerError::NoMem);
+        }
+        Ok(())
     }
     fn on_unmap(&self, endpoint: u32, m: &Mapping) {
         self.0.lock().unwrap().push(format!("unmap {endpoint} {:#x}", m.start));
@@ -311,6 +316,34 @@ fn listener_follows_per_endpoint() {
     );
     dev.reset();
     assert_eq!(log.take(), ["detach 1 2", "detach 2 1"]);
+}
+
+/// A back-end that refuses a mapping fails the MAP (its status), the endpoints already
+/// told get `on_unmap`, and the mapping never becomes visible; a refused replay fails the
+/// ATTACH and leaves the endpoint detached.
+#[test]
+fn listener_refusal_fails_the_request() {
+    let mem = new_mem();
+    let mut drv = Driver::new(&mem);
+    let mut dev = drv.device(cfg(&[1, 2, 3]));
+    let log = Arc::new(Log::default());
+    dev.set_listener(log.clone());
+    assert_eq!(drv.request(&mut dev, &attach(1, 1)), Status::Ok);
+    assert_eq!(drv.request(&mut dev, &attach(1, 2)), Status::Ok);
+    log.take();
+    assert_eq!(drv.request(&mut dev, &map(1, 0xbad000, 0xbadfff, 0, RW)), Status::NoMem);
+    assert_eq!(log.take(), ["map 1 0xbad000", "map 2 0xbad000", "unmap 1 0xbad000"]);
+    let iommu = dev.iommu();
+    assert_eq!(iommu.mappings(1), Some(vec![]));
+    assert!(iommu.translate(1, 0xbad000, 4, Access::Read).is_err());
+    // Replay on ATTACH: endpoint 2 joins a domain holding the page it refuses.
+    assert_eq!(drv.request(&mut dev, &attach(2, 3)), Status::Ok);
+    assert_eq!(drv.request(&mut dev, &map(2, 0xbad000, 0xbadfff, 0, RW)), Status::Ok);
+    log.take();
+    assert_eq!(drv.request(&mut dev, &attach(2, 2)), Status::NoMem);
+    assert_eq!(log.take(), ["detach 2 1", "attach 2 2 false", "map 2 0xbad000", "detach 2 2"]);
+    assert_eq!(iommu.endpoint_domain(2), None);
+    assert_eq!(iommu.mappings(2).unwrap().len(), 1, "domain 2 keeps endpoint 3 and its mapping");
 }
 
 /// "An UNMAP completes only after its listeners have returned": when on_unmap runs, the

@@ -95,14 +95,17 @@ impl Iommu {
         *slot = Some(entry.domain.clone());
         drop(slot);
         self.invalidate();
-        if let Some(l) = listener {
-            if let Some(old) = old {
-                l.on_detach(ep_id, old.id);
-            }
-            l.on_attach(ep_id, domain_id, bypass);
-            for m in read(&entry.domain.mappings).iter() {
-                l.on_map(ep_id, &m);
-            }
+        let Some(l) = listener else { return Status::Ok };
+        if let Some(old) = old {
+            l.on_detach(ep_id, old.id);
+        }
+        l.on_attach(ep_id, domain_id, bypass);
+        let replay = read(&entry.domain.mappings).iter().try_for_each(|m| l.on_map(ep_id, &m));
+        if let Err(err) = replay {
+            // The back-end cannot follow: leave the endpoint unattached (blocked, or bypassing
+            // if bypass is on) rather than translating what the back-end does not have.
+            self.detach_locked(&mut ctl, ep, Some(&*l));
+            return err.status();
         }
         Status::Ok
     }
@@ -200,7 +203,9 @@ impl Iommu {
         }
         let mapping = Mapping { start, end, phys, flags };
         {
-            let mut tree = write(&entry.domain.mappings);
+            // Requests are serialised by `control`: what is checked here still holds when
+            // the mapping is inserted below, after the listeners.
+            let tree = read(&entry.domain.mappings);
             // "If a mapping already exists in the requested range, the device SHOULD reject
             // the request and set status to VIRTIO_IOMMU_S_INVAL."
             if tree.overlaps(start, end) {
@@ -212,13 +217,19 @@ impl Iommu {
             {
                 return Status::NoMem;
             }
-            tree.insert(mapping);
         }
+        // Back-ends first: the mapping becomes visible only once they all have it.
         if let Some(l) = self.listener() {
-            for &e in &entry.endpoints {
-                l.on_map(e, &mapping);
+            for (n, &e) in entry.endpoints.iter().enumerate() {
+                if let Err(err) = l.on_map(e, &mapping) {
+                    for &done in &entry.endpoints[..n] {
+                        l.on_unmap(done, &mapping);
+                    }
+                    return err.status();
+                }
             }
         }
+        write(&entry.domain.mappings).insert(mapping);
         ctl.total_mappings += 1;
         Status::Ok
     }

@@ -17,7 +17,6 @@ impl Iommu {
         for ep in self.endpoints.iter() {
             self.detach_locked(&mut ctl, ep, listener.as_deref());
         }
-        debug_assert!(ctl.domains.is_empty());
         ctl.domains.clear();
         ctl.total_mappings = 0;
         lock(&self.faults).clear();
@@ -38,15 +37,29 @@ impl Iommu {
         (domains, lock(&self.faults).to_vec())
     }
 
-    /// Replaces the state with `domains` and `faults` (after a reset). Checks the state
-    /// against this configuration so a restored device cannot hold what requests could not
-    /// have created.
+    /// Replaces the state with `domains` and `faults`. Checks the state against this
+    /// configuration so a restored device cannot hold what requests could not have created;
+    /// on any error the device is left reset.
     pub(crate) fn import(
         &self,
         domains: &[DomainState],
         faults: &[PendingFault],
     ) -> Result<(), String> {
         self.reset();
+        let result = self.import_domains(domains);
+        self.invalidate();
+        if result.is_err() {
+            self.reset();
+            return result;
+        }
+        let mut q = lock(&self.faults);
+        for f in faults {
+            q.push(*f);
+        }
+        Ok(())
+    }
+
+    fn import_domains(&self, domains: &[DomainState]) -> Result<(), String> {
         let mut ctl = lock(&self.control);
         let listener = self.listener();
         for d in domains {
@@ -54,7 +67,7 @@ impl Iommu {
                 return Err(format!("domain {}: no endpoint or listed twice", d.id));
             }
             let domain = Arc::new(Domain::new(d.id, d.bypass, self.granule));
-            let mut entry = DomainEntry { domain, endpoints: Vec::new(), resv: Vec::new() };
+            let entry = DomainEntry { domain, endpoints: Vec::new(), resv: Vec::new() };
             {
                 let mut tree = write(&entry.domain.mappings);
                 for m in &d.mappings {
@@ -65,6 +78,9 @@ impl Iommu {
                     tree.insert(*m);
                 }
             }
+            ctl.total_mappings += d.mappings.len();
+            // Registered before its endpoints point at it, so a failure below is undone by reset.
+            let entry = ctl.domains.entry(d.id).or_insert(entry);
             for &e in &d.endpoints {
                 let ep = self.endpoints.get(e).ok_or_else(|| format!("unknown endpoint {e}"))?;
                 let mut slot = write(&ep.attached);
@@ -74,22 +90,13 @@ impl Iommu {
                 *slot = Some(entry.domain.clone());
                 entry.endpoints.push(e);
                 entry.resv.extend_from_slice(&ep.resv);
-            }
-            ctl.total_mappings += d.mappings.len();
-            if let Some(l) = &listener {
-                for &e in &entry.endpoints {
+                if let Some(l) = &listener {
                     l.on_attach(e, d.id, d.bypass);
                     for m in &d.mappings {
-                        l.on_map(e, m);
+                        l.on_map(e, m).map_err(|err| format!("endpoint {e}: {err}"))?;
                     }
                 }
             }
-            ctl.domains.insert(d.id, entry);
-        }
-        self.invalidate();
-        let mut q = lock(&self.faults);
-        for f in faults {
-            q.push(*f);
         }
         Ok(())
     }
