@@ -276,6 +276,8 @@ impl VirtioIommu {
     }
 
     /// Replaces the state with a snapshot taken from a device with the same configuration.
+    /// A snapshot that does not fit this device is refused; if it fails while the domains
+    /// are rebuilt, the device is left reset.
     pub fn restore(&mut self, s: DeviceState) -> Result<(), Error> {
         if s.acked_features & !self.device_features() != 0 {
             return Err(Error::Snapshot("features not offered by this device".into()));
