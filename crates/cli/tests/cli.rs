@@ -71,6 +71,23 @@ fn native_replay_reports_failures_and_exports() {
 }
 
 #[test]
+fn replay_reads_stdin() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viommu"))
+        .args(["replay", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"attach 3 9\nprobe 9\ndetach 3 9\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("-: native, 3 requests, 0 kicks, 1 endpoints [9]"), "{out}");
+    assert!(out.contains("statuses: OK 3;"), "{out}");
+    assert!(out.contains("domains alive at the end: 0"), "{out}");
+}
+
+#[test]
 fn replay_names_the_bad_line() {
     let dir = scratch_dir("bad");
     let input = dir.join("bad.txt");

@@ -414,6 +414,17 @@ mod tests {
     }
 
     #[test]
+    fn qemu_trace_errors_name_the_line() {
+        let text = "1.0:virtio_iommu_attach domain=0 endpoint=24\n\
+                    2.0:virtio_iommu_map domain=0 virt_start=0xzz virt_end=0x1fff phys_start=0 flags=1\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("virt_start"), "{e}");
+        let e = parse("1.0:virtio_iommu_unmap domain=0 virt_start=0x1000\n").unwrap_err();
+        assert!(e.message.contains("missing virt_end"), "{e}");
+    }
+
+    #[test]
     fn qemu_trace_finds_the_iommu_vdev() {
         let text = "\
 1.0:virtio_queue_notify vdev 0xb n 0 vq 0x1
