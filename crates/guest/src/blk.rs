@@ -154,6 +154,11 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         self.free_slots.len()
     }
 
+    /// Entries of the ring.
+    pub fn queue_size(&self) -> u16 {
+        self.queue.size()
+    }
+
     /// Free descriptors in the ring (a request takes its data buffers + 2).
     pub fn free_descriptors(&self) -> u16 {
         self.queue.num_free()

@@ -28,8 +28,8 @@ const IOMMU_BDF: &str = "00:04.0";
 const BLK_BDF: &str = "00:05.0";
 /// Requester ID of 00:05.0.
 const BLK_ENDPOINT: u32 = 0x28;
-/// Entries of the virtio-blk queue.
-const BLK_QUEUE_SIZE: u16 = 256;
+/// Entries of the virtio-blk queue (QEMU runs with `queue-size=1024`).
+const BLK_QUEUE_SIZE: u16 = 1024;
 /// Size of the disk image: the read region, then the write region.
 const DISK_MIB: u64 = 128;
 const READ_BASE: u64 = 0;
@@ -414,11 +414,12 @@ fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &m
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let mut idx = 0u64;
     for op in [BlkOp::Read, BlkOp::Write] {
+        let ring = blk.queue_size();
         let variants = o.sizes.iter().flat_map(|&size| {
-            // Without an IOMMU a scattered buffer is one descriptor per page:
-            // at 1 MiB more than the ring holds (we have no indirect
-            // descriptors), and at 64 KiB QD32 is cut to what fits (14).
-            let fits = o.policy != "bypass" || size / PAGE_SIZE + 2 <= BLK_QUEUE_SIZE as usize;
+            // Without an IOMMU a scattered buffer is one descriptor per page
+            // (we have no indirect descriptors): it must fit in the ring, and
+            // the queue depth is cut to what fits (3 at 1 MiB in 1024 entries).
+            let fits = o.policy != "bypass" || size / PAGE_SIZE + 2 <= ring as usize;
             let sg = (o.sg && size > PAGE_SIZE && fits).then_some((size, true));
             [Some((size, false)), sg].into_iter().flatten()
         });
