@@ -21,13 +21,17 @@ use crate::ram::GuestRam;
 /// Most queues a backend may have (bits of the pending-kick mask).
 pub const MAX_QUEUES: usize = 8;
 
-/// How long a completion wait blocks before the driver re-polls. Every
-/// completion that needs an interrupt raises one, so this only bounds the
-/// stall when the waiter's own request was never kicked: the driver calls
-/// `wait_for_used` holding its transport lock, which another thread may need
-/// to kick a request that this waiter's request rides on (EVENT_IDX
-/// suppressed this one's kick).
-const IRQ_WAIT: Duration = Duration::from_micros(200);
+/// How long one completion wait blocks before returning to the driver, which
+/// re-polls and calls again. The driver holds its transport lock during the
+/// wait, and `notify` needs that lock: short slices let other guest threads
+/// kick in between.
+const WAIT_SLICE: Duration = Duration::from_micros(20);
+/// How long a thread may wait without an interrupt before the I/O thread is
+/// made to look at the queue anyway. Every completion that needs an
+/// interrupt raises one, so this only ends a stall: the waiter's request
+/// rode on another thread's kick (EVENT_IDX) that is held up behind the
+/// waiter's own hold on the driver's transport lock.
+const STALL_LIMIT: Duration = Duration::from_micros(200);
 
 /// What the transport needs from a device model, register by register, as a
 /// virtio-mmio or virtio-pci transport in a VMM would.
@@ -268,6 +272,9 @@ struct Interrupts {
 thread_local! {
     /// Per guest thread: the interrupt count it last saw, by (link, queue).
     static SEEN: RefCell<HashMap<(usize, usize), u64>> = RefCell::new(HashMap::new());
+    /// Per guest thread: since when it has waited without an interrupt, and
+    /// when it last came to wait (a gap starts a new wait).
+    static STALL: std::cell::Cell<Option<(Instant, Instant)>> = const { std::cell::Cell::new(None) };
 }
 
 impl Interrupts {
@@ -411,11 +418,23 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
     fn wait_for_used(&mut self, queue: u16) {
         let q = queue as usize % MAX_QUEUES;
         let key = self.shared.id;
-        if !self.shared.irq.wait(key, q, IRQ_WAIT) {
+        let entry = Instant::now();
+        if self.shared.irq.wait(key, q, WAIT_SLICE) {
+            STALL.with(|s| s.set(None));
+            return;
+        }
+        let now = Instant::now();
+        let since = match STALL.with(|s| s.get()) {
+            // The driver came straight back from the previous slice: the
+            // same wait goes on.
+            Some((since, last)) if entry.duration_since(last) < 4 * WAIT_SLICE => since,
+            _ => entry,
+        };
+        STALL.with(|s| s.set(Some((since, now))));
+        if now.duration_since(since) >= STALL_LIMIT {
+            STALL.with(|s| s.set(Some((now, now))));
             self.shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-            // The waiter's request may ride on a kick another thread cannot
-            // make while this one holds the driver's transport lock: have the
-            // I/O thread look at the queue anyway (counted apart, not as a
+            // Have the I/O thread look at the queue (counted apart, not as a
             // guest kick).
             self.shared.pending.fetch_or(1 << q, Ordering::AcqRel);
             self.shared.kick.signal();
@@ -534,7 +553,11 @@ mod tests {
     fn a_wait_without_interrupt_times_out_and_has_the_queue_looked_at() {
         let (link, processed, _) = link(|_| Ok(false));
         let mut t = link.transport();
-        t.wait_for_used(0);
+        let start = Instant::now();
+        while link.stats().wait_timeouts == 0 {
+            t.wait_for_used(0);
+        }
+        assert!(start.elapsed() >= STALL_LIMIT, "only after the stall limit");
         assert_eq!(link.stats().wait_timeouts, 1);
         wait_until(|| processed.load(Ordering::Relaxed) == 1);
         assert_eq!(link.stats().kicks[0], 0, "not counted as a guest kick");
