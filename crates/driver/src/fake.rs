@@ -309,6 +309,21 @@ struct Device {
     stats: FakeStats,
     deferred: bool,
     stalled: bool,
+    reorder: Reorder,
+}
+
+/// In which order the fake device executes and returns the requests it finds
+/// available at one notify (or one wait, when deferred). The spec promises
+/// neither order; real devices mostly use ring order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reorder {
+    /// Executes and returns them in ring order.
+    #[default]
+    InOrder,
+    /// Executes them in ring order, returns the used entries in reverse.
+    ReverseCompletion,
+    /// Executes and returns them in reverse ring order.
+    ReverseExecution,
 }
 
 /// A fake virtio-iommu device.
@@ -335,6 +350,7 @@ impl FakeIommu {
             stats: FakeStats::default(),
             deferred: false,
             stalled: false,
+            reorder: Reorder::InOrder,
         };
         Self { dev: Arc::new(Mutex::new(dev)), mem }
     }
@@ -416,6 +432,11 @@ impl FakeIommu {
         if !stalled && !d.deferred {
             d.process_requests();
         }
+    }
+
+    /// Sets the order of execution and completion, see [`Reorder`].
+    pub fn set_reorder(&self, reorder: Reorder) {
+        self.lock().reorder = reorder;
     }
 
     /// Sets DEVICE_NEEDS_RESET in the status, as a device with an internal error does.
@@ -632,15 +653,23 @@ impl Device {
         let Some(avail) = self.mem.read_u16(addrs.avail + 2) else { return false };
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let mut last = q.last_avail;
+        let mut heads = Vec::new();
         while last != avail {
             let Some(head) = self.mem.read_u16(addrs.avail + 4 + 2 * (last % q.size) as u64) else {
                 break;
             };
             last = last.wrapping_add(1);
-            self.queues[0].last_avail = last;
+            heads.push(head);
+        }
+        self.queues[0].last_avail = last;
+        if self.reorder == Reorder::ReverseExecution {
+            heads.reverse();
+        }
+        let mut used = Vec::with_capacity(heads.len());
+        for head in heads {
             let Some((readable, writable)) = self.read_chain(&q, head) else {
                 self.stats.malformed += 1;
-                self.push_used(0, head, 0);
+                used.push((head, 0));
                 continue;
             };
             let total: u64 = writable.iter().map(|w| w.1 as u64).sum();
@@ -657,7 +686,13 @@ impl Device {
                     at = end;
                 }
             }
-            self.push_used(0, head, used_len);
+            used.push((head, used_len));
+        }
+        if self.reorder == Reorder::ReverseCompletion {
+            used.reverse();
+        }
+        for (head, len) in used {
+            self.push_used(0, head, len);
         }
         if !self.has(f::RING_EVENT_IDX) {
             return false;

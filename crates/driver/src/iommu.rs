@@ -59,7 +59,7 @@ use zerocopy::FromBytes;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
 use crate::queue::{Buffer, QueueError, SplitQueue};
-use crate::sync::{relax, Mutex, Waiter};
+use crate::sync::{relax, Mutex, MutexGuard, Waiter};
 use crate::transport::{status, Transport};
 use crate::{Error, Result};
 
@@ -447,6 +447,8 @@ struct ReqQueue<H: Hal> {
     done: BTreeMap<u64, Reply>,
     /// Tickets whose waiter gave up: their replies are dropped on arrival.
     abandoned: BTreeSet<u64>,
+    /// Tickets on the ring (not yet returned by the device).
+    outstanding: BTreeSet<u64>,
     next_seq: u64,
     /// Requests made available but not yet covered by a notify.
     unkicked: u64,
@@ -474,6 +476,7 @@ impl<H: Hal> ReqQueue<H> {
             inflight,
             done: BTreeMap::new(),
             abandoned: BTreeSet::new(),
+            outstanding: BTreeSet::new(),
             next_seq: 0,
             unkicked: 0,
         })
@@ -512,6 +515,7 @@ impl<H: Hal> ReqQueue<H> {
                 }
                 let seq = self.next_seq;
                 self.next_seq += 1;
+                self.outstanding.insert(seq);
                 self.inflight[head as usize] =
                     Some(Inflight { seq, request: req.request_type(), buf });
                 Ok(Some(seq))
@@ -553,6 +557,7 @@ impl<H: Hal> ReqQueue<H> {
             }
             let result = reply_result(inf.request, used.len, tail[0]);
             self.release(inf.buf);
+            self.outstanding.remove(&inf.seq);
             if !self.abandoned.remove(&inf.seq) {
                 self.done.insert(inf.seq, Reply { result, props });
             }
@@ -596,6 +601,11 @@ pub(crate) trait Port: Send + Sync {
     /// Nobody will take the replies of `seqs` (their wait gave up): drop
     /// them when they come. Their ring slots stay in use until then.
     fn abandon(&self, seqs: &[u64]);
+    /// One sync: kicks, then waits until the device has returned every
+    /// ticket, without taking the replies (their owners do).
+    fn wait_complete(&self, seqs: &[u64]) -> Result<()>;
+    /// Those of `seqs` the device has not returned yet.
+    fn outstanding(&self, seqs: &[u64]) -> Vec<u64>;
     /// [`Self::wait`]; if it gives up, the tickets are abandoned.
     fn wait_or_abandon(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
         self.wait(seqs).inspect_err(|_| self.abandon(seqs))
@@ -655,11 +665,18 @@ struct Shared<T: Transport, H: Hal> {
     events: Mutex<EventQueue<H>>,
     fault_handler: Mutex<Option<FaultHandler>>,
     domain_ids: Mutex<BTreeSet<u32>>,
-    endpoints: Mutex<BTreeMap<u32, EndpointState>>,
+    /// Per-endpoint state, each behind its own lock: the table lock is held
+    /// only to find an entry, never across a request.
+    endpoints: Mutex<BTreeMap<u32, Arc<Mutex<EndpointState>>>>,
     counters: Counters,
 }
 
 impl<T: Transport, H: Hal> Shared<T, H> {
+    /// The lock of one endpoint's state, created on first use.
+    fn endpoint(&self, endpoint: u32) -> Arc<Mutex<EndpointState>> {
+        self.endpoints.lock().entry(endpoint).or_default().clone()
+    }
+
     fn notify(&self, queue: u16) {
         self.transport.lock().notify(queue);
     }
@@ -724,6 +741,25 @@ impl<T: Transport, H: Hal> Shared<T, H> {
     }
 }
 
+impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
+    /// One sync: kicks, then reaps until `done` gives an answer.
+    fn sync_until<R>(&self, mut done: impl FnMut(&mut ReqQueue<H>) -> Option<R>) -> Result<R> {
+        bump(&self.counters.syncs);
+        self.kick();
+        let mut waiter = self.waiter();
+        loop {
+            {
+                let mut q = self.req.lock();
+                q.reap();
+                if let Some(r) = done(&mut q) {
+                    return Ok(r);
+                }
+            }
+            self.wait_device(&mut waiter)?;
+        }
+    }
+}
+
 impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     fn submit(&self, req: &Request, props: usize) -> Result<u64> {
         let mut seqs = Vec::with_capacity(1);
@@ -747,15 +783,17 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     }
 
     fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
-        bump(&self.counters.syncs);
-        self.kick();
-        let mut waiter = self.waiter();
-        loop {
-            if let Some(replies) = self.try_take(seqs) {
-                return Ok(replies);
-            }
-            self.wait_device(&mut waiter)?;
-        }
+        self.sync_until(|q| q.take(seqs))
+    }
+
+    fn wait_complete(&self, seqs: &[u64]) -> Result<()> {
+        self.sync_until(|q| seqs.iter().all(|s| !q.outstanding.contains(s)).then_some(()))
+    }
+
+    fn outstanding(&self, seqs: &[u64]) -> Vec<u64> {
+        let mut q = self.req.lock();
+        q.reap();
+        seqs.iter().copied().filter(|s| q.outstanding.contains(s)).collect()
     }
 
     fn abandon(&self, seqs: &[u64]) {
@@ -779,13 +817,19 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
 
     fn domain_dropped(&self, id: u32, mut pending: Vec<u64>) {
         {
-            let mut eps = self.endpoints.lock();
-            for (&ep, st) in eps.iter_mut() {
+            let all: Vec<(u32, Arc<Mutex<EndpointState>>)> =
+                self.endpoints.lock().iter().map(|(&ep, st)| (ep, st.clone())).collect();
+            // The endpoints of this domain stay locked until their DETACH is
+            // done (in ID order, the only place that takes several).
+            let mut held = Vec::new();
+            for (ep, lock) in &all {
+                let mut st = lock.lock();
                 if matches!(st.domain, Some((d, _)) if d == id) {
                     st.domain = None;
-                    if let Ok(seq) = self.submit(&detach_req(id, ep), 0) {
+                    if let Ok(seq) = self.submit(&detach_req(id, *ep), 0) {
                         pending.push(seq);
                     }
+                    held.push(st);
                 }
             }
             // Best effort: the handle is gone, nobody can take an error.
@@ -1048,8 +1092,8 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     /// Adds a platform-provided region (e.g. a firmware [`ResvKind::Direct`]
     /// region) to an endpoint's reserved regions.
     pub fn add_reserved_region(&self, endpoint: u32, region: ResvRegion) {
-        let mut eps = self.shared.endpoints.lock();
-        let st = eps.entry(endpoint).or_default();
+        let ep = self.shared.endpoint(endpoint);
+        let mut st = ep.lock();
         st.extra.push(region);
         if let Some(r) = st.resv.as_mut() {
             r.push(region);
@@ -1080,8 +1124,8 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
                 regions.push(ResvRegion { start, end, kind: ResvKind::SwMsi });
             }
         }
-        let mut eps = s.endpoints.lock();
-        let st = eps.entry(endpoint).or_default();
+        let ep = s.endpoint(endpoint);
+        let mut st = ep.lock();
         regions.extend_from_slice(&st.extra);
         st.resv = Some(regions.clone());
         Ok(regions)
@@ -1089,7 +1133,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
 
     /// The endpoint's reserved regions, probing it the first time.
     pub fn reserved_regions(&self, endpoint: u32) -> Result<Vec<ResvRegion>> {
-        let cached = self.shared.endpoints.lock().get(&endpoint).and_then(|s| s.resv.clone());
+        let cached = self.shared.endpoint(endpoint).lock().resv.clone();
         match cached {
             Some(r) => Ok(r),
             None => self.probe_endpoint(endpoint),
@@ -1222,11 +1266,11 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if domain.inner.iommu_id != s.id {
             return Err(Error::WrongIommu);
         }
-        // Declared before the table guard, so dropped after it: the last
-        // handle of an old domain may run its Drop, which takes the table.
+        // Declared before the endpoint guard, so dropped after it: the last
+        // handle of an old domain may run its Drop, which takes endpoint locks.
         let mut old_domain = None;
-        let mut eps = s.endpoints.lock();
-        let entry = eps.entry(endpoint).or_default();
+        let ep = s.endpoint(endpoint);
+        let mut entry = ep.lock();
         if let Some((old_id, old)) = entry.domain.clone() {
             if old_id == domain.inner.id {
                 return Ok(());
@@ -1269,7 +1313,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         st.endpoints.insert(endpoint);
         drop(st);
         entry.domain = Some((d.id, Arc::downgrade(d)));
-        drop(eps);
+        drop(entry);
         drop(old_domain);
         Ok(())
     }
@@ -1279,19 +1323,21 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     pub fn detach(&self, endpoint: u32) -> Result<()> {
         let s = &self.shared;
         let dom;
-        let mut eps = s.endpoints.lock();
-        let entry = eps.get_mut(&endpoint).ok_or(Error::NotAttached(endpoint))?;
+        let ep = s.endpoints.lock().get(&endpoint).cloned().ok_or(Error::NotAttached(endpoint))?;
+        let mut entry = ep.lock();
         let (id, weak) = entry.domain.clone().ok_or(Error::NotAttached(endpoint))?;
         dom = weak.upgrade();
         detach_locked(s, id, dom.as_deref(), endpoint)?;
         entry.domain = None;
-        drop(eps);
+        drop(entry);
         Ok(())
     }
 
     /// The domain ID `endpoint` is attached to.
     pub fn attached_domain(&self, endpoint: u32) -> Option<u32> {
-        self.shared.endpoints.lock().get(&endpoint).and_then(|s| s.domain.as_ref().map(|d| d.0))
+        let ep = self.shared.endpoints.lock().get(&endpoint).cloned()?;
+        let id = ep.lock().domain.as_ref().map(|d| d.0);
+        id
     }
 
     /// The interrupt handler: reaps request completions (so that waiting
@@ -1411,8 +1457,17 @@ pub(crate) fn merge_regions(it: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u
 // ---------------------------------------------------------------------------
 
 enum PendingOp {
-    Map { seq: u64, iova: u64, last: u64 },
-    Unmap { seq: u64, removed: Vec<Mapping> },
+    Map {
+        seq: u64,
+        iova: u64,
+        last: u64,
+    },
+    /// `range` is the UNMAP's `(first, last)`; `removed` what left the tree.
+    Unmap {
+        seq: u64,
+        range: (u64, u64),
+        removed: Vec<Mapping>,
+    },
 }
 
 impl PendingOp {
@@ -1450,6 +1505,9 @@ struct DomainState {
     pending: Vec<PendingOp>,
     /// Timed-out MAPs, see [`Stale`].
     stale: Vec<Stale>,
+    /// DMA-layer UNMAPs on the ring whose range spans a gap between freed
+    /// ranges: IOVAs in the gap may be mapped again before they complete.
+    unmapping: Vec<Ticket>,
 }
 
 impl DomainState {
@@ -1536,6 +1594,48 @@ impl DomainInner {
 
     fn attached(st: &DomainState, kind: DomainKind) -> bool {
         !st.endpoints.is_empty() && !matches!(kind, DomainKind::Identity { bypass: true })
+    }
+
+    /// Locks the state once no request on the ring conflicts with new
+    /// requests on `ranges`. The device may execute requests in any order,
+    /// so a MAP must not overtake an UNMAP of its range (`new_maps`), nor an
+    /// UNMAP a MAP (`!new_maps`): such a request is waited for first.
+    fn lock_after(
+        &self,
+        ranges: &[(u64, u64)],
+        new_maps: bool,
+    ) -> Result<MutexGuard<'_, DomainState>> {
+        loop {
+            let mut st = self.state.lock();
+            let hit = |s: u64, e: u64| ranges.iter().any(|&(a, b)| s <= b && a <= e);
+            if new_maps && !st.unmapping.is_empty() {
+                let seqs: Vec<u64> = st.unmapping.iter().map(|t| t.0).collect();
+                let live = self.port.outstanding(&seqs);
+                st.unmapping.retain(|t| live.contains(&t.0));
+            }
+            let mut wait: Vec<u64> = st
+                .pending
+                .iter()
+                .filter_map(|op| match *op {
+                    PendingOp::Unmap { seq, range: (s, e), .. } if new_maps && hit(s, e) => {
+                        Some(seq)
+                    }
+                    PendingOp::Map { seq, iova, last } if !new_maps && hit(iova, last) => Some(seq),
+                    _ => None,
+                })
+                .collect();
+            if new_maps {
+                wait.extend(st.unmapping.iter().filter(|t| hit(t.1, t.2)).map(|t| t.0));
+            }
+            if !wait.is_empty() {
+                wait = self.port.outstanding(&wait);
+            }
+            if wait.is_empty() {
+                return Ok(st);
+            }
+            drop(st);
+            self.port.wait_complete(&wait)?;
+        }
     }
 
     /// Moves stale MAPs on with the replies that are in (`got`, or reaped
@@ -1628,7 +1728,7 @@ impl DomainInner {
                             st.undo_map(iova, last);
                             st.stale.push(Stale { step: StaleStep::Map(seq), iova, last });
                         }
-                        PendingOp::Unmap { seq, removed } => {
+                        PendingOp::Unmap { seq, removed, .. } => {
                             self.port.abandon(&[seq]);
                             st.undo_unmap(removed);
                         }
@@ -1727,7 +1827,7 @@ impl Domain {
         let last = iova.checked_add(size.wrapping_sub(1)).ok_or(Error::Unaligned { iova, size })?;
         let m = Mapping { iova, last, paddr, prot };
         d.check(&m, size)?;
-        let mut st = d.state.lock();
+        let mut st = d.lock_after(&[(iova, last)], true)?;
         d.settle_stale(&mut st, BTreeMap::new());
         if let Some(iova) = st.overlap(iova, last) {
             return Err(Error::Overlap { iova });
@@ -1754,14 +1854,14 @@ impl Domain {
             return Ok(0);
         }
         let last = iova.saturating_add(size - 1);
-        let mut st = d.state.lock();
+        let mut st = d.lock_after(&[(iova, last)], false)?;
         let removed = st.remove_range(iova, last)?;
         let bytes = removed.iter().map(|m| m.last - m.iova + 1).sum();
         if removed.is_empty() || !DomainInner::attached(&st, d.kind) {
             return Ok(bytes);
         }
         match d.port.submit(&unmap_req(d.id, iova, last), 0) {
-            Ok(seq) => st.pending.push(PendingOp::Unmap { seq, removed }),
+            Ok(seq) => st.pending.push(PendingOp::Unmap { seq, range: (iova, last), removed }),
             Err(e) => {
                 for m in removed {
                     st.tree.insert(m.iova, m);
@@ -1841,7 +1941,8 @@ impl Domain {
         for m in maps {
             d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
         }
-        let mut st = d.state.lock();
+        let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.iova, m.last)).collect();
+        let mut st = d.lock_after(&ranges, true)?;
         d.settle_stale(&mut st, BTreeMap::new());
         for m in maps {
             if let Some(iova) = st.overlap(m.iova, m.last) {
@@ -1921,33 +2022,47 @@ impl Domain {
         &self,
         ranges: &[(u64, u64)],
         coalesce: bool,
+        span_gaps: bool,
     ) -> Result<Vec<Ticket>> {
         let d = &self.inner;
         let mut sorted = ranges.to_vec();
         sorted.sort_unstable();
-        let mut st = d.state.lock();
+        let mut st = d.lock_after(&sorted, false)?;
         if !DomainInner::attached(&st, d.kind) {
             return Ok(Vec::new());
         }
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+        // (first, last, spans a gap)
+        let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(sorted.len());
         for (s, e) in sorted {
             if let Some(prev) = merged.last_mut() {
-                let gap_free = s <= prev.1.saturating_add(1)
-                    || st.intersecting(prev.1 + 1, s - 1).next().is_none();
+                let touching = s <= prev.1.saturating_add(1);
+                let gap_free =
+                    touching || (span_gaps && st.intersecting(prev.1 + 1, s - 1).next().is_none());
                 if coalesce && gap_free {
                     prev.1 = prev.1.max(e);
+                    prev.2 |= !touching;
                     continue;
                 }
             }
-            merged.push((s, e));
+            merged.push((s, e, false));
         }
-        let reqs: Vec<Request> = merged.iter().map(|&(s, e)| unmap_req(d.id, s, e)).collect();
-        match d.port.submit_all(&reqs) {
-            Ok(seqs) => Ok(seqs.into_iter().zip(merged).map(|(seq, (s, e))| (seq, s, e)).collect()),
-            Err((seqs, err)) => {
-                st.pending.extend(
-                    seqs.into_iter().map(|seq| PendingOp::Unmap { seq, removed: Vec::new() }),
-                );
+        let reqs: Vec<Request> = merged.iter().map(|&(s, e, _)| unmap_req(d.id, s, e)).collect();
+        let (seqs, err) = match d.port.submit_all(&reqs) {
+            Ok(seqs) => (seqs, None),
+            Err((seqs, e)) => (seqs, Some(e)),
+        };
+        let tickets: Vec<Ticket> =
+            seqs.iter().zip(&merged).map(|(&seq, &(s, e, _))| (seq, s, e)).collect();
+        let gaps = tickets.iter().zip(&merged).filter(|(_, m)| m.2).map(|(t, _)| *t);
+        st.unmapping.extend(gaps);
+        match err {
+            None => Ok(tickets),
+            Some(err) => {
+                st.pending.extend(tickets.into_iter().map(|(seq, s, e)| PendingOp::Unmap {
+                    seq,
+                    range: (s, e),
+                    removed: Vec::new(),
+                }));
                 Err(err)
             }
         }

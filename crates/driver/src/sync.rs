@@ -6,7 +6,7 @@ mod imp {
     #[derive(Debug, Default)]
     pub(crate) struct Mutex<T>(std::sync::Mutex<T>);
 
-    use std::sync::MutexGuard;
+    pub(crate) use std::sync::MutexGuard;
 
     impl<T> Mutex<T> {
         pub(crate) const fn new(v: T) -> Self {
@@ -101,7 +101,7 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{relax, Mutex};
+pub(crate) use imp::{relax, Mutex, MutexGuard};
 
 /// Bounds one wait for the device: a poll count, and with `std` a wall-clock deadline.
 pub(crate) struct Waiter {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use viommu_driver::dma::{DmaDirection as Dir, DmaDomain, DmaOptions, FlushQueueConfig, Policy};
-use viommu_driver::fake::{FakeConfig, InjectReply, Injection};
+use viommu_driver::fake::{FakeConfig, InjectReply, Injection, Reorder};
 use viommu_driver::{DriverOptions, Error};
 use viommu_proto::{RequestType, Status};
 
@@ -419,4 +419,46 @@ fn a_timed_out_dma_map_keeps_its_iova_until_the_device_answers() {
     assert_eq!((dma.iova_in_use(), dma.pending_unmaps()), (0, 0));
     assert!(fake.mappings(dma.domain().id()).is_empty());
     assert!(dma.domain().stale_ranges().is_empty());
+}
+
+#[test]
+fn io_stays_correct_whatever_order_the_device_executes_and_completes_in() {
+    let lazy = |entries| DmaOptions {
+        lazy: FlushQueueConfig { entries, timeout_ns: 1_000_000 },
+        ..Default::default()
+    };
+    for reorder in [Reorder::InOrder, Reorder::ReverseCompletion, Reorder::ReverseExecution] {
+        for opts in [strict(), lazy(4), lazy(256)] {
+            let (fake, _iommu, dma, clock) = dma_setup(opts);
+            fake.set_reorder(reorder);
+            let mut live = std::collections::VecDeque::new();
+            for io in 0..200u64 {
+                // Scattered data, 1 to 4 pages, two I/Os in flight.
+                let pages = io % 4 + 1;
+                let segs: Vec<(u64, usize)> =
+                    (0..pages).map(|p| (0x8000_0000 + (io * 8 + p * 2) * 0x1000, 4096)).collect();
+                let mut b = dma.begin();
+                b.map(0x4000_0000, 16, Dir::ToDevice).unwrap();
+                b.map_sg(&segs, Dir::FromDevice).unwrap();
+                live.push_back(b.commit().unwrap());
+                // Every live mapping of the tree is in the device.
+                let dev = fake.mappings(dma.domain().id());
+                for m in tree(dma.domain()) {
+                    assert!(dev.contains(&m), "{reorder:?} io {io}: {m:x?} missing");
+                }
+                if live.len() > 2 {
+                    dma.unmap(live.pop_front().unwrap()).unwrap();
+                }
+                clock.advance(250_000);
+                dma.tick().unwrap();
+            }
+            for m in live {
+                dma.unmap(m).unwrap();
+            }
+            dma.flush().unwrap();
+            assert_eq!(dma.iova_in_use(), 0, "{reorder:?}");
+            assert!(fake.mappings(dma.domain().id()).is_empty(), "{reorder:?}");
+            assert_eq!(fake.pending_injections(), 0);
+        }
+    }
 }

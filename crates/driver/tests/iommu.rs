@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use viommu_driver::fake::{FakeConfig, FakeIommu, FakeMemory, InjectReply, Injection};
+use viommu_driver::fake::{FakeConfig, FakeIommu, FakeMemory, InjectReply, Injection, Reorder};
 use viommu_driver::queue::{Buffer, SplitQueue};
 use viommu_driver::{DomainKind, DriverOptions, Error, Prot, ResvKind, ResvRegion, VirtioIommu};
 use viommu_proto::{fault, features as f, probe, FaultEvent, RequestType, ResvMem, Status};
@@ -497,4 +497,54 @@ fn a_timed_out_unmap_puts_its_mappings_back() {
     d.iotlb_sync().unwrap();
     assert_eq!(fake.mappings(d.id()), tree(&d));
     assert_eq!(iommu.counters().sync_errors, 1);
+}
+
+#[test]
+fn out_of_order_completions_are_matched_by_token() {
+    let (fake, iommu) = setup(FakeConfig::default());
+    let d = attached(&iommu, 1);
+    for (i, iova) in [0x10000u64, 0x20000, 0x30000].into_iter().enumerate() {
+        d.map_pages(iova, 0x100_0000 * (i as u64 + 1), 0x1000, RW).unwrap();
+    }
+    d.iotlb_sync_map(0, u64::MAX).unwrap();
+    fake.set_reorder(Reorder::ReverseCompletion);
+    // In ring order: UNMAP A (ok), MAP D (ok), UNMAP B (fails), MAP E (fails).
+    let unmap_range =
+        Injection { request: Some(RequestType::Unmap), reply: InjectReply::Status(Status::Range) };
+    let map_inval =
+        Injection { request: Some(RequestType::Map), reply: InjectReply::Status(Status::Inval) };
+    fake.inject_nth(1, unmap_range);
+    fake.inject_nth(1, map_inval);
+    d.unmap_pages(0x10000, 0x1000).unwrap();
+    d.map_pages(0x40000, 0x400_0000, 0x1000, RW).unwrap();
+    d.unmap_pages(0x20000, 0x1000).unwrap();
+    d.map_pages(0x50000, 0x500_0000, 0x1000, RW).unwrap();
+    let before = iommu.counters();
+    // The used ring returns E, B, D, A: each reply must reach its own request.
+    let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
+    assert_eq!(d.iotlb_sync(), Err(err));
+    assert_eq!(iommu.counters().since(&before).kicks, 1);
+    let ivas: Vec<u64> = d.mappings().iter().map(|m| m.iova).collect();
+    assert_eq!(ivas, vec![0x20000, 0x30000, 0x40000]);
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+    assert_eq!(fake.pending_injections(), 0);
+}
+
+#[test]
+fn a_map_and_an_unmap_of_one_range_never_share_a_kick() {
+    // The spec does not order execution: a device may run them backwards.
+    let (fake, iommu) = setup(FakeConfig::default());
+    let d = attached(&iommu, 1);
+    fake.set_reorder(Reorder::ReverseExecution);
+    let before = iommu.counters();
+    d.map_pages(0x10000, 0x100_0000, 0x1000, RW).unwrap();
+    // The MAP is still queued: the UNMAP waits for it (one sync) first.
+    assert_eq!(d.unmap_pages(0x10000, 0x1000), Ok(0x1000));
+    d.map_pages(0x10000, 0x200_0000, 0x2000, RW).unwrap(); // waits for the UNMAP
+    d.map_pages(0x30000, 0x300_0000, 0x1000, RW).unwrap(); // no conflict: queued
+    d.iotlb_sync().unwrap();
+    let c = iommu.counters().since(&before);
+    assert_eq!((c.map, c.unmap, c.syncs, c.kicks), (3, 1, 3, 3));
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+    assert_eq!(d.mappings().len(), 2);
 }

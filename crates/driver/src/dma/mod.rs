@@ -509,7 +509,7 @@ impl DmaDomain {
     /// Queues UNMAPs for allocations already out of the tree, waits, frees.
     fn unmap_now(&self, allocs: Vec<(u64, u64)>, coalesce: bool) -> Result<()> {
         let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
-        let tickets = match self.domain.queue_unmaps(&ranges, coalesce) {
+        let tickets = match self.domain.queue_unmaps(&ranges, coalesce, true) {
             Ok(t) => t,
             Err(e) => {
                 self.retry.lock().extend(allocs);
@@ -595,8 +595,8 @@ impl DmaDomain {
         }
         self.domain.counters().flush(cause);
         let ranges: Vec<(u64, u64)> = entries.iter().map(|a| self.range_of(a)).collect();
-        let tickets = match self.domain.queue_unmaps(&ranges, self.coalesce.load(Ordering::Relaxed))
-        {
+        let coalesce = self.coalesce.load(Ordering::Relaxed);
+        let tickets = match self.domain.queue_unmaps(&ranges, coalesce, wait) {
             Ok(t) => t,
             Err(e) => {
                 self.retry.lock().extend(entries);
