@@ -69,7 +69,10 @@ impl EndpointConfig {
     }
 }
 
-/// Bounds on guest-driven allocation. Exceeding one makes the request fail with NOMEM.
+/// Bounds on guest-driven allocation. Exceeding one makes the request fail with NOMEM,
+/// except `max_endpoints`: an ATTACH to a full domain gets UNSUPP, as §5.13.6.3 requires
+/// ("If it cannot do so, the device MUST reject the request and set status to
+/// VIRTIO_IOMMU_S_UNSUPP").
 ///
 /// A live mapping costs at most about 300 bytes (page index entries for up to four
 /// granules, and in the sparsest case a start bitmap of its own); packed mappings cost far
@@ -82,7 +85,7 @@ pub struct Limits {
     pub max_mappings_per_domain: usize,
     /// Live mappings over all domains.
     pub max_mappings_total: usize,
-    /// Endpoints attached to one domain.
+    /// Endpoints attached to one domain (beyond: UNSUPP, see above).
     pub max_endpoints: usize,
     /// Fault events waiting for an event-queue buffer; further faults are dropped and counted.
     pub max_pending_faults: usize,
@@ -101,6 +104,8 @@ impl Default for Limits {
 }
 
 /// Which optional features the device offers. VERSION_1 and EVENT_IDX are always offered.
+///
+/// Build it with `..Default::default()` so that later additions keep compiling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OfferedFeatures {
     /// VIRTIO_IOMMU_F_INPUT_RANGE.
@@ -119,6 +124,10 @@ pub struct OfferedFeatures {
     pub legacy_bypass: bool,
     /// VIRTIO_F_ACCESS_PLATFORM.
     pub access_platform: bool,
+    /// VIRTIO_F_RING_INDIRECT_DESC (offered by default). The chain walker handles
+    /// indirect tables boundedly: one table per chain, at most queue-size descriptors in
+    /// all, nested or malformed tables refused (see [`crate::request`]).
+    pub indirect_desc: bool,
 }
 
 impl Default for OfferedFeatures {
@@ -132,6 +141,7 @@ impl Default for OfferedFeatures {
             bypass_config: true,
             legacy_bypass: false,
             access_platform: false,
+            indirect_desc: true,
         }
     }
 }
@@ -150,6 +160,7 @@ impl OfferedFeatures {
             | flag(self.bypass_config, features::BYPASS_CONFIG)
             | flag(self.legacy_bypass, features::BYPASS)
             | flag(self.access_platform, features::ACCESS_PLATFORM)
+            | flag(self.indirect_desc, features::RING_INDIRECT_DESC)
     }
 }
 

@@ -139,6 +139,14 @@ impl VirtioIommu {
         self.activated = false;
     }
 
+    /// System reset (e.g. the VM's power cycle): a device reset that also returns `bypass`
+    /// to the value the VMM configured ("Field bypass SHOULD NOT change on device reset,
+    /// but SHOULD be restored to its initial value on system reset").
+    pub fn system_reset(&mut self) {
+        self.reset();
+        self.iommu.set_bypass(self.iommu.config().bypass);
+    }
+
     /// Sets up one queue (0: requestq, 1: eventq) and marks it ready.
     pub fn set_queue(
         &mut self,
@@ -208,7 +216,7 @@ impl VirtioIommu {
                     iommu.counters_ref().malformed();
                     continue;
                 }
-                let len = handle_chain(iommu, scratch, chain, mem);
+                let len = handle_chain(iommu, scratch, chain, mem, q.size());
                 q.add_used(mem, head, len)?;
                 used = true;
             }
@@ -240,7 +248,7 @@ impl VirtioIommu {
             budget -= 1;
             let head = chain.head_index();
             let ev = fault.event();
-            let len = match gather(chain, mem) {
+            let len = match gather(chain, mem, q.size()) {
                 Ok(g)
                     if g.readable_len == 0
                         && check_writable(&g, mem, size_of::<FaultEvent>())
@@ -282,6 +290,10 @@ impl VirtioIommu {
         if s.acked_features & !self.device_features() != 0 {
             return Err(Error::Snapshot("features not offered by this device".into()));
         }
+        // Queues as `set_queue` could have made them: this device's maximum size.
+        if s.queues.iter().any(|q| q.max_size != QUEUE_MAX_SIZE || q.size > QUEUE_MAX_SIZE) {
+            return Err(Error::Snapshot("queue size beyond this device's maximum".into()));
+        }
         let q0 = s.queues[0].to_queue()?;
         let q1 = s.queues[1].to_queue()?;
         self.iommu.import(&s.domains, &s.faults).map_err(Error::Snapshot)?;
@@ -310,8 +322,9 @@ fn handle_chain<M: GuestMemoryBackend>(
     scratch: &mut [u8],
     chain: DescriptorChain<&M>,
     mem: &M,
+    max_descs: u16,
 ) -> u32 {
-    let Ok(g) = gather(chain, mem) else {
+    let Ok(g) = gather(chain, mem, max_descs) else {
         iommu.counters_ref().malformed();
         return 0;
     };

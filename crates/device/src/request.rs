@@ -4,8 +4,14 @@
 //! Outcomes for malformed chains (the chain is always returned to the driver, and the device
 //! keeps serving the queue):
 //! - no descriptor, a readable descriptor after a writable one, a chain cut short (a loop,
-//!   a `next` index past the table, more descriptors than the queue size, or an unreadable
-//!   descriptor), a buffer outside guest memory: used length 0, nothing executed;
+//!   a `next` index past the table, more descriptors than the queue size — indirect tables
+//!   included —, or an unreadable descriptor), a buffer outside guest memory: used length 0,
+//!   nothing executed;
+//! - indirect tables (VIRTIO_F_RING_INDIRECT_DESC), walked by virtio-queue: a nested table,
+//!   a table whose length is 0 or not a multiple of 16, a loop inside a table, or a table
+//!   outside guest memory cut the chain short (used length 0 as above); the WRITE flag of
+//!   the descriptor naming a table is ignored, and direct descriptors followed by one
+//!   table are served, as the split-ring rules require;
 //! - a readable part too short for its request type, or a writable part shorter than the
 //!   tail: used length 0, nothing executed (§5.13.6: "it returns the buffers without writing
 //!   to them");
@@ -56,10 +62,15 @@ impl Gathered {
     }
 }
 
-/// Walks `chain`, copying at most [`MAX_READABLE`] readable bytes.
+/// Walks `chain`, copying at most [`MAX_READABLE`] readable bytes, and refuses a chain of
+/// more than `max_descs` descriptors ("A driver MUST NOT create a descriptor chain longer
+/// than the Queue Size of the device"). virtio-queue bounds a direct chain by the queue
+/// size but an indirect table only by its own length (up to 65535 entries), so without
+/// this cap one chain could cost 65535 descriptor reads and as many buffer entries.
 pub(crate) fn gather<M: GuestMemoryBackend>(
     chain: DescriptorChain<&M>,
     mem: &M,
+    max_descs: u16,
 ) -> Result<Gathered, ChainError> {
     let mut g = Gathered {
         readable: [0; MAX_READABLE],
@@ -68,8 +79,10 @@ pub(crate) fn gather<M: GuestMemoryBackend>(
         writable_len: 0,
     };
     let mut last_has_next = None;
-    // The chain iterator stops after queue-size descriptors, so this loop is bounded.
-    for desc in chain {
+    for (n, desc) in chain.enumerate() {
+        if n >= usize::from(max_descs) {
+            return Err(ChainError::Truncated);
+        }
         last_has_next = Some(desc.has_next());
         if desc.is_write_only() {
             g.writable.push((desc.addr(), desc.len()));

@@ -149,7 +149,7 @@ impl Model {
                         return Status::Ok;
                     }
                     if dom.eps.len() >= l.max_endpoints {
-                        return Status::NoMem;
+                        return Status::Unsupp;
                     }
                     let resv = self.resv(e);
                     if dom.maps.iter().any(|m| resv.iter().any(|r| m.0 <= r.end && r.start <= m.1))

@@ -268,10 +268,11 @@ fn features_offered_as_configured() {
         PROBE,
         MMIO,
         BYPASS_CONFIG,
+        RING_INDIRECT_DESC,
     ] {
         assert_ne!(f & bit(b), 0, "bit {b}");
     }
-    assert_eq!(f & (bit(BYPASS) | bit(ACCESS_PLATFORM) | bit(RING_INDIRECT_DESC)), 0);
+    assert_eq!(f & (bit(BYPASS) | bit(ACCESS_PLATFORM)), 0);
     let mut c = cfg(&[1]);
     c.features = viommu_device::OfferedFeatures {
         input_range: false,
@@ -282,6 +283,7 @@ fn features_offered_as_configured() {
         legacy_bypass: true,
         access_platform: true,
         map_unmap: true,
+        indirect_desc: false,
     };
     let f = VirtioIommu::new(c.clone()).unwrap().device_features();
     assert_eq!(

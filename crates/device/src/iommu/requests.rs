@@ -56,8 +56,12 @@ impl Iommu {
                 if current == Some(domain_id) {
                     return Status::Ok;
                 }
+                // "If another endpoint is already attached to the domain identified by
+                // domain, then the device MAY attach the endpoint identified by endpoint to
+                // the domain. If it cannot do so, the device MUST reject the request and set
+                // status to VIRTIO_IOMMU_S_UNSUPP." A full domain is such a case.
                 if entry.endpoints.len() >= self.cfg.limits.max_endpoints {
-                    return Status::NoMem;
+                    return Status::Unsupp;
                 }
                 // "If properties of the endpoint ... are compatible with properties of other
                 // endpoints already attached to the requested domain, then the device SHOULD

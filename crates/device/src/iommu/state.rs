@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
+use viommu_proto::{features, MAP_F_MASK, MAP_F_MMIO};
+
 use super::{DomainEntry, Iommu};
-use crate::domain::Domain;
+use crate::domain::{Domain, Mapping};
 use crate::fault::PendingFault;
 use crate::snapshot::DomainState;
 use crate::sync::{lock, read, write};
@@ -52,6 +54,10 @@ impl Iommu {
             self.reset();
             return result;
         }
+        if let Err(e) = self.check_faults(faults) {
+            self.reset();
+            return Err(e);
+        }
         let mut q = lock(&self.faults);
         for f in faults {
             q.push(*f);
@@ -59,26 +65,86 @@ impl Iommu {
         Ok(())
     }
 
+    /// Pending faults a running device could hold: within the queue's bound, one per
+    /// (endpoint, reason, flags), of a configured endpoint, with known reason and flags.
+    fn check_faults(&self, faults: &[PendingFault]) -> Result<(), String> {
+        use viommu_proto::fault::{F_ADDRESS, F_READ, F_WRITE, R_DOMAIN, R_MAPPING};
+        if faults.len() > self.cfg.limits.max_pending_faults {
+            return Err(format!("{} pending faults, more than the limit", faults.len()));
+        }
+        for (i, f) in faults.iter().enumerate() {
+            let known = self.endpoints.get(f.endpoint).is_some()
+                && matches!(f.reason, R_DOMAIN | R_MAPPING)
+                && f.flags & !(F_READ | F_WRITE | F_ADDRESS) == 0;
+            let twice = faults[..i]
+                .iter()
+                .any(|p| (p.endpoint, p.reason, p.flags) == (f.endpoint, f.reason, f.flags));
+            if !known || twice {
+                return Err(format!("bad pending fault {f:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// True if MAP could have created `m` in a domain of this device (alignment, ranges,
+    /// flags), ignoring the other mappings and the reserved regions.
+    fn mapping_is_valid(&self, m: &Mapping) -> bool {
+        let g = self.granule - 1;
+        let aligned = m.start & g == 0 && m.phys & g == 0 && m.end.wrapping_add(1) & g == 0;
+        let mmio_ok = m.flags & MAP_F_MMIO == 0 || self.offered(features::MMIO);
+        aligned
+            && m.end >= m.start
+            && m.phys.checked_add(m.end - m.start).is_some()
+            && self.in_input_range(m.start, m.end)
+            && m.flags & !MAP_F_MASK == 0
+            && mmio_ok
+    }
+
     fn import_domains(&self, domains: &[DomainState]) -> Result<(), String> {
         let mut ctl = lock(&self.control);
         let listener = self.listener();
+        let limits = &self.cfg.limits;
+        // A state no request sequence could have built is refused, so that a restored
+        // device keeps every invariant the request path keeps (limits, ranges, alignment).
+        if domains.len() > limits.max_domains {
+            return Err(format!("{} domains, more than the limit", domains.len()));
+        }
         for d in domains {
             if d.endpoints.is_empty() || ctl.domains.contains_key(&d.id) {
                 return Err(format!("domain {}: no endpoint or listed twice", d.id));
+            }
+            if !self.domain_in_range(d.id) || d.endpoints.len() > limits.max_endpoints {
+                return Err(format!("domain {}: outside domain_range or too many endpoints", d.id));
+            }
+            let total = ctl.total_mappings + d.mappings.len();
+            if d.mappings.len() > limits.max_mappings_per_domain
+                || total > limits.max_mappings_total
+            {
+                return Err(format!("domain {}: more mappings than the limits", d.id));
             }
             let domain = Arc::new(Domain::new(d.id, d.bypass, self.granule));
             let entry = DomainEntry { domain, endpoints: Vec::new(), resv: Vec::new() };
             {
                 let mut tree = write(&entry.domain.mappings);
                 for m in &d.mappings {
-                    let bad = m.end < m.start || m.phys.checked_add(m.end - m.start).is_none();
-                    if bad || tree.overlaps(m.start, m.end) || d.bypass {
+                    if !self.mapping_is_valid(m) || tree.overlaps(m.start, m.end) || d.bypass {
                         return Err(format!("domain {}: bad mapping {m:?}", d.id));
                     }
                     tree.insert(*m);
                 }
+                // MAP refuses reserved regions of attached endpoints, ATTACH refuses an
+                // endpoint whose reserved regions are mapped.
+                for &e in &d.endpoints {
+                    let resv = self.endpoints.get(e).map_or(&[][..], |ep| &ep.resv[..]);
+                    if resv.iter().any(|r| tree.overlaps(r.start, r.end)) {
+                        return Err(format!(
+                            "domain {}: a mapping covers endpoint {e}'s reserved region",
+                            d.id
+                        ));
+                    }
+                }
             }
-            ctl.total_mappings += d.mappings.len();
+            ctl.total_mappings = total;
             // Registered before its endpoints point at it, so a failure below is undone by reset.
             let entry = ctl.domains.entry(d.id).or_insert(entry);
             for &e in &d.endpoints {
