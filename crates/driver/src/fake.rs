@@ -233,6 +233,9 @@ pub enum InjectReply {
     Status(Status),
     /// Returns the chain with used length 0 and writes nothing.
     UsedLenZero,
+    /// Executes the request, then answers with this status anyway, as a
+    /// device that fails after doing the work might (e.g. IOERR).
+    AfterApplying(Status),
 }
 
 /// Makes the next request of a type (or of any type) fail.
@@ -713,12 +716,14 @@ impl Device {
         };
         let ty = req.request_type();
         self.stats.requests[ty as usize - 1] += 1;
+        let mut late = None;
         if let Some(pos) = self.inject.iter().position(|(_, i)| i.request.is_none_or(|t| t == ty)) {
             if self.inject[pos].0 > 0 {
                 self.inject[pos].0 -= 1;
             } else {
                 match self.inject.remove(pos).map(|(_, i)| i.reply) {
                     Some(InjectReply::Status(s)) => return (s, Vec::new(), false),
+                    Some(InjectReply::AfterApplying(s)) => late = Some(s),
                     _ => return (Status::IoErr, Vec::new(), true),
                 }
             }
@@ -754,7 +759,7 @@ impl Device {
                 }
             }
         };
-        (status, props, false)
+        (late.unwrap_or(status), props, false)
     }
 
     fn drop_ep(&mut self, ep: u32) {

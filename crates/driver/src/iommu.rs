@@ -884,6 +884,19 @@ fn unmap_req(domain: u32, start: u64, last: u64) -> Request {
     })
 }
 
+/// Whether a request that failed with `e` may still have taken effect: the
+/// device reported a transport or internal error, a status the spec does not
+/// define, or returned the buffers unwritten. A refusal (RANGE, INVAL, NOENT,
+/// NOMEM, UNSUPP, FAULT) means it did nothing.
+fn may_have_applied(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Device { status: Status::IoErr | Status::DevErr, .. }
+            | Error::BadStatus { .. }
+            | Error::NoResponse { .. }
+    )
+}
+
 /// First error of a set of replies; counts a sync error when there is one.
 fn first_error(counters: &Counters, replies: &[Reply]) -> Result<()> {
     match replies.iter().find_map(|r| r.result.clone().err()) {
@@ -1487,9 +1500,10 @@ enum StaleStep {
     Unmap(Option<u64>),
 }
 
-/// A MAP whose sync timed out. It left the tree, but the device may still
-/// apply it, so its range stays blocked (no new MAP, no IOVA reuse) until its
-/// reply is in and, if it succeeded, a cleanup UNMAP has completed.
+/// A MAP whose sync timed out, or that failed in a way that may have left a
+/// mapping (see [`may_have_applied`]). It left the tree, but the device may
+/// have it, so its range stays blocked (no new MAP, no IOVA reuse) until its
+/// reply is in and, if needed, a cleanup UNMAP has completed.
 struct Stale {
     step: StaleStep,
     iova: u64,
@@ -1599,7 +1613,8 @@ impl DomainInner {
     /// Locks the state once no request on the ring conflicts with new
     /// requests on `ranges`. The device may execute requests in any order,
     /// so a MAP must not overtake an UNMAP of its range (`new_maps`), nor an
-    /// UNMAP a MAP (`!new_maps`): such a request is waited for first.
+    /// UNMAP a MAP (`!new_maps`): such a request is waited for first. New
+    /// MAPs also wait for the cleanup UNMAPs of stale ranges they overlap.
     fn lock_after(
         &self,
         ranges: &[(u64, u64)],
@@ -1607,6 +1622,9 @@ impl DomainInner {
     ) -> Result<MutexGuard<'_, DomainState>> {
         loop {
             let mut st = self.state.lock();
+            if new_maps {
+                self.settle_stale(&mut st, BTreeMap::new());
+            }
             let hit = |s: u64, e: u64| ranges.iter().any(|&(a, b)| s <= b && a <= e);
             if new_maps && !st.unmapping.is_empty() {
                 let seqs: Vec<u64> = st.unmapping.iter().map(|t| t.0).collect();
@@ -1626,6 +1644,12 @@ impl DomainInner {
                 .collect();
             if new_maps {
                 wait.extend(st.unmapping.iter().filter(|t| hit(t.1, t.2)).map(|t| t.0));
+                wait.extend(st.stale.iter().filter(|s| hit(s.iova, s.last)).filter_map(|s| {
+                    match s.step {
+                        StaleStep::Unmap(Some(seq)) => Some(seq),
+                        _ => None,
+                    }
+                }));
             }
             if !wait.is_empty() {
                 wait = self.port.outstanding(&wait);
@@ -1703,9 +1727,11 @@ impl DomainInner {
         Ok(())
     }
 
-    /// Whether `[start, last]` touches a stale MAP's range.
+    /// Whether `[start, last]` touches a stale MAP's range (after taking
+    /// in the replies that have come).
     pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        self.settle_stale(&mut st, BTreeMap::new());
         st.stale.iter().any(|s| s.iova <= last && start <= s.last)
     }
 
@@ -1741,11 +1767,17 @@ impl DomainInner {
         let mut first = None;
         for (op, r) in ops.into_iter().zip(replies) {
             let Err(e) = r.result else { continue };
-            first.get_or_insert(e);
             match op {
-                PendingOp::Map { iova, last, .. } => st.undo_map(iova, last),
+                PendingOp::Map { iova, last, .. } => {
+                    st.undo_map(iova, last);
+                    if may_have_applied(&e) {
+                        // Unmap it to be sure; the range waits for that.
+                        st.stale.push(Stale { step: StaleStep::Unmap(None), iova, last });
+                    }
+                }
                 PendingOp::Unmap { removed, .. } => st.undo_unmap(removed),
             }
+            first.get_or_insert(e);
         }
         self.settle_stale(&mut st, BTreeMap::new());
         match first {
@@ -1828,7 +1860,6 @@ impl Domain {
         let m = Mapping { iova, last, paddr, prot };
         d.check(&m, size)?;
         let mut st = d.lock_after(&[(iova, last)], true)?;
-        d.settle_stale(&mut st, BTreeMap::new());
         if let Some(iova) = st.overlap(iova, last) {
             return Err(Error::Overlap { iova });
         }
@@ -1943,7 +1974,6 @@ impl Domain {
         }
         let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.iova, m.last)).collect();
         let mut st = d.lock_after(&ranges, true)?;
-        d.settle_stale(&mut st, BTreeMap::new());
         for m in maps {
             if let Some(iova) = st.overlap(m.iova, m.last) {
                 return Err(Error::Overlap { iova });

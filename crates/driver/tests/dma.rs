@@ -186,7 +186,9 @@ fn replies() -> [InjectReply; 5] {
 
 fn expected(reply: InjectReply, request: RequestType) -> Error {
     match reply {
-        InjectReply::Status(status) => Error::Device { request, status },
+        InjectReply::Status(status) | InjectReply::AfterApplying(status) => {
+            Error::Device { request, status }
+        }
         InjectReply::UsedLenZero => Error::NoResponse { request, used_len: 0 },
     }
 }
@@ -461,4 +463,21 @@ fn io_stays_correct_whatever_order_the_device_executes_and_completes_in() {
             assert_eq!(fake.pending_injections(), 0);
         }
     }
+}
+
+#[test]
+fn a_dma_map_that_failed_after_applying_leaves_no_mapping_and_no_iova() {
+    let (fake, iommu, dma, _) = dma_setup(DmaOptions::default());
+    let late_ioerr = Injection {
+        request: Some(RequestType::Map),
+        reply: InjectReply::AfterApplying(Status::IoErr),
+    };
+    fake.inject(late_ioerr);
+    let err = Error::Device { request: RequestType::Map, status: Status::IoErr };
+    assert_eq!(dma.map_single(0x4000_0000, 4096, Dir::ToDevice), Err(err));
+    // The rollback UNMAP and the cleanup UNMAP went out together; both done.
+    assert_eq!((dma.iova_in_use(), dma.pending_unmaps()), (0, 0));
+    assert!(fake.mappings(dma.domain().id()).is_empty());
+    assert!(dma.domain().stale_ranges().is_empty());
+    assert_eq!(iommu.counters().unmap, 2);
 }

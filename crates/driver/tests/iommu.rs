@@ -193,7 +193,9 @@ fn failed_requests_give_typed_errors_and_roll_back() {
         let (fake, iommu) = setup(FakeConfig::default());
         let d = attached(&iommu, 1);
         let expect = |request| match reply {
-            InjectReply::Status(status) => Error::Device { request, status },
+            InjectReply::Status(status) | InjectReply::AfterApplying(status) => {
+                Error::Device { request, status }
+            }
             InjectReply::UsedLenZero => Error::NoResponse { request, used_len: 0 },
         };
         // MAP fails: the tree entry goes away.
@@ -547,4 +549,37 @@ fn a_map_and_an_unmap_of_one_range_never_share_a_kick() {
     assert_eq!((c.map, c.unmap, c.syncs, c.kicks), (3, 1, 3, 3));
     assert_eq!(fake.mappings(d.id()), tree(&d));
     assert_eq!(d.mappings().len(), 2);
+}
+
+#[test]
+fn a_map_that_may_have_been_applied_is_unmapped_before_its_range_is_reused() {
+    use InjectReply::{AfterApplying, Status as S, UsedLenZero};
+    // A refusal did nothing; IOERR, DEVERR and used length 0 may have mapped.
+    let cases = [
+        (S(Status::Range), 0),
+        (S(Status::Inval), 0),
+        (S(Status::NoMem), 0),
+        (S(Status::IoErr), 1),
+        (UsedLenZero, 1),
+        (AfterApplying(Status::IoErr), 1),
+        (AfterApplying(Status::DevErr), 1),
+    ];
+    for (reply, cleanups) in cases {
+        let (fake, iommu) = setup(FakeConfig::default());
+        let d = attached(&iommu, 1);
+        let before = iommu.counters();
+        fake.inject(Injection { request: Some(RequestType::Map), reply });
+        d.map_pages(0x10000, 0x40000, 0x1000, RW).unwrap();
+        assert!(d.iotlb_sync_map(0x10000, 0x1000).is_err());
+        assert!(d.mappings().is_empty());
+        let blocked = if cleanups == 1 { vec![(0x10000, 0x10fff)] } else { vec![] };
+        assert_eq!(d.stale_ranges(), blocked, "{reply:?}");
+        // Mapping the range again waits for the cleanup UNMAP first.
+        d.map_pages(0x10000, 0x80000, 0x1000, RW).unwrap();
+        d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+        assert!(d.stale_ranges().is_empty());
+        assert_eq!(fake.mappings(d.id()), tree(&d), "{reply:?}");
+        let c = iommu.counters().since(&before);
+        assert_eq!((c.map, c.unmap, c.syncs), (2, cleanups, 2 + cleanups), "{reply:?}");
+    }
 }
