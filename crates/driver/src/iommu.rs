@@ -1491,7 +1491,7 @@ impl PendingOp {
     }
 }
 
-/// Where a timed-out MAP stands.
+/// Where a stale MAP stands.
 #[derive(Clone, Copy)]
 enum StaleStep {
     /// Its reply is not in yet.
@@ -1623,7 +1623,7 @@ impl DomainInner {
         loop {
             let mut st = self.state.lock();
             if new_maps {
-                self.settle_stale(&mut st, BTreeMap::new());
+                self.settle_stale(&mut st);
             }
             let hit = |s: u64, e: u64| ranges.iter().any(|&(a, b)| s <= b && a <= e);
             if new_maps && !st.unmapping.is_empty() {
@@ -1662,17 +1662,15 @@ impl DomainInner {
         }
     }
 
-    /// Moves stale MAPs on with the replies that are in (`got`, or reaped
-    /// now): a failed one is done; a successful one needs a cleanup UNMAP
-    /// (queued here, not kicked) while the domain is attached.
-    fn settle_stale(&self, st: &mut DomainState, mut got: BTreeMap<u64, Reply>) {
+    /// Moves stale MAPs on with the replies that are in: a failed MAP is
+    /// done; a successful one needs a cleanup UNMAP (queued here, not
+    /// kicked) while the domain is attached. Only this takes their replies.
+    fn settle_stale(&self, st: &mut DomainState) {
         if st.stale.is_empty() {
             return;
         }
         let attached = Self::attached(st, self.kind);
-        let mut reply = |seq: u64| {
-            got.remove(&seq).or_else(|| self.port.try_take(&[seq]).and_then(|mut r| r.pop()))
-        };
+        let reply = |seq: u64| self.port.try_take(&[seq]).and_then(|mut r| r.pop());
         let mut keep = Vec::new();
         for mut s in core::mem::take(&mut st.stale) {
             if let StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) = s.step {
@@ -1709,7 +1707,7 @@ impl DomainInner {
     fn drain_stale(&self) -> Result<()> {
         let seqs: Vec<u64> = {
             let mut st = self.state.lock();
-            self.settle_stale(&mut st, BTreeMap::new());
+            self.settle_stale(&mut st);
             st.stale
                 .iter()
                 .filter_map(|s| match s.step {
@@ -1721,9 +1719,8 @@ impl DomainInner {
         if seqs.is_empty() {
             return Ok(());
         }
-        let replies = self.port.wait(&seqs)?;
-        let got = seqs.into_iter().zip(replies).collect();
-        self.settle_stale(&mut self.state.lock(), got);
+        self.port.wait_complete(&seqs)?;
+        self.settle_stale(&mut self.state.lock());
         Ok(())
     }
 
@@ -1731,7 +1728,7 @@ impl DomainInner {
     /// in the replies that have come).
     pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
         let mut st = self.state.lock();
-        self.settle_stale(&mut st, BTreeMap::new());
+        self.settle_stale(&mut st);
         st.stale.iter().any(|s| s.iova <= last && start <= s.last)
     }
 
@@ -1779,7 +1776,7 @@ impl DomainInner {
             }
             first.get_or_insert(e);
         }
-        self.settle_stale(&mut st, BTreeMap::new());
+        self.settle_stale(&mut st);
         match first {
             Some(e) => {
                 self.port.counters().sync_error();

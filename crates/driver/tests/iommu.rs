@@ -583,3 +583,24 @@ fn a_map_that_may_have_been_applied_is_unmapped_before_its_range_is_reused() {
         assert_eq!((c.map, c.unmap, c.syncs), (2, cleanups, 2 + cleanups), "{reply:?}");
     }
 }
+
+#[test]
+fn an_attach_waiting_for_the_device_blocks_no_other_endpoint() {
+    let opts = DriverOptions { timeout: Some(Duration::from_secs(3)), ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let d = iommu.alloc_paging(1).unwrap();
+    let kicks = fake.stats().kicks;
+    fake.set_stalled(true);
+    let i2 = iommu.clone();
+    let attach = std::thread::spawn(move || i2.attach(&d, 1));
+    while fake.stats().kicks == kicks {
+        std::thread::yield_now();
+    }
+    // The ATTACH is on the ring, unanswered; endpoint 2 is still reachable.
+    assert_eq!(iommu.attached_domain(2), None);
+    let region = ResvRegion { start: 0x1000, end: 0x1fff, kind: ResvKind::Direct };
+    iommu.add_reserved_region(2, region);
+    fake.set_stalled(false);
+    attach.join().unwrap().unwrap();
+    assert_eq!(iommu.attached_domain(1), fake.endpoint_domain(1));
+}
