@@ -247,19 +247,132 @@ impl GoodReq {
 
 #[derive(Arbitrary, Debug)]
 enum Action {
-    Good { reqs: Vec<GoodReq> },
-    Chain { descs: Vec<Desc>, payload: Payload, at: u8 },
+    Good {
+        reqs: Vec<GoodReq>,
+    },
+    Chain {
+        descs: Vec<Desc>,
+        payload: Payload,
+        at: u8,
+    },
     KickRequests,
-    EventBuffers { descs: Vec<Desc> },
+    EventBuffers {
+        descs: Vec<Desc>,
+    },
     KickEvents,
-    Translate { ep: u8, iova: u32, len: u16, access: u8 },
-    WriteConfig { offset: u8, data: Vec<u8> },
-    ReadConfig { offset: u8, len: u8 },
-    AvailIdx { q: bool, idx: u16 },
-    UsedEvent { idx: u16 },
-    Raw { readable: Vec<u8>, writable: u16 },
+    Translate {
+        ep: u8,
+        iova: u32,
+        len: u16,
+        access: u8,
+    },
+    WriteConfig {
+        offset: u8,
+        data: Vec<u8>,
+    },
+    ReadConfig {
+        offset: u8,
+        len: u8,
+    },
+    AvailIdx {
+        q: bool,
+        idx: u16,
+    },
+    UsedEvent {
+        idx: u16,
+    },
+    Raw {
+        readable: Vec<u8>,
+        writable: u16,
+    },
     Reset,
     Migrate,
+    /// An indirect table written at `table` (entries may nest tables, loop, point anywhere),
+    /// named by one ring descriptor, possibly behind direct ones.
+    Indirect {
+        entries: Vec<Desc>,
+        payload: Vec<u8>,
+        len_mode: u8,
+        direct: u8,
+        table: u16,
+    },
+    /// The device's own snapshot, edited, restored onto a fresh device.
+    HostileRestore {
+        edits: Vec<StateEdit>,
+    },
+}
+
+/// One edit of a snapshot.
+#[derive(Arbitrary, Debug)]
+enum StateEdit {
+    MappingField { domain: u8, index: u8, field: u8, value: u64 },
+    AddMapping { domain: u8, start: u64, end: u64, phys: u64, flags: u32 },
+    DomainId { domain: u8, id: u32 },
+    DomainBypass { domain: u8 },
+    Endpoints { domain: u8, endpoints: Vec<u32> },
+    CloneDomain { domain: u8, id: u32 },
+    Fault { reason: u8, flags: u32, endpoint: u32, address: u64 },
+    Queue { q: bool, max_size: u16, size: u16, next_avail: u16, next_used: u16, ready: bool },
+    Features { acked: u64 },
+}
+
+impl StateEdit {
+    fn apply(&self, s: &mut DeviceState) {
+        let pick = |n: usize, i: u8| (n > 0).then(|| usize::from(i) % n);
+        match *self {
+            StateEdit::MappingField { domain, index, field, value } => {
+                let Some(d) = pick(s.domains.len(), domain) else { return };
+                let maps = &mut s.domains[d].mappings;
+                let Some(i) = pick(maps.len(), index) else { return };
+                match field % 4 {
+                    0 => maps[i].start = value,
+                    1 => maps[i].end = value,
+                    2 => maps[i].phys = value,
+                    _ => maps[i].flags = value as u32,
+                }
+            }
+            StateEdit::AddMapping { domain, start, end, phys, flags } => {
+                let Some(d) = pick(s.domains.len(), domain) else { return };
+                s.domains[d].mappings.push(viommu_device::Mapping { start, end, phys, flags });
+            }
+            StateEdit::DomainId { domain, id } => {
+                if let Some(d) = pick(s.domains.len(), domain) {
+                    s.domains[d].id = id % 12;
+                }
+            }
+            StateEdit::DomainBypass { domain } => {
+                if let Some(d) = pick(s.domains.len(), domain) {
+                    s.domains[d].bypass ^= true;
+                }
+            }
+            StateEdit::Endpoints { domain, ref endpoints } => {
+                if let Some(d) = pick(s.domains.len(), domain) {
+                    s.domains[d].endpoints = endpoints.iter().take(8).map(|e| e % 10).collect();
+                }
+            }
+            StateEdit::CloneDomain { domain, id } => {
+                if let Some(d) = pick(s.domains.len(), domain) {
+                    let mut c = s.domains[d].clone();
+                    c.id = id % 12;
+                    s.domains.push(c);
+                }
+            }
+            StateEdit::Fault { reason, flags, endpoint, address } => {
+                s.faults.push(viommu_device::PendingFault {
+                    reason: reason % 4,
+                    flags,
+                    endpoint: endpoint % 10,
+                    address,
+                });
+            }
+            StateEdit::Queue { q, max_size, size, next_avail, next_used, ready } => {
+                let qs = &mut s.queues[usize::from(q)];
+                (qs.max_size, qs.size, qs.next_avail, qs.next_used, qs.ready) =
+                    (max_size, size, next_avail, next_used, ready);
+            }
+            StateEdit::Features { acked } => s.acked_features = acked,
+        }
+    }
 }
 
 /// One case's device and driver-side bookkeeping.
@@ -302,6 +415,12 @@ impl Case {
     }
 
     fn push(&mut self, q: usize, descs: &[Desc], at: u16) {
+        self.push_with_len(q, descs, at, u32::MAX);
+    }
+
+    /// Like `push`; a last descriptor naming an indirect table gets length `table_len`
+    /// (`u32::MAX`: as its `Desc` says).
+    fn push_with_len(&mut self, q: usize, descs: &[Desc], at: u16, table_len: u32) {
         let (table, avail, _) = self.ring(q);
         let base = at % self.qsize;
         for (i, d) in descs.iter().take(usize::from(self.qsize)).enumerate() {
@@ -311,7 +430,10 @@ impl Case {
             if i + 1 < descs.len() && d.sequential {
                 flags |= 1;
             }
-            let len = if d.huge { u32::MAX - u32::from(d.len) } else { u32::from(d.len) };
+            let mut len = if d.huge { u32::MAX - u32::from(d.len) } else { u32::from(d.len) };
+            if table_len != u32::MAX && i + 1 == descs.len() {
+                len = table_len;
+            }
             let mut raw = [0u8; 16];
             raw[0..8].copy_from_slice(&d.place.addr().to_le_bytes());
             raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -434,6 +556,80 @@ impl Case {
                 }
                 self.setup();
             }
+            Action::Indirect { entries, payload, len_mode, direct, table } => {
+                let table = DATA + 0x2_0000 + u64::from(table % 0x1000) * 16;
+                let n = entries.len().min(300);
+                for (i, d) in entries.iter().take(n).enumerate() {
+                    let next = if d.sequential { i as u16 + 1 } else { d.next };
+                    let mut flags = u16::from(d.flags & 0x7);
+                    if d.sequential && i + 1 < n {
+                        flags |= 1;
+                    }
+                    let len = if d.huge { u32::MAX - u32::from(d.len) } else { u32::from(d.len) };
+                    let mut raw = [0u8; 16];
+                    raw[0..8].copy_from_slice(&d.place.addr().to_le_bytes());
+                    raw[8..12].copy_from_slice(&len.to_le_bytes());
+                    raw[12..14].copy_from_slice(&flags.to_le_bytes());
+                    raw[14..16].copy_from_slice(&next.to_le_bytes());
+                    let _ = self.mem.write_slice(&raw, GuestAddress(table + 16 * i as u64));
+                }
+                if let Some(d) = entries.first() {
+                    let _ = self.mem.write_slice(&payload, GuestAddress(d.place.addr()));
+                }
+                // Exact, zero, odd, one entry short, or huge table lengths.
+                let len = match len_mode % 5 {
+                    0 => 16 * n as u32,
+                    1 => 0,
+                    2 => 16 * n as u32 + 8,
+                    3 => (16 * n as u32).saturating_sub(16),
+                    _ => 0xffff_fff0,
+                };
+                let rd = DATA + 0x1_0000;
+                let mut ring: Vec<Desc> = (0..direct % 3)
+                    .map(|_| Desc {
+                        place: Place::Anywhere(rd),
+                        len: 20,
+                        huge: false,
+                        flags: 0,
+                        next: 0,
+                        sequential: true,
+                    })
+                    .collect();
+                ring.push(Desc {
+                    place: Place::Anywhere(table),
+                    len: 0,
+                    huge: false,
+                    flags: 4 | (len_mode & 2),
+                    next: 0,
+                    sequential: true,
+                });
+                let at = self.next_desc[0];
+                self.push_with_len(0, &ring, at, len);
+                let _ = self.dev.process_request_queue(&self.mem);
+            }
+            Action::HostileRestore { edits } => {
+                let mut state = self.dev.snapshot();
+                for e in edits.iter().take(8) {
+                    e.apply(&mut state);
+                }
+                let mut dev = VirtioIommu::new(self.cfg.clone()).unwrap();
+                match dev.restore(state) {
+                    Ok(()) => {
+                        // Whatever was accepted is a state the device keeps exactly.
+                        let again = dev.snapshot();
+                        let mut other = VirtioIommu::new(self.cfg.clone()).unwrap();
+                        other.restore(again.clone()).expect("an accepted state restores again");
+                        assert_eq!(other.snapshot(), again, "restore is exact");
+                        self.dev = dev;
+                        TOTALS[5].fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        let i = dev.iommu();
+                        assert_eq!((i.domain_count(), i.pending_faults()), (0, 0), "left reset");
+                        TOTALS[6].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             Action::Migrate => {
                 let state = self.dev.snapshot();
                 let json = serde_json::to_string(&state).unwrap();
@@ -455,7 +651,7 @@ impl Case {
 }
 
 /// Totals over all cases, printed at the end to show how deep the cases reach.
-static TOTALS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static TOTALS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
 
 fn run_case(seed: u64, case: u64) {
     let mut rng = Rng(seed ^ case.wrapping_mul(0x2545_f491_4f6c_dd1d));
@@ -549,6 +745,7 @@ fn main() {
         "fuzz: {} devices, {} requests answered ({} OK), {} malformed chains, {} faults",
         t[4], t[0], t[1], t[2], t[3]
     );
+    println!("fuzz: edited snapshots: {} restored, {} refused", t[5], t[6]);
     println!(
         "fuzz: {case} cases in {:.1} s, seed {seed}: no panic, no hang",
         start.elapsed().as_secs_f64()
