@@ -1316,7 +1316,15 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
                 return Err(e);
             }
         };
-        first_error(&s.counters, &replies[..1])?;
+        if let Err(e) = first_error(&s.counters, &replies[..1]) {
+            if may_have_applied(&e) {
+                // It may be attached after all: detach it to be sure.
+                if let Ok(seq) = s.submit(&detach_req(d.id, endpoint), 0) {
+                    let _ = s.wait_or_abandon(&[seq]);
+                }
+            }
+            return Err(e);
+        }
         if let Err(e) = first_error(&s.counters, &replies[1..]).and(queued) {
             // Undo the attach: the device forgets the domain and its mappings.
             let seq = s.submit(&detach_req(d.id, endpoint), 0)?;
