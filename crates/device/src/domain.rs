@@ -409,6 +409,19 @@ mod tests {
         }
     }
 
+    /// The page index's hash is keyed per map: two maps disagree on where the same granule
+    /// numbers go, so a guest cannot precompute IOVAs that collide in every device.
+    #[test]
+    fn page_hash_is_keyed_per_map() {
+        let (a, b) = (PageHashKeys::default(), PageHashKeys::default());
+        let same = (0..64u64).filter(|&g| a.hash_one(g << 9) == b.hash_one(g << 9)).count();
+        assert_eq!(same, 0);
+        // Aligned granule numbers spread over the low bits that pick a bucket.
+        let buckets: std::collections::HashSet<u64> =
+            (0..1024u64).map(|g| a.hash_one(g << 20) & 1023).collect();
+        assert!(buckets.len() > 500, "{} of 1024 buckets", buckets.len());
+    }
+
     #[test]
     fn overlap_and_lookup_edges() {
         let t = tree(&[(0x1000, 0x1fff)]);
