@@ -249,6 +249,8 @@ struct Workload {
 
 struct Perf {
     secs: f64,
+    /// Of `secs`, the time spent in the DMA layer.
+    dma_secs: f64,
     ios: u64,
     counts: viommu_driver::CounterSnapshot,
     blk_kicks: u64,
@@ -305,6 +307,8 @@ fn run_workload_on(
     let mut inflight: HashMap<u16, (usize, u64, u64)> = HashMap::new();
     let (mut next, mut done) = (0u64, 0u64);
     let mut untimed = Duration::ZERO;
+    // Time inside the DMA layer (map, unmap, flush), syncs included.
+    let mut in_dma = Duration::ZERO;
     let blk_kicks0 = blk.kicks();
     rig.mark(&w.name);
     let before = m.counts();
@@ -317,7 +321,9 @@ fn run_workload_on(
             if c.status != S_OK {
                 return Err(format!("request at {off:#x} failed with status {}", c.status));
             }
+            let t = Instant::now();
             m.complete(handle)?;
+            in_dma += t.elapsed();
             if !write {
                 let t = Instant::now();
                 check_buf(&bufs[b], w, off)?;
@@ -348,7 +354,9 @@ fn run_workload_on(
                 .iter()
                 .map(|&b| RoundBuf { segs: segments(&bufs[b], w), device_writes: !write })
                 .collect();
+            let t = Instant::now();
             let mapped = m.map_round(&rb)?;
+            in_dma += t.elapsed();
             for (&b, mp) in round.iter().zip(mapped) {
                 let off = w.base + next * w.size as u64;
                 let tag = blk.submit(w.op, off, &mp.descs).map_err(|e| e.to_string())?;
@@ -368,10 +376,18 @@ fn run_workload_on(
             }
         }
     }
+    let t = Instant::now();
     m.flush()?;
+    in_dma += t.elapsed();
     let secs = (t0.elapsed().saturating_sub(untimed)).as_secs_f64();
     let counts = m.counts().since(&before);
-    Ok(Perf { secs, ios: n, counts, blk_kicks: blk.kicks() - blk_kicks0 })
+    Ok(Perf {
+        secs,
+        dma_secs: in_dma.as_secs_f64(),
+        ios: n,
+        counts,
+        blk_kicks: blk.kicks() - blk_kicks0,
+    })
 }
 
 /// Reads `[base, base+bytes)` back with 1 MiB requests at QD32 and checks it against `tag`.
@@ -438,8 +454,8 @@ fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &m
                     let mib = bytes as f64 / (1 << 20) as f64;
                     let c = p.counts;
                     println!(
-                        "VG PERF {name} ios={} reqs={} bytes={bytes} secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
-                        p.ios, p.ios, p.secs, mib / p.secs.max(1e-9), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
+                        "VG PERF {name} ios={} reqs={} bytes={bytes} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
+                        p.ios, p.ios, p.secs, p.dma_secs, mib / p.secs.max(1e-9), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
                     );
                     if op == BlkOp::Write {
                         rig.mark(&format!("verify-{name}"));
