@@ -401,3 +401,26 @@ fn fault_notifier_and_event_interrupts() {
     assert_eq!(drv.take_used(1).len(), 2);
     assert_eq!(iommu.pending_faults(), 0);
 }
+
+/// virtio-queue refuses a queue whose available ring sits at guest-physical address 0
+/// (it takes 0 for "not set up"). A driver may legally put it there; the device then fails
+/// loudly (`Err`, so the VMM sets DEVICE_NEEDS_RESET) rather than ignoring the requests.
+/// docs/device.md lists this quirk.
+#[test]
+fn avail_ring_at_address_zero_fails_loudly() {
+    let mem = new_mem();
+    let mut dev = VirtioIommu::new(cfg(&[1])).unwrap();
+    let f = dev.device_features();
+    dev.ack_features(f);
+    let (avail, desc_table, used, req, tail) = (0u64, 0x1000u64, 0x2000u64, 0x3000u64, 0x3100u64);
+    dev.set_queue(0, 16, desc_table, avail, used).unwrap();
+    dev.set_queue(1, 16, 0x4000, 0x5000, 0x6000).unwrap();
+    dev.activate().unwrap();
+    mem.write_slice(&encode(&attach(1, 1)), GuestAddress(req)).unwrap();
+    mem.write_obj(desc(req, 20, F_NEXT, 1), GuestAddress(desc_table)).unwrap();
+    mem.write_obj(desc(tail, 4, F_WRITE, 0), GuestAddress(desc_table + 16)).unwrap();
+    mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    assert!(dev.process_request_queue(&mem).is_err());
+    assert_eq!(dev.iommu().endpoint_domain(1), None);
+}
