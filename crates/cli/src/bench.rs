@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// Never draw the progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Seconds of untimed I/O before the sweep, so that the first cells do
+    /// not pay for idle CPUs waking up.
+    #[arg(long, default_value_t = 0.3)]
+    warmup: f64,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -120,14 +124,27 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let specs = specs(args);
     if let Some(first) = specs.first() {
         println!(
-            "viommu bench: {} cells of {:.2} s, exit cost {} ns per kick, {} CPUs",
+            "viommu bench: {} cells of {:.2} s after {:.1} s of warm-up, exit cost {} ns per kick, {} CPUs",
             specs.len(),
             first.duration.as_secs_f64(),
+            if args.quick { 0.0 } else { args.warmup.clamp(0.0, 10.0) },
             first.exit_cost.as_nanos(),
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
     }
     let mut progress = Progress::new(specs.len(), !args.no_progress);
+    if args.warmup > 0.0 && !args.quick {
+        progress.start("warm-up");
+        let warm = CellSpec {
+            mode: Mode::Best,
+            workload: Workload::Block,
+            io_size: 4096,
+            threads: 1,
+            duration: Duration::from_secs_f64(args.warmup.min(10.0)),
+            exit_cost: Duration::ZERO,
+        };
+        run_cell(&warm).map_err(|e| format!("warm-up: {e}"))?;
+    }
     let mut results = Vec::with_capacity(specs.len());
     for spec in &specs {
         progress.start(&format!(

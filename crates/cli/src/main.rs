@@ -47,6 +47,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: restores the default SIGPIPE action before any thread starts,
+    // so that `viommu bench | head` ends quietly instead of panicking in
+    // println!; no handler is installed.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
