@@ -2,18 +2,27 @@
 //!
 //! [`FakeMemory`] is fake guest-physical memory with a page allocator
 //! ([`FakeHal`]). [`FakeIommu`] is the device: its [`FakeTransport`] plays the
-//! device inside `notify()` (or, in deferred mode, inside `wait_for_used()`,
-//! as if a device thread ran late) by reading the driver's split rings from
-//! the fake memory, parsing requests with `viommu-proto` and keeping a
-//! mapping table. It counts requests and kicks, and can be told to fail the
-//! next requests ([`FakeIommu::inject`]).
+//! device inside `notify()` (or, in deferred mode, inside a wait for used
+//! buffers, as if a device thread ran late) by reading the driver's split
+//! rings from the fake memory, parsing requests with `viommu-proto` and
+//! keeping a mapping table. It counts requests and kicks, and can be told to
+//! fail the next requests ([`FakeIommu::inject`]) or to hold one back
+//! ([`InjectReply::Hold`]).
+//!
+//! Waits go through a [`UsedWaiter`] (no transport lock held), unless the
+//! transport comes from [`FakeIommu::transport_without_waiter`]. Every used
+//! buffer raises an interrupt; with [`FakeIommu::set_blocking_waits`] a wait
+//! blocks until an interrupt its thread has not seen, as on real hardware.
 //!
 //! The real device model lives in `viommu-device`; tests that join both
 //! belong to the crates that may depend on both (`crates/vm`).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use viommu_proto::{
     features as f, write_resv_mem, Config, FaultEvent, Request, RequestType, ResvMem, Status,
@@ -23,7 +32,7 @@ use zerocopy::IntoBytes;
 
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
 use crate::queue::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use crate::transport::{QueueAddrs, Transport};
+use crate::transport::{QueueAddrs, Transport, UsedWaiter};
 
 /// Bus address of the first page of fake memory.
 pub const FAKE_MEM_BASE: u64 = 0x1_0000_0000;
@@ -236,6 +245,10 @@ pub enum InjectReply {
     /// Executes the request, then answers with this status anyway, as a
     /// device that fails after doing the work might (e.g. IOERR).
     AfterApplying(Status),
+    /// Holds the request back: it is neither executed nor returned until
+    /// [`FakeIommu::release_held`], as a device stuck on one request while
+    /// it goes on serving the others would.
+    Hold,
 }
 
 /// Makes the next request of a type (or of any type) fail.
@@ -258,6 +271,9 @@ pub struct FakeStats {
     pub event_kicks: u64,
     /// Requests that could not be parsed or chains that were malformed.
     pub malformed: u64,
+    /// Notifies of the request queue that came while another thread was
+    /// blocked waiting for used buffers.
+    pub kicks_during_waits: u64,
 }
 
 impl FakeStats {
@@ -313,6 +329,79 @@ struct Device {
     deferred: bool,
     stalled: bool,
     reorder: Reorder,
+    /// Requests held back by [`InjectReply::Hold`]: head and chain.
+    held: Vec<(u16, Chain)>,
+    irq: Arc<Irq>,
+}
+
+/// What a request came to.
+enum Outcome {
+    /// Status, properties, and whether to return used length 0.
+    Reply(Status, Vec<u8>, bool),
+    Held,
+}
+
+/// The interrupt line of the fake device: a count and a condition variable.
+#[derive(Default)]
+struct Irq {
+    /// Tells devices apart in the per-thread seen counts.
+    id: usize,
+    count: Mutex<u64>,
+    cond: Condvar,
+    blocking: AtomicBool,
+    /// Threads blocked in a wait right now.
+    blocked: AtomicUsize,
+}
+
+thread_local! {
+    /// Per thread: the interrupt count it last saw, by device.
+    static SEEN: RefCell<HashMap<usize, u64>> = RefCell::new(HashMap::new());
+}
+
+/// Longest a blocking wait lasts without an interrupt.
+const WAIT_LIMIT: Duration = Duration::from_secs(1);
+
+impl Irq {
+    fn raise(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.cond.notify_all();
+    }
+
+    /// Blocks until an interrupt this thread has not seen (one that came
+    /// before the call counts), or until [`WAIT_LIMIT`].
+    fn wait(&self) {
+        let seen = SEEN.with(|s| s.borrow().get(&self.id).copied().unwrap_or(0));
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        if *count == seen {
+            // Counted under the lock, so no interrupt can come between the
+            // count and the sleep.
+            self.blocked.fetch_add(1, Ordering::SeqCst);
+            count = match self.cond.wait_timeout_while(count, WAIT_LIMIT, |c| *c == seen) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+            self.blocked.fetch_sub(1, Ordering::SeqCst);
+        }
+        let now = *count;
+        drop(count);
+        SEEN.with(|s| s.borrow_mut().insert(self.id, now));
+    }
+}
+
+/// One wait for used buffers: a deferred device runs now; then the thread
+/// blocks for an interrupt (blocking waits) or yields.
+fn wait_for_used(dev: &Mutex<Device>, irq: &Irq) {
+    {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if d.deferred && !d.stalled {
+            d.process_requests();
+        }
+    }
+    if irq.blocking.load(Ordering::SeqCst) {
+        irq.wait();
+    } else {
+        std::thread::yield_now();
+    }
 }
 
 /// In which order the fake device executes and returns the requests it finds
@@ -339,7 +428,12 @@ pub struct FakeIommu {
 impl FakeIommu {
     /// A device with `cfg`, with its own fake memory.
     pub fn new(cfg: FakeConfig) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let mem = FakeMemory::new(cfg.mem_pages);
+        let irq = Arc::new(Irq {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed) as usize,
+            ..Default::default()
+        });
         let dev = Device {
             cfg,
             mem: mem.clone(),
@@ -354,6 +448,8 @@ impl FakeIommu {
             deferred: false,
             stalled: false,
             reorder: Reorder::InOrder,
+            held: Vec::new(),
+            irq,
         };
         Self { dev: Arc::new(Mutex::new(dev)), mem }
     }
@@ -362,9 +458,49 @@ impl FakeIommu {
         self.dev.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A transport to this device.
+    /// A transport to this device. The driver waits through its
+    /// [`UsedWaiter`], holding no lock.
     pub fn transport(&self) -> FakeTransport {
-        FakeTransport { dev: self.dev.clone() }
+        FakeTransport { dev: self.dev.clone(), irq: self.lock().irq.clone(), waiter: true }
+    }
+
+    /// A transport without a [`UsedWaiter`]: the driver calls
+    /// [`Transport::wait_for_used`] under its transport lock (the path of
+    /// transports that offer nothing better).
+    pub fn transport_without_waiter(&self) -> FakeTransport {
+        FakeTransport { waiter: false, ..self.transport() }
+    }
+
+    /// Blocking waits: a wait for used buffers blocks until an interrupt
+    /// its thread has not seen yet (at most 1 s), as a guest waiting for an
+    /// interrupt would. Off by default: a wait just yields.
+    pub fn set_blocking_waits(&self, blocking: bool) {
+        self.lock().irq.blocking.store(blocking, Ordering::SeqCst);
+    }
+
+    /// Threads blocked in a wait right now (blocking waits).
+    pub fn blocked_waiters(&self) -> usize {
+        self.lock().irq.blocked.load(Ordering::SeqCst)
+    }
+
+    /// Requests held back by [`InjectReply::Hold`] right now.
+    pub fn held(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    /// Executes and returns the held requests, in the order they came.
+    pub fn release_held(&self) {
+        let mut d = self.lock();
+        for (head, (readable, writable)) in std::mem::take(&mut d.held) {
+            let used_len = match Request::parse(&readable) {
+                Ok(req) => {
+                    let (status, props) = d.execute(req, reply_room(&writable));
+                    d.write_reply(&writable, status, props)
+                }
+                Err(_) => 0,
+            };
+            d.push_used(0, head, used_len);
+        }
     }
 
     /// A HAL over this device's memory.
@@ -457,6 +593,20 @@ impl FakeIommu {
 /// The fake device's transport side.
 pub struct FakeTransport {
     dev: Arc<Mutex<Device>>,
+    irq: Arc<Irq>,
+    waiter: bool,
+}
+
+/// The [`UsedWaiter`] of a [`FakeTransport`].
+struct FakeWaiter {
+    dev: Arc<Mutex<Device>>,
+    irq: Arc<Irq>,
+}
+
+impl UsedWaiter for FakeWaiter {
+    fn wait_for_used(&self, _queue: u16) {
+        wait_for_used(&self.dev, &self.irq);
+    }
 }
 
 impl FakeTransport {
@@ -509,6 +659,9 @@ impl Transport for FakeTransport {
         match queue {
             0 => {
                 d.stats.kicks += 1;
+                if d.irq.blocked.load(Ordering::SeqCst) > 0 {
+                    d.stats.kicks_during_waits += 1;
+                }
                 if !d.deferred && !d.stalled {
                     d.process_requests();
                 }
@@ -544,11 +697,21 @@ impl Transport for FakeTransport {
     }
 
     fn wait_for_used(&mut self, _queue: u16) {
-        let mut d = self.lock();
-        if d.deferred && !d.stalled {
-            d.process_requests();
-        }
+        wait_for_used(&self.dev, &self.irq);
     }
+
+    fn used_waiter(&mut self) -> Option<Box<dyn UsedWaiter>> {
+        self.waiter.then(|| {
+            Box::new(FakeWaiter { dev: self.dev.clone(), irq: self.irq.clone() })
+                as Box<dyn UsedWaiter>
+        })
+    }
+}
+
+/// Bytes of properties a chain's writable buffers leave room for.
+fn reply_room(writable: &[(u64, u32)]) -> usize {
+    let total: u64 = writable.iter().map(|w| w.1 as u64).sum();
+    total.saturating_sub(4) as usize
 }
 
 impl Device {
@@ -641,6 +804,24 @@ impl Device {
         q.used_idx = q.used_idx.wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         self.mem.write_u16(addrs.used + 2, q.used_idx);
+        self.irq.raise();
+    }
+
+    /// Writes the properties and status into a chain's writable buffers and
+    /// returns the used length.
+    fn write_reply(&self, writable: &[(u64, u32)], status: Status, props: Vec<u8>) -> u32 {
+        let room = reply_room(writable);
+        let total: u64 = writable.iter().map(|w| w.1 as u64).sum();
+        let mut out = props;
+        out.resize(room, 0);
+        out.extend_from_slice(&[status as u8, 0, 0, 0]);
+        let mut at = 0usize;
+        for (addr, len) in writable {
+            let end = (at + *len as usize).min(out.len());
+            self.mem.write(*addr, &out[at..end]);
+            at = end;
+        }
+        total as u32
     }
 
     fn process_requests(&mut self) {
@@ -675,20 +856,14 @@ impl Device {
                 used.push((head, 0));
                 continue;
             };
-            let total: u64 = writable.iter().map(|w| w.1 as u64).sum();
-            let (status, props, zero) = self.handle(&readable, total.saturating_sub(4) as usize);
-            let mut out = props;
-            out.resize(total.saturating_sub(4) as usize, 0);
-            out.extend_from_slice(&[status as u8, 0, 0, 0]);
-            let used_len = if zero { 0 } else { total as u32 };
-            if !zero {
-                let mut at = 0usize;
-                for (addr, len) in &writable {
-                    let end = (at + *len as usize).min(out.len());
-                    self.mem.write(*addr, &out[at..end]);
-                    at = end;
+            let used_len = match self.handle(&readable, reply_room(&writable)) {
+                Outcome::Held => {
+                    self.held.push((head, (readable, writable)));
+                    continue;
                 }
-            }
+                Outcome::Reply(_, _, true) => 0,
+                Outcome::Reply(status, props, false) => self.write_reply(&writable, status, props),
+            };
             used.push((head, used_len));
         }
         if self.reorder == Reorder::ReverseCompletion {
@@ -706,12 +881,12 @@ impl Device {
     }
 
     /// Executes one request: status, probe properties, and "used length 0".
-    fn handle(&mut self, bytes: &[u8], props_len: usize) -> (Status, Vec<u8>, bool) {
+    fn handle(&mut self, bytes: &[u8], props_len: usize) -> Outcome {
         let req = match Request::parse(bytes) {
             Ok(r) => r,
             Err(_) => {
                 self.stats.malformed += 1;
-                return (Status::Inval, Vec::new(), true);
+                return Outcome::Reply(Status::Inval, Vec::new(), true);
             }
         };
         let ty = req.request_type();
@@ -722,12 +897,19 @@ impl Device {
                 self.inject[pos].0 -= 1;
             } else {
                 match self.inject.remove(pos).map(|(_, i)| i.reply) {
-                    Some(InjectReply::Status(s)) => return (s, Vec::new(), false),
+                    Some(InjectReply::Status(s)) => return Outcome::Reply(s, Vec::new(), false),
                     Some(InjectReply::AfterApplying(s)) => late = Some(s),
-                    _ => return (Status::IoErr, Vec::new(), true),
+                    Some(InjectReply::Hold) => return Outcome::Held,
+                    _ => return Outcome::Reply(Status::IoErr, Vec::new(), true),
                 }
             }
         }
+        let (status, props) = self.execute(req, props_len);
+        Outcome::Reply(late.unwrap_or(status), props, false)
+    }
+
+    /// Executes one parsed request: its status and PROBE properties.
+    fn execute(&mut self, req: Request, props_len: usize) -> (Status, Vec<u8>) {
         let mut props = Vec::new();
         let status = match req {
             Request::Attach(a) => {
@@ -759,7 +941,7 @@ impl Device {
                 }
             }
         };
-        (late.unwrap_or(status), props, false)
+        (status, props)
     }
 
     fn drop_ep(&mut self, ep: u32) {

@@ -30,7 +30,7 @@ pub use iommu::{
     CounterSnapshot, DeviceInfo, Domain, DomainKind, DriverOptions, FaultRecord, Mapping, Prot,
     ResvKind, ResvRegion, VirtioIommu,
 };
-pub use transport::{QueueAddrs, Transport};
+pub use transport::{QueueAddrs, Transport, UsedWaiter};
 
 use core::fmt;
 use viommu_proto::{ParseError, RequestType, Status};

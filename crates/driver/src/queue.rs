@@ -466,6 +466,10 @@ impl<H: Hal> SplitQueue<H> {
             if self.event_idx {
                 // used_event: interrupt us when the device passes this index.
                 self.write_u16(self.layout.avail + 4 + 2 * self.size as usize, self.last_used);
+                // Before the next look at the used index: otherwise an entry
+                // the device adds meanwhile may see the old used_event and
+                // raise no interrupt, and a thread blocked waiting misses it.
+                fence(Ordering::SeqCst);
             }
             let Some(token) = u16::try_from(id).ok().filter(|&t| t < self.size) else {
                 self.bad_used += 1;

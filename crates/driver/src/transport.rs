@@ -4,6 +4,8 @@
 //! Implementations: the in-process VM (`crates/vm`), Linux userspace over
 //! sysfs PCI (`crates/guest`), and the test fakes in this crate.
 
+use alloc::boxed::Box;
+
 /// Virtio device status bits (virtio 1.2 §2.1).
 pub mod status {
     /// The guest has noticed the device.
@@ -66,4 +68,41 @@ pub trait Transport: Send {
         let _ = queue;
         core::hint::spin_loop();
     }
+    /// A handle that waits for completions without the transport itself,
+    /// asked for once when the driver starts.
+    ///
+    /// The driver serialises calls on the transport, so a thread blocked in
+    /// [`Transport::wait_for_used`] would hold up every other thread's
+    /// [`Transport::notify`]. With a waiter, any number of threads wait at
+    /// once and nobody's kick queues behind a wait. `None` (the default)
+    /// keeps the old path: the driver calls `wait_for_used` only when the
+    /// transport is free, and otherwise yields.
+    fn used_waiter(&mut self) -> Option<Box<dyn UsedWaiter>> {
+        None
+    }
+}
+
+/// Waits for the device to use buffers, shared by all of the driver's
+/// threads (see [`Transport::used_waiter`]).
+///
+/// ```
+/// use viommu_driver::transport::UsedWaiter;
+/// /// Waits by spinning: fine for a device that completes within a notify.
+/// struct Spin;
+/// impl UsedWaiter for Spin {
+///     fn wait_for_used(&self, _queue: u16) {
+///         core::hint::spin_loop();
+///     }
+/// }
+/// Spin.wait_for_used(0);
+/// ```
+pub trait UsedWaiter: Send + Sync {
+    /// Called while a thread polls `queue` for completions, with no driver
+    /// lock held. It may block until the device signals (an interrupt), but
+    /// should return after a short while anyway (the driver checks its
+    /// timeout between calls). The driver re-checks the used ring after
+    /// every return, so spurious returns are fine; a missed interrupt is
+    /// not: one that comes between the driver's last look at the ring and
+    /// this call must still end the wait.
+    fn wait_for_used(&self, queue: u16);
 }

@@ -190,6 +190,7 @@ fn expected(reply: InjectReply, request: RequestType) -> Error {
             Error::Device { request, status }
         }
         InjectReply::UsedLenZero => Error::NoResponse { request, used_len: 0 },
+        InjectReply::Hold => unreachable!("a held request gives no error"),
     }
 }
 

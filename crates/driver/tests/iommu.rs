@@ -197,6 +197,7 @@ fn failed_requests_give_typed_errors_and_roll_back() {
                 Error::Device { request, status }
             }
             InjectReply::UsedLenZero => Error::NoResponse { request, used_len: 0 },
+            InjectReply::Hold => unreachable!("not in this list"),
         };
         // MAP fails: the tree entry goes away.
         fake.inject(Injection { request: Some(RequestType::Map), reply });
@@ -360,12 +361,63 @@ fn fake_device_walks_indirect_tables_and_rejects_bad_ones() {
 
 #[test]
 fn deferred_device_completes_while_driver_waits() {
-    let (fake, iommu) = setup(FakeConfig::default());
-    let d = attached(&iommu, 1);
-    fake.set_deferred(true);
-    d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
-    d.iotlb_sync_map(0x10000, 0x1000).unwrap();
-    assert_eq!(fake.mappings(d.id()).len(), 1);
+    // Through the transport's waiter, and through `wait_for_used` for a
+    // transport without one.
+    for with_waiter in [true, false] {
+        let fake = FakeIommu::new(FakeConfig::default());
+        let t = if with_waiter { fake.transport() } else { fake.transport_without_waiter() };
+        let iommu = VirtioIommu::new(t, fake.hal(), DriverOptions::default()).unwrap();
+        let d = attached(&iommu, 1);
+        fake.set_deferred(true);
+        d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
+        d.iotlb_sync_map(0x10000, 0x1000).unwrap();
+        assert_eq!(fake.mappings(d.id()).len(), 1);
+        assert_eq!(d.unmap_pages(0x10000, 0x1000), Ok(0x1000));
+        d.iotlb_sync().unwrap();
+        assert_eq!(fake.mappings(d.id()), vec![]);
+    }
+}
+
+#[test]
+fn a_sync_kicks_and_completes_while_another_thread_waits_on_a_held_request() {
+    // Issue 3 item 11: no thread waits on a lock held across another
+    // thread's wait. Thread A's MAP is held by the device and A blocks until
+    // an interrupt; thread B's sync must still kick (while A is blocked) and
+    // complete. Waiting under the transport lock, B's kick would queue
+    // behind A's wait.
+    let opts = DriverOptions { timeout: Some(Duration::from_secs(30)), ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let a = attached(&iommu, 1);
+    let b = attached(&iommu, 2);
+    fake.set_blocking_waits(true);
+    fake.inject(Injection { request: Some(RequestType::Map), reply: InjectReply::Hold });
+    let a_id = a.id();
+    let thread_a = std::thread::spawn(move || {
+        a.map_pages(0x10000, 0x8000, 0x1000, RW)?;
+        a.iotlb_sync_map(0x10000, 0x1000)?;
+        Ok::<_, Error>(a)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fake.blocked_waiters() == 0 {
+        assert!(std::time::Instant::now() < deadline, "thread A never blocked in its wait");
+        std::thread::yield_now();
+    }
+    assert_eq!(fake.held(), 1);
+    let before = fake.stats();
+    b.map_pages(0x20000, 0x9000, 0x1000, RW).unwrap();
+    b.iotlb_sync_map(0x20000, 0x1000).unwrap();
+    let after = fake.stats();
+    assert_eq!(after.kicks - before.kicks, 1, "B kicked once");
+    assert_eq!(after.kicks_during_waits - before.kicks_during_waits, 1, "while A was blocked");
+    assert_eq!(fake.mappings(b.id()), tree(&b));
+    // A is still waiting: its MAP has not come back.
+    assert!(!thread_a.is_finished());
+    assert_eq!((fake.held(), fake.mappings(a_id)), (1, vec![]));
+    fake.release_held();
+    let a = thread_a.join().unwrap().unwrap();
+    assert_eq!(fake.mappings(a.id()), tree(&a));
+    assert_eq!(tree(&a).len(), 1);
+    assert_eq!(iommu.counters().timeouts, 0);
 }
 
 #[test]
@@ -465,6 +517,9 @@ fn timed_out_requests_keep_their_ring_slots_until_the_device_answers() {
     assert_eq!(d.stale_ranges(), vec![(0x10000, 0x10fff), (0x20000, 0x20fff)]);
     let c = iommu.counters().since(&before);
     assert_eq!((c.map, c.timeouts, c.sync_errors), (2, 3, 2));
+    // The stalled device never moved avail_event past the first MAP: the
+    // second needed no notify (the device looks again before it stops).
+    assert_eq!((c.kicks, c.kicks_suppressed), (1, 1));
     // The device wakes up: the first MAP lands, the second fails.
     let ioerr =
         Injection { request: Some(RequestType::Map), reply: InjectReply::Status(Status::IoErr) };
@@ -586,7 +641,8 @@ fn a_map_that_may_have_been_applied_is_unmapped_before_its_range_is_reused() {
 
 #[test]
 fn an_attach_waiting_for_the_device_blocks_no_other_endpoint() {
-    let opts = DriverOptions { timeout: Some(Duration::from_secs(3)), ..Default::default() };
+    // A generous bound: only a hang reaches it.
+    let opts = DriverOptions { timeout: Some(Duration::from_secs(60)), ..Default::default() };
     let (fake, iommu) = setup_with(FakeConfig::default(), opts);
     let d = iommu.alloc_paging(1).unwrap();
     let kicks = fake.stats().kicks;

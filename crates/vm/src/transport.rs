@@ -3,6 +3,10 @@
 //! eventfd (as a VMM's ioeventfd), and interrupts come back through a
 //! futex-based broadcast (a condition variable over a per-queue interrupt
 //! count), so that every guest thread waiting for the queue sees each one.
+//!
+//! The driver waits through [`VmTransport`]'s [`UsedWaiter`], which needs no
+//! lock of the driver's: any number of guest threads block on the interrupt
+//! at once, and a kick never queues behind someone's wait.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use viommu_driver::transport::status;
-use viommu_driver::{QueueAddrs, Transport};
+use viommu_driver::{QueueAddrs, Transport, UsedWaiter};
 use vm_memory::GuestMemoryMmap;
 
 use crate::notify::EventNotifier;
@@ -21,17 +25,11 @@ use crate::ram::GuestRam;
 /// Most queues a backend may have (bits of the pending-kick mask).
 pub const MAX_QUEUES: usize = 8;
 
-/// How long one completion wait blocks before returning to the driver, which
-/// re-polls and calls again. The driver holds its transport lock during the
-/// wait, and `notify` needs that lock: short slices let other guest threads
-/// kick in between.
-const WAIT_SLICE: Duration = Duration::from_micros(20);
-/// How long a thread may wait without an interrupt before the I/O thread is
-/// made to look at the queue anyway. Every completion that needs an
-/// interrupt raises one, so this only ends a stall: the waiter's request
-/// rode on another thread's kick (EVENT_IDX) that is held up behind the
-/// waiter's own hold on the driver's transport lock.
-const STALL_LIMIT: Duration = Duration::from_micros(200);
+/// Longest one completion wait blocks without an interrupt before it
+/// returns to the driver, which re-polls, checks its own timeout and calls
+/// again. Every completion that needs an interrupt raises one, so this is
+/// only a bound (counted in [`LinkCounts::wait_timeouts`]).
+const WAIT_LIMIT: Duration = Duration::from_millis(1);
 
 /// What the transport needs from a device model, register by register, as a
 /// virtio-mmio or virtio-pci transport in a VMM would.
@@ -117,8 +115,9 @@ pub struct LinkCounts {
     pub interrupts: [u64; MAX_QUEUES],
     /// Times the device thread woke up (kicks may fold into one wakeup).
     pub wakeups: u64,
-    /// Completion waits that ended by timeout rather than by interrupt; each
-    /// made the I/O thread look at the queue without a guest kick.
+    /// Completion waits that ended at their time limit (1 ms) rather than
+    /// by an interrupt. Nothing is done about them: the driver looks at the
+    /// ring and waits again.
     pub wait_timeouts: u64,
     /// Queue-processing errors reported by the device.
     pub device_errors: u64,
@@ -272,9 +271,6 @@ struct Interrupts {
 thread_local! {
     /// Per guest thread: the interrupt count it last saw, by (link, queue).
     static SEEN: RefCell<HashMap<(usize, usize), u64>> = RefCell::new(HashMap::new());
-    /// Per guest thread: since when it has waited without an interrupt, and
-    /// when it last came to wait (a gap starts a new wait).
-    static STALL: std::cell::Cell<Option<(Instant, Instant)>> = const { std::cell::Cell::new(None) };
 }
 
 impl Interrupts {
@@ -416,29 +412,31 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
     }
 
     fn wait_for_used(&mut self, queue: u16) {
-        let q = queue as usize % MAX_QUEUES;
-        let key = self.shared.id;
-        let entry = Instant::now();
-        if self.shared.irq.wait(key, q, WAIT_SLICE) {
-            STALL.with(|s| s.set(None));
-            return;
-        }
-        let now = Instant::now();
-        let since = match STALL.with(|s| s.get()) {
-            // The driver came straight back from the previous slice: the
-            // same wait goes on.
-            Some((since, last)) if entry.duration_since(last) < 4 * WAIT_SLICE => since,
-            _ => entry,
-        };
-        STALL.with(|s| s.set(Some((since, now))));
-        if now.duration_since(since) >= STALL_LIMIT {
-            STALL.with(|s| s.set(Some((now, now))));
-            self.shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-            // Have the I/O thread look at the queue (counted apart, not as a
-            // guest kick).
-            self.shared.pending.fetch_or(1 << q, Ordering::AcqRel);
-            self.shared.kick.signal();
-        }
+        wait_for_interrupt(&self.shared, queue);
+    }
+
+    fn used_waiter(&mut self) -> Option<Box<dyn UsedWaiter>> {
+        Some(Box::new(VmWaiter { shared: self.shared.clone() }))
+    }
+}
+
+/// Blocks until `queue` has an interrupt this thread has not seen (one that
+/// came before the call counts), or for at most [`WAIT_LIMIT`].
+fn wait_for_interrupt<B>(shared: &Shared<B>, queue: u16) {
+    let q = queue as usize % MAX_QUEUES;
+    if !shared.irq.wait(shared.id, q, WAIT_LIMIT) {
+        shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The driver's [`UsedWaiter`]: waits for the interrupt with no lock held.
+struct VmWaiter<B> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: VirtioBackend> UsedWaiter for VmWaiter<B> {
+    fn wait_for_used(&self, queue: u16) {
+        wait_for_interrupt(&self.shared, queue);
     }
 }
 
@@ -550,17 +548,39 @@ mod tests {
     }
 
     #[test]
-    fn a_wait_without_interrupt_times_out_and_has_the_queue_looked_at() {
+    fn a_wait_without_interrupt_returns_at_its_limit_and_wakes_nobody() {
         let (link, processed, _) = link(|_| Ok(false));
         let mut t = link.transport();
+        let waiter = t.used_waiter().expect("the VM transport has a waiter");
         let start = Instant::now();
-        while link.stats().wait_timeouts == 0 {
-            t.wait_for_used(0);
+        t.wait_for_used(0);
+        waiter.wait_for_used(0);
+        // Condvar timeouts never end early.
+        assert!(start.elapsed() >= 2 * WAIT_LIMIT);
+        let s = link.stats();
+        assert_eq!((s.wait_timeouts, s.kicks[0], s.wakeups), (2, 0, 0));
+        assert_eq!(processed.load(Ordering::Relaxed), 0, "the device was not made to look");
+    }
+
+    #[test]
+    fn an_interrupt_ends_the_wait_of_every_thread_that_has_not_seen_it() {
+        let (link, _, _) = link(|_| Ok(true));
+        let mut t = link.transport();
+        let waiter: Arc<dyn UsedWaiter> = t.used_waiter().unwrap().into();
+        t.notify(0);
+        wait_until(|| link.stats().interrupts[0] == 1);
+        // One interrupt, three waiting threads (and no lock between them):
+        // each returns on it, none at the time limit.
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let w = waiter.clone();
+                std::thread::spawn(move || w.wait_for_used(0))
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
         }
-        assert!(start.elapsed() >= STALL_LIMIT, "only after the stall limit");
-        assert_eq!(link.stats().wait_timeouts, 1);
-        wait_until(|| processed.load(Ordering::Relaxed) == 1);
-        assert_eq!(link.stats().kicks[0], 0, "not counted as a guest kick");
+        assert_eq!(link.stats().wait_timeouts, 0);
     }
 
     #[test]
