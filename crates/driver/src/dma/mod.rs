@@ -434,20 +434,27 @@ impl DmaDomain {
         self.release(&[(base, size)])
     }
 
-    fn sg_maps(&self, segs: &[(u64, usize)], dir: DmaDirection) -> Result<(Vec<Run>, u64)> {
-        let runs = merge_segments(segs);
+    /// The physically contiguous runs of `segs` and their total mapped size,
+    /// in one pass (no intermediate list).
+    fn sg_runs(&self, segs: &[(u64, usize)]) -> Result<(Vec<Run>, u64)> {
+        let mut runs: Vec<Run> = Vec::with_capacity(segs.len());
+        let mut end = u64::MAX; // physical end of the last run
+        for &(p, l) in segs.iter().filter(|s| s.1 > 0) {
+            match runs.last_mut() {
+                Some(r) if end == p => r.len += l,
+                _ => runs.push(Run { base: p, off: 0, size: 0, len: l }),
+            }
+            end = p.wrapping_add(l as u64);
+        }
         if runs.is_empty() {
             return Err(Error::InvalidArgument("empty scatter-gather list"));
         }
-        let mut out = Vec::with_capacity(runs.len());
         let mut total = 0u64;
-        for (p, l) in runs {
-            let (base, off, size) = self.span(p, l)?;
-            out.push(Run { base, off, size, len: l });
-            total += size;
+        for r in &mut runs {
+            (r.base, r.off, r.size) = self.span(r.base, r.len)?;
+            total += r.size;
         }
-        let _ = dir;
-        Ok((out, total))
+        Ok((runs, total))
     }
 
     /// Maps a scatter-gather list of `(paddr, len)` with one sync, into one
@@ -460,9 +467,10 @@ impl DmaDomain {
                 .collect();
             return Ok(SgMapping { segments, iova: 0, size: 0 });
         }
-        let (runs, total) = self.sg_maps(segs, dir)?;
+        let (runs, total) = self.sg_runs(segs)?;
         let iova = self.alloc(total)?;
-        let (maps, segments) = place_runs(iova, &runs, dir.prot());
+        let mut maps = Vec::with_capacity(runs.len());
+        let segments = place_runs(iova, &runs, dir.prot(), &mut maps);
         self.map_synced(&maps, &[(iova, total)])?;
         Ok(SgMapping { segments, iova, size: total })
     }
@@ -719,17 +727,18 @@ impl Drop for DmaDomain {
     }
 }
 
-/// Lays runs out back to back from `iova`: the MAPs and the device's segments.
-fn place_runs(iova: u64, runs: &[Run], prot: Prot) -> (Vec<Mapping>, Vec<DmaSegment>) {
+/// Lays runs out back to back from `iova`: appends their MAPs to `maps`,
+/// returns the device's segments.
+fn place_runs(iova: u64, runs: &[Run], prot: Prot, maps: &mut Vec<Mapping>) -> Vec<DmaSegment> {
     let mut at = iova;
-    let mut maps = Vec::with_capacity(runs.len());
+    maps.reserve(runs.len());
     let mut segs = Vec::with_capacity(runs.len());
     for &Run { base, off, size, len } in runs {
         maps.push(Mapping { iova: at, last: at + (size - 1), paddr: base, prot });
         segs.push(DmaSegment { addr: at + off, len });
         at += size;
     }
-    (maps, segs)
+    segs
 }
 
 /// The buffers of one I/O, mapped with one sync at [`Self::commit`].
@@ -777,12 +786,10 @@ impl DmaBatch<'_> {
                 .map(|(addr, len)| DmaSegment { addr, len })
                 .collect());
         }
-        let (runs, total) = dma.sg_maps(segs, dir)?;
+        let (runs, total) = dma.sg_runs(segs)?;
         let iova = dma.alloc(total)?;
         self.allocs.push((iova, total));
-        let (maps, segments) = place_runs(iova, &runs, dir.prot());
-        self.maps.extend(maps);
-        Ok(segments)
+        Ok(place_runs(iova, &runs, dir.prot(), &mut self.maps))
     }
 
     /// Sends every MAP of the batch and syncs once. On failure everything
