@@ -456,12 +456,12 @@ struct ReqQueue<H: Hal> {
     slots: DmaRegion,
     free_slots: Vec<u16>,
     inflight: Vec<Option<Inflight>>,
-    /// Replies by ticket, until their owner takes them.
-    done: BTreeMap<u64, Reply>,
+    /// Replies by ticket, sorted, until their owner takes them. Replies
+    /// mostly come in ticket order and leave in batches, so a sorted list
+    /// (pushed at the end, taken in one pass) beats a map.
+    done: Vec<(u64, Reply)>,
     /// Tickets whose waiter gave up: their replies are dropped on arrival.
     abandoned: BTreeSet<u64>,
-    /// Tickets on the ring (not yet returned by the device).
-    outstanding: BTreeSet<u64>,
     next_seq: u64,
     /// Requests made available but not yet covered by a notify.
     unkicked: u64,
@@ -487,9 +487,8 @@ impl<H: Hal> ReqQueue<H> {
             slots,
             free_slots: (0..nslots).rev().collect(),
             inflight,
-            done: BTreeMap::new(),
+            done: Vec::new(),
             abandoned: BTreeSet::new(),
-            outstanding: BTreeSet::new(),
             next_seq: 0,
             unkicked: 0,
         })
@@ -528,7 +527,6 @@ impl<H: Hal> ReqQueue<H> {
                 }
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.outstanding.insert(seq);
                 self.inflight[head as usize] =
                     Some(Inflight { seq, request: req.request_type(), buf });
                 Ok(Some(seq))
@@ -570,19 +568,60 @@ impl<H: Hal> ReqQueue<H> {
             }
             let result = reply_result(inf.request, used.len, tail[0]);
             self.release(inf.buf);
-            self.outstanding.remove(&inf.seq);
             if !self.abandoned.remove(&inf.seq) {
-                self.done.insert(inf.seq, Reply { result, props });
+                let reply = (inf.seq, Reply { result, props });
+                match self.done.last() {
+                    Some(&(last, _)) if last > inf.seq => {
+                        let at = self.done.partition_point(|(s, _)| *s < inf.seq);
+                        self.done.insert(at, reply);
+                    }
+                    _ => self.done.push(reply),
+                }
             }
         }
     }
 
+    /// Tickets on the ring (not yet returned by the device), sorted. Found
+    /// from the descriptors rather than kept in a set: only the rare waits
+    /// for completion need it, and a set costs every request an insert and
+    /// a remove.
+    fn outstanding(&self) -> Vec<u64> {
+        let mut live: Vec<u64> = self.inflight.iter().flatten().map(|i| i.seq).collect();
+        live.sort_unstable();
+        live
+    }
+
     /// Takes the replies of `seqs` if all are in.
     fn take(&mut self, seqs: &[u64]) -> Option<Vec<Reply>> {
-        if !seqs.iter().all(|s| self.done.contains_key(s)) {
+        let find = |done: &[(u64, Reply)], s: &u64| done.binary_search_by_key(s, |r| r.0);
+        if !seqs.iter().all(|s| find(&self.done, s).is_ok()) {
             return None;
         }
-        Some(seqs.iter().filter_map(|s| self.done.remove(s)).collect())
+        if self.done.len() == seqs.len() && self.done.iter().map(|r| &r.0).eq(seqs) {
+            // Common case: exactly these replies are in, in ticket order.
+            return Some(self.done.drain(..).map(|(_, r)| r).collect());
+        }
+        if seqs.is_sorted() {
+            // Ascending tickets (one batch): split the list in one pass.
+            let mut want = seqs.iter().peekable();
+            let mut out = Vec::with_capacity(seqs.len());
+            let mut keep = Vec::with_capacity(self.done.len() - seqs.len());
+            for (s, r) in self.done.drain(..) {
+                match want.next_if_eq(&&s) {
+                    Some(_) => out.push(r),
+                    None => keep.push((s, r)),
+                }
+            }
+            self.done = keep;
+            return Some(out);
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Ok(i) = find(&self.done, s) {
+                out.push(self.done.remove(i).1);
+            }
+        }
+        Some(out)
     }
 }
 
@@ -815,19 +854,27 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     }
 
     fn wait_complete(&self, seqs: &[u64]) -> Result<()> {
-        self.sync_until(|q| seqs.iter().all(|s| !q.outstanding.contains(s)).then_some(()))
+        self.sync_until(|q| {
+            let live = q.outstanding();
+            seqs.iter().all(|s| live.binary_search(s).is_err()).then_some(())
+        })
     }
 
     fn outstanding(&self, seqs: &[u64]) -> Vec<u64> {
         let mut q = self.req.lock();
         q.reap();
-        seqs.iter().copied().filter(|s| q.outstanding.contains(s)).collect()
+        let live = q.outstanding();
+        seqs.iter().copied().filter(|s| live.binary_search(s).is_ok()).collect()
     }
 
     fn abandon(&self, seqs: &[u64]) {
         let mut q = self.req.lock();
         for &seq in seqs {
-            if q.done.remove(&seq).is_none() && seq < q.next_seq {
+            let taken = match q.done.binary_search_by_key(&seq, |r| r.0) {
+                Ok(i) => Some(q.done.remove(i)),
+                Err(_) => None,
+            };
+            if taken.is_none() && seq < q.next_seq {
                 q.abandoned.insert(seq);
             }
         }
@@ -2007,15 +2054,32 @@ impl Domain {
         for m in maps {
             d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
         }
-        let ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.iova, m.last)).collect();
-        let mut st = d.lock_after(&ranges, true)?;
-        for m in maps {
-            if let Some(iova) = st.overlap(m.iova, m.last) {
+        // Touching maps (a scatter-gather list laid out back to back) form
+        // one range: one overlap check instead of one per MAP.
+        let mut ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.iova, m.last)).collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(prev) if s <= prev.1 => return Err(Error::Overlap { iova: s }),
+                Some(prev) if s == prev.1 + 1 => prev.1 = e,
+                _ => merged.push((s, e)),
+            }
+        }
+        let mut st = d.lock_after(&merged, true)?;
+        for &(s, e) in &merged {
+            if let Some(iova) = st.overlap(s, e) {
                 return Err(Error::Overlap { iova });
             }
         }
-        for m in maps {
-            st.tree.insert(m.iova, *m);
+        if maps.len() * 4 >= st.tree.len() {
+            // Few mappings so far: one bulk merge beats a search per insert.
+            let mut add: BTreeMap<u64, Mapping> = maps.iter().map(|m| (m.iova, *m)).collect();
+            st.tree.append(&mut add);
+        } else {
+            for m in maps {
+                st.tree.insert(m.iova, *m);
+            }
         }
         if !DomainInner::attached(&st, d.kind) {
             return Ok(Vec::new());
@@ -2069,12 +2133,27 @@ impl Domain {
                 Some(m) if m.iova < s => return Err(Error::WouldSplit { iova: m.iova }),
                 _ => {}
             }
-            if let Some(m) = st.intersecting(s, e).last().filter(|m| m.last > e) {
+            // The last mapping starting in the range (the first was checked).
+            if let Some((_, m)) = st.tree.range(s..=e).next_back().filter(|(_, m)| m.last > e) {
                 return Err(Error::WouldSplit { iova: m.iova });
             }
         }
+        // Checked: every mapping in a range lies wholly inside it, so
+        // removing the keys in it removes exactly those.
         for &(s, e) in ranges {
-            st.remove_range(s, e)?;
+            let n = st.tree.range(s..=e).count();
+            if n * 4 >= st.tree.len() {
+                // Most of the tree (a scatter-gather list): cut it out
+                // whole rather than rebalance once per mapping.
+                let mut mid = st.tree.split_off(&s);
+                let mut right = mid.split_off(&(e + 1));
+                st.tree.append(&mut right);
+            } else {
+                let keys: Vec<u64> = st.tree.range(s..=e).map(|(&k, _)| k).collect();
+                for k in keys {
+                    st.tree.remove(&k);
+                }
+            }
         }
         Ok(())
     }
