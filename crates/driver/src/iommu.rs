@@ -593,13 +593,13 @@ impl<H: Hal> ReqQueue<H> {
 
     /// Takes the replies of `seqs` if all are in.
     fn take(&mut self, seqs: &[u64]) -> Option<Vec<Reply>> {
-        let find = |done: &[(u64, Reply)], s: &u64| done.binary_search_by_key(s, |r| r.0);
-        if !seqs.iter().all(|s| find(&self.done, s).is_ok()) {
-            return None;
-        }
         if self.done.len() == seqs.len() && self.done.iter().map(|r| &r.0).eq(seqs) {
             // Common case: exactly these replies are in, in ticket order.
             return Some(self.done.drain(..).map(|(_, r)| r).collect());
+        }
+        let find = |done: &[(u64, Reply)], s: &u64| done.binary_search_by_key(s, |r| r.0);
+        if !seqs.iter().all(|s| find(&self.done, s).is_ok()) {
+            return None;
         }
         if seqs.is_sorted() {
             // Ascending tickets (one batch): split the list in one pass.
@@ -2055,8 +2055,15 @@ impl Domain {
             d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
         }
         // Touching maps (a scatter-gather list laid out back to back) form
-        // one range: one overlap check instead of one per MAP.
-        let mut ranges: Vec<(u64, u64)> = maps.iter().map(|m| (m.iova, m.last)).collect();
+        // one range: one overlap check instead of one per MAP. Runs are
+        // merged in order first, so only a few of them need sorting.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for m in maps {
+            match ranges.last_mut() {
+                Some(prev) if prev.1.checked_add(1) == Some(m.iova) => prev.1 = m.last,
+                _ => ranges.push((m.iova, m.last)),
+            }
+        }
         ranges.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
         for (s, e) in ranges {
