@@ -314,7 +314,10 @@ fn iovas_avoid_reserved_regions_and_recover_from_exhaustion() {
 /// detaches its endpoints (sometimes all of them). Once quiet, the driver's
 /// tree equals the device's mappings.
 fn stress(policy: Policy, deferred: bool) {
-    let (fake, iommu) = setup(FakeConfig::default());
+    // Any interleaving must work; the driver's timeout only ends a hang
+    // (5 s could pass on a loaded machine while a waiter is not scheduled).
+    let opts = DriverOptions { timeout: Some(Duration::from_secs(60)), ..Default::default() };
+    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
     let d = attached(&iommu, 1);
     let resv = iommu.reserved_regions(1).unwrap();
     let opts = DmaOptions {

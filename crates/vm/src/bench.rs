@@ -145,7 +145,7 @@ pub struct CellSpec {
     pub io_size: usize,
     /// Guest threads issuing I/O at once.
     pub threads: usize,
-    /// How long the timed part runs.
+    /// How long the timed part runs (each thread does at least one I/O).
     pub duration: Duration,
     /// Extra delay per kick (the VM-exit cost model).
     pub exit_cost: Duration,
@@ -184,8 +184,8 @@ pub struct CellResult {
     pub data_errors: u64,
     /// Translation faults (must be 0 in a benchmark).
     pub faults: u64,
-    /// Completion waits that timed out and had the I/O thread look at the
-    /// queue without a kick (see [`crate::LinkCounts::wait_timeouts`]).
+    /// Completion waits that reached their time limit without an interrupt
+    /// (see [`crate::LinkCounts::wait_timeouts`]).
     pub wait_timeouts: u64,
 }
 
@@ -277,9 +277,13 @@ struct ThreadTally {
 /// })
 /// .unwrap();
 /// assert!(r.ios > 0 && r.data_errors == 0);
-/// // Header+status page and 4 data pages: 5 MAPs, about one kick per I/O.
+/// // Header+status page and 4 data pages: 5 MAPs per I/O.
 /// assert_eq!(r.map_requests, 5 * r.ios);
-/// assert!(r.kicks_per_io() < 2.0); // 1, plus the final flush and timer flushes
+/// // One sync per I/O, plus the flush timer's and the final flush; each
+/// // kicks at most once. (Kicks per I/O depend on timing: see
+/// // tests/counts.rs for exact counts on a controlled clock.)
+/// assert!(r.kicks <= r.syncs);
+/// println!("{:.2} kicks per I/O", r.kicks_per_io());
 /// ```
 pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
     if spec.threads == 0 || spec.io_size == 0 {
@@ -337,7 +341,8 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         let base = (t as u64) << 21;
                         let deadline = Instant::now() + spec.duration;
                         let mut i = 0u64;
-                        while Instant::now() < deadline {
+                        // At least one I/O per thread, however late it got to run.
+                        while i == 0 || Instant::now() < deadline {
                             let t0 = Instant::now();
                             let sector = base + (i * sectors) % (1 << 21);
                             let out =
@@ -359,7 +364,8 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         barrier.wait();
                         let mut guest = setup?;
                         let deadline = Instant::now() + spec.duration;
-                        while Instant::now() < deadline {
+                        // At least one round per thread, however late it got to run.
+                        while tally.ios == 0 || Instant::now() < deadline {
                             let t0 = Instant::now();
                             guest.round(&mut *dma, &mut dev)?;
                             tally.lat.record(t0.elapsed());

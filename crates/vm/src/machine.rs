@@ -1,6 +1,7 @@
 //! The VM assembled: guest RAM, the device on its I/O thread, the driver
 //! over the in-process transport, and one endpoint's domain per mode.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use viommu_device::{DeviceConfig, EndpointConfig, Iommu, ResvRegion, VirtioIommu as Device};
@@ -46,6 +47,11 @@ pub struct MachineCounts {
     pub requests: u64,
     /// Request-queue kicks (transport notifications of queue 0).
     pub kicks: u64,
+    /// Batches of requests the driver made available without a kick,
+    /// because EVENT_IDX said the device was still at work on the ring
+    /// (it finds them before it stops). Depends on the I/O thread's
+    /// progress; `kicks + kicks_suppressed` does not.
+    pub kicks_suppressed: u64,
     /// Syncs the driver performed.
     pub syncs: u64,
     /// Exit delay injected, in ns.
@@ -53,11 +59,18 @@ pub struct MachineCounts {
     /// Flush-queue flushes the DMA layer made because an entry timed out
     /// (each may cost a kick of its own).
     pub timeout_flushes: u64,
-    /// Completion waits that timed out (see [`crate::LinkCounts::wait_timeouts`]).
+    /// Completion waits that reached their time limit without an interrupt
+    /// (see [`crate::LinkCounts::wait_timeouts`]).
     pub wait_timeouts: u64,
 }
 
 impl MachineCounts {
+    /// Batches of requests the driver made available, kicked or not
+    /// (`kicks + kicks_suppressed`).
+    pub fn batches(&self) -> u64 {
+        self.kicks + self.kicks_suppressed
+    }
+
     /// The counts since `earlier`.
     pub fn since(&self, earlier: &MachineCounts) -> MachineCounts {
         MachineCounts {
@@ -65,6 +78,7 @@ impl MachineCounts {
             unmap_requests: self.unmap_requests - earlier.unmap_requests,
             requests: self.requests - earlier.requests,
             kicks: self.kicks - earlier.kicks,
+            kicks_suppressed: self.kicks_suppressed - earlier.kicks_suppressed,
             syncs: self.syncs - earlier.syncs,
             exit_injected_ns: self.exit_injected_ns - earlier.exit_injected_ns,
             timeout_flushes: self.timeout_flushes - earlier.timeout_flushes,
@@ -88,6 +102,35 @@ pub fn device_config(endpoint: u32) -> DeviceConfig {
 /// scattered I/O fit one batch.
 pub fn driver_options() -> DriverOptions {
     DriverOptions { request_queue_size: 1024, ..DriverOptions::default() }
+}
+
+/// How a [`Machine`]'s guest keeps time.
+#[derive(Clone, Debug)]
+pub struct MachineOptions {
+    /// Runs the guest's flush-queue timer thread, which calls
+    /// [`DmaDomain::tick`] every 2 ms. Without it, only the code that drives
+    /// the VM ticks.
+    pub timer: bool,
+    /// The DMA layer's clock: `None` for the monotonic clock, or a clock
+    /// that moves only when told.
+    pub clock: Option<Arc<ManualClock>>,
+}
+
+impl Default for MachineOptions {
+    /// The timer thread and the monotonic clock, as a running guest.
+    fn default() -> Self {
+        Self { timer: true, clock: None }
+    }
+}
+
+impl MachineOptions {
+    /// No timer thread and a [`ManualClock`] standing at 0: lazy flush
+    /// queues flush only when full, on [`DmaDomain::flush`], or on a
+    /// [`DmaDomain::tick`] after the test moved the clock. Counts then do
+    /// not depend on how fast the machine runs.
+    pub fn deterministic() -> Self {
+        Self { timer: false, clock: Some(Arc::new(ManualClock::default())) }
+    }
 }
 
 /// The running VM. Fields drop in order: driver state first, the device's
@@ -138,6 +181,34 @@ impl Machine {
         endpoint: u32,
         mode: Mode,
     ) -> Result<Self, MachineError> {
+        Self::with_options(ram, cfg, endpoint, mode, MachineOptions::default())
+    }
+
+    /// As [`Machine::with_config`], with a chosen timer and clock.
+    ///
+    /// ```
+    /// use viommu_vm::machine::{device_config, Machine, MachineOptions};
+    /// use viommu_vm::{bench::Mode, GuestRam};
+    /// let opts = MachineOptions::deterministic();
+    /// let clock = opts.clock.clone().unwrap();
+    /// let ram = GuestRam::new(8 << 20).unwrap();
+    /// let m = Machine::with_options(ram, device_config(8), 8, Mode::Lazy, opts).unwrap();
+    /// let dma = m.dma().unwrap();
+    /// let iova = dma.map_single(0x20000, 512, viommu_driver::DmaDirection::ToDevice).unwrap();
+    /// dma.unmap_single(iova, 512, viommu_driver::DmaDirection::ToDevice).unwrap();
+    /// dma.tick().unwrap(); // the clock has not moved: the UNMAP waits in its queue
+    /// assert_eq!(m.counts().unmap_requests, 0);
+    /// clock.advance(10_000_000); // the lazy timeout, 10 ms
+    /// dma.tick().unwrap();
+    /// assert_eq!((m.counts().unmap_requests, m.counts().timeout_flushes), (1, 1));
+    /// ```
+    pub fn with_options(
+        ram: Arc<GuestRam>,
+        cfg: DeviceConfig,
+        endpoint: u32,
+        mode: Mode,
+        opts: MachineOptions,
+    ) -> Result<Self, MachineError> {
         let device = Device::new(cfg)?;
         let iommu = device.iommu();
         let link = DeviceLink::start(device, ram.clone())?;
@@ -151,19 +222,19 @@ impl Machine {
         if let Some(d) = &domain {
             driver.attach(d, endpoint)?;
         }
+        let MachineOptions { timer, clock } = opts;
         let dma = match (&domain, dma_options(mode)) {
-            (Some(d), Some(opts)) => {
+            (Some(d), Some(dma_opts)) => {
                 let resv = driver.reserved_regions(endpoint)?;
-                Some(Arc::new(DmaDomain::new(
-                    d.clone(),
-                    &resv,
-                    opts,
-                    Arc::new(VmPlatform::default()),
-                )?))
+                let platform: Arc<dyn DmaPlatform> = match &clock {
+                    Some(c) => c.clone(),
+                    None => Arc::new(VmPlatform::default()),
+                };
+                Some(Arc::new(DmaDomain::new(d.clone(), &resv, dma_opts, platform)?))
             }
             _ => None,
         };
-        let timer = dma.as_ref().map(|d| Timer::start(d.clone()));
+        let timer = dma.as_ref().filter(|_| timer).map(|d| Timer::start(d.clone()));
         Ok(Self { _timer: timer, dma, domain, driver, iommu, endpoint, mode, link, ram })
     }
 
@@ -221,6 +292,7 @@ impl Machine {
             unmap_requests: req(RequestType::Unmap),
             requests: dev.requests.iter().sum(),
             kicks: link.kicks[0],
+            kicks_suppressed: drv.kicks_suppressed,
             syncs: drv.syncs,
             exit_injected_ns: self.link.exit_cost().injected().as_nanos() as u64,
             timeout_flushes: drv.flushes_timeout,
@@ -260,6 +332,30 @@ thread_local! {
 /// IOVA cache and flush queue).
 pub fn set_guest_cpu(cpu: usize) {
     GUEST_CPU.with(|c| c.set(cpu));
+}
+
+/// A clock for the DMA layer that moves only by [`ManualClock::advance`],
+/// with the CPU number set by [`set_guest_cpu`].
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now_ns: AtomicU64,
+}
+
+impl ManualClock {
+    /// Moves the clock on by `ns` nanoseconds.
+    pub fn advance(&self, ns: u64) {
+        self.now_ns.fetch_add(ns, Ordering::SeqCst);
+    }
+}
+
+impl DmaPlatform for ManualClock {
+    fn now_ns(&self) -> u64 {
+        self.now_ns.load(Ordering::SeqCst)
+    }
+
+    fn cpu_id(&self) -> usize {
+        GUEST_CPU.with(|c| c.get())
+    }
 }
 
 /// Clock and CPU number for the DMA layer: the monotonic clock and the

@@ -1,4 +1,7 @@
 //! Every benchmark mode moves checked data, with exact request counts.
+//! Cells run for a wall-clock time, so how many I/Os they do, and how many
+//! kicks the flush timer and EVENT_IDX add or save, depend on the machine's
+//! load: the assertions hold for any number of I/Os and any interleaving.
 
 use std::time::Duration;
 
@@ -43,9 +46,12 @@ fn every_mode_runs_both_workloads_with_checked_data() {
             // Every MAP gets its UNMAP by the end (the final flush included),
             // unless coalescing merged UNMAPs.
             assert!(b.map_requests > 0 && n.map_requests > 0, "{mode}");
+            // Every kick belongs to a sync (a 4 KiB I/O never fills the ring).
+            assert!(b.kicks <= b.syncs && n.kicks <= n.syncs, "{mode}: {b:?} {n:?}");
             if mode == Mode::Best {
                 assert!(b.unmap_requests < b.map_requests, "{mode}: coalesced");
-                assert!(b.kicks_per_io() < 1.5, "{mode}: {}", b.kicks_per_io());
+                // One batch per I/O: header+status page and data page.
+                assert_eq!(b.map_requests, 2 * b.ios, "{mode}");
             } else {
                 assert_eq!(b.unmap_requests, b.map_requests, "{mode}");
             }
