@@ -810,3 +810,53 @@ impl Drop for DmaBatch<'_> {
         self.dma.free_allocs(&self.allocs);
     }
 }
+
+#[cfg(all(test, feature = "test-utils"))]
+mod tests {
+    use super::*;
+    use crate::fake::FakeIommu;
+    use crate::{DriverOptions, VirtioIommu};
+
+    fn page(iova: u64) -> Mapping {
+        Mapping { iova, last: iova + 0xfff, paddr: 0x8000_0000 + iova, prot: Prot::READ }
+    }
+
+    fn iovas(d: &Domain) -> Vec<u64> {
+        d.mappings().iter().map(|m| m.iova).collect()
+    }
+
+    /// The fast paths of the MAP path (one overlap check per run of touching
+    /// MAPs, bulk tree insert and removal) keep the tree exact.
+    #[test]
+    fn runs_and_bulk_tree_paths_keep_the_tree_exact() {
+        let fake = FakeIommu::new(Default::default());
+        let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default())
+            .expect("driver");
+        let d = iommu.alloc_paging(1).expect("domain");
+        iommu.attach(&d, 1).expect("attach");
+        // A scatter-gather list (64 touching pages) plus a lone page, out of order.
+        let mut maps: Vec<Mapping> = (0..64).map(|i| page(0x10_0000 + i * 0x1000)).collect();
+        maps.insert(0, page(0x40_0000));
+        let t = d.map_many(&maps).expect("map");
+        d.finish_maps(&t).expect("sync");
+        assert_eq!(fake.stats().maps(), 65);
+        // Overlapping the run, or each other: refused, nothing recorded or sent.
+        let inside = [page(0x20_0000), page(0x10_8000)];
+        assert!(matches!(d.map_many(&inside), Err(Error::Overlap { iova: 0x10_8000 })));
+        let twice = [page(0x30_0000), page(0x30_0000)];
+        assert!(matches!(d.map_many(&twice), Err(Error::Overlap { iova: 0x30_0000 })));
+        assert_eq!((d.mappings().len(), fake.stats().maps()), (65, 65));
+        // A small range among many: per-key removal; a range that is most
+        // of the tree: cut out whole. Splitting is refused either way.
+        assert!(matches!(
+            d.take_ranges(&[(0x10_0000, 0x10_0fff + 0x800)]),
+            Err(Error::WouldSplit { iova: 0x10_1000 })
+        ));
+        d.take_ranges(&[(0x10_0000, 0x10_1fff)]).expect("take 2");
+        let mut want: Vec<u64> = (2..64).map(|i| 0x10_0000 + i * 0x1000).collect();
+        want.push(0x40_0000);
+        assert_eq!(iovas(&d), want);
+        d.take_ranges(&[(0x10_2000, 0x13_ffff)]).expect("take 62");
+        assert_eq!(iovas(&d), [0x40_0000]);
+    }
+}
