@@ -385,7 +385,7 @@ fn a_sync_kicks_and_completes_while_another_thread_waits_on_a_held_request() {
     // an interrupt; thread B's sync must still kick (while A is blocked) and
     // complete. Waiting under the transport lock, B's kick would queue
     // behind A's wait.
-    let opts = DriverOptions { timeout: Some(Duration::from_secs(30)), ..Default::default() };
+    let opts = DriverOptions { timeout: Some(Duration::from_secs(120)), ..Default::default() };
     let (fake, iommu) = setup_with(FakeConfig::default(), opts);
     let a = attached(&iommu, 1);
     let b = attached(&iommu, 2);
@@ -397,7 +397,7 @@ fn a_sync_kicks_and_completes_while_another_thread_waits_on_a_held_request() {
         a.iotlb_sync_map(0x10000, 0x1000)?;
         Ok::<_, Error>(a)
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while fake.blocked_waiters() == 0 {
         assert!(std::time::Instant::now() < deadline, "thread A never blocked in its wait");
         std::thread::yield_now();
