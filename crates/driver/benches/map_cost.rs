@@ -1,17 +1,20 @@
 //! Guest CPU cost of the DMA layer per MAP, for instruction counting under
-//! callgrind (deterministic, unlike time under QEMU TCG). Runs `IOS` I/Os of
-//! `PAGES` scattered 4 KiB pages each (plus a virtio-blk header and status
-//! byte on one page) through the batch API under the lazy policy, against
-//! the fake device, and prints the request counts. The measured part is
-//! `measured_loop`; the fake device's work is in `Device::process_requests`.
+//! callgrind (deterministic, unlike time under QEMU TCG). Runs I/Os of
+//! scattered 4 KiB pages (plus a virtio-blk header and status byte on one
+//! page) against the fake device, and prints the request counts. Arguments:
+//! I/Os (1000), pages per I/O (256), mode: `lazy-batch` (default) or
+//! `strict-batch` (the batch API), or `lazy` (one call per buffer). After a
+//! 64-I/O warm-up, the measured part is `measured_loop`; the fake device's
+//! own work is in `Device::process_requests`.
 //!
 //! ```text
-//! cargo bench -p viommu-driver --bench map_cost --no-run
+//! CARGO_PROFILE_BENCH_DEBUG=line-tables-only cargo bench -p viommu-driver --bench map_cost --no-run
 //! valgrind --tool=callgrind --toggle-collect='*measured_loop*' \
-//!     target/release/deps/map_cost-<hash> 1000 256 lazy-batch
-//! callgrind_annotate --inclusive=yes callgrind.out.<pid> | head -40
+//!     $CARGO_TARGET_DIR/release/deps/map_cost-<hash> 1000 256 lazy-batch
+//! callgrind_annotate --inclusive=yes callgrind.out.<pid> | grep -E 'TOTALS|process_requests \['
 //! ```
-//! Guest cost per MAP = (total - process_requests inclusive) / MAPs.
+//! Guest instructions per MAP = (total − `process_requests` inclusive) / MAPs.
+//! Run without valgrind, it just prints the counts.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
