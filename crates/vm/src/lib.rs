@@ -15,4 +15,4 @@ pub mod transport;
 
 pub use notify::EventNotifier;
 pub use ram::{GuestHal, GuestPages, GuestRam, RamError};
-pub use transport::{DeviceLink, ExitCost, LinkCounts, VirtioBackend, VmTransport};
+pub use transport::{DeviceLink, ExitCost, LinkCounts, SpinBudget, VirtioBackend, VmTransport};

@@ -14,7 +14,7 @@ use crate::endpoint::{
     reset_out, Dir, DirectDma, GuestDma, IoBuf, IoToken, MapError, Seg, TokenInner,
 };
 use crate::ram::{GuestHal, GuestRam};
-use crate::transport::{DeviceLink, ExitCost, VmTransport};
+use crate::transport::{DeviceLink, ExitCost, SpinBudget, VmTransport};
 
 /// The guest driver type of the in-process VM.
 pub type GuestDriver = Driver<VmTransport<Device>, GuestHal>;
@@ -114,12 +114,15 @@ pub struct MachineOptions {
     /// The DMA layer's clock: `None` for the monotonic clock, or a clock
     /// that moves only when told.
     pub clock: Option<Arc<ManualClock>>,
+    /// How long completion waits and the device's I/O thread poll before
+    /// they block (see [`SpinBudget`]).
+    pub spin: SpinBudget,
 }
 
 impl Default for MachineOptions {
     /// The timer thread and the monotonic clock, as a running guest.
     fn default() -> Self {
-        Self { timer: true, clock: None }
+        Self { timer: true, clock: None, spin: SpinBudget::default() }
     }
 }
 
@@ -129,7 +132,11 @@ impl MachineOptions {
     /// [`DmaDomain::tick`] after the test moved the clock. Counts then do
     /// not depend on how fast the machine runs.
     pub fn deterministic() -> Self {
-        Self { timer: false, clock: Some(Arc::new(ManualClock::default())) }
+        Self {
+            timer: false,
+            clock: Some(Arc::new(ManualClock::default())),
+            spin: SpinBudget::default(),
+        }
     }
 }
 
@@ -212,6 +219,7 @@ impl Machine {
         let device = Device::new(cfg)?;
         let iommu = device.iommu();
         let link = DeviceLink::start(device, ram.clone())?;
+        link.set_spin(opts.spin);
         iommu.set_fault_notifier(Some(Arc::new(link.poker(EVENT_QUEUE))));
         let driver = Driver::new(link.transport(), GuestHal::new(ram.clone()), driver_options())?;
         let domain = match mode {
@@ -222,7 +230,7 @@ impl Machine {
         if let Some(d) = &domain {
             driver.attach(d, endpoint)?;
         }
-        let MachineOptions { timer, clock } = opts;
+        let MachineOptions { timer, clock, spin: _ } = opts;
         let dma = match (&domain, dma_options(mode)) {
             (Some(d), Some(dma_opts)) => {
                 let resv = driver.reserved_regions(endpoint)?;
