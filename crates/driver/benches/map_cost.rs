@@ -16,26 +16,15 @@
 //! Guest instructions per MAP = (total − `process_requests` inclusive) / MAPs.
 //! Run without valgrind, it just prints the counts.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use viommu_driver::dma::{DmaDirection as Dir, DmaDomain, DmaOptions, DmaPlatform, Policy};
+use common::{blk_io, Clock};
+use viommu_driver::dma::{DmaDomain, DmaOptions, Policy};
 use viommu_driver::fake::{FakeConfig, FakeIommu};
 use viommu_driver::{DriverOptions, VirtioIommu};
-
-struct Clock(AtomicU64);
-
-impl DmaPlatform for Clock {
-    fn now_ns(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    fn cpu_id(&self) -> usize {
-        0
-    }
-}
-
-const HDR: u64 = 0x4000_0000;
-const IO_NS: u64 = 25_000;
 
 fn data_segments(io: u64, pages: u64) -> Vec<(u64, usize)> {
     let base = 0x1_0000_0000 + io % 64 * 0x100_0000;
@@ -46,26 +35,7 @@ fn data_segments(io: u64, pages: u64) -> Vec<(u64, usize)> {
 fn run_ios(dma: &DmaDomain, clock: &Clock, segs: &[Vec<(u64, usize)>], ios: u64, mode: &str) {
     for io in 0..ios {
         let segs = &segs[(io % 64) as usize];
-        match mode {
-            "lazy-batch" | "strict-batch" => {
-                let mut b = dma.begin();
-                b.map(HDR, 16, Dir::ToDevice).unwrap();
-                b.map_sg(segs, Dir::FromDevice).unwrap();
-                b.map(HDR + 16, 1, Dir::FromDevice).unwrap();
-                let mapping = b.commit().unwrap();
-                dma.unmap(mapping).unwrap();
-            }
-            _ => {
-                let h = dma.map_single(HDR, 16, Dir::ToDevice).unwrap();
-                let d = dma.map_sg(segs, Dir::FromDevice).unwrap();
-                let s = dma.map_single(HDR + 16, 1, Dir::FromDevice).unwrap();
-                dma.unmap_single(h, 16, Dir::ToDevice).unwrap();
-                dma.unmap_sg(d).unwrap();
-                dma.unmap_single(s, 1, Dir::FromDevice).unwrap();
-            }
-        }
-        clock.0.fetch_add(IO_NS, Ordering::Relaxed);
-        dma.tick().unwrap();
+        blk_io(dma, clock, segs, mode.ends_with("-batch"));
     }
 }
 

@@ -6,23 +6,15 @@
 //!
 //! Run: `cargo bench -p viommu-driver --bench policies`
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use viommu_driver::dma::{DmaDirection as Dir, DmaDomain, DmaOptions, DmaPlatform, Policy};
+use common::{blk_io, Clock};
+use viommu_driver::dma::{DmaDomain, DmaOptions, Policy};
 use viommu_driver::fake::{FakeConfig, FakeIommu};
 use viommu_driver::{CounterSnapshot, DriverOptions, VirtioIommu};
-
-struct Clock(AtomicU64);
-
-impl DmaPlatform for Clock {
-    fn now_ns(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    fn cpu_id(&self) -> usize {
-        0
-    }
-}
 
 #[derive(Clone, Copy)]
 struct Mode {
@@ -77,9 +69,6 @@ const MODES: [Mode; 12] = [
     Mode { indirect: false, ..mode("best, no INDIRECT_DESC", Policy::Lazy, false, true) },
 ];
 
-const HDR: u64 = 0x4000_0000;
-const IO_NS: u64 = 25_000;
-
 fn data_segments(io: u64, pages: u64, contiguous: bool) -> Vec<(u64, usize)> {
     let base = 0x1_0000_0000 + io % 64 * 0x100_0000;
     let stride = if contiguous { 0x1000 } else { 0x2000 };
@@ -110,24 +99,7 @@ fn run(m: Mode, pages: u64, ios: u64) -> (CounterSnapshot, u64) {
     let kicks0 = fake.stats().kicks;
     for io in 0..ios {
         let segs = data_segments(io, pages, m.contiguous);
-        if m.batch {
-            let mut b = dma.begin();
-            b.map(HDR, 16, Dir::ToDevice).unwrap();
-            b.map_sg(&segs, Dir::FromDevice).unwrap();
-            b.map(HDR + 16, 1, Dir::FromDevice).unwrap();
-            let mapping = b.commit().unwrap();
-            dma.unmap(mapping).unwrap();
-        } else {
-            // Linux's virtio ring: one map call per buffer.
-            let h = dma.map_single(HDR, 16, Dir::ToDevice).unwrap();
-            let d = dma.map_sg(&segs, Dir::FromDevice).unwrap();
-            let s = dma.map_single(HDR + 16, 1, Dir::FromDevice).unwrap();
-            dma.unmap_single(h, 16, Dir::ToDevice).unwrap();
-            dma.unmap_sg(d).unwrap();
-            dma.unmap_single(s, 1, Dir::FromDevice).unwrap();
-        }
-        clock.0.fetch_add(IO_NS, Ordering::Relaxed);
-        dma.tick().unwrap();
+        blk_io(&dma, &clock, &segs, m.batch);
     }
     // Idle tail: the timer flushes what the queues still hold.
     clock.0.fetch_add(1_000_000_000, Ordering::Relaxed);
