@@ -422,21 +422,228 @@ fn dma_read(region: &DmaRegion, off: usize, out: &mut [u8]) {
     }
 }
 
-enum ReqBuf {
-    Slot(u16),
-    Own { region: DmaRegion, readable: usize, props: usize },
+/// Requests queued in one go, each encoded straight into its ring slot:
+/// MAPs and UNMAPs need no [`Request`] built first.
+pub(crate) enum Reqs<'a> {
+    /// Any requests.
+    Any(&'a [Request]),
+    /// MAPs of domain `.0`.
+    Maps(u32, &'a [Mapping]),
+    /// UNMAPs of domain `.0`, by `(first, last)` IOVA.
+    Unmaps(u32, &'a [(u64, u64)]),
 }
+
+impl Reqs<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Any(r) => r.len(),
+            Self::Maps(_, m) => m.len(),
+            Self::Unmaps(_, r) => r.len(),
+        }
+    }
+
+    fn request_type(&self, i: usize) -> RequestType {
+        match self {
+            Self::Any(r) => r[i].request_type(),
+            Self::Maps(..) => RequestType::Map,
+            Self::Unmaps(..) => RequestType::Unmap,
+        }
+    }
+
+    /// Bytes request `i` takes (head + body).
+    fn encoded_len(&self, i: usize) -> usize {
+        match self {
+            Self::Any(r) => size_of::<viommu_proto::ReqHead>() + r[i].body_bytes().len(),
+            Self::Maps(..) => MAP_LEN,
+            Self::Unmaps(..) => UNMAP_LEN,
+        }
+    }
+
+    /// Writes request `i` (head + body) at `p`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writes of [`Self::encoded_len`] bytes.
+    unsafe fn encode(&self, i: usize, p: *mut u8) {
+        // SAFETY: the caller gives room for the request; all writes are unaligned.
+        unsafe {
+            let put32 = |off: usize, v: u32| p.add(off).cast::<u32>().write_unaligned(v.to_le());
+            let put64 = |off: usize, v: u64| p.add(off).cast::<u64>().write_unaligned(v.to_le());
+            match self {
+                Self::Any(r) => {
+                    let body = r[i].body_bytes();
+                    put32(0, r[i].request_type() as u32);
+                    core::ptr::copy_nonoverlapping(body.as_ptr(), p.add(4), body.len());
+                }
+                Self::Maps(domain, maps) => {
+                    // Layout of virtio_iommu_req_map: head, domain, virt_start,
+                    // virt_end, phys_start, flags.
+                    let m = &maps[i];
+                    put32(0, RequestType::Map as u32);
+                    put32(4, *domain);
+                    put64(8, m.iova);
+                    put64(16, m.last);
+                    put64(24, m.paddr);
+                    put32(32, m.prot.0);
+                }
+                Self::Unmaps(domain, ranges) => {
+                    // virtio_iommu_req_unmap: head, domain, virt_start, virt_end, reserved.
+                    let (first, last) = ranges[i];
+                    put32(0, RequestType::Unmap as u32);
+                    put32(4, *domain);
+                    put64(8, first);
+                    put64(16, last);
+                    put32(24, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Head + body of a MAP and of an UNMAP.
+const MAP_LEN: usize = 4 + size_of::<MapBody>();
+const UNMAP_LEN: usize = 4 + size_of::<UnmapBody>();
+
+/// `Inflight::slot` of a request with a buffer of its own (PROBE).
+const OWN_BUF: u16 = u16::MAX;
 
 struct Inflight {
     seq: u64,
     request: RequestType,
-    buf: ReqBuf,
+    /// Its request slot, or [`OWN_BUF`].
+    slot: u16,
+}
+
+/// The buffer of a request too big for a slot (PROBE), while in flight.
+struct OwnBuf {
+    head: u16,
+    region: DmaRegion,
+    readable: usize,
+    props: usize,
 }
 
 /// The device's answer to one request.
 pub(crate) struct Reply {
     pub(crate) result: Result<()>,
     pub(crate) props: Vec<u8>,
+}
+
+/// The replies of a list of tickets, by position in that list. Plain
+/// successes take no room: only failures and PROBE properties are kept.
+#[derive(Default)]
+pub(crate) struct Replies {
+    len: usize,
+    /// Replies that are not a plain success, by ascending position.
+    others: Vec<(usize, Reply)>,
+}
+
+impl Replies {
+    /// Replies in order, one per ticket.
+    #[cfg(test)]
+    pub(crate) fn from_vec(replies: Vec<Reply>) -> Self {
+        let len = replies.len();
+        Self { len, others: replies.into_iter().enumerate().collect() }
+    }
+
+    /// Number of replies.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn other(&self, i: usize) -> Option<&Reply> {
+        self.others.binary_search_by_key(&i, |r| r.0).ok().map(|k| &self.others[k].1)
+    }
+
+    /// The result of the `i`th ticket's request.
+    pub(crate) fn result(&self, i: usize) -> Result<()> {
+        match self.other(i) {
+            Some(r) => r.result.clone(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether every request succeeded.
+    pub(crate) fn all_ok(&self) -> bool {
+        self.others.iter().all(|(_, r)| r.result.is_ok())
+    }
+
+    /// The first error among the replies at positions `from..`.
+    pub(crate) fn error_from(&self, from: usize) -> Option<Error> {
+        self.others.iter().filter(|(i, _)| *i >= from).find_map(|(_, r)| r.result.clone().err())
+    }
+
+    /// Takes the PROBE properties of the `i`th reply.
+    pub(crate) fn take_props(&mut self, i: usize) -> Vec<u8> {
+        match self.others.binary_search_by_key(&i, |r| r.0) {
+            Ok(k) => core::mem::take(&mut self.others[k].1.props),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Tickets as sorted, disjoint half-open ranges. Requests complete mostly
+/// in ticket order, so a whole batch of successes is one range.
+#[derive(Default)]
+struct SeqSet(Vec<(u64, u64)>);
+
+impl SeqSet {
+    fn insert(&mut self, s: u64) {
+        match self.0.last_mut() {
+            Some(r) if r.1 == s => return r.1 += 1,
+            Some(r) if r.1 < s => return self.0.push((s, s + 1)),
+            None => return self.0.push((s, s + 1)),
+            _ => {}
+        }
+        // Out of order: the first range that ends at or after `s`.
+        let i = self.0.partition_point(|r| r.1 < s);
+        let r = self.0[i];
+        if r.1 == s {
+            self.0[i].1 += 1;
+            if self.0.get(i + 1).is_some_and(|n| n.0 == s + 1) {
+                self.0[i].1 = self.0[i + 1].1;
+                self.0.remove(i + 1);
+            }
+        } else if r.0 == s + 1 {
+            self.0[i].0 = s;
+        } else if r.0 > s {
+            self.0.insert(i, (s, s + 1));
+        }
+    }
+
+    /// The end of the range that holds `s`, if one does.
+    fn end_of(&self, s: u64) -> Option<u64> {
+        let i = self.0.partition_point(|r| r.1 <= s);
+        self.0.get(i).filter(|r| r.0 <= s).map(|r| r.1)
+    }
+
+    /// Removes `[start, end)`, which lies inside one range.
+    fn remove(&mut self, start: u64, end: u64) {
+        let i = self.0.partition_point(|r| r.1 <= start);
+        let Some(&(s, e)) = self.0.get(i).filter(|r| r.0 <= start && end <= r.1) else { return };
+        match (s == start, e == end) {
+            (true, true) => {
+                self.0.remove(i);
+            }
+            (true, false) => self.0[i].0 = end,
+            (false, true) => self.0[i].1 = start,
+            (false, false) => {
+                self.0[i].1 = start;
+                self.0.insert(i + 1, (end, e));
+            }
+        }
+    }
+
+    /// Length of the run of consecutive tickets at the start of `seqs`
+    /// that lie in one range (0 if `seqs[0]` is not in the set).
+    fn run_len(&self, seqs: &[u64]) -> usize {
+        let Some(&first) = seqs.first() else { return 0 };
+        let Some(end) = self.end_of(first) else { return 0 };
+        let max = (end - first) as usize;
+        let mut n = 1;
+        while n < seqs.len() && n < max && seqs[n] == first + n as u64 {
+            n += 1;
+        }
+        n
+    }
 }
 
 fn reply_result(request: RequestType, used_len: u32, status_byte: u8) -> Result<()> {
@@ -456,10 +663,13 @@ struct ReqQueue<H: Hal> {
     slots: DmaRegion,
     free_slots: Vec<u16>,
     inflight: Vec<Option<Inflight>>,
-    /// Replies by ticket, sorted, until their owner takes them. Replies
-    /// mostly come in ticket order and leave in batches, so a sorted list
-    /// (pushed at the end, taken in one pass) beats a map.
-    done: Vec<(u64, Reply)>,
+    /// Buffers of PROBEs in flight.
+    own: Vec<OwnBuf>,
+    /// Tickets that succeeded with nothing to hand over, until their owner
+    /// takes them: one range for a batch, instead of one record each.
+    ok: SeqSet,
+    /// Other replies (failures, PROBE properties) by ticket, sorted.
+    replies: Vec<(u64, Reply)>,
     /// Tickets whose waiter gave up: their replies are dropped on arrival.
     abandoned: BTreeSet<u64>,
     next_seq: u64,
@@ -487,96 +697,131 @@ impl<H: Hal> ReqQueue<H> {
             slots,
             free_slots: (0..nslots).rev().collect(),
             inflight,
-            done: Vec::new(),
+            own: Vec::new(),
+            ok: SeqSet::default(),
+            replies: Vec::new(),
             abandoned: BTreeSet::new(),
             next_seq: 0,
             unkicked: 0,
         })
     }
 
-    /// Adds one request; `Ok(None)` when the ring or the slots are full.
-    fn try_add(&mut self, req: &Request, props: usize) -> Result<Option<u64>> {
-        let mut bytes = [0u8; 2 * SLOT_SIZE];
-        let len = req.encode(&mut bytes).map_err(|_| Error::InvalidArgument("request too big"))?;
-        let (buf, bufs) = if props == 0 && len <= TAIL_OFF {
-            let Some(&slot) = self.free_slots.last() else { return Ok(None) };
-            let off = slot as usize * SLOT_SIZE;
-            dma_write(&self.slots, off, &bytes[..len]);
-            dma_write(&self.slots, off + TAIL_OFF, &[0; TAIL_LEN]);
-            let bus = self.slots.bus_addr + off as u64;
-            let bufs = [
-                Buffer::readable(bus, len as u32),
-                Buffer::writable(bus + TAIL_OFF as u64, TAIL_LEN as u32),
-            ];
-            (ReqBuf::Slot(slot), bufs)
-        } else {
-            // PROBE (or an oversized request): a buffer of its own.
-            let pages = (len + props + TAIL_LEN).div_ceil(PAGE_SIZE);
-            let region = self.hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
-            dma_write(&region, 0, &bytes[..len]);
-            let bufs = [
-                Buffer::readable(region.bus_addr, len as u32),
-                Buffer::writable(region.bus_addr + len as u64, (props + TAIL_LEN) as u32),
-            ];
-            (ReqBuf::Own { region, readable: len, props }, bufs)
-        };
-        match self.vq.add(&bufs) {
-            Ok(head) => {
-                if let ReqBuf::Slot(_) = buf {
-                    self.free_slots.pop();
-                }
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                self.inflight[head as usize] =
-                    Some(Inflight { seq, request: req.request_type(), buf });
-                Ok(Some(seq))
+    /// Adds `reqs[seqs.len()..]` in order, without publishing them, until
+    /// the ring or the slots are full. Tickets go to `seqs`.
+    fn add_from(&mut self, reqs: &Reqs<'_>, props: usize, seqs: &mut Vec<u64>) -> Result<()> {
+        while seqs.len() < reqs.len() {
+            let i = seqs.len();
+            let added = if props == 0 && reqs.encoded_len(i) <= TAIL_OFF {
+                self.add_slot(reqs, i)
+            } else {
+                self.add_own(reqs, i, props)?
+            };
+            match added {
+                Some(seq) => seqs.push(seq),
+                None => break,
             }
-            Err(QueueError::Full) => {
-                self.release(buf);
-                Ok(None)
+        }
+        Ok(())
+    }
+
+    /// Adds request `i` in a slot; `None` when the ring or the slots are full.
+    fn add_slot(&mut self, reqs: &Reqs<'_>, i: usize) -> Option<u64> {
+        let &slot = self.free_slots.last()?;
+        let off = slot as usize * SLOT_SIZE;
+        debug_assert!(off + SLOT_SIZE <= self.slots.pages * PAGE_SIZE);
+        let len = reqs.encoded_len(i);
+        // SAFETY: the slot lies inside the slot region (one per index below
+        // `nslots`), is free (the device does not own it) and holds the
+        // request (at most TAIL_OFF bytes, checked by the caller) and the tail.
+        unsafe {
+            let p = self.slots.vaddr.as_ptr().add(off);
+            reqs.encode(i, p);
+            p.add(TAIL_OFF).cast::<u32>().write_unaligned(0);
+        }
+        let bus = self.slots.bus_addr + off as u64;
+        let bufs = [
+            Buffer::readable(bus, len as u32),
+            Buffer::writable(bus + TAIL_OFF as u64, TAIL_LEN as u32),
+        ];
+        let head = self.vq.add_unpublished(&bufs).ok()?;
+        self.free_slots.pop();
+        Some(self.track(head, reqs.request_type(i), slot))
+    }
+
+    /// Adds request `i` (a PROBE, or too big for a slot) with a buffer of
+    /// its own; `Ok(None)` when the ring is full.
+    fn add_own(&mut self, reqs: &Reqs<'_>, i: usize, props: usize) -> Result<Option<u64>> {
+        let len = reqs.encoded_len(i);
+        let pages = (len + props + TAIL_LEN).div_ceil(PAGE_SIZE);
+        let region = self.hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
+        // SAFETY: the region is ours and holds at least `len` bytes.
+        unsafe { reqs.encode(i, region.vaddr.as_ptr()) };
+        let bufs = [
+            Buffer::readable(region.bus_addr, len as u32),
+            Buffer::writable(region.bus_addr + len as u64, (props + TAIL_LEN) as u32),
+        ];
+        match self.vq.add_unpublished(&bufs) {
+            Ok(head) => {
+                self.own.push(OwnBuf { head, region, readable: len, props });
+                Ok(Some(self.track(head, reqs.request_type(i), OWN_BUF)))
             }
             Err(e) => {
-                self.release(buf);
-                Err(e.into())
+                // SAFETY: the device never saw this buffer.
+                unsafe { self.hal.dma_dealloc(region) };
+                match e {
+                    QueueError::Full => Ok(None),
+                    e => Err(e.into()),
+                }
             }
         }
     }
 
-    fn release(&mut self, buf: ReqBuf) {
-        match buf {
-            ReqBuf::Slot(s) => self.free_slots.push(s),
-            // SAFETY: the device has returned (or never saw) this buffer.
-            ReqBuf::Own { region, .. } => unsafe { self.hal.dma_dealloc(region) },
-        }
+    fn track(&mut self, head: u16, request: RequestType, slot: u16) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight[head as usize] = Some(Inflight { seq, request, slot });
+        seq
     }
 
     /// Pops every completion and records its reply under its ticket.
     fn reap(&mut self) {
         while let Some(used) = self.vq.pop_used() {
             let Some(inf) = self.inflight[used.token as usize].take() else { continue };
-            let mut tail = [0u8; TAIL_LEN];
             let mut props = Vec::new();
-            match &inf.buf {
-                ReqBuf::Slot(s) => {
-                    dma_read(&self.slots, *s as usize * SLOT_SIZE + TAIL_OFF, &mut tail);
-                }
-                ReqBuf::Own { region, readable, props: n } => {
-                    props.resize(*n, 0);
-                    dma_read(region, *readable, &mut props);
-                    dma_read(region, readable + n, &mut tail);
-                }
+            let status = if inf.slot != OWN_BUF {
+                let off = inf.slot as usize * SLOT_SIZE + TAIL_OFF;
+                debug_assert!(off < self.slots.pages * PAGE_SIZE);
+                self.free_slots.push(inf.slot);
+                // SAFETY: in the slot region (see add_slot); the device
+                // finished writing before it returned the chain, and
+                // pop_used fenced after seeing it.
+                unsafe { self.slots.vaddr.as_ptr().add(off).read_volatile() }
+            } else {
+                let Some(k) = self.own.iter().position(|o| o.head == used.token) else { continue };
+                let own = self.own.swap_remove(k);
+                let mut tail = [0u8; TAIL_LEN];
+                props.resize(own.props, 0);
+                dma_read(&own.region, own.readable, &mut props);
+                dma_read(&own.region, own.readable + own.props, &mut tail);
+                // SAFETY: the device has returned this buffer.
+                unsafe { self.hal.dma_dealloc(own.region) };
+                tail[0]
+            };
+            let result = reply_result(inf.request, used.len, status);
+            if !self.abandoned.is_empty() && self.abandoned.remove(&inf.seq) {
+                continue;
             }
-            let result = reply_result(inf.request, used.len, tail[0]);
-            self.release(inf.buf);
-            if !self.abandoned.remove(&inf.seq) {
-                let reply = (inf.seq, Reply { result, props });
-                match self.done.last() {
-                    Some(&(last, _)) if last > inf.seq => {
-                        let at = self.done.partition_point(|(s, _)| *s < inf.seq);
-                        self.done.insert(at, reply);
-                    }
-                    _ => self.done.push(reply),
+            if result.is_ok() && props.is_empty() {
+                self.ok.insert(inf.seq);
+                continue;
+            }
+            let reply = (inf.seq, Reply { result, props });
+            match self.replies.last() {
+                Some(&(last, _)) if last > inf.seq => {
+                    let at = self.replies.partition_point(|(s, _)| *s < inf.seq);
+                    self.replies.insert(at, reply);
                 }
+                _ => self.replies.push(reply),
             }
         }
     }
@@ -591,47 +836,61 @@ impl<H: Hal> ReqQueue<H> {
         live
     }
 
-    /// Takes the replies of `seqs` if all are in.
-    fn take(&mut self, seqs: &[u64]) -> Option<Vec<Reply>> {
-        if self.done.len() == seqs.len() && self.done.iter().map(|r| &r.0).eq(seqs) {
-            // Common case: exactly these replies are in, in ticket order.
-            return Some(self.done.drain(..).map(|(_, r)| r).collect());
-        }
-        let find = |done: &[(u64, Reply)], s: &u64| done.binary_search_by_key(s, |r| r.0);
-        if !seqs.iter().all(|s| find(&self.done, s).is_ok()) {
-            return None;
-        }
-        if seqs.is_sorted() {
-            // Ascending tickets (one batch): split the list in one pass.
-            let mut want = seqs.iter().peekable();
-            let mut out = Vec::with_capacity(seqs.len());
-            let mut keep = Vec::with_capacity(self.done.len() - seqs.len());
-            for (s, r) in self.done.drain(..) {
-                match want.next_if_eq(&&s) {
-                    Some(_) => out.push(r),
-                    None => keep.push((s, r)),
-                }
+    fn find_reply(&self, seq: u64) -> Option<usize> {
+        self.replies.binary_search_by_key(&seq, |r| r.0).ok()
+    }
+
+    /// Takes the replies of `seqs` if all are in. A run of consecutive
+    /// successful tickets is checked and taken in one step.
+    fn take(&mut self, seqs: &[u64]) -> Option<Replies> {
+        let mut i = 0;
+        while i < seqs.len() {
+            match self.ok.run_len(&seqs[i..]) {
+                0 if self.find_reply(seqs[i]).is_some() => i += 1,
+                0 => return None,
+                n => i += n,
             }
-            self.done = keep;
-            return Some(out);
         }
-        let mut out = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            if let Ok(i) = find(&self.done, s) {
-                out.push(self.done.remove(i).1);
+        let mut out = Replies { len: seqs.len(), others: Vec::new() };
+        let mut i = 0;
+        while i < seqs.len() {
+            match self.ok.run_len(&seqs[i..]) {
+                0 => {
+                    if let Some(k) = self.find_reply(seqs[i]) {
+                        out.others.push((i, self.replies.remove(k).1));
+                    }
+                    i += 1;
+                }
+                n => {
+                    self.ok.remove(seqs[i], seqs[i] + n as u64);
+                    i += n;
+                }
             }
         }
         Some(out)
+    }
+
+    /// Drops the reply of `seq` if it is in; false if it is not.
+    fn forget(&mut self, seq: u64) -> bool {
+        if self.ok.end_of(seq).is_some() {
+            self.ok.remove(seq, seq + 1);
+            return true;
+        }
+        match self.find_reply(seq) {
+            Some(k) => {
+                self.replies.remove(k);
+                true
+            }
+            None => false,
+        }
     }
 }
 
 impl<H: Hal> Drop for ReqQueue<H> {
     fn drop(&mut self) {
-        for inf in self.inflight.iter_mut().filter_map(Option::take) {
-            if let ReqBuf::Own { region, .. } = inf.buf {
-                // SAFETY: the device was reset before the queue is dropped.
-                unsafe { self.hal.dma_dealloc(region) };
-            }
+        for own in self.own.drain(..) {
+            // SAFETY: the device was reset before the queue is dropped.
+            unsafe { self.hal.dma_dealloc(own.region) };
         }
         // SAFETY: as above.
         unsafe { self.hal.dma_dealloc(self.slots) };
@@ -645,11 +904,11 @@ pub(crate) trait Port: Send + Sync {
     fn submit(&self, req: &Request, props: usize) -> Result<u64>;
     /// Queues several requests in order with few lock holds. On failure,
     /// the tickets of those queued before it come with the error.
-    fn submit_all(&self, reqs: &[Request]) -> Result<Vec<u64>, (Vec<u64>, Error)>;
+    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Vec<u64>, (Vec<u64>, Error)>;
     /// One sync: kicks, then waits until every ticket has a reply.
-    fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>>;
+    fn wait(&self, seqs: &[u64]) -> Result<Replies>;
     /// The replies of `seqs` if all are in, without kicking or waiting.
-    fn try_take(&self, seqs: &[u64]) -> Option<Vec<Reply>>;
+    fn try_take(&self, seqs: &[u64]) -> Option<Replies>;
     /// Nobody will take the replies of `seqs` (their wait gave up): drop
     /// them when they come. Their ring slots stay in use until then.
     fn abandon(&self, seqs: &[u64]);
@@ -659,7 +918,7 @@ pub(crate) trait Port: Send + Sync {
     /// Those of `seqs` the device has not returned yet.
     fn outstanding(&self, seqs: &[u64]) -> Vec<u64>;
     /// [`Self::wait`]; if it gives up, the tickets are abandoned.
-    fn wait_or_abandon(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
+    fn wait_or_abandon(&self, seqs: &[u64]) -> Result<Replies> {
         self.wait(seqs).inspect_err(|_| self.abandon(seqs))
     }
     /// Notifies the device if requests are waiting for a notify.
@@ -751,17 +1010,19 @@ impl<T: Transport, H: Hal> Shared<T, H> {
 
     /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
     /// notifies, waits for the device and goes on. Tickets go to `seqs`.
-    fn submit_into(&self, reqs: &[Request], props: usize, seqs: &mut Vec<u64>) -> Result<()> {
+    fn submit_into(&self, reqs: &Reqs<'_>, props: usize, seqs: &mut Vec<u64>) -> Result<()> {
         let mut waiter = self.waiter();
+        seqs.reserve(reqs.len());
         loop {
             let need = {
                 let mut q = self.req.lock();
                 q.reap();
-                while let Some(req) = reqs.get(seqs.len()) {
-                    let Some(seq) = q.try_add(req, props)? else { break };
-                    bump(&self.counters.requests[req.request_type() as usize - 1]);
-                    seqs.push(seq);
-                }
+                let before = seqs.len();
+                let added = q.add_from(reqs, props, seqs);
+                // One index write for the whole batch.
+                q.vq.publish();
+                self.count_requests(reqs, before, seqs.len());
+                added?;
                 if seqs.len() == reqs.len() {
                     return Ok(());
                 }
@@ -772,6 +1033,20 @@ impl<T: Transport, H: Hal> Shared<T, H> {
                 self.notify(REQUEST_QUEUE);
             }
             self.wait_device(&mut waiter)?;
+        }
+    }
+
+    /// Counts requests `from..to` of `reqs`: one atomic add per batch of MAPs or UNMAPs.
+    fn count_requests(&self, reqs: &Reqs<'_>, from: usize, to: usize) {
+        if from == to {
+            return;
+        }
+        let counter = |t: RequestType| &self.counters.requests[t as usize - 1];
+        match reqs {
+            Reqs::Any(_) => (from..to).for_each(|i| bump(counter(reqs.request_type(i)))),
+            _ => {
+                counter(reqs.request_type(from)).fetch_add((to - from) as u64, Ordering::Relaxed);
+            }
         }
     }
 
@@ -830,13 +1105,13 @@ impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
 impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     fn submit(&self, req: &Request, props: usize) -> Result<u64> {
         let mut seqs = Vec::with_capacity(1);
-        self.submit_into(core::slice::from_ref(req), props, &mut seqs)?;
+        self.submit_into(&Reqs::Any(core::slice::from_ref(req)), props, &mut seqs)?;
         seqs.pop().ok_or(Error::Timeout)
     }
 
-    fn submit_all(&self, reqs: &[Request]) -> Result<Vec<u64>, (Vec<u64>, Error)> {
+    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Vec<u64>, (Vec<u64>, Error)> {
         let mut seqs = Vec::with_capacity(reqs.len());
-        match self.submit_into(reqs, 0, &mut seqs) {
+        match self.submit_into(&reqs, 0, &mut seqs) {
             Ok(()) => Ok(seqs),
             Err(e) => Err((seqs, e)),
         }
@@ -849,7 +1124,7 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
         }
     }
 
-    fn wait(&self, seqs: &[u64]) -> Result<Vec<Reply>> {
+    fn wait(&self, seqs: &[u64]) -> Result<Replies> {
         self.sync_until(|q| q.take(seqs))
     }
 
@@ -870,17 +1145,13 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     fn abandon(&self, seqs: &[u64]) {
         let mut q = self.req.lock();
         for &seq in seqs {
-            let taken = match q.done.binary_search_by_key(&seq, |r| r.0) {
-                Ok(i) => Some(q.done.remove(i)),
-                Err(_) => None,
-            };
-            if taken.is_none() && seq < q.next_seq {
+            if !q.forget(seq) && seq < q.next_seq {
                 q.abandoned.insert(seq);
             }
         }
     }
 
-    fn try_take(&self, seqs: &[u64]) -> Option<Vec<Reply>> {
+    fn try_take(&self, seqs: &[u64]) -> Option<Replies> {
         let mut q = self.req.lock();
         q.reap();
         q.take(seqs)
@@ -972,9 +1243,9 @@ fn may_have_applied(e: &Error) -> bool {
     )
 }
 
-/// First error of a set of replies; counts a sync error when there is one.
-fn first_error(counters: &Counters, replies: &[Reply]) -> Result<()> {
-    match replies.iter().find_map(|r| r.result.clone().err()) {
+/// The first error of replies `from..`; counts a sync error when there is one.
+fn first_error(counters: &Counters, replies: &Replies, from: usize) -> Result<()> {
+    match replies.error_from(from) {
         Some(e) => {
             counters.sync_error();
             Err(e)
@@ -1199,9 +1470,10 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if s.info.has(f::PROBE) && s.info.probe_size > 0 {
             let req = Request::Probe(ProbeBody { endpoint: U32::new(endpoint), reserved: [0; 64] });
             let seq = s.submit(&req, s.info.probe_size as usize)?;
-            let reply = s.wait_or_abandon(&[seq])?.pop().ok_or(Error::Timeout)?;
-            first_error(&s.counters, core::slice::from_ref(&reply))?;
-            for prop in PropertyIter::new(&reply.props) {
+            let mut reply = s.wait_or_abandon(&[seq])?;
+            first_error(&s.counters, &reply, 0)?;
+            let props = reply.take_props(0);
+            for prop in PropertyIter::new(&props) {
                 match prop.map_err(Error::Probe)? {
                     Property::ResvMem(r) => regions.push(resv_region(&r)?),
                     // Unknown property types carry nothing we must honour.
@@ -1377,7 +1649,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if st.endpoints.is_empty() {
             reqs.extend(st.tree.values().map(|m| map_req(d.id, m)));
         }
-        let (seqs, queued) = match s.submit_all(&reqs) {
+        let (seqs, queued) = match s.submit_all(Reqs::Any(&reqs)) {
             Ok(seqs) => (seqs, Ok(())),
             Err((seqs, e)) if !seqs.is_empty() => (seqs, Err(e)),
             Err((_, e)) => return Err(e),
@@ -1393,7 +1665,14 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
                 return Err(e);
             }
         };
-        if let Err(e) = first_error(&s.counters, &replies[..1]) {
+        let attach_result = match replies.result(0) {
+            Err(e) => {
+                s.counters.sync_error();
+                Err(e)
+            }
+            ok => ok,
+        };
+        if let Err(e) = attach_result {
             if may_have_applied(&e) {
                 // It may be attached after all: detach it to be sure.
                 if let Ok(seq) = s.submit(&detach_req(d.id, endpoint), 0) {
@@ -1402,7 +1681,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
             }
             return Err(e);
         }
-        if let Err(e) = first_error(&s.counters, &replies[1..]).and(queued) {
+        if let Err(e) = first_error(&s.counters, &replies, 1).and(queued) {
             // Undo the attach: the device forgets the domain and its mappings.
             let seq = s.submit(&detach_req(d.id, endpoint), 0)?;
             let _ = s.wait_or_abandon(&[seq])?;
@@ -1516,7 +1795,7 @@ fn detach_locked<T: Transport + 'static, H: Hal + 'static>(
     let mut st = dom.map(|d| d.state.lock());
     let seq = s.submit(&detach_req(id, endpoint), 0)?;
     let replies = s.wait_or_abandon(&[seq])?;
-    first_error(&s.counters, &replies)?;
+    first_error(&s.counters, &replies, 0)?;
     if let Some(st) = st.as_mut() {
         st.endpoints.remove(&endpoint);
     }
@@ -1755,11 +2034,11 @@ impl DomainInner {
             return;
         }
         let attached = Self::attached(st, self.kind);
-        let reply = |seq: u64| self.port.try_take(&[seq]).and_then(|mut r| r.pop());
+        let reply = |seq: u64| self.port.try_take(&[seq]).map(|r| r.result(0));
         let mut keep = Vec::new();
         for mut s in core::mem::take(&mut st.stale) {
             if let StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) = s.step {
-                match reply(seq).map(|r| r.result) {
+                match reply(seq) {
                     None => {
                         keep.push(s);
                         continue;
@@ -1847,8 +2126,9 @@ impl DomainInner {
             }
         };
         let mut first = None;
-        for (op, r) in ops.into_iter().zip(replies) {
-            let Err(e) = r.result else { continue };
+        let ops = if replies.all_ok() { Vec::new() } else { ops };
+        for (i, op) in ops.into_iter().enumerate() {
+            let Err(e) = replies.result(i) else { continue };
             match op {
                 PendingOp::Map { iova, last, .. } => {
                     st.undo_map(iova, last);
@@ -2091,9 +2371,8 @@ impl Domain {
         if !DomainInner::attached(&st, d.kind) {
             return Ok(Vec::new());
         }
-        let reqs: Vec<Request> = maps.iter().map(|m| map_req(d.id, m)).collect();
         let ticket = |(seq, m): (u64, &Mapping)| (seq, m.iova, m.last);
-        match d.port.submit_all(&reqs) {
+        match d.port.submit_all(Reqs::Maps(d.id, maps)) {
             Ok(seqs) => Ok(seqs.into_iter().zip(maps).map(ticket).collect()),
             Err((seqs, e)) => {
                 // Unqueued ones leave the tree; queued ones stay pending
@@ -2197,8 +2476,8 @@ impl Domain {
             }
             merged.push((s, e, false));
         }
-        let reqs: Vec<Request> = merged.iter().map(|&(s, e, _)| unmap_req(d.id, s, e)).collect();
-        let (seqs, err) = match d.port.submit_all(&reqs) {
+        let reqs: Vec<(u64, u64)> = merged.iter().map(|&(s, e, _)| (s, e)).collect();
+        let (seqs, err) = match d.port.submit_all(Reqs::Unmaps(d.id, &reqs)) {
             Ok(seqs) => (seqs, None),
             Err((seqs, e)) => (seqs, Some(e)),
         };
@@ -2231,5 +2510,88 @@ impl core::fmt::Debug for Domain {
             .field("id", &self.inner.id)
             .field("kind", &self.inner.kind)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MAPs and UNMAPs written straight into a slot give the same bytes as
+    /// `Request::encode`.
+    #[test]
+    fn direct_encoding_matches_request_encode() {
+        let m = Mapping {
+            iova: 0x1234_5000,
+            last: 0x1234_6fff,
+            paddr: 0xdead_b000,
+            prot: Prot::READ | Prot::WRITE,
+        };
+        let range = (0x7000_0000, 0x7fff_ffff);
+        let check = |fast: Reqs<'_>, req: Request| {
+            let mut want = [0u8; 64];
+            let n = req.encode(&mut want).expect("fits");
+            let mut got = [0xaau8; 64];
+            assert_eq!(fast.encoded_len(0), n);
+            // SAFETY: 64 bytes are room for any request with a body of at most 36.
+            unsafe { fast.encode(0, got.as_mut_ptr()) };
+            assert_eq!(got[..n], want[..n]);
+            let any = [req];
+            let mut again = [0xaau8; 64];
+            // SAFETY: as above.
+            unsafe { Reqs::Any(&any).encode(0, again.as_mut_ptr()) };
+            assert_eq!(again[..n], want[..n]);
+        };
+        check(Reqs::Maps(7, core::slice::from_ref(&m)), map_req(7, &m));
+        check(Reqs::Unmaps(9, core::slice::from_ref(&range)), unmap_req(9, range.0, range.1));
+    }
+
+    fn ranges(s: &SeqSet) -> Vec<(u64, u64)> {
+        s.0.clone()
+    }
+
+    /// The set of completed tickets against a plain model, with tickets
+    /// arriving out of order and taken in runs.
+    #[test]
+    fn seq_set_matches_a_model() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _ in 0..200 {
+            let mut set = SeqSet::default();
+            let mut model = BTreeSet::new();
+            for _ in 0..60 {
+                let s = next() % 40;
+                if next() % 3 == 0 {
+                    // Take a run starting at s, as long as it is in the set.
+                    let seqs: Vec<u64> = (s..s + next() % 6 + 1).collect();
+                    let n = set.run_len(&seqs);
+                    let want = seqs.iter().take_while(|x| model.contains(*x)).count();
+                    assert_eq!(n, want, "{seqs:?} in {:?}", ranges(&set));
+                    if n > 0 {
+                        set.remove(s, s + n as u64);
+                        for x in &seqs[..n] {
+                            model.remove(x);
+                        }
+                    }
+                } else if !model.contains(&s) {
+                    set.insert(s);
+                    model.insert(s);
+                }
+                // Disjoint, sorted, non-touching, and holding exactly the model.
+                let r = ranges(&set);
+                assert!(r.windows(2).all(|w| w[0].1 < w[1].0), "{r:?}");
+                assert!(r.iter().all(|x| x.0 < x.1));
+                let flat: Vec<u64> = r.iter().flat_map(|&(a, b)| a..b).collect();
+                assert_eq!(flat, model.iter().copied().collect::<Vec<_>>());
+                for x in 0..45 {
+                    assert_eq!(set.end_of(x).is_some(), model.contains(&x));
+                }
+            }
+        }
     }
 }

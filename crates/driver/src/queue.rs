@@ -91,6 +91,14 @@ impl Buffer {
     }
 }
 
+fn desc_flags(b: &Buffer, more: bool) -> u16 {
+    let mut flags = if b.device_writable { DESC_F_WRITE } else { 0 };
+    if more {
+        flags |= DESC_F_NEXT;
+    }
+    flags
+}
+
 /// A completed chain: the token [`SplitQueue::add`] returned and the number of
 /// bytes the device says it wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,8 +180,15 @@ pub struct SplitQueue<H: Hal> {
     /// Chain length per head; 0 when the head is not in flight.
     chain_len: Vec<u16>,
     avail_idx: u16,
+    /// The avail index the device has been shown.
+    published_idx: u16,
     kicked_idx: u16,
     last_used: u16,
+    /// The used index as last read: entries up to it are popped without
+    /// reading it again.
+    used_seen: u16,
+    /// The last `used_event` written (EVENT_IDX).
+    used_event: u16,
     bad_used: u64,
     callback: Option<UsedCallback>,
     indirect: Option<Indirect>,
@@ -213,8 +228,12 @@ impl<H: Hal> SplitQueue<H> {
             next,
             chain_len: vec![0; size as usize],
             avail_idx: 0,
+            published_idx: 0,
             kicked_idx: 0,
             last_used: 0,
+            used_seen: 0,
+            // Not a value the first empty ring matches: written then.
+            used_event: u16::MAX,
             bad_used: 0,
             callback: None,
             indirect: None,
@@ -317,6 +336,16 @@ impl<H: Hal> SplitQueue<H> {
     /// Adds one chain and makes it available, without notifying.
     /// Returns the token (head index) [`Self::pop_used`] will report.
     pub fn add(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
+        let head = self.add_unpublished(bufs)?;
+        self.publish();
+        Ok(head)
+    }
+
+    /// Adds one chain to the avail ring without publishing the ring index:
+    /// the device sees it after the next [`Self::publish`] (or
+    /// [`Self::kick_prepare`], which publishes first). Adding a batch this
+    /// way writes the index, and fences, once per batch.
+    pub fn add_unpublished(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
         let n = bufs.len();
         if n == 0 {
             return Err(QueueError::Empty);
@@ -336,16 +365,9 @@ impl<H: Hal> SplitQueue<H> {
         let mut idx = head;
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == n;
-            let mut flags = if b.device_writable { DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= DESC_F_NEXT;
-            }
             let next = self.next[idx as usize];
-            let off = self.layout.desc + 16 * idx as usize;
-            self.write_u64(off, b.addr);
-            self.write_u32(off + 8, b.len);
-            self.write_u16(off + 12, flags);
-            self.write_u16(off + 14, if last { 0 } else { next });
+            let flags = desc_flags(b, !last);
+            self.write_desc(self.desc_ptr(idx), b.addr, b.len, flags, if last { 0 } else { next });
             if !last {
                 idx = next;
             } else {
@@ -354,7 +376,7 @@ impl<H: Hal> SplitQueue<H> {
         }
         self.num_free -= n as u16;
         self.chain_len[head as usize] = n as u16;
-        self.publish(head);
+        self.push_avail(head);
         Ok(head)
     }
 
@@ -367,47 +389,63 @@ impl<H: Hal> SplitQueue<H> {
         }
         let head = self.free_head;
         let table = head as usize * ind.max as usize * 16;
-        let (region, bus) = (ind.region, ind.bus + table as u64);
+        // SAFETY: the table of `head` lies inside the region (size * max
+        // descriptors), which stays valid while we own it.
+        let base = unsafe { ind.region.vaddr.as_ptr().add(table) };
+        let bus = ind.bus + table as u64;
         for (i, b) in bufs.iter().enumerate() {
-            let last = i + 1 == bufs.len();
-            let mut flags = if b.device_writable { DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= DESC_F_NEXT;
-            }
-            let mut d = [0u8; 16];
-            d[..8].copy_from_slice(&b.addr.to_le_bytes());
-            d[8..12].copy_from_slice(&b.len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..].copy_from_slice(&(if last { 0 } else { i as u16 + 1 }).to_le_bytes());
-            // SAFETY: the table of `head` lies inside the region (size *
-            // max descriptors), which stays valid while we own it; the device
-            // reads it only after the ring publishes it, and not after it
-            // returned `head`, which is ours until we reuse it.
-            unsafe {
-                let p = region.vaddr.as_ptr().add(table + 16 * i);
-                core::ptr::copy_nonoverlapping(d.as_ptr(), p, 16);
-            }
+            let more = i + 1 < bufs.len();
+            // SAFETY: i < max, so the descriptor lies inside the table of `head`.
+            let d = unsafe { base.add(16 * i) };
+            self.write_desc(
+                d,
+                b.addr,
+                b.len,
+                desc_flags(b, more),
+                if more { i as u16 + 1 } else { 0 },
+            );
         }
-        let off = self.layout.desc + 16 * head as usize;
-        self.write_u64(off, bus);
-        self.write_u32(off + 8, 16 * bufs.len() as u32);
-        self.write_u16(off + 12, DESC_F_INDIRECT);
-        self.write_u16(off + 14, 0);
+        self.write_desc(self.desc_ptr(head), bus, 16 * bufs.len() as u32, DESC_F_INDIRECT, 0);
         self.free_head = self.next[head as usize];
         self.num_free -= 1;
         self.chain_len[head as usize] = 1;
-        self.publish(head);
+        self.push_avail(head);
         Ok(head)
     }
 
-    /// Puts `head` in the avail ring and publishes the new index.
-    fn publish(&mut self, head: u16) {
+    fn desc_ptr(&self, idx: u16) -> *mut u8 {
+        self.ptr(self.layout.desc + 16 * idx as usize)
+    }
+
+    /// Writes one descriptor at `d` (16-byte aligned, inside our memory).
+    fn write_desc(&self, d: *mut u8, addr: u64, len: u32, flags: u16, next: u16) {
+        let lo = addr.to_le();
+        let hi = (len as u64 | (flags as u64) << 32 | (next as u64) << 48).to_le();
+        // SAFETY: callers pass a 16-byte aligned descriptor inside the ring
+        // or an indirect table; the device reads it only once published, and
+        // not after it returned the chain, which is ours until reused.
+        unsafe {
+            d.cast::<u64>().write_volatile(lo);
+            d.add(8).cast::<u64>().write_volatile(hi);
+        }
+    }
+
+    /// Puts `head` in the avail ring, not yet published.
+    fn push_avail(&mut self, head: u16) {
         let slot = self.avail_idx % self.size;
         self.write_u16(self.layout.avail + 4 + 2 * slot as usize, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        // The ring entry must be visible before the index that publishes it.
+    }
+
+    /// Publishes the chains added so far: writes the avail index.
+    pub fn publish(&mut self) {
+        if self.published_idx == self.avail_idx {
+            return;
+        }
+        // The ring entries must be visible before the index that publishes them.
         fence(Ordering::Release);
         self.write_u16(self.layout.avail + 2, self.avail_idx);
+        self.published_idx = self.avail_idx;
     }
 
     /// Chains added since the last `kick_prepare`.
@@ -419,6 +457,7 @@ impl<H: Hal> SplitQueue<H> {
     /// and marks them as notified. Call once after a batch of adds; notify
     /// (outside any lock, if you like) when it returns true.
     pub fn kick_prepare(&mut self) -> bool {
+        self.publish();
         // Our avail index must be visible before we read the device's state.
         fence(Ordering::SeqCst);
         let old = self.kicked_idx;
@@ -451,26 +490,21 @@ impl<H: Hal> SplitQueue<H> {
     }
 
     /// Pops one completed chain, freeing its descriptors.
+    ///
+    /// With EVENT_IDX, `used_event` is written when the ring is found empty
+    /// (not once per entry), followed by a fence and a last look at the used
+    /// index: an entry the device adds after that look sees the new
+    /// `used_event` and raises an interrupt, so a thread that blocks after
+    /// `None` misses nothing.
     pub fn pop_used(&mut self) -> Option<Used> {
         loop {
-            let used_idx = self.read_u16(self.layout.used + 2);
-            if used_idx == self.last_used {
+            if self.used_seen == self.last_used && !self.refresh_used() {
                 return None;
             }
-            // Read the entry only after seeing the index that published it.
-            fence(Ordering::Acquire);
             let slot = (self.last_used % self.size) as usize;
             let id = self.read_u32(self.layout.used + 4 + 8 * slot);
             let len = self.read_u32(self.layout.used + 8 + 8 * slot);
             self.last_used = self.last_used.wrapping_add(1);
-            if self.event_idx {
-                // used_event: interrupt us when the device passes this index.
-                self.write_u16(self.layout.avail + 4 + 2 * self.size as usize, self.last_used);
-                // Before the next look at the used index: otherwise an entry
-                // the device adds meanwhile may see the old used_event and
-                // raise no interrupt, and a thread blocked waiting misses it.
-                fence(Ordering::SeqCst);
-            }
             let Some(token) = u16::try_from(id).ok().filter(|&t| t < self.size) else {
                 self.bad_used += 1;
                 continue;
@@ -483,6 +517,28 @@ impl<H: Hal> SplitQueue<H> {
             self.free_chain(token, n);
             return Some(Used { token, len });
         }
+    }
+
+    /// Reads the used index; false when nothing new is there (after
+    /// updating `used_event`, see [`Self::pop_used`]).
+    fn refresh_used(&mut self) -> bool {
+        self.used_seen = self.read_u16(self.layout.used + 2);
+        if self.used_seen == self.last_used && self.event_idx && self.used_event != self.last_used {
+            // used_event: interrupt us when the device passes this index.
+            self.write_u16(self.layout.avail + 4 + 2 * self.size as usize, self.last_used);
+            self.used_event = self.last_used;
+            // Before the last look at the used index: otherwise an entry the
+            // device adds meanwhile may see the old used_event and raise no
+            // interrupt, and a thread blocked waiting misses it.
+            fence(Ordering::SeqCst);
+            self.used_seen = self.read_u16(self.layout.used + 2);
+        }
+        if self.used_seen == self.last_used {
+            return false;
+        }
+        // Read the entries only after seeing the index that published them.
+        fence(Ordering::Acquire);
+        true
     }
 
     fn free_chain(&mut self, head: u16, n: u16) {
@@ -528,23 +584,13 @@ impl<H: Hal> SplitQueue<H> {
         unsafe { self.ptr(off).cast::<u16>().write_volatile(v.to_le()) }
     }
 
-    fn write_u32(&self, off: usize, v: u32) {
-        // SAFETY: as in write_u16, 4-aligned by the layout.
-        unsafe { self.ptr(off).cast::<u32>().write_volatile(v.to_le()) }
-    }
-
-    fn write_u64(&self, off: usize, v: u64) {
-        // SAFETY: as in write_u16, 8-aligned (descriptors are 16 bytes).
-        unsafe { self.ptr(off).cast::<u64>().write_volatile(v.to_le()) }
-    }
-
     fn read_u16(&self, off: usize) -> u16 {
         // SAFETY: as in write_u16; the device may write concurrently, hence volatile.
         u16::from_le(unsafe { self.ptr(off).cast::<u16>().read_volatile() })
     }
 
     fn read_u32(&self, off: usize) -> u32 {
-        // SAFETY: as in write_u32.
+        // SAFETY: as in write_u16, 4-aligned by the layout.
         u32::from_le(unsafe { self.ptr(off).cast::<u32>().read_volatile() })
     }
 }

@@ -11,7 +11,7 @@
 
 use alloc::vec::Vec;
 
-use crate::iommu::{Reply, Ticket};
+use crate::iommu::{Replies, Ticket};
 
 /// Size and timeout of one flush queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +73,7 @@ pub(crate) struct Outcome {
 /// domain was detached: the device holds no mapping) are freed.
 pub(crate) fn settle(
     tickets: &[Ticket],
-    replies: &[Reply],
+    replies: &Replies,
     entries: Vec<(u64, u64)>,
     range_of: impl Fn(&(u64, u64)) -> (u64, u64),
 ) -> Outcome {
@@ -81,9 +81,9 @@ pub(crate) fn settle(
     for e in entries {
         let (s, l) = range_of(&e);
         let covering = tickets.iter().position(|&(_, ts, tl)| ts <= s && l <= tl);
-        match covering.and_then(|i| replies.get(i)).map(|r| &r.result) {
+        match covering.filter(|&i| i < replies.len()).map(|i| replies.result(i)) {
             Some(Err(err)) => {
-                out.error.get_or_insert_with(|| err.clone());
+                out.error.get_or_insert(err);
                 out.retry.push(e);
             }
             _ => out.free.push(e),
@@ -95,6 +95,7 @@ pub(crate) fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iommu::Reply;
     use crate::Error;
     use viommu_proto::{RequestType, Status};
 
@@ -106,7 +107,7 @@ mod tests {
     fn settle_frees_covered_ok_and_retries_failed() {
         let tickets = [(1, 0x1000, 0x4fff), (2, 0x8000, 0x8fff)];
         let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
-        let replies = [reply(Ok(())), reply(Err(err.clone()))];
+        let replies = Replies::from_vec(vec![reply(Ok(())), reply(Err(err.clone()))]);
         let entries = vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x8000, 0x1000), (0x9000, 0x1000)];
         let out = settle(&tickets, &replies, entries, |&(i, s)| (i, i + s - 1));
         assert_eq!(out.free, vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x9000, 0x1000)]);

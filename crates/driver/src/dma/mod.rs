@@ -525,7 +525,7 @@ impl DmaDomain {
             }
         };
         let replies = if tickets.is_empty() {
-            Vec::new()
+            Default::default()
         } else {
             let seqs: Vec<u64> = tickets.iter().map(|t| t.0).collect();
             match self.domain.port().wait_or_abandon(&seqs) {
