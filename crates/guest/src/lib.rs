@@ -8,6 +8,8 @@
 //! - [`blk`]: a small virtio-blk endpoint driver whose every ring and buffer
 //!   address is an IOVA from the viommu DMA layer;
 //! - [`mapper`]: how the test workloads map their buffers (per policy);
+//! - [`kernel_boot`], [`kernel_io`]: the same workloads through the Linux
+//!   kernel's own virtio-blk and virtio-iommu drivers, for comparison;
 //! - [`pattern`]: the known disk contents the tests check against.
 //!
 //! Completion is by polling: nothing here takes interrupts. The guest test
@@ -16,6 +18,8 @@
 
 pub mod blk;
 pub mod hugepage;
+pub mod kernel_boot;
+pub mod kernel_io;
 pub mod mapper;
 pub mod pattern;
 pub mod pci;

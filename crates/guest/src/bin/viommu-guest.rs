@@ -3,6 +3,8 @@
 //! - `viommu-guest gen-disk FILE`: writes the known disk pattern (on the host);
 //! - `viommu-guest run`: the tests, inside the guest, options from
 //!   /proc/cmdline: `vg.policy=strict|lazy|lazy-single|lazy-batch|bypass`,
+//!   or `linux-lazy|linux-strict|linux-noiommu` (Linux's own drivers, see
+//!   `run_kernel`),
 //!   `vg.mib=N` (MiB per workload), `vg.neg=0|1` (negative tests).
 //!
 //! Output lines for the host script, all starting with `VG `:
@@ -18,6 +20,8 @@ use viommu_driver::hal::{DmaRegion, Hal, PAGE_SIZE};
 use viommu_driver::{DriverOptions, FaultRecord, Prot, VirtioIommu};
 use viommu_guest::blk::{BlkOp, VirtioBlk, S_OK};
 use viommu_guest::hugepage::HugePageHal;
+use viommu_guest::kernel_boot::{self, BoundMarker};
+use viommu_guest::kernel_io;
 use viommu_guest::pattern;
 use viommu_guest::virtio_pci::{ConfigMarker, PciTransport};
 use viommu_proto::{fault, Config};
@@ -64,6 +68,9 @@ struct Opts {
     sg: bool,
     sizes: Vec<usize>,
     qds: Vec<usize>,
+    /// linux-* boots: let the block layer merge adjacent I/Os into one
+    /// request (Linux's default). Off, every I/O is one request, as in ours.
+    merges: bool,
 }
 
 fn parse_size(s: &str) -> Option<usize> {
@@ -84,6 +91,7 @@ impl Opts {
             sg: true,
             sizes: vec![4 << 10, 64 << 10, 1 << 20],
             qds: vec![1, 32],
+            merges: false,
         };
         for kv in cmdline.split_whitespace() {
             let Some((k, v)) = kv.split_once('=') else { continue };
@@ -92,6 +100,7 @@ impl Opts {
                 "vg.mib" => o.mib = v.parse().map_err(|_| format!("bad {kv}"))?,
                 "vg.neg" => o.neg = v == "1",
                 "vg.sg" => o.sg = v == "1",
+                "vg.merges" => o.merges = v == "1",
                 "vg.sizes" => {
                     o.sizes = v
                         .split(',')
@@ -421,53 +430,191 @@ fn size_name(size: usize) -> String {
     }
 }
 
-fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &mut Results) {
+/// The workload matrix of a boot, in order: reads then writes; each size,
+/// then its scattered variant; each queue depth. Write workloads get a tag
+/// per boot and workload, so data left by an earlier boot never passes.
+fn plan(o: &Opts, ring: usize) -> Vec<Workload> {
     let bytes = o.mib << 20;
-    // A tag per boot and workload: data left by an earlier boot never passes.
     let boot_tag = o
         .policy
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    let mut idx = 0u64;
+    let mut out = Vec::new();
     for op in [BlkOp::Read, BlkOp::Write] {
-        let ring = blk.queue_size();
         let variants = o.sizes.iter().flat_map(|&size| {
             // Without an IOMMU a scattered buffer is one descriptor per page
             // (we have no indirect descriptors): it must fit in the ring, and
             // the queue depth is cut to what fits (3 at 1 MiB in 1024 entries).
-            let fits = o.policy != "bypass" || size / PAGE_SIZE + 2 <= ring as usize;
+            let fits = o.policy != "bypass" || size / PAGE_SIZE + 2 <= ring;
             let sg = (o.sg && size > PAGE_SIZE && fits).then_some((size, true));
             [Some((size, false)), sg].into_iter().flatten()
         });
         for (size, scattered) in variants {
             for &qd in &o.qds {
-                idx += 1;
                 let opn = if op == BlkOp::Read { "read" } else { "write" };
                 let sg = if scattered { "-sg" } else { "" };
                 let name = format!("{opn}-{}{sg}-qd{qd}", size_name(size));
                 let (base, tag) = match op {
                     BlkOp::Read => (READ_BASE, pattern::DISK_TAG),
-                    BlkOp::Write => (WRITE_BASE, boot_tag ^ idx),
+                    BlkOp::Write => (WRITE_BASE, boot_tag ^ (out.len() as u64 + 1)),
                 };
-                let w = Workload { name: name.clone(), op, size, scattered, qd, bytes, base, tag };
-                let r = run_workload(rig, blk, m, &w).and_then(|p| {
-                    let mib = bytes as f64 / (1 << 20) as f64;
-                    let c = p.counts;
-                    println!(
-                        "VG PERF {name} ios={} reqs={} bytes={bytes} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
-                        p.ios, p.ios, p.secs, p.dma_secs, mib / p.secs.max(1e-9), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
-                    );
-                    if op == BlkOp::Write {
-                        rig.mark(&format!("verify-{name}"));
-                        verify_region(rig, blk, m, base, bytes, tag)?;
-                    }
-                    Ok(())
-                });
-                res.record(&format!("{}-{name}", o.policy), r);
+                out.push(Workload { name, op, size, scattered, qd, bytes, base, tag });
             }
         }
     }
+    out
+}
+
+fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &mut Results) {
+    for w in plan(o, blk.queue_size() as usize) {
+        let r = run_workload(rig, blk, m, &w).and_then(|p| {
+            let c = p.counts;
+            println!(
+                "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
+                w.name, p.ios, p.ios, w.bytes, p.secs, p.dma_secs, mbps(w.bytes, p.secs), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
+            );
+            if w.op == BlkOp::Write {
+                rig.mark(&format!("verify-{}", w.name));
+                verify_region(rig, blk, m, w.base, w.bytes, w.tag)?;
+            }
+            Ok(())
+        });
+        res.record(&format!("{}-{}", o.policy, w.name), r);
+    }
     rig.mark("end");
+}
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+}
+
+// ------------------------------------------------------------------ Linux's drivers
+
+/// Where `scripts/real-guest` puts the (decompressed) kernel modules.
+const MODULE_DIR: &str = "/lib/modules";
+/// The block device the kernel's virtio-blk creates.
+const KERNEL_DISK: &str = "/dev/vda";
+/// The block layer's merge switch for the disk.
+const NOMERGES: &str = "/sys/block/vda/queue/nomerges";
+/// How long after loading the modules the disk may take to appear.
+const DISK_WAIT: Duration = Duration::from_secs(60);
+/// Pause after each workload in a lazy Linux boot, so that the UNMAPs its
+/// flush queue sends up to ~10 ms later land before the next mark.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Loads Linux's virtio-iommu (when the boot has an IOMMU) and virtio-blk,
+/// and waits for the disk; checks the IOMMU domain type of the endpoint.
+fn kernel_setup(
+    o: &Opts,
+    res: &mut Results,
+) -> Result<(kernel_io::Disk, Option<BoundMarker>), String> {
+    let want_type = match o.policy.as_str() {
+        "linux-lazy" => Some("DMA-FQ"),
+        "linux-strict" => Some("DMA"),
+        "linux-noiommu" => None,
+        p => return Err(format!("unknown policy {p}")),
+    };
+    let hal = HugePageHal::new(60).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    if want_type.is_some() {
+        kernel_boot::load_module(&format!("{MODULE_DIR}/virtio-iommu.ko"))
+            .map_err(|e| e.to_string())?;
+    }
+    kernel_boot::load_module(&format!("{MODULE_DIR}/virtio_blk.ko")).map_err(|e| e.to_string())?;
+    kernel_boot::wait_for(KERNEL_DISK, DISK_WAIT).map_err(|e| e.to_string())?;
+    println!("VG INFO {KERNEL_DISK} up {:.2} s after loading modules", t0.elapsed().as_secs_f64());
+    if !o.merges {
+        // 2: no merging at all, so each I/O is one virtio-blk request.
+        std::fs::write(NOMERGES, "2").map_err(|e| format!("write {NOMERGES}: {e}"))?;
+    }
+    let blk_bdf = format!("0000:{BLK_BDF}");
+    let found = kernel_boot::iommu_domain_type(&blk_bdf);
+    res.record(
+        "iommu-domain-type",
+        (found.as_deref() == want_type)
+            .then_some(())
+            .ok_or(format!("{blk_bdf}: domain type {found:?}, want {want_type:?}")),
+    );
+    let marker = match want_type {
+        Some(_) => {
+            Some(BoundMarker::open(IOMMU_BDF, Config::BYPASS_OFFSET).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let disk = kernel_io::Disk::open(KERNEL_DISK, hal).map_err(|e| e.to_string())?;
+    Ok((disk, marker))
+}
+
+fn kernel_job(w: &Workload) -> kernel_io::Job {
+    kernel_io::Job {
+        write: w.op == BlkOp::Write,
+        size: w.size,
+        scattered: w.scattered,
+        qd: w.qd,
+        bytes: w.bytes,
+        base: w.base,
+        tag: w.tag,
+    }
+}
+
+/// The workload matrix through the kernel's drivers on `/dev/vda`.
+fn run_kernel(o: &Opts, res: &mut Results) {
+    let (disk, marker) = match kernel_setup(o, res) {
+        Ok(v) => v,
+        Err(e) => {
+            res.record(&format!("{}-setup", o.policy), Err(e));
+            return;
+        }
+    };
+    let mark = |name: &str| {
+        if let Some(m) = &marker {
+            println!("VG MARK {name} cfgw={}", m.mark());
+        }
+    };
+    let settle = || {
+        if marker.is_some() {
+            std::thread::sleep(SETTLE);
+        }
+    };
+    res.record(
+        "blk-capacity",
+        match disk.capacity() {
+            Ok(c) if c == DISK_MIB << 20 => Ok(()),
+            Ok(c) => Err(format!("capacity {c} bytes")),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    settle();
+    for w in plan(o, BLK_QUEUE_SIZE as usize) {
+        mark(&w.name);
+        let r = disk.run(&kernel_job(&w)).map_err(|e| e.to_string()).and_then(|p| {
+            println!(
+                "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1}",
+                w.name,
+                p.ios,
+                p.ios,
+                w.bytes,
+                p.secs,
+                mbps(w.bytes, p.secs)
+            );
+            settle();
+            if w.op == BlkOp::Write {
+                mark(&format!("verify-{}", w.name));
+                let v = kernel_io::Job {
+                    write: false,
+                    size: 1 << 20,
+                    scattered: false,
+                    qd: 32,
+                    ..kernel_job(&w)
+                };
+                disk.run(&v).map_err(|e| format!("read-back: {e}"))?;
+                settle();
+            }
+            Ok(())
+        });
+        res.record(&format!("{}-{}", o.policy, w.name), r);
+    }
+    mark("end");
 }
 
 // ------------------------------------------------------------------ negative tests
@@ -767,6 +914,10 @@ fn run() -> Results {
         }
     };
     println!("VG INFO options {o:?}");
+    if o.policy.starts_with("linux-") {
+        run_kernel(&o, &mut res);
+        return res;
+    }
     let (rig, mut blk, mut m) = match setup(&o, &mut res) {
         Ok(v) => v,
         Err(e) => {
@@ -818,15 +969,41 @@ mod tests {
     #[test]
     fn options_come_from_the_kernel_command_line() {
         let o = Opts::from_cmdline(
-            "console=ttyS0 quiet vg.policy=lazy-batch vg.mib=8 vg.neg=0 vg.sizes=4k,1m vg.qds=32",
+            "console=ttyS0 quiet vg.policy=lazy-batch vg.mib=8 vg.neg=0 vg.sizes=4k,1m vg.qds=32 vg.merges=1",
         )
         .unwrap();
         assert_eq!((o.policy.as_str(), o.mib, o.neg, o.sg), ("lazy-batch", 8, false, true));
-        assert_eq!((o.sizes, o.qds), (vec![4096, 1 << 20], vec![32]));
+        assert_eq!((o.sizes, o.qds, o.merges), (vec![4096, 1 << 20], vec![32], true));
+        assert!(!Opts::from_cmdline("").unwrap().merges);
         assert!(Opts::from_cmdline("vg.mib=65").is_err(), "the write region is 64 MiB");
         assert!(Opts::from_cmdline("vg.sizes=4x").is_err());
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("512"), Some(512));
+    }
+
+    #[test]
+    fn plan_is_the_same_matrix_for_every_policy_but_bypass() {
+        let o = Opts::from_cmdline("vg.policy=linux-lazy vg.mib=16").unwrap();
+        let p = plan(&o, 1024);
+        let names: Vec<&str> = p.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names.len(), 20);
+        assert_eq!(
+            names[..5],
+            ["read-4k-qd1", "read-4k-qd32", "read-64k-qd1", "read-64k-qd32", "read-64k-sg-qd1"]
+        );
+        assert_eq!(names[19], "write-1m-sg-qd32");
+        // Reads check the host's pattern; each write its own tag (the 1-based
+        // index of the workload, mixed with the policy's hash).
+        assert!(p[..10].iter().all(|w| w.op == BlkOp::Read && w.tag == pattern::DISK_TAG));
+        assert_eq!(p[10].tag ^ p[11].tag, 11 ^ 12);
+        assert!(p.iter().all(|w| w.bytes == 16 << 20));
+        let other = plan(&Opts::from_cmdline("vg.policy=lazy vg.mib=16").unwrap(), 1024);
+        assert_eq!(other.len(), 20);
+        assert_ne!(other[10].tag, p[10].tag, "a tag per boot");
+        // Without an IOMMU, scattered 1 MiB (258 descriptors) needs a ring that holds it.
+        let b = plan(&Opts::from_cmdline("vg.policy=bypass").unwrap(), 256);
+        assert_eq!(b.len(), 16);
+        assert!(!b.iter().any(|w| w.name.contains("1m-sg")));
     }
 
     #[test]
