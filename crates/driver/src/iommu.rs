@@ -65,6 +65,7 @@ use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
 use crate::queue::{Buffer, QueueError, SplitQueue};
 use crate::sync::{relax, Mutex, MutexGuard, Waiter};
 use crate::transport::{status, Transport, UsedWaiter};
+use crate::tree::MapTree;
 use crate::{Error, Result};
 
 // ---------------------------------------------------------------------------
@@ -1647,7 +1648,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         let flags = if bypass { ATTACH_F_BYPASS } else { 0 };
         let mut reqs = vec![attach_req(d.id, endpoint, flags)];
         if st.endpoints.is_empty() {
-            reqs.extend(st.tree.values().map(|m| map_req(d.id, m)));
+            reqs.extend(st.tree.iter().map(|m| map_req(d.id, m)));
         }
         let (seqs, queued) = match s.submit_all(Reqs::Any(&reqs)) {
             Ok(seqs) => (seqs, Ok(())),
@@ -1877,8 +1878,9 @@ struct Stale {
 #[derive(Default)]
 struct DomainState {
     endpoints: BTreeSet<u32>,
-    /// The mapping tree: non-overlapping intervals keyed by first IOVA.
-    tree: BTreeMap<u64, Mapping>,
+    /// The mapping tree: non-overlapping mappings, one node per run of
+    /// touching ones.
+    tree: MapTree,
     /// Requests queued by `map_pages`/`unmap_pages` and not yet synced.
     pending: Vec<PendingOp>,
     /// Timed-out MAPs, see [`Stale`].
@@ -1889,43 +1891,24 @@ struct DomainState {
 }
 
 impl DomainState {
-    /// Mappings that intersect `[start, last]`, in order.
-    fn intersecting(&self, start: u64, last: u64) -> impl Iterator<Item = &Mapping> {
-        let before =
-            self.tree.range(..start).next_back().map(|(_, m)| m).filter(|m| m.last >= start);
-        before.into_iter().chain(self.tree.range(start..=last).map(|(_, m)| m))
-    }
-
     /// First IOVA of a mapping or stale range that overlaps `[start, last]`.
     fn overlap(&self, start: u64, last: u64) -> Option<u64> {
-        let stale = self.stale.iter().find(|s| s.iova <= last && start <= s.last);
-        self.intersecting(start, last).next().map(|m| m.iova).or(stale.map(|s| s.iova))
-    }
-
-    /// Removes the whole mappings inside `[start, last]`; refuses to split one.
-    fn remove_range(&mut self, start: u64, last: u64) -> Result<Vec<Mapping>> {
-        let hits: Vec<Mapping> = self.intersecting(start, last).copied().collect();
-        if let Some(m) = hits.iter().find(|m| m.iova < start || m.last > last) {
-            return Err(Error::WouldSplit { iova: m.iova });
+        if let Some(m) = self.tree.first_in(start, last) {
+            return Some(m.iova);
         }
-        for m in &hits {
-            self.tree.remove(&m.iova);
-        }
-        Ok(hits)
+        self.stale.iter().find(|s| s.iova <= last && start <= s.last).map(|s| s.iova)
     }
 
     /// A MAP did not happen: its tree entry goes.
     fn undo_map(&mut self, iova: u64, last: u64) {
-        if self.tree.get(&iova).is_some_and(|m| m.last == last) {
-            self.tree.remove(&iova);
-        }
+        self.tree.remove_exact(iova, last);
     }
 
     /// An UNMAP did not happen (or may not have): its mappings come back.
     fn undo_unmap(&mut self, removed: Vec<Mapping>) {
         for m in removed {
-            if self.intersecting(m.iova, m.last).next().is_none() {
-                self.tree.insert(m.iova, m);
+            if self.tree.first_in(m.iova, m.last).is_none() {
+                self.tree.insert(m);
             }
         }
     }
@@ -1966,7 +1949,7 @@ impl DomainInner {
         if let Some(iova) = st.overlap(m.iova, m.last) {
             return Err(Error::Overlap { iova });
         }
-        st.tree.insert(m.iova, m);
+        st.tree.insert(m);
         Ok(())
     }
 
@@ -2207,7 +2190,7 @@ impl Domain {
 
     /// A copy of the mapping tree, in IOVA order.
     pub fn mappings(&self) -> Vec<Mapping> {
-        self.inner.state.lock().tree.values().copied().collect()
+        self.inner.state.lock().tree.iter().copied().collect()
     }
 
     /// Records `[iova, iova+size)` → `paddr` and, when the domain is attached,
@@ -2225,12 +2208,12 @@ impl Domain {
         if let Some(iova) = st.overlap(iova, last) {
             return Err(Error::Overlap { iova });
         }
-        st.tree.insert(iova, m);
+        st.tree.insert(m);
         if DomainInner::attached(&st, d.kind) {
             match d.port.submit(&map_req(d.id, &m), 0) {
                 Ok(seq) => st.pending.push(PendingOp::Map { seq, iova, last }),
                 Err(e) => {
-                    st.tree.remove(&iova);
+                    st.tree.remove_exact(iova, last);
                     return Err(e);
                 }
             }
@@ -2248,7 +2231,7 @@ impl Domain {
         }
         let last = iova.saturating_add(size - 1);
         let mut st = d.lock_after(&[(iova, last)], false)?;
-        let removed = st.remove_range(iova, last)?;
+        let removed = st.tree.remove_range(iova, last)?;
         let bytes = removed.iter().map(|m| m.last - m.iova + 1).sum();
         if removed.is_empty() || !DomainInner::attached(&st, d.kind) {
             return Ok(bytes);
@@ -2257,7 +2240,7 @@ impl Domain {
             Ok(seq) => st.pending.push(PendingOp::Unmap { seq, range: (iova, last), removed }),
             Err(e) => {
                 for m in removed {
-                    st.tree.insert(m.iova, m);
+                    st.tree.insert(m);
                 }
                 return Err(e);
             }
@@ -2309,8 +2292,8 @@ impl Domain {
     /// The physical address `iova` translates to, from the tree.
     pub fn iova_to_phys(&self, iova: u64) -> Option<u64> {
         let st = self.inner.state.lock();
-        let (_, m) = st.tree.range(..=iova).next_back()?;
-        (iova <= m.last).then(|| m.paddr + (iova - m.iova))
+        let m = st.tree.get(iova)?;
+        Some(m.paddr + (iova - m.iova))
     }
 
     // --- crate-internal operations for the DMA layer ----------------------
@@ -2335,23 +2318,31 @@ impl Domain {
             d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
         }
         // Touching maps (a scatter-gather list laid out back to back) form
-        // one range: one overlap check instead of one per MAP. Runs are
-        // merged in order first, so only a few of them need sorting.
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for m in maps {
-            match ranges.last_mut() {
-                Some(prev) if prev.1.checked_add(1) == Some(m.iova) => prev.1 = m.last,
-                _ => ranges.push((m.iova, m.last)),
+        // one run: one overlap check and one tree node instead of one per
+        // MAP. `runs` holds `(first IOVA, last IOVA, end index)` in input
+        // order; sorted copies are checked for overlapping one another.
+        let mut runs: Vec<(u64, u64, usize)> = Vec::new();
+        for (i, m) in maps.iter().enumerate() {
+            match runs.last_mut() {
+                Some(prev) if prev.1.checked_add(1) == Some(m.iova) => {
+                    prev.1 = m.last;
+                    prev.2 = i + 1;
+                }
+                _ => runs.push((m.iova, m.last, i + 1)),
             }
         }
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-        for (s, e) in ranges {
-            match merged.last_mut() {
-                Some(prev) if s <= prev.1 => return Err(Error::Overlap { iova: s }),
-                Some(prev) if s == prev.1 + 1 => prev.1 = e,
-                _ => merged.push((s, e)),
+        let mut merged: Vec<(u64, u64)> = runs.iter().map(|r| (r.0, r.1)).collect();
+        if merged.len() > 1 {
+            merged.sort_unstable();
+            let mut out: Vec<(u64, u64)> = Vec::with_capacity(merged.len());
+            for (s, e) in merged {
+                match out.last_mut() {
+                    Some(prev) if s <= prev.1 => return Err(Error::Overlap { iova: s }),
+                    Some(prev) if s == prev.1 + 1 => prev.1 = e,
+                    _ => out.push((s, e)),
+                }
             }
+            merged = out;
         }
         let mut st = d.lock_after(&merged, true)?;
         for &(s, e) in &merged {
@@ -2359,14 +2350,10 @@ impl Domain {
                 return Err(Error::Overlap { iova });
             }
         }
-        if maps.len() * 4 >= st.tree.len() {
-            // Few mappings so far: one bulk merge beats a search per insert.
-            let mut add: BTreeMap<u64, Mapping> = maps.iter().map(|m| (m.iova, *m)).collect();
-            st.tree.append(&mut add);
-        } else {
-            for m in maps {
-                st.tree.insert(m.iova, *m);
-            }
+        let mut from = 0;
+        for &(_, _, end) in &runs {
+            st.tree.insert_run(&maps[from..end]);
+            from = end;
         }
         if !DomainInner::attached(&st, d.kind) {
             return Ok(Vec::new());
@@ -2378,7 +2365,7 @@ impl Domain {
                 // Unqueued ones leave the tree; queued ones stay pending
                 // for the domain's next sync, and the caller rolls back.
                 for m in &maps[seqs.len()..] {
-                    st.tree.remove(&m.iova);
+                    st.tree.remove_exact(m.iova, m.last);
                 }
                 let queued = seqs.into_iter().zip(maps).map(ticket);
                 st.pending.extend(queued.map(|(seq, iova, last)| PendingOp::Map {
@@ -2413,33 +2400,11 @@ impl Domain {
     pub(crate) fn take_ranges(&self, ranges: &[(u64, u64)]) -> Result<()> {
         let mut st = self.inner.state.lock();
         for &(s, e) in ranges {
-            let mut it = st.intersecting(s, e);
-            match it.next() {
-                None => return Err(Error::NotMapped { iova: s }),
-                Some(m) if m.iova < s => return Err(Error::WouldSplit { iova: m.iova }),
-                _ => {}
-            }
-            // The last mapping starting in the range (the first was checked).
-            if let Some((_, m)) = st.tree.range(s..=e).next_back().filter(|(_, m)| m.last > e) {
-                return Err(Error::WouldSplit { iova: m.iova });
-            }
+            st.tree.check_whole(s, e)?;
         }
-        // Checked: every mapping in a range lies wholly inside it, so
-        // removing the keys in it removes exactly those.
+        // Checked: every mapping in a range lies wholly inside it.
         for &(s, e) in ranges {
-            let n = st.tree.range(s..=e).count();
-            if n * 4 >= st.tree.len() {
-                // Most of the tree (a scatter-gather list): cut it out
-                // whole rather than rebalance once per mapping.
-                let mut mid = st.tree.split_off(&s);
-                let mut right = mid.split_off(&(e + 1));
-                st.tree.append(&mut right);
-            } else {
-                let keys: Vec<u64> = st.tree.range(s..=e).map(|(&k, _)| k).collect();
-                for k in keys {
-                    st.tree.remove(&k);
-                }
-            }
+            st.tree.remove_inside(s, e);
         }
         Ok(())
     }
@@ -2467,7 +2432,7 @@ impl Domain {
             if let Some(prev) = merged.last_mut() {
                 let touching = s <= prev.1.saturating_add(1);
                 let gap_free =
-                    touching || (span_gaps && st.intersecting(prev.1 + 1, s - 1).next().is_none());
+                    touching || (span_gaps && st.tree.first_in(prev.1 + 1, s - 1).is_none());
                 if coalesce && gap_free {
                     prev.1 = prev.1.max(e);
                     prev.2 |= !touching;

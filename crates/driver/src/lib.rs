@@ -23,6 +23,7 @@ pub mod iommu;
 pub mod queue;
 mod sync;
 pub mod transport;
+mod tree;
 
 pub use dma::{DmaDirection, DmaDomain, DmaOptions, Policy};
 pub use hal::{DmaRegion, Hal, PAGE_SIZE};
