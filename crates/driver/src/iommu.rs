@@ -587,9 +587,17 @@ impl Replies {
 struct SeqSet(Vec<(u64, u64)>);
 
 impl SeqSet {
+    #[inline]
     fn insert(&mut self, s: u64) {
         match self.0.last_mut() {
-            Some(r) if r.1 == s => return r.1 += 1,
+            Some(r) if r.1 == s => r.1 += 1,
+            _ => self.insert_slow(s),
+        }
+    }
+
+    #[cold]
+    fn insert_slow(&mut self, s: u64) {
+        match self.0.last() {
             Some(r) if r.1 < s => return self.0.push((s, s + 1)),
             None => return self.0.push((s, s + 1)),
             _ => {}
@@ -2086,6 +2094,12 @@ impl DomainInner {
         }
         let seqs: Vec<u64> = ops.iter().map(PendingOp::seq).collect();
         let replies = self.port.wait(&seqs);
+        self.settle_ops(ops, replies)
+    }
+
+    /// Rolls back the failures among `ops` (by their replies) in the tree;
+    /// first error wins.
+    fn settle_ops(&self, ops: Vec<PendingOp>, replies: Result<Replies>) -> Result<()> {
         let mut st = self.state.lock();
         let replies = match replies {
             Ok(r) => r,
@@ -2308,8 +2322,8 @@ impl Domain {
 
     /// Records and queues several mappings under one lock. Validation is
     /// all-or-nothing. Returns tickets `(seq, iova, last)` to sync with
-    /// [`Self::finish_maps`] (none when not attached).
-    pub(crate) fn map_many(&self, maps: &[Mapping]) -> Result<Vec<Ticket>> {
+    /// [`Self::finish_maps`], one per MAP (none when not attached).
+    pub(crate) fn map_many(&self, maps: &[Mapping]) -> Result<Vec<u64>> {
         let d = &self.inner;
         if d.kind != DomainKind::Paging {
             return Err(Error::NotPaging);
@@ -2360,7 +2374,7 @@ impl Domain {
         }
         let ticket = |(seq, m): (u64, &Mapping)| (seq, m.iova, m.last);
         match d.port.submit_all(Reqs::Maps(d.id, maps)) {
-            Ok(seqs) => Ok(seqs.into_iter().zip(maps).map(ticket).collect()),
+            Ok(seqs) => Ok(seqs),
             Err((seqs, e)) => {
                 // Unqueued ones leave the tree; queued ones stay pending
                 // for the domain's next sync, and the caller rolls back.
@@ -2388,11 +2402,25 @@ impl Domain {
         self.inner.is_stale(start, last)
     }
 
-    /// Syncs map tickets: one sync; failed MAPs leave the tree.
-    pub(crate) fn finish_maps(&self, tickets: &[Ticket]) -> Result<()> {
-        let ops =
-            tickets.iter().map(|&(seq, iova, last)| PendingOp::Map { seq, iova, last }).collect();
-        self.inner.finish(ops)
+    /// Syncs the tickets of [`Self::map_many`] (`seqs[i]` for `maps[i]`):
+    /// one sync; failed MAPs leave the tree.
+    pub(crate) fn finish_maps(&self, seqs: &[u64], maps: &[Mapping]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let replies = self.inner.port.wait(seqs);
+        if replies.as_ref().is_ok_and(Replies::all_ok) {
+            // The common case: nothing to roll back.
+            let mut st = self.inner.state.lock();
+            self.inner.settle_stale(&mut st);
+            return Ok(());
+        }
+        let ops = seqs
+            .iter()
+            .zip(maps)
+            .map(|(&seq, m)| PendingOp::Map { seq, iova: m.iova, last: m.last })
+            .collect();
+        self.inner.settle_ops(ops, replies)
     }
 
     /// Removes whole mappings from the tree without sending UNMAP (the DMA

@@ -345,6 +345,7 @@ impl<H: Hal> SplitQueue<H> {
     /// the device sees it after the next [`Self::publish`] (or
     /// [`Self::kick_prepare`], which publishes first). Adding a batch this
     /// way writes the index, and fences, once per batch.
+    #[inline(always)]
     pub fn add_unpublished(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
         let n = bufs.len();
         if n == 0 {
@@ -382,6 +383,7 @@ impl<H: Hal> SplitQueue<H> {
 
     /// Writes the chain into the table of the next free descriptor and adds
     /// that one descriptor.
+    #[inline(always)]
     fn add_indirect(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
         let Some(ind) = self.indirect.as_ref() else { return Err(QueueError::TooLong) };
         if self.num_free == 0 {
@@ -418,6 +420,7 @@ impl<H: Hal> SplitQueue<H> {
     }
 
     /// Writes one descriptor at `d` (16-byte aligned, inside our memory).
+    #[inline(always)]
     fn write_desc(&self, d: *mut u8, addr: u64, len: u32, flags: u16, next: u16) {
         let lo = addr.to_le();
         let hi = (len as u64 | (flags as u64) << 32 | (next as u64) << 48).to_le();
@@ -541,6 +544,7 @@ impl<H: Hal> SplitQueue<H> {
         true
     }
 
+    #[inline]
     fn free_chain(&mut self, head: u16, n: u16) {
         self.chain_len[head as usize] = 0;
         let mut last = head;

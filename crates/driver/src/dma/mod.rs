@@ -219,15 +219,6 @@ pub struct DmaDomain {
     retry: Mutex<Vec<(u64, u64)>>,
 }
 
-/// A physically contiguous run: page-aligned base, offset, mapped size, length.
-#[derive(Clone, Copy)]
-struct Run {
-    base: u64,
-    off: u64,
-    size: u64,
-    len: usize,
-}
-
 /// Physically contiguous runs of `segs`, as `(paddr, len)`.
 fn merge_segments(segs: &[(u64, usize)]) -> Vec<(u64, usize)> {
     let mut runs: Vec<(u64, usize)> = Vec::with_capacity(segs.len());
@@ -382,11 +373,12 @@ impl DmaDomain {
     fn map_synced(&self, maps: &[Mapping], allocs: &[(u64, u64)]) -> Result<()> {
         let result = if self.sync_every_map.load(Ordering::Relaxed) {
             maps.iter().try_for_each(|m| {
-                let t = self.domain.map_many(core::slice::from_ref(m))?;
-                self.domain.finish_maps(&t)
+                let one = core::slice::from_ref(m);
+                let t = self.domain.map_many(one)?;
+                self.domain.finish_maps(&t, one)
             })
         } else {
-            self.domain.map_many(maps).and_then(|t| self.domain.finish_maps(&t))
+            self.domain.map_many(maps).and_then(|t| self.domain.finish_maps(&t, maps))
         };
         if let Err(e) = &result {
             self.rollback(allocs, e);
@@ -434,27 +426,45 @@ impl DmaDomain {
         self.release(&[(base, size)])
     }
 
-    /// The physically contiguous runs of `segs` and their total mapped size,
-    /// in one pass (no intermediate list).
-    fn sg_runs(&self, segs: &[(u64, usize)]) -> Result<(Vec<Run>, u64)> {
-        let mut runs: Vec<Run> = Vec::with_capacity(segs.len());
-        let mut end = u64::MAX; // physical end of the last run
-        for &(p, l) in segs.iter().filter(|s| s.1 > 0) {
-            match runs.last_mut() {
-                Some(r) if end == p => r.len += l,
-                _ => runs.push(Run { base: p, off: 0, size: 0, len: l }),
+    /// Lays `segs` out back to back from IOVA 0, one MAP per physically
+    /// contiguous run: appends the MAPs to `maps` and the device's segments
+    /// to `out`, and returns the total size. [`shift`] then moves both to
+    /// the IOVA allocated for that size. One pass, no intermediate list.
+    fn sg_layout(
+        &self,
+        segs: &[(u64, usize)],
+        prot: Prot,
+        maps: &mut Vec<Mapping>,
+        out: &mut Vec<DmaSegment>,
+    ) -> Result<u64> {
+        let mask = self.granule - 1;
+        let mut at = 0u64;
+        let mut i = 0;
+        while i < segs.len() {
+            let (p, mut len) = segs[i];
+            i += 1;
+            if len == 0 {
+                continue;
             }
-            end = p.wrapping_add(l as u64);
+            // Merge the segments that continue this one physically.
+            let mut end = p.wrapping_add(len as u64);
+            while let Some(&(q, l)) = segs.get(i).filter(|s| s.1 == 0 || s.0 == end) {
+                if l > 0 {
+                    len += l;
+                    end = q.wrapping_add(l as u64);
+                }
+                i += 1;
+            }
+            let off = p & mask;
+            let size = (off + len as u64 + mask) & !mask;
+            maps.push(Mapping { iova: at, last: at + (size - 1), paddr: p - off, prot });
+            out.push(DmaSegment { addr: at + off, len });
+            at += size;
         }
-        if runs.is_empty() {
+        if at == 0 {
             return Err(Error::InvalidArgument("empty scatter-gather list"));
         }
-        let mut total = 0u64;
-        for r in &mut runs {
-            (r.base, r.off, r.size) = self.span(r.base, r.len)?;
-            total += r.size;
-        }
-        Ok((runs, total))
+        Ok(at)
     }
 
     /// Maps a scatter-gather list of `(paddr, len)` with one sync, into one
@@ -467,10 +477,11 @@ impl DmaDomain {
                 .collect();
             return Ok(SgMapping { segments, iova: 0, size: 0 });
         }
-        let (runs, total) = self.sg_runs(segs)?;
+        let mut maps = Vec::with_capacity(segs.len());
+        let mut segments = Vec::with_capacity(segs.len());
+        let total = self.sg_layout(segs, dir.prot(), &mut maps, &mut segments)?;
         let iova = self.alloc(total)?;
-        let mut maps = Vec::with_capacity(runs.len());
-        let segments = place_runs(iova, &runs, dir.prot(), &mut maps);
+        shift(iova, &mut maps, &mut segments);
         self.map_synced(&maps, &[(iova, total)])?;
         Ok(SgMapping { segments, iova, size: total })
     }
@@ -727,18 +738,15 @@ impl Drop for DmaDomain {
     }
 }
 
-/// Lays runs out back to back from `iova`: appends their MAPs to `maps`,
-/// returns the device's segments.
-fn place_runs(iova: u64, runs: &[Run], prot: Prot, maps: &mut Vec<Mapping>) -> Vec<DmaSegment> {
-    let mut at = iova;
-    maps.reserve(runs.len());
-    let mut segs = Vec::with_capacity(runs.len());
-    for &Run { base, off, size, len } in runs {
-        maps.push(Mapping { iova: at, last: at + (size - 1), paddr: base, prot });
-        segs.push(DmaSegment { addr: at + off, len });
-        at += size;
+/// Moves MAPs and segments laid out from IOVA 0 to `iova`.
+fn shift(iova: u64, maps: &mut [Mapping], segs: &mut [DmaSegment]) {
+    for m in maps {
+        m.iova += iova;
+        m.last += iova;
     }
-    segs
+    for s in segs {
+        s.addr += iova;
+    }
 }
 
 /// The buffers of one I/O, mapped with one sync at [`Self::commit`].
@@ -786,10 +794,21 @@ impl DmaBatch<'_> {
                 .map(|(addr, len)| DmaSegment { addr, len })
                 .collect());
         }
-        let (runs, total) = dma.sg_runs(segs)?;
-        let iova = dma.alloc(total)?;
-        self.allocs.push((iova, total));
-        Ok(place_runs(iova, &runs, dir.prot(), &mut self.maps))
+        let from = self.maps.len();
+        let mut segments = Vec::with_capacity(segs.len());
+        let laid = dma.sg_layout(segs, dir.prot(), &mut self.maps, &mut segments);
+        let iova = match laid.and_then(|total| Ok((dma.alloc(total)?, total))) {
+            Ok((iova, total)) => {
+                self.allocs.push((iova, total));
+                iova
+            }
+            Err(e) => {
+                self.maps.truncate(from);
+                return Err(e);
+            }
+        };
+        shift(iova, &mut self.maps[from..], &mut segments);
+        Ok(segments)
     }
 
     /// Sends every MAP of the batch and syncs once. On failure everything
@@ -821,6 +840,16 @@ mod tests {
         Mapping { iova, last: iova + 0xfff, paddr: 0x8000_0000 + iova, prot: Prot::READ }
     }
 
+    fn attached(
+    ) -> (FakeIommu, VirtioIommu<crate::fake::FakeTransport, crate::fake::FakeHal>, Domain) {
+        let fake = FakeIommu::new(Default::default());
+        let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default())
+            .expect("driver");
+        let d = iommu.alloc_paging(1).expect("domain");
+        iommu.attach(&d, 1).expect("attach");
+        (fake, iommu, d)
+    }
+
     fn iovas(d: &Domain) -> Vec<u64> {
         d.mappings().iter().map(|m| m.iova).collect()
     }
@@ -829,16 +858,12 @@ mod tests {
     /// MAPs, bulk tree insert and removal) keep the tree exact.
     #[test]
     fn runs_and_bulk_tree_paths_keep_the_tree_exact() {
-        let fake = FakeIommu::new(Default::default());
-        let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default())
-            .expect("driver");
-        let d = iommu.alloc_paging(1).expect("domain");
-        iommu.attach(&d, 1).expect("attach");
+        let (fake, _iommu, d) = attached();
         // A scatter-gather list (64 touching pages) plus a lone page, out of order.
         let mut maps: Vec<Mapping> = (0..64).map(|i| page(0x10_0000 + i * 0x1000)).collect();
         maps.insert(0, page(0x40_0000));
         let t = d.map_many(&maps).expect("map");
-        d.finish_maps(&t).expect("sync");
+        d.finish_maps(&t, &maps).expect("sync");
         assert_eq!(fake.stats().maps(), 65);
         // Overlapping the run, or each other: refused, nothing recorded or sent.
         let inside = [page(0x20_0000), page(0x10_8000)];
@@ -858,5 +883,57 @@ mod tests {
         assert_eq!(iovas(&d), want);
         d.take_ranges(&[(0x10_2000, 0x13_ffff)]).expect("take 62");
         assert_eq!(iovas(&d), [0x40_0000]);
+    }
+
+    /// `sg_layout` gives one MAP per physically contiguous run (zero-length
+    /// segments ignored, as `merge_segments` does), back to back from 0,
+    /// with the segment's offset in its first page.
+    #[test]
+    fn sg_layout_matches_merged_runs() {
+        let (_fake, _iommu, d) = attached();
+        let dma = DmaDomain::with_std(d, &[], DmaOptions::default()).expect("dma");
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut r = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..500 {
+            let mut segs = Vec::new();
+            let mut p = 0x10_0000 + r(0x1000);
+            for _ in 0..r(8) + 1 {
+                let len = [0, 1, 16, 0x800, 0x1000, 0x1234][r(6) as usize];
+                // Often right after the previous segment, sometimes elsewhere.
+                if r(3) == 0 {
+                    p = 0x10_0000 * (r(16) + 2) + r(0x1000);
+                }
+                segs.push((p, len));
+                p += len as u64;
+            }
+            let (mut maps, mut out) = (Vec::new(), Vec::new());
+            let got = dma.sg_layout(&segs, Prot::READ, &mut maps, &mut out);
+            let runs = merge_segments(&segs);
+            if runs.is_empty() {
+                assert!(got.is_err());
+                continue;
+            }
+            let mut at = 0;
+            let mut want_maps = Vec::new();
+            let mut want_segs = Vec::new();
+            for (p, len) in runs {
+                let (base, off, size) = dma.span(p, len).expect("span");
+                want_maps.push(Mapping {
+                    iova: at,
+                    last: at + size - 1,
+                    paddr: base,
+                    prot: Prot::READ,
+                });
+                want_segs.push(DmaSegment { addr: at + off, len });
+                at += size;
+            }
+            assert_eq!(got.expect("layout"), at, "{segs:x?}");
+            assert_eq!((maps, out), (want_maps, want_segs), "{segs:x?}");
+        }
     }
 }
