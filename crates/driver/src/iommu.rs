@@ -53,6 +53,7 @@ use core::ops::BitOr;
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 
+use smallvec::SmallVec;
 use viommu_proto::{
     features as f, AttachBody, Config, DetachBody, FaultEvent, MapBody, ProbeBody, Property,
     PropertyIter, Request, RequestType, ResvMem, Status, UnmapBody, ATTACH_F_BYPASS, EVENT_QUEUE,
@@ -1020,7 +1021,8 @@ impl<T: Transport, H: Hal> Shared<T, H> {
     /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
     /// notifies, waits for the device and goes on. Tickets go to `seqs`.
     fn submit_into(&self, reqs: &Reqs<'_>, props: usize, seqs: &mut Vec<u64>) -> Result<()> {
-        let mut waiter = self.waiter();
+        // Started at the first wait: most calls never wait (reading the clock is not free).
+        let mut waiter = None;
         seqs.reserve(reqs.len());
         loop {
             let need = {
@@ -1041,7 +1043,7 @@ impl<T: Transport, H: Hal> Shared<T, H> {
             if need {
                 self.notify(REQUEST_QUEUE);
             }
-            self.wait_device(&mut waiter)?;
+            self.wait_device(waiter.get_or_insert_with(|| self.waiter()))?;
         }
     }
 
@@ -1097,7 +1099,8 @@ impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
     fn sync_until<R>(&self, mut done: impl FnMut(&mut ReqQueue<H>) -> Option<R>) -> Result<R> {
         bump(&self.counters.syncs);
         self.kick();
-        let mut waiter = self.waiter();
+        // Started at the first wait: the answer is often in already.
+        let mut waiter = None;
         loop {
             {
                 let mut q = self.req.lock();
@@ -1106,7 +1109,7 @@ impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
                     return Ok(r);
                 }
             }
-            self.wait_device(&mut waiter)?;
+            self.wait_device(waiter.get_or_insert_with(|| self.waiter()))?;
         }
     }
 }
@@ -2335,7 +2338,7 @@ impl Domain {
         // one run: one overlap check and one tree node instead of one per
         // MAP. `runs` holds `(first IOVA, last IOVA, end index)` in input
         // order; sorted copies are checked for overlapping one another.
-        let mut runs: Vec<(u64, u64, usize)> = Vec::new();
+        let mut runs: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
         for (i, m) in maps.iter().enumerate() {
             match runs.last_mut() {
                 Some(prev) if prev.1.checked_add(1) == Some(m.iova) => {
@@ -2345,10 +2348,10 @@ impl Domain {
                 _ => runs.push((m.iova, m.last, i + 1)),
             }
         }
-        let mut merged: Vec<(u64, u64)> = runs.iter().map(|r| (r.0, r.1)).collect();
+        let mut merged: SmallVec<[(u64, u64); 4]> = runs.iter().map(|r| (r.0, r.1)).collect();
         if merged.len() > 1 {
             merged.sort_unstable();
-            let mut out: Vec<(u64, u64)> = Vec::with_capacity(merged.len());
+            let mut out: SmallVec<[(u64, u64); 4]> = SmallVec::with_capacity(merged.len());
             for (s, e) in merged {
                 match out.last_mut() {
                     Some(prev) if s <= prev.1 => return Err(Error::Overlap { iova: s }),
@@ -2400,6 +2403,14 @@ impl Domain {
     /// See [`DomainInner::is_stale`].
     pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
         self.inner.is_stale(start, last)
+    }
+
+    /// Whether any stale MAP range is left (after taking in the replies
+    /// that have come).
+    pub(crate) fn has_stale(&self) -> bool {
+        let mut st = self.inner.state.lock();
+        self.inner.settle_stale(&mut st);
+        !st.stale.is_empty()
     }
 
     /// Syncs the tickets of [`Self::map_many`] (`seqs[i]` for `maps[i]`):

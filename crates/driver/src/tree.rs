@@ -122,13 +122,18 @@ impl MapTree {
         if v.is_empty() {
             self.runs.remove(&key);
         }
-        match right.len() {
+        self.put_back(right);
+    }
+
+    /// Inserts what is left of a split run (nothing if empty).
+    fn put_back(&mut self, rest: Vec<Mapping>) {
+        match rest.len() {
             0 => {}
             1 => {
-                self.runs.insert(right[0].iova, Run::One(right[0]));
+                self.runs.insert(rest[0].iova, Run::One(rest[0]));
             }
             _ => {
-                self.runs.insert(right[0].iova, Run::Many(right));
+                self.runs.insert(rest[0].iova, Run::Many(rest));
             }
         }
     }
@@ -146,27 +151,52 @@ impl MapTree {
     }
 
     /// Checks that `[start, last]` holds at least one mapping and cuts none
-    /// in two: [`Error::NotMapped`] or [`Error::WouldSplit`].
+    /// in two: [`Error::NotMapped`] or [`Error::WouldSplit`]. One search.
     pub(crate) fn check_whole(&self, start: u64, last: u64) -> Result<(), Error> {
-        let Some(first) = self.first_in(start, last) else {
-            return Err(Error::NotMapped { iova: start });
-        };
+        let mut runs = self.runs_in(start, last);
+        let Some((_, top)) = runs.next() else { return Err(Error::NotMapped { iova: start }) };
+        let low = runs.last().map_or(top, |(_, r)| r);
+        let first = &low.maps()[low.span(start, last).0];
         if first.iova < start {
             return Err(Error::WouldSplit { iova: first.iova });
         }
-        match self.last_in(start, last) {
-            Some(m) if m.last > last => Err(Error::WouldSplit { iova: m.iova }),
-            _ => Ok(()),
+        let end = &top.maps()[top.span(start, last).1 - 1];
+        if end.last > last {
+            return Err(Error::WouldSplit { iova: end.iova });
         }
+        Ok(())
     }
 
     /// Removes every mapping that intersects `[start, last]`; the caller
-    /// checked that they all lie inside it ([`Self::check_whole`]).
+    /// checked that they all lie inside it ([`Self::check_whole`]). When
+    /// one run holds them (the usual case), one search and one removal or
+    /// insertion.
     pub(crate) fn remove_inside(&mut self, start: u64, last: u64) {
         loop {
-            let Some((&key, run)) = self.runs_in(start, last).next() else { return };
+            let Some((&key, run)) = self.runs.range_mut(..=last).next_back() else { return };
+            if run.last() < start {
+                return;
+            }
             let (i, j) = run.span(start, last);
-            self.cut(key, i, j);
+            let n = run.maps().len();
+            self.len -= j - i;
+            match run {
+                Run::Many(v) if i > 0 || j < n => {
+                    let right = v.split_off(j);
+                    v.truncate(i);
+                    if v.is_empty() {
+                        self.runs.remove(&key);
+                    }
+                    self.put_back(right);
+                }
+                _ => {
+                    self.runs.remove(&key);
+                }
+            }
+            if key <= start {
+                // Runs are disjoint: none below this one reaches `start`.
+                return;
+            }
         }
     }
 

@@ -43,10 +43,11 @@
 pub mod flush;
 pub mod iova;
 
-use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use smallvec::SmallVec;
 
 pub use flush::FlushQueueConfig;
 pub use iova::{IovaAllocator, IovaOptions};
@@ -191,8 +192,12 @@ pub struct SgMapping {
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "unmap it with DmaDomain::unmap"]
 pub struct DmaMapping {
-    allocs: Vec<(u64, u64)>,
+    allocs: Allocs,
 }
+
+/// The IOVA allocations `(iova, size)` of one I/O: a header and a data list
+/// fit inline, with no heap allocation.
+type Allocs = SmallVec<[(u64, u64); 2]>;
 
 impl DmaMapping {
     /// IOVA allocations `(iova, size)` it holds.
@@ -434,7 +439,7 @@ impl DmaDomain {
         &self,
         segs: &[(u64, usize)],
         prot: Prot,
-        maps: &mut Vec<Mapping>,
+        maps: &mut impl PushMap,
         out: &mut Vec<DmaSegment>,
     ) -> Result<u64> {
         let mask = self.granule - 1;
@@ -457,7 +462,7 @@ impl DmaDomain {
             }
             let off = p & mask;
             let size = (off + len as u64 + mask) & !mask;
-            maps.push(Mapping { iova: at, last: at + (size - 1), paddr: p - off, prot });
+            maps.push_map(Mapping { iova: at, last: at + (size - 1), paddr: p - off, prot });
             out.push(DmaSegment { addr: at + off, len });
             at += size;
         }
@@ -496,7 +501,12 @@ impl DmaDomain {
 
     /// Starts a batch: map all buffers of one I/O, then one sync at commit.
     pub fn begin(&self) -> DmaBatch<'_> {
-        DmaBatch { dma: self, maps: Vec::new(), allocs: Vec::new(), pages: BTreeMap::new() }
+        DmaBatch {
+            dma: self,
+            maps: SmallVec::new(),
+            allocs: SmallVec::new(),
+            pages: SmallVec::new(),
+        }
     }
 
     /// Unmaps everything a committed batch mapped, as one operation: under
@@ -511,7 +521,7 @@ impl DmaDomain {
 
     /// Takes allocations out of the tree and unmaps them under the policy.
     fn release(&self, allocs: &[(u64, u64)]) -> Result<()> {
-        let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
+        let ranges: SmallVec<[(u64, u64); 4]> = allocs.iter().map(|a| self.range_of(a)).collect();
         self.domain.take_ranges(&ranges)?;
         match self.policy() {
             Policy::Strict => {
@@ -551,13 +561,18 @@ impl DmaDomain {
     }
 
     fn apply(&self, mut out: Outcome) -> Result<()> {
-        // A range a timed-out MAP may still create is not reused before its cleanup.
-        let (stale, free): (Vec<_>, Vec<_>) = out.free.into_iter().partition(|a| {
-            let (s, l) = self.range_of(a);
-            self.domain.is_stale(s, l)
-        });
-        out.retry.extend(stale);
-        self.free_allocs(&free);
+        // A range a timed-out MAP may still create is not reused before its
+        // cleanup. Usually there is none: one look, not one per entry.
+        if self.domain.has_stale() {
+            let (stale, free): (Vec<_>, Vec<_>) = out.free.into_iter().partition(|a| {
+                let (s, l) = self.range_of(a);
+                self.domain.is_stale(s, l)
+            });
+            out.retry.extend(stale);
+            self.free_allocs(&free);
+        } else {
+            self.free_allocs(&out.free);
+        }
         if !out.retry.is_empty() {
             self.retry.lock().extend(out.retry);
         }
@@ -697,8 +712,14 @@ impl DmaDomain {
         let now = self.platform.now_ns();
         let mut first = Ok(());
         for (q, cfg) in self.queues() {
-            first = first.and(self.reap_inner(q, Some(cfg.timeout_ns)));
-            let expired = q.lock().expired(now, cfg);
+            // One look per queue when nothing is due (the usual case).
+            let (inflight, expired) = {
+                let g = q.lock();
+                (!g.inflight.is_empty(), g.expired(now, cfg))
+            };
+            if inflight {
+                first = first.and(self.reap_inner(q, Some(cfg.timeout_ns)));
+            }
             if expired {
                 first = first.and(self.flush_queue(q, FlushCause::Timeout, true, false));
             }
@@ -738,6 +759,23 @@ impl Drop for DmaDomain {
     }
 }
 
+/// Where [`DmaDomain::sg_layout`] puts its MAPs.
+trait PushMap {
+    fn push_map(&mut self, m: Mapping);
+}
+
+impl PushMap for Vec<Mapping> {
+    fn push_map(&mut self, m: Mapping) {
+        self.push(m);
+    }
+}
+
+impl<A: smallvec::Array<Item = Mapping>> PushMap for SmallVec<A> {
+    fn push_map(&mut self, m: Mapping) {
+        self.push(m);
+    }
+}
+
 /// Moves MAPs and segments laid out from IOVA 0 to `iova`.
 fn shift(iova: u64, maps: &mut [Mapping], segs: &mut [DmaSegment]) {
     for m in maps {
@@ -753,10 +791,11 @@ fn shift(iova: u64, maps: &mut [Mapping], segs: &mut [DmaSegment]) {
 /// Dropping it without committing frees its IOVAs; nothing was sent.
 pub struct DmaBatch<'a> {
     dma: &'a DmaDomain,
-    maps: Vec<Mapping>,
-    allocs: Vec<(u64, u64)>,
-    /// Single-page maps by physical page, to map a shared page once.
-    pages: BTreeMap<u64, usize>,
+    maps: SmallVec<[Mapping; 3]>,
+    allocs: Allocs,
+    /// Single-page maps `(physical page, index in maps)`, sorted, to map a
+    /// shared page once.
+    pages: SmallVec<[(u64, usize); 2]>,
 }
 
 impl DmaBatch<'_> {
@@ -769,17 +808,18 @@ impl DmaBatch<'_> {
             return Ok(paddr);
         }
         let (base, off, size) = dma.span(paddr, len)?;
+        let page = self.pages.binary_search_by_key(&base, |p| p.0);
         if size == dma.granule {
-            if let Some(&i) = self.pages.get(&base) {
-                let m = &mut self.maps[i];
+            if let Ok(k) = page {
+                let m = &mut self.maps[self.pages[k].1];
                 m.prot = m.prot | dir.prot();
                 return Ok(m.iova + off);
             }
         }
         let iova = dma.alloc(size)?;
         self.allocs.push((iova, size));
-        if size == dma.granule {
-            self.pages.insert(base, self.maps.len());
+        if let (true, Err(k)) = (size == dma.granule, page) {
+            self.pages.insert(k, (base, self.maps.len()));
         }
         self.maps.push(Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() });
         Ok(iova + off)
@@ -795,6 +835,7 @@ impl DmaBatch<'_> {
                 .collect());
         }
         let from = self.maps.len();
+        self.maps.reserve(segs.len());
         let mut segments = Vec::with_capacity(segs.len());
         let laid = dma.sg_layout(segs, dir.prot(), &mut self.maps, &mut segments);
         let iova = match laid.and_then(|total| Ok((dma.alloc(total)?, total))) {
@@ -883,6 +924,35 @@ mod tests {
         assert_eq!(iovas(&d), want);
         d.take_ranges(&[(0x10_2000, 0x13_ffff)]).expect("take 62");
         assert_eq!(iovas(&d), [0x40_0000]);
+    }
+
+    /// Buffers that fall in a page the batch already maps, in any order,
+    /// reuse its mapping (with both rights); other pages get their own.
+    #[test]
+    fn a_batch_maps_each_shared_page_once() {
+        let (fake, _iommu, d) = attached();
+        let dma = DmaDomain::with_std(d, &[], DmaOptions::default()).expect("dma");
+        let before = fake.stats().maps();
+        let mut b = dma.begin();
+        let pages = [0x9000_0000u64, 0x7000_0000, 0x8000_0000];
+        let mut first = Vec::new();
+        for p in pages {
+            first.push(b.map(p, 16, DmaDirection::ToDevice).expect("map"));
+        }
+        for (i, p) in pages.iter().enumerate().rev() {
+            let again = b.map(p + 0x100, 1, DmaDirection::FromDevice).expect("map");
+            assert_eq!(again, first[i] + 0x100);
+        }
+        let two = b.map(0x7000_0000, 0x1001, DmaDirection::ToDevice).expect("two pages");
+        assert!(!first.contains(&two));
+        let m = b.commit().expect("commit");
+        assert_eq!(fake.stats().maps() - before, 4);
+        assert_eq!(m.allocations().len(), 4);
+        for iova in first {
+            let mapping = dma.domain().mappings().into_iter().find(|m| m.iova == iova);
+            assert_eq!(mapping.map(|m| m.prot), Some(Prot::READ | Prot::WRITE));
+        }
+        dma.unmap(m).expect("unmap");
     }
 
     /// `sg_layout` gives one MAP per physically contiguous run (zero-length
