@@ -2326,7 +2326,11 @@ impl Domain {
     /// Records and queues several mappings under one lock. Validation is
     /// all-or-nothing. Returns tickets `(seq, iova, last)` to sync with
     /// [`Self::finish_maps`], one per MAP (none when not attached).
-    pub(crate) fn map_many(&self, maps: &[Mapping]) -> Result<Vec<u64>> {
+    ///
+    /// A mapping that starts at one of `run_starts` (the DMA layer's
+    /// allocations) begins a new tree run even if it touches the previous
+    /// one, so that freeing one allocation never splits a run.
+    pub(crate) fn map_many(&self, maps: &[Mapping], run_starts: &[u64]) -> Result<Vec<u64>> {
         let d = &self.inner;
         if d.kind != DomainKind::Paging {
             return Err(Error::NotPaging);
@@ -2341,7 +2345,9 @@ impl Domain {
         let mut runs: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
         for (i, m) in maps.iter().enumerate() {
             match runs.last_mut() {
-                Some(prev) if prev.1.checked_add(1) == Some(m.iova) => {
+                Some(prev)
+                    if prev.1.checked_add(1) == Some(m.iova) && !run_starts.contains(&m.iova) =>
+                {
                     prev.1 = m.last;
                     prev.2 = i + 1;
                 }

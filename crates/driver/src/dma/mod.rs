@@ -379,11 +379,12 @@ impl DmaDomain {
         let result = if self.sync_every_map.load(Ordering::Relaxed) {
             maps.iter().try_for_each(|m| {
                 let one = core::slice::from_ref(m);
-                let t = self.domain.map_many(one)?;
+                let t = self.domain.map_many(one, &[])?;
                 self.domain.finish_maps(&t, one)
             })
         } else {
-            self.domain.map_many(maps).and_then(|t| self.domain.finish_maps(&t, maps))
+            let starts: SmallVec<[u64; 4]> = allocs.iter().map(|a| a.0).collect();
+            self.domain.map_many(maps, &starts).and_then(|t| self.domain.finish_maps(&t, maps))
         };
         if let Err(e) = &result {
             self.rollback(allocs, e);
@@ -903,14 +904,14 @@ mod tests {
         // A scatter-gather list (64 touching pages) plus a lone page, out of order.
         let mut maps: Vec<Mapping> = (0..64).map(|i| page(0x10_0000 + i * 0x1000)).collect();
         maps.insert(0, page(0x40_0000));
-        let t = d.map_many(&maps).expect("map");
+        let t = d.map_many(&maps, &[]).expect("map");
         d.finish_maps(&t, &maps).expect("sync");
         assert_eq!(fake.stats().maps(), 65);
         // Overlapping the run, or each other: refused, nothing recorded or sent.
         let inside = [page(0x20_0000), page(0x10_8000)];
-        assert!(matches!(d.map_many(&inside), Err(Error::Overlap { iova: 0x10_8000 })));
+        assert!(matches!(d.map_many(&inside, &[]), Err(Error::Overlap { iova: 0x10_8000 })));
         let twice = [page(0x30_0000), page(0x30_0000)];
-        assert!(matches!(d.map_many(&twice), Err(Error::Overlap { iova: 0x30_0000 })));
+        assert!(matches!(d.map_many(&twice, &[]), Err(Error::Overlap { iova: 0x30_0000 })));
         assert_eq!((d.mappings().len(), fake.stats().maps()), (65, 65));
         // A small range among many: per-key removal; a range that is most
         // of the tree: cut out whole. Splitting is refused either way.
