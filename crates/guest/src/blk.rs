@@ -76,6 +76,8 @@ pub struct VirtioBlk<T: Transport, H: Hal> {
     slot_of: Vec<Option<u16>>,
     capacity: u64,
     kicks: u64,
+    /// The chain being submitted, kept to avoid an allocation per request.
+    chain: Vec<Buffer>,
 }
 
 impl<T: Transport, H: Hal> VirtioBlk<T, H> {
@@ -141,6 +143,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             slot_of: vec![None; size as usize],
             capacity: u64::from_le_bytes(cap) * SECTOR,
             kicks: 0,
+            chain: Vec::new(),
         })
     }
 
@@ -204,7 +207,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             hdr.add(16).write_volatile(0xff);
         }
         let iova = self.slots_iova + slot as u64 * SLOT as u64;
-        let mut bufs = Vec::with_capacity(data.len() + 2);
+        let bufs = &mut self.chain;
+        bufs.clear();
         bufs.push(Buffer::readable(iova, 16));
         bufs.extend(data.iter().map(|&(a, l)| Buffer {
             addr: a,
@@ -212,7 +216,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             device_writable: op == BlkOp::Read,
         }));
         bufs.push(Buffer::writable(iova + 16, 1));
-        match self.queue.add(&bufs) {
+        match self.queue.add(&self.chain) {
             Ok(token) => {
                 self.slot_of[token as usize] = Some(slot);
                 Ok(token)

@@ -6,8 +6,6 @@
 //! [`DmaBatch`](viommu_driver::dma::DmaBatch) (one sync) and released
 //! together when the round's last request completes.
 
-use std::collections::HashMap;
-
 use viommu_driver::dma::{DmaDirection, DmaDomain, DmaMapping, DmaOptions, Policy, SgMapping};
 use viommu_driver::{CounterSnapshot, Domain, VirtioIommu};
 
@@ -104,6 +102,47 @@ enum Held {
     Round(u64),
 }
 
+/// Values by handle, in a vector with a free list: no hashing and, once
+/// warm, no allocation per I/O (a `HashMap` costs both, and every guest
+/// instruction is slow under TCG).
+#[derive(Debug)]
+struct Slab<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self { slots: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, v: T) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(v);
+                i as u64
+            }
+            None => {
+                self.slots.push(Some(v));
+                (self.slots.len() - 1) as u64
+            }
+        }
+    }
+
+    fn get_mut(&mut self, h: u64) -> Option<&mut T> {
+        self.slots.get_mut(usize::try_from(h).ok()?)?.as_mut()
+    }
+
+    fn remove(&mut self, h: u64) -> Option<T> {
+        let i = usize::try_from(h).ok()?;
+        let v = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(v)
+    }
+}
+
 /// The viommu DMA layer under one policy.
 ///
 /// Without the batch API a one-segment buffer costs one `map_single`, a
@@ -113,10 +152,9 @@ pub struct DmaMapper {
     iommu: VirtioIommu<PciTransport, HugePageHal>,
     dma: DmaDomain,
     batch: bool,
-    next: u64,
-    held: HashMap<u64, Held>,
+    held: Slab<Held>,
     /// Batch rounds: the round's mapping and its requests still in flight.
-    rounds: HashMap<u64, (DmaMapping, usize)>,
+    rounds: Slab<(DmaMapping, usize)>,
 }
 
 impl DmaMapper {
@@ -142,9 +180,8 @@ impl DmaMapper {
             iommu: iommu.clone(),
             dma,
             batch,
-            next: 0,
-            held: HashMap::new(),
-            rounds: HashMap::new(),
+            held: Slab::default(),
+            rounds: Slab::default(),
         })
     }
 
@@ -158,33 +195,24 @@ impl DmaMapper {
         &self.dma
     }
 
-    fn hold(&mut self, h: Held) -> u64 {
-        let id = self.next;
-        self.next += 1;
-        self.held.insert(id, h);
-        id
-    }
-
     fn map_batch(&mut self, bufs: &[RoundBuf]) -> Result<Vec<Mapped>, String> {
         let mut b = self.dma.begin();
         let mut descs = Vec::with_capacity(bufs.len());
         for buf in bufs {
             let d = dir(buf.device_writes);
             let runs = if let [(p, l)] = buf.segs[..] {
-                vec![(b.map(p, l, d).map_err(|e| e.to_string())?, l)]
+                vec![(b.map(p, l, d).map_err(|e| e.to_string())?, l as u32)]
             } else {
                 let segs = b.map_sg(&buf.segs, d).map_err(|e| e.to_string())?;
-                segs.iter().map(|s| (s.addr, s.len)).collect()
+                merge_descs(segs.iter().map(|s| (s.addr, s.len)))
             };
-            descs.push(merge_descs(runs));
+            descs.push(runs);
         }
         let mapping = b.commit().map_err(|e| e.to_string())?;
-        let round = self.next;
-        self.next += 1;
-        self.rounds.insert(round, (mapping, bufs.len()));
+        let round = self.rounds.insert((mapping, bufs.len()));
         Ok(descs
             .into_iter()
-            .map(|descs| Mapped { descs, handle: self.hold(Held::Round(round)) })
+            .map(|descs| Mapped { descs, handle: self.held.insert(Held::Round(round)) })
             .collect())
     }
 }
@@ -204,24 +232,24 @@ impl Mapper for DmaMapper {
                 let m = self.dma.map_sg(&buf.segs, d).map_err(|e| e.to_string())?;
                 (merge_descs(m.segments.iter().map(|s| (s.addr, s.len))), Held::Sg(m))
             };
-            out.push(Mapped { descs, handle: self.hold(held) });
+            out.push(Mapped { descs, handle: self.held.insert(held) });
         }
         Ok(out)
     }
 
     fn complete(&mut self, handle: u64) -> Result<(), String> {
-        let held = self.held.remove(&handle).ok_or_else(|| format!("unknown handle {handle}"))?;
+        let held = self.held.remove(handle).ok_or_else(|| format!("unknown handle {handle}"))?;
         let r = match held {
             Held::Single(iova, len, d) => self.dma.unmap_single(iova, len, d),
             Held::Sg(m) => self.dma.unmap_sg(m),
             Held::Round(round) => {
                 let r =
-                    self.rounds.get_mut(&round).ok_or_else(|| format!("unknown round {round}"))?;
+                    self.rounds.get_mut(round).ok_or_else(|| format!("unknown round {round}"))?;
                 r.1 -= 1;
                 if r.1 > 0 {
                     return Ok(());
                 }
-                let (mapping, _) = self.rounds.remove(&round).expect("present");
+                let (mapping, _) = self.rounds.remove(round).expect("present");
                 self.dma.unmap(mapping)
             }
         };
@@ -254,6 +282,21 @@ mod tests {
             [(0x1000, 0x1800), (0x4000, 0x10)]
         );
         assert!(merge_descs([]).is_empty());
+    }
+
+    #[test]
+    fn slab_reuses_freed_handles_and_refuses_unknown_ones() {
+        let mut s = Slab::default();
+        let (a, b) = (s.insert("a"), s.insert("b"));
+        assert_ne!(a, b);
+        assert_eq!(s.remove(a), Some("a"));
+        assert_eq!(s.remove(a), None, "a handle is released once");
+        assert_eq!(s.get_mut(a), None);
+        let c = s.insert("c");
+        assert_eq!(c, a, "the freed slot is reused");
+        assert_eq!(s.get_mut(b).copied(), Some("b"));
+        assert_eq!(s.remove(99), None);
+        assert_eq!(s.remove(u64::MAX), None);
     }
 
     #[test]
