@@ -718,7 +718,7 @@ impl<H: Hal> ReqQueue<H> {
 
     /// Adds `reqs[seqs.len()..]` in order, without publishing them, until
     /// the ring or the slots are full. Tickets go to `seqs`.
-    fn add_from(&mut self, reqs: &Reqs<'_>, props: usize, seqs: &mut Vec<u64>) -> Result<()> {
+    fn add_from(&mut self, reqs: &Reqs<'_>, props: usize, seqs: &mut Seqs) -> Result<()> {
         while seqs.len() < reqs.len() {
             let i = seqs.len();
             let added = if props == 0 && reqs.encoded_len(i) <= TAIL_OFF {
@@ -914,7 +914,7 @@ pub(crate) trait Port: Send + Sync {
     fn submit(&self, req: &Request, props: usize) -> Result<u64>;
     /// Queues several requests in order with few lock holds. On failure,
     /// the tickets of those queued before it come with the error.
-    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Vec<u64>, (Vec<u64>, Error)>;
+    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Seqs, (Seqs, Error)>;
     /// One sync: kicks, then waits until every ticket has a reply.
     fn wait(&self, seqs: &[u64]) -> Result<Replies>;
     /// The replies of `seqs` if all are in, without kicking or waiting.
@@ -1020,7 +1020,7 @@ impl<T: Transport, H: Hal> Shared<T, H> {
 
     /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
     /// notifies, waits for the device and goes on. Tickets go to `seqs`.
-    fn submit_into(&self, reqs: &Reqs<'_>, props: usize, seqs: &mut Vec<u64>) -> Result<()> {
+    fn submit_into(&self, reqs: &Reqs<'_>, props: usize, seqs: &mut Seqs) -> Result<()> {
         // Started at the first wait: most calls never wait (reading the clock is not free).
         let mut waiter = None;
         seqs.reserve(reqs.len());
@@ -1116,13 +1116,13 @@ impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
 
 impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     fn submit(&self, req: &Request, props: usize) -> Result<u64> {
-        let mut seqs = Vec::with_capacity(1);
+        let mut seqs = Seqs::new();
         self.submit_into(&Reqs::Any(core::slice::from_ref(req)), props, &mut seqs)?;
         seqs.pop().ok_or(Error::Timeout)
     }
 
-    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Vec<u64>, (Vec<u64>, Error)> {
-        let mut seqs = Vec::with_capacity(reqs.len());
+    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Seqs, (Seqs, Error)> {
+        let mut seqs = Seqs::new();
         match self.submit_into(&reqs, 0, &mut seqs) {
             Ok(()) => Ok(seqs),
             Err(e) => Err((seqs, e)),
@@ -2176,6 +2176,9 @@ pub struct Domain {
     inner: Arc<DomainInner>,
 }
 
+/// Tickets of one batch of requests: a few fit inline (no heap use per I/O).
+pub(crate) type Seqs = SmallVec<[u64; 4]>;
+
 /// A queued request of a domain: `(seq, first IOVA, last IOVA)`.
 pub(crate) type Ticket = (u64, u64, u64);
 
@@ -2330,7 +2333,7 @@ impl Domain {
     /// A mapping that starts at one of `run_starts` (the DMA layer's
     /// allocations) begins a new tree run even if it touches the previous
     /// one, so that freeing one allocation never splits a run.
-    pub(crate) fn map_many(&self, maps: &[Mapping], run_starts: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn map_many(&self, maps: &[Mapping], run_starts: &[u64]) -> Result<Seqs> {
         let d = &self.inner;
         if d.kind != DomainKind::Paging {
             return Err(Error::NotPaging);
@@ -2379,7 +2382,7 @@ impl Domain {
             from = end;
         }
         if !DomainInner::attached(&st, d.kind) {
-            return Ok(Vec::new());
+            return Ok(Seqs::new());
         }
         let ticket = |(seq, m): (u64, &Mapping)| (seq, m.iova, m.last);
         match d.port.submit_all(Reqs::Maps(d.id, maps)) {
