@@ -2182,6 +2182,9 @@ pub(crate) type Seqs = SmallVec<[u64; 4]>;
 /// A queued request of a domain: `(seq, first IOVA, last IOVA)`.
 pub(crate) type Ticket = (u64, u64, u64);
 
+/// The UNMAP tickets of one flush or unmap: a few fit inline.
+pub(crate) type Tickets = SmallVec<[Ticket; 2]>;
+
 impl Domain {
     /// The domain ID.
     pub fn id(&self) -> u32 {
@@ -2466,16 +2469,16 @@ impl Domain {
         ranges: &[(u64, u64)],
         coalesce: bool,
         span_gaps: bool,
-    ) -> Result<Vec<Ticket>> {
+    ) -> Result<Tickets> {
         let d = &self.inner;
-        let mut sorted = ranges.to_vec();
+        let mut sorted: SmallVec<[(u64, u64); 4]> = SmallVec::from_slice(ranges);
         sorted.sort_unstable();
         let mut st = d.lock_after(&sorted, false)?;
         if !DomainInner::attached(&st, d.kind) {
-            return Ok(Vec::new());
+            return Ok(Tickets::new());
         }
         // (first, last, spans a gap)
-        let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(sorted.len());
+        let mut merged: SmallVec<[(u64, u64, bool); 4]> = SmallVec::with_capacity(sorted.len());
         for (s, e) in sorted {
             if let Some(prev) = merged.last_mut() {
                 let touching = s <= prev.1.saturating_add(1);
@@ -2489,12 +2492,12 @@ impl Domain {
             }
             merged.push((s, e, false));
         }
-        let reqs: Vec<(u64, u64)> = merged.iter().map(|&(s, e, _)| (s, e)).collect();
+        let reqs: SmallVec<[(u64, u64); 4]> = merged.iter().map(|&(s, e, _)| (s, e)).collect();
         let (seqs, err) = match d.port.submit_all(Reqs::Unmaps(d.id, &reqs)) {
             Ok(seqs) => (seqs, None),
             Err((seqs, e)) => (seqs, Some(e)),
         };
-        let tickets: Vec<Ticket> =
+        let tickets: Tickets =
             seqs.iter().zip(&merged).map(|(&seq, &(s, e, _))| (seq, s, e)).collect();
         let gaps = tickets.iter().zip(&merged).filter(|(_, m)| m.2).map(|(t, _)| *t);
         st.unmapping.extend(gaps);

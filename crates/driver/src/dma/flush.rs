@@ -11,7 +11,9 @@
 
 use alloc::vec::Vec;
 
-use crate::iommu::{Replies, Ticket};
+use smallvec::SmallVec;
+
+use crate::iommu::{Replies, Tickets};
 
 /// Size and timeout of one flush queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +33,7 @@ impl FlushQueueConfig {
 
 /// UNMAPs on the ring for a batch of entries.
 pub(crate) struct InflightFlush {
-    pub(crate) tickets: Vec<Ticket>,
+    pub(crate) tickets: Tickets,
     pub(crate) entries: Vec<(u64, u64)>,
     pub(crate) since_ns: u64,
 }
@@ -57,13 +59,17 @@ impl FlushQueue {
     }
 }
 
+/// IOVA allocations `(iova, size)`: those of one I/O (a header and a data
+/// list) fit inline, with no heap allocation.
+pub(crate) type Allocs = SmallVec<[(u64, u64); 2]>;
+
 /// What to do with the entries of a completed flush.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Outcome {
     /// Allocations whose UNMAP completed (or that needed none): free them.
-    pub(crate) free: Vec<(u64, u64)>,
+    pub(crate) free: Allocs,
     /// Allocations whose UNMAP failed: try again at the next flush.
-    pub(crate) retry: Vec<(u64, u64)>,
+    pub(crate) retry: Allocs,
     /// The first failure.
     pub(crate) error: Option<crate::Error>,
 }
@@ -72,16 +78,16 @@ pub(crate) struct Outcome {
 /// gives an entry's inclusive IOVA range. Entries no ticket covers (the
 /// domain was detached: the device holds no mapping) are freed.
 pub(crate) fn settle(
-    tickets: &[Ticket],
+    tickets: &[crate::iommu::Ticket],
     replies: &Replies,
-    entries: Vec<(u64, u64)>,
+    entries: &[(u64, u64)],
     range_of: impl Fn(&(u64, u64)) -> (u64, u64),
 ) -> Outcome {
     let mut out = Outcome::default();
     // Tickets of one flush are sorted and disjoint: a binary search per
     // entry instead of a scan (a flush holds up to hundreds of each).
     let sorted = tickets.windows(2).all(|w| w[0].2 < w[1].1);
-    for e in entries {
+    for &e in entries {
         let (s, l) = range_of(&e);
         let covering = if sorted {
             let i = tickets.partition_point(|t| t.2 < l);
@@ -117,9 +123,9 @@ mod tests {
         let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
         let replies = Replies::from_vec(vec![reply(Ok(())), reply(Err(err.clone()))]);
         let entries = vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x8000, 0x1000), (0x9000, 0x1000)];
-        let out = settle(&tickets, &replies, entries, |&(i, s)| (i, i + s - 1));
-        assert_eq!(out.free, vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x9000, 0x1000)]);
-        assert_eq!(out.retry, vec![(0x8000, 0x1000)]);
+        let out = settle(&tickets, &replies, &entries, |&(i, s)| (i, i + s - 1));
+        assert_eq!(out.free[..], [(0x1000, 0x1000), (0x3000, 0x2000), (0x9000, 0x1000)]);
+        assert_eq!(out.retry[..], [(0x8000, 0x1000)]);
         assert_eq!(out.error, Some(err));
     }
 
@@ -128,7 +134,7 @@ mod tests {
     #[test]
     fn settle_finds_the_covering_ticket_in_any_order() {
         let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
-        let tickets: Vec<Ticket> =
+        let tickets: Vec<crate::iommu::Ticket> =
             (0..40).map(|i| (i, i * 0x10_000, i * 0x10_000 + 0x7fff)).collect();
         let results: Vec<_> =
             (0..40).map(|i| if i % 3 == 0 { Err(err.clone()) } else { Ok(()) }).collect();
@@ -138,10 +144,10 @@ mod tests {
         let entries: Vec<(u64, u64)> = (0..40 * 16).map(|k| (k * 0x1000, 0x1000)).collect();
         let range = |&(i, s): &(u64, u64)| (i, i + s - 1);
         let order: Vec<usize> = (0..40).collect();
-        let sorted = settle(&tickets, &replies(&order), entries.clone(), range);
+        let sorted = settle(&tickets, &replies(&order), &entries, range);
         let shuffled: Vec<usize> = (0..40).map(|i| (i * 7) % 40).collect();
-        let t2: Vec<Ticket> = shuffled.iter().map(|&i| tickets[i]).collect();
-        let other = settle(&t2, &replies(&shuffled), entries, range);
+        let t2: Vec<crate::iommu::Ticket> = shuffled.iter().map(|&i| tickets[i]).collect();
+        let other = settle(&t2, &replies(&shuffled), &entries, range);
         assert_eq!(sorted, other);
         // Entries in a ticket's range are settled by it; those between tickets are freed.
         assert_eq!(sorted.retry.len(), 14 * 8);

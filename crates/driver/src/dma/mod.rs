@@ -52,10 +52,12 @@ use smallvec::SmallVec;
 pub use flush::FlushQueueConfig;
 pub use iova::{IovaAllocator, IovaOptions};
 
-use crate::iommu::{merge_regions, Domain, DomainKind, FlushCause, Mapping, Prot, ResvRegion};
+use crate::iommu::{
+    merge_regions, Domain, DomainKind, FlushCause, Mapping, Prot, ResvRegion, Seqs,
+};
 use crate::sync::Mutex;
 use crate::{Error, Result};
-use flush::{settle, FlushQueue, InflightFlush, Outcome};
+use flush::{settle, Allocs, FlushQueue, InflightFlush, Outcome};
 
 /// Direction of a DMA transfer, seen from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,10 +196,6 @@ pub struct SgMapping {
 pub struct DmaMapping {
     allocs: Allocs,
 }
-
-/// The IOVA allocations `(iova, size)` of one I/O: a header and a data list
-/// fit inline, with no heap allocation.
-type Allocs = SmallVec<[(u64, u64); 2]>;
 
 impl DmaMapping {
     /// IOVA allocations `(iova, size)` it holds.
@@ -405,7 +403,7 @@ impl DmaDomain {
             self.retry.lock().extend_from_slice(allocs);
             return;
         }
-        match self.unmap_now(allocs.to_vec(), false) {
+        match self.unmap_now(allocs, false) {
             Ok(()) => {}
             Err(_) => self.domain.counters().sync_error(),
         }
@@ -525,9 +523,7 @@ impl DmaDomain {
         let ranges: SmallVec<[(u64, u64); 4]> = allocs.iter().map(|a| self.range_of(a)).collect();
         self.domain.take_ranges(&ranges)?;
         match self.policy() {
-            Policy::Strict => {
-                self.unmap_now(allocs.to_vec(), self.coalesce.load(Ordering::Relaxed))
-            }
+            Policy::Strict => self.unmap_now(allocs, self.coalesce.load(Ordering::Relaxed)),
             Policy::Lazy => {
                 let q = &self.percpu[self.cpu() % self.percpu.len()];
                 self.enqueue(q, &self.lazy, allocs)
@@ -537,23 +533,23 @@ impl DmaDomain {
     }
 
     /// Queues UNMAPs for allocations already out of the tree, waits, frees.
-    fn unmap_now(&self, allocs: Vec<(u64, u64)>, coalesce: bool) -> Result<()> {
-        let ranges: Vec<(u64, u64)> = allocs.iter().map(|a| self.range_of(a)).collect();
+    fn unmap_now(&self, allocs: &[(u64, u64)], coalesce: bool) -> Result<()> {
+        let ranges: SmallVec<[(u64, u64); 4]> = allocs.iter().map(|a| self.range_of(a)).collect();
         let tickets = match self.domain.queue_unmaps(&ranges, coalesce, true) {
             Ok(t) => t,
             Err(e) => {
-                self.retry.lock().extend(allocs);
+                self.retry.lock().extend_from_slice(allocs);
                 return Err(e);
             }
         };
         let replies = if tickets.is_empty() {
             Default::default()
         } else {
-            let seqs: Vec<u64> = tickets.iter().map(|t| t.0).collect();
+            let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
             match self.domain.port().wait_or_abandon(&seqs) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.retry.lock().extend(allocs);
+                    self.retry.lock().extend_from_slice(allocs);
                     return Err(e);
                 }
             }
@@ -565,7 +561,7 @@ impl DmaDomain {
         // A range a timed-out MAP may still create is not reused before its
         // cleanup. Usually there is none: one look, not one per entry.
         if self.domain.has_stale() {
-            let (stale, free): (Vec<_>, Vec<_>) = out.free.into_iter().partition(|a| {
+            let (stale, free): (Allocs, Allocs) = out.free.into_iter().partition(|a| {
                 let (s, l) = self.range_of(a);
                 self.domain.is_stale(s, l)
             });
@@ -643,7 +639,7 @@ impl DmaDomain {
             return Ok(());
         }
         if wait {
-            let seqs: Vec<u64> = tickets.iter().map(|t| t.0).collect();
+            let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
             let replies = match self.domain.port().wait(&seqs) {
                 Ok(r) => r,
                 Err(e) => {
@@ -652,7 +648,7 @@ impl DmaDomain {
                     return Err(e);
                 }
             };
-            return self.apply(settle(&tickets, &replies, entries, |a| self.range_of(a)));
+            return self.apply(settle(&tickets, &replies, &entries, |a| self.range_of(a)));
         }
         let since_ns = self.platform.now_ns();
         q.lock().inflight.push(InflightFlush { tickets, entries, since_ns });
@@ -671,7 +667,7 @@ impl DmaDomain {
         let mut first = Ok(());
         let mut keep = Vec::new();
         for f in inflight {
-            let seqs: Vec<u64> = f.tickets.iter().map(|t| t.0).collect();
+            let seqs: Seqs = f.tickets.iter().map(|t| t.0).collect();
             let must_wait =
                 wait_older_than.is_some_and(|age| now.saturating_sub(f.since_ns) >= age);
             let replies = match port.try_take(&seqs) {
@@ -689,7 +685,7 @@ impl DmaDomain {
                     continue;
                 }
             };
-            let r = self.apply(settle(&f.tickets, &replies, f.entries, |a| self.range_of(a)));
+            let r = self.apply(settle(&f.tickets, &replies, &f.entries, |a| self.range_of(a)));
             first = first.and(r);
         }
         if !keep.is_empty() {
