@@ -50,7 +50,7 @@ use alloc::sync::{Arc, Weak};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::BitOr;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use core::time::Duration;
 
 use smallvec::SmallVec;
@@ -719,19 +719,30 @@ impl<H: Hal> ReqQueue<H> {
     /// Adds `reqs[seqs.len()..]` in order, without publishing them, until
     /// the ring or the slots are full. Tickets go to `seqs`.
     fn add_from(&mut self, reqs: &Reqs<'_>, props: usize, seqs: &mut Seqs) -> Result<()> {
-        while seqs.len() < reqs.len() {
-            let i = seqs.len();
+        // Tickets of one lock hold are consecutive: appended in one go.
+        let (first, start) = (self.next_seq, seqs.len());
+        let mut i = start;
+        let mut result = Ok(());
+        while i < reqs.len() {
             let added = if props == 0 && reqs.encoded_len(i) <= TAIL_OFF {
                 self.add_slot(reqs, i)
             } else {
-                self.add_own(reqs, i, props)?
+                match self.add_own(reqs, i, props) {
+                    Ok(added) => added,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
             };
-            match added {
-                Some(seq) => seqs.push(seq),
-                None => break,
+            if added.is_none() {
+                break;
             }
+            i += 1;
         }
-        Ok(())
+        debug_assert_eq!(self.next_seq - first, (i - start) as u64);
+        seqs.extend(first..self.next_seq);
+        result
     }
 
     /// Adds request `i` in a slot; `None` when the ring or the slots are full.
@@ -1556,6 +1567,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
                 mmio: info.has(f::MMIO),
                 port,
                 state: Mutex::new(DomainState::default()),
+                stale_any: AtomicBool::new(false),
             }),
         })
     }
@@ -1934,6 +1946,9 @@ pub(crate) struct DomainInner {
     mmio: bool,
     port: Arc<dyn Port>,
     state: Mutex<DomainState>,
+    /// Whether `state.stale` is non-empty, written under the state lock:
+    /// the common path (no stale MAP) skips taking the lock to look.
+    stale_any: AtomicBool,
 }
 
 impl DomainInner {
@@ -2059,6 +2074,7 @@ impl DomainInner {
             keep.push(s);
         }
         st.stale = keep;
+        self.stale_any.store(!st.stale.is_empty(), Ordering::Relaxed);
     }
 
     /// Sends the cleanup UNMAPs of stale MAPs and waits for them once.
@@ -2114,6 +2130,7 @@ impl DomainInner {
                         PendingOp::Map { seq, iova, last } => {
                             st.undo_map(iova, last);
                             st.stale.push(Stale { step: StaleStep::Map(seq), iova, last });
+                            self.stale_any.store(true, Ordering::Relaxed);
                         }
                         PendingOp::Unmap { seq, removed, .. } => {
                             self.port.abandon(&[seq]);
@@ -2135,6 +2152,7 @@ impl DomainInner {
                     if may_have_applied(&e) {
                         // Unmap it to be sure; the range waits for that.
                         st.stale.push(Stale { step: StaleStep::Unmap(None), iova, last });
+                        self.stale_any.store(true, Ordering::Relaxed);
                     }
                 }
                 PendingOp::Unmap { removed, .. } => st.undo_unmap(removed),
@@ -2349,22 +2367,26 @@ impl Domain {
         // MAP. `runs` holds `(first IOVA, last IOVA, end index)` in input
         // order; sorted copies are checked for overlapping one another.
         let mut runs: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
-        for (i, m) in maps.iter().enumerate() {
-            match runs.last_mut() {
-                Some(prev)
-                    if prev.1.checked_add(1) == Some(m.iova) && !run_starts.contains(&m.iova) =>
-                {
-                    prev.1 = m.last;
-                    prev.2 = i + 1;
+        if let Some(m) = maps.first() {
+            let mut cur = (m.iova, m.last, 1);
+            for (i, m) in maps.iter().enumerate().skip(1) {
+                if cur.1.checked_add(1) == Some(m.iova) && !run_starts.contains(&m.iova) {
+                    (cur.1, cur.2) = (m.last, i + 1);
+                } else {
+                    runs.push(cur);
+                    cur = (m.iova, m.last, i + 1);
                 }
-                _ => runs.push((m.iova, m.last, i + 1)),
             }
+            runs.push(cur);
         }
-        let mut merged: SmallVec<[(u64, u64); 4]> = runs.iter().map(|r| (r.0, r.1)).collect();
+        let mut merged: SmallVec<[(u64, u64); 4]> = SmallVec::with_capacity(runs.len());
+        for r in &runs {
+            merged.push((r.0, r.1));
+        }
         if merged.len() > 1 {
             merged.sort_unstable();
             let mut out: SmallVec<[(u64, u64); 4]> = SmallVec::with_capacity(merged.len());
-            for (s, e) in merged {
+            for &(s, e) in &merged {
                 match out.last_mut() {
                     Some(prev) if s <= prev.1 => return Err(Error::Overlap { iova: s }),
                     Some(prev) if s == prev.1 + 1 => prev.1 = e,
@@ -2420,6 +2442,9 @@ impl Domain {
     /// Whether any stale MAP range is left (after taking in the replies
     /// that have come).
     pub(crate) fn has_stale(&self) -> bool {
+        if !self.inner.stale_any.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut st = self.inner.state.lock();
         self.inner.settle_stale(&mut st);
         !st.stale.is_empty()
@@ -2434,8 +2459,9 @@ impl Domain {
         let replies = self.inner.port.wait(seqs);
         if replies.as_ref().is_ok_and(Replies::all_ok) {
             // The common case: nothing to roll back.
-            let mut st = self.inner.state.lock();
-            self.inner.settle_stale(&mut st);
+            if self.inner.stale_any.load(Ordering::Relaxed) {
+                self.inner.settle_stale(&mut self.inner.state.lock());
+            }
             return Ok(());
         }
         let ops = seqs

@@ -589,19 +589,22 @@ impl DmaDomain {
         allocs: &[(u64, u64)],
     ) -> Result<()> {
         let now = self.platform.now_ns();
-        let cause = {
+        let (cause, inflight) = {
             let mut g = q.lock();
             g.push(now, allocs);
-            if g.entries.len() >= cfg.entries {
+            let cause = if g.entries.len() >= cfg.entries {
                 Some(FlushCause::Full)
             } else if g.expired(now, cfg) {
                 Some(FlushCause::Timeout)
             } else {
                 None
-            }
+            };
+            (cause, !g.inflight.is_empty())
         };
-        // A previous flush's failure is not this unmap's: it is counted and retried.
-        let _ = self.reap(q);
+        if inflight {
+            // A previous flush's failure is not this unmap's: it is counted and retried.
+            let _ = self.reap(q);
+        }
         match cause {
             Some(cause) => self.flush_queue(q, cause, false, true),
             None => Ok(()),
