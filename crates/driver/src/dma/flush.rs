@@ -11,7 +11,12 @@
 
 use alloc::vec::Vec;
 
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use smallvec::SmallVec;
+
+use crate::sync::{Mutex, MutexGuard};
 
 use crate::iommu::{Replies, Tickets};
 
@@ -62,6 +67,69 @@ impl FlushQueue {
 /// IOVA allocations `(iova, size)`: those of one I/O (a header and a data
 /// list) fit inline, with no heap allocation.
 pub(crate) type Allocs = SmallVec<[(u64, u64); 2]>;
+
+/// A flush queue behind its lock, with two hints `tick` reads without the
+/// lock: when the oldest entry was queued, and whether flushes are in
+/// flight. Every guard writes them back as it is dropped, still holding
+/// the lock, so they are exact whenever the lock is free.
+pub(crate) struct FlushSlot {
+    queue: Mutex<FlushQueue>,
+    /// `oldest_ns` of the queue, or `u64::MAX` when it has no entry.
+    oldest_ns: AtomicU64,
+    inflight: AtomicBool,
+}
+
+impl Default for FlushSlot {
+    fn default() -> Self {
+        Self {
+            queue: Mutex::new(FlushQueue::default()),
+            oldest_ns: AtomicU64::new(u64::MAX),
+            inflight: AtomicBool::new(false),
+        }
+    }
+}
+
+impl FlushSlot {
+    pub(crate) fn lock(&self) -> SlotGuard<'_> {
+        SlotGuard { slot: self, queue: self.queue.lock() }
+    }
+
+    /// Whether `tick` has anything to do here: a flush in flight, or an
+    /// entry older than the timeout.
+    pub(crate) fn due(&self, now_ns: u64, cfg: &FlushQueueConfig) -> bool {
+        let oldest = self.oldest_ns.load(Ordering::Relaxed);
+        self.inflight.load(Ordering::Relaxed)
+            || (oldest != u64::MAX && now_ns.saturating_sub(oldest) >= cfg.timeout_ns)
+    }
+}
+
+/// The locked queue of a [`FlushSlot`].
+pub(crate) struct SlotGuard<'a> {
+    slot: &'a FlushSlot,
+    queue: MutexGuard<'a, FlushQueue>,
+}
+
+impl Deref for SlotGuard<'_> {
+    type Target = FlushQueue;
+    fn deref(&self) -> &FlushQueue {
+        &self.queue
+    }
+}
+
+impl DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut FlushQueue {
+        &mut self.queue
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let q = &*self.queue;
+        let oldest = if q.entries.is_empty() { u64::MAX } else { q.oldest_ns };
+        self.slot.oldest_ns.store(oldest, Ordering::Relaxed);
+        self.slot.inflight.store(!q.inflight.is_empty(), Ordering::Relaxed);
+    }
+}
 
 /// What to do with the entries of a completed flush.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -152,6 +220,23 @@ mod tests {
         // Entries in a ticket's range are settled by it; those between tickets are freed.
         assert_eq!(sorted.retry.len(), 14 * 8);
         assert_eq!(sorted.free.len(), 40 * 16 - 14 * 8);
+    }
+
+    /// The hints `tick` reads follow the queue through every guard.
+    #[test]
+    fn slot_hints_follow_the_queue() {
+        let cfg = FlushQueueConfig { entries: 4, timeout_ns: 100 };
+        let slot = FlushSlot::default();
+        assert!(!slot.due(u64::MAX - 1, &cfg));
+        slot.lock().push(10, &[(0x1000, 0x1000)]);
+        assert!(!slot.due(109, &cfg));
+        assert!(slot.due(110, &cfg));
+        let entries = core::mem::take(&mut slot.lock().entries);
+        assert!(!slot.due(1000, &cfg), "no entry left");
+        slot.lock().inflight.push(InflightFlush { tickets: Tickets::new(), entries, since_ns: 0 });
+        assert!(slot.due(0, &cfg), "a flush in flight is always worth a look");
+        slot.lock().inflight.clear();
+        assert!(!slot.due(1000, &cfg));
     }
 
     #[test]

@@ -57,7 +57,7 @@ use crate::iommu::{
 };
 use crate::sync::Mutex;
 use crate::{Error, Result};
-use flush::{settle, Allocs, FlushQueue, InflightFlush, Outcome};
+use flush::{settle, Allocs, FlushSlot, InflightFlush, Outcome};
 
 /// Direction of a DMA transfer, seen from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,8 +216,8 @@ pub struct DmaDomain {
     coalesce: AtomicBool,
     lazy: FlushQueueConfig,
     lazy_single: FlushQueueConfig,
-    percpu: Vec<Mutex<FlushQueue>>,
-    single: Mutex<FlushQueue>,
+    percpu: Vec<FlushSlot>,
+    single: FlushSlot,
     /// Allocations whose UNMAP failed: sent again at the next flush.
     retry: Mutex<Vec<(u64, u64)>>,
 }
@@ -282,8 +282,8 @@ impl DmaDomain {
             coalesce: AtomicBool::new(opts.coalesce_unmaps),
             lazy: opts.lazy,
             lazy_single: opts.lazy_single,
-            percpu: (0..nq).map(|_| Mutex::new(FlushQueue::default())).collect(),
-            single: Mutex::new(FlushQueue::default()),
+            percpu: (0..nq).map(|_| FlushSlot::default()).collect(),
+            single: FlushSlot::default(),
             retry: Mutex::new(Vec::new()),
             domain,
         })
@@ -329,7 +329,7 @@ impl DmaDomain {
 
     /// IOVA allocations waiting in flush queues, in flight, or to retry.
     pub fn pending_unmaps(&self) -> usize {
-        let q = |q: &Mutex<FlushQueue>| {
+        let q = |q: &FlushSlot| {
             let q = q.lock();
             q.entries.len() + q.inflight.iter().map(|f| f.entries.len()).sum::<usize>()
         };
@@ -352,6 +352,16 @@ impl DmaDomain {
 
     fn range_of(&self, &(iova, size): &(u64, u64)) -> (u64, u64) {
         (iova, iova + (self.iova.round(size).0 - 1))
+    }
+
+    /// The IOVA ranges of allocations (a push loop: cheaper than collecting
+    /// a few items into a `SmallVec`).
+    fn ranges_of(&self, allocs: &[(u64, u64)]) -> SmallVec<[(u64, u64); 4]> {
+        let mut out = SmallVec::new();
+        for a in allocs {
+            out.push(self.range_of(a));
+        }
+        out
     }
 
     fn free_allocs(&self, allocs: &[(u64, u64)]) {
@@ -381,7 +391,10 @@ impl DmaDomain {
                 self.domain.finish_maps(&t, one)
             })
         } else {
-            let starts: SmallVec<[u64; 4]> = allocs.iter().map(|a| a.0).collect();
+            let mut starts: SmallVec<[u64; 4]> = SmallVec::new();
+            for a in allocs {
+                starts.push(a.0);
+            }
             self.domain.map_many(maps, &starts).and_then(|t| self.domain.finish_maps(&t, maps))
         };
         if let Err(e) = &result {
@@ -520,7 +533,7 @@ impl DmaDomain {
 
     /// Takes allocations out of the tree and unmaps them under the policy.
     fn release(&self, allocs: &[(u64, u64)]) -> Result<()> {
-        let ranges: SmallVec<[(u64, u64); 4]> = allocs.iter().map(|a| self.range_of(a)).collect();
+        let ranges = self.ranges_of(allocs);
         self.domain.take_ranges(&ranges)?;
         match self.policy() {
             Policy::Strict => self.unmap_now(allocs, self.coalesce.load(Ordering::Relaxed)),
@@ -534,7 +547,7 @@ impl DmaDomain {
 
     /// Queues UNMAPs for allocations already out of the tree, waits, frees.
     fn unmap_now(&self, allocs: &[(u64, u64)], coalesce: bool) -> Result<()> {
-        let ranges: SmallVec<[(u64, u64); 4]> = allocs.iter().map(|a| self.range_of(a)).collect();
+        let ranges = self.ranges_of(allocs);
         let tickets = match self.domain.queue_unmaps(&ranges, coalesce, true) {
             Ok(t) => t,
             Err(e) => {
@@ -582,12 +595,7 @@ impl DmaDomain {
         }
     }
 
-    fn enqueue(
-        &self,
-        q: &Mutex<FlushQueue>,
-        cfg: &FlushQueueConfig,
-        allocs: &[(u64, u64)],
-    ) -> Result<()> {
+    fn enqueue(&self, q: &FlushSlot, cfg: &FlushQueueConfig, allocs: &[(u64, u64)]) -> Result<()> {
         let now = self.platform.now_ns();
         let (cause, inflight) = {
             let mut g = q.lock();
@@ -615,7 +623,7 @@ impl DmaDomain {
     /// now; otherwise they ride on the next kick and complete in `reap`.
     fn flush_queue(
         &self,
-        q: &Mutex<FlushQueue>,
+        q: &FlushSlot,
         cause: FlushCause,
         wait: bool,
         with_retry: bool,
@@ -660,7 +668,7 @@ impl DmaDomain {
 
     /// Completes in-flight flushes whose UNMAPs are done; with `wait_older_than`,
     /// syncs those older than that many nanoseconds.
-    fn reap_inner(&self, q: &Mutex<FlushQueue>, wait_older_than: Option<u64>) -> Result<()> {
+    fn reap_inner(&self, q: &FlushSlot, wait_older_than: Option<u64>) -> Result<()> {
         let inflight = core::mem::take(&mut q.lock().inflight);
         if inflight.is_empty() {
             return Ok(());
@@ -697,11 +705,11 @@ impl DmaDomain {
         first
     }
 
-    fn reap(&self, q: &Mutex<FlushQueue>) -> Result<()> {
+    fn reap(&self, q: &FlushSlot) -> Result<()> {
         self.reap_inner(q, None)
     }
 
-    fn queues(&self) -> impl Iterator<Item = (&Mutex<FlushQueue>, &FlushQueueConfig)> {
+    fn queues(&self) -> impl Iterator<Item = (&FlushSlot, &FlushQueueConfig)> {
         self.percpu.iter().map(|q| (q, &self.lazy)).chain([(&self.single, &self.lazy_single)])
     }
 
@@ -712,7 +720,10 @@ impl DmaDomain {
         let now = self.platform.now_ns();
         let mut first = Ok(());
         for (q, cfg) in self.queues() {
-            // One look per queue when nothing is due (the usual case).
+            // Nothing due (the usual case): not even the lock.
+            if !q.due(now, cfg) {
+                continue;
+            }
             let (inflight, expired) = {
                 let g = q.lock();
                 (!g.inflight.is_empty(), g.expired(now, cfg))
