@@ -187,8 +187,8 @@ pub struct SplitQueue<H: Hal> {
     /// The used index as last read: entries up to it are popped without
     /// reading it again.
     used_seen: u16,
-    /// The last `used_event` written (EVENT_IDX).
-    used_event: u16,
+    /// The last `used_event` written (EVENT_IDX), once one was.
+    used_event: Option<u16>,
     bad_used: u64,
     callback: Option<UsedCallback>,
     indirect: Option<Indirect>,
@@ -232,8 +232,7 @@ impl<H: Hal> SplitQueue<H> {
             kicked_idx: 0,
             last_used: 0,
             used_seen: 0,
-            // Not a value the first empty ring matches: written then.
-            used_event: u16::MAX,
+            used_event: None,
             bad_used: 0,
             callback: None,
             indirect: None,
@@ -526,10 +525,13 @@ impl<H: Hal> SplitQueue<H> {
     /// updating `used_event`, see [`Self::pop_used`]).
     fn refresh_used(&mut self) -> bool {
         self.used_seen = self.read_u16(self.layout.used + 2);
-        if self.used_seen == self.last_used && self.event_idx && self.used_event != self.last_used {
+        if self.used_seen == self.last_used
+            && self.event_idx
+            && self.used_event != Some(self.last_used)
+        {
             // used_event: interrupt us when the device passes this index.
             self.write_u16(self.layout.avail + 4 + 2 * self.size as usize, self.last_used);
-            self.used_event = self.last_used;
+            self.used_event = Some(self.last_used);
             // Before the last look at the used index: otherwise an entry the
             // device adds meanwhile may see the old used_event and raise no
             // interrupt, and a thread blocked waiting misses it.
@@ -641,5 +643,56 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "test-utils"))]
+mod ring_tests {
+    use super::*;
+    use crate::fake::FakeMemory;
+
+    /// Plays the device: returns `head` in the used ring and bumps its index.
+    fn complete(q: &SplitQueue<crate::fake::FakeHal>, head: u16) {
+        let used = q.layout().used;
+        let idx = q.read_u16(used + 2);
+        let slot = (idx % q.size()) as usize;
+        // SAFETY: the used ring lies in the queue's region (its layout).
+        unsafe {
+            let p = q.region().vaddr.as_ptr();
+            p.add(used + 4 + 8 * slot).cast::<u32>().write_volatile((head as u32).to_le());
+            p.add(used + 8 + 8 * slot).cast::<u32>().write_volatile(4u32.to_le());
+        }
+        q.write_u16(used + 2, idx.wrapping_add(1));
+    }
+
+    /// Batched adds are invisible until published; `used_event` is written
+    /// when the ring is found empty, to the index of the next entry, and
+    /// not while entries remain to pop.
+    #[test]
+    fn publish_once_and_used_event_when_empty() {
+        let mem = FakeMemory::new(64);
+        let mut q = SplitQueue::new(Arc::new(mem.hal()), 0, 8, true).expect("queue");
+        let avail_idx = |q: &SplitQueue<_>| q.read_u16(q.layout().avail + 2);
+        let used_event = |q: &SplitQueue<_>| q.read_u16(q.layout().avail + 4 + 2 * 8);
+        let a = q.add_unpublished(&[Buffer::readable(0x1000, 16)]).expect("add");
+        let b = q.add_unpublished(&[Buffer::readable(0x2000, 16)]).expect("add");
+        assert_eq!((avail_idx(&q), q.pending()), (0, 2), "not published yet");
+        q.publish();
+        assert_eq!(avail_idx(&q), 2);
+        assert!(q.kick_prepare());
+        complete(&q, a);
+        complete(&q, b);
+        assert_eq!(q.pop_used().map(|u| u.token), Some(a));
+        assert_eq!(used_event(&q), 0, "entries remain: not written yet");
+        assert_eq!(q.pop_used().map(|u| u.token), Some(b));
+        assert_eq!(q.pop_used(), None);
+        assert_eq!(used_event(&q), 2, "empty: interrupt at the next entry");
+        // An entry that arrives after that is seen by the next pop.
+        let c = q.add(&[Buffer::readable(0x3000, 16)]).expect("add");
+        complete(&q, c);
+        assert_eq!(q.pop_used().map(|u| u.token), Some(c));
+        assert_eq!(q.pop_used(), None);
+        assert_eq!(used_event(&q), 3);
+        assert_eq!(q.num_free(), 8);
     }
 }
