@@ -864,6 +864,9 @@ impl<H: Hal> ReqQueue<H> {
     /// Takes the replies of `seqs` if all are in. A run of consecutive
     /// successful tickets is checked and taken in one step.
     fn take(&mut self, seqs: &[u64]) -> Option<Replies> {
+        // Steps: the length of each run of successes found, 0 for a reply
+        // kept as a record. Found first, taken only if all are in.
+        let mut steps: SmallVec<[usize; 4]> = SmallVec::new();
         let mut i = 0;
         while i < seqs.len() {
             match self.ok.run_len(&seqs[i..]) {
@@ -871,22 +874,19 @@ impl<H: Hal> ReqQueue<H> {
                 0 => return None,
                 n => i += n,
             }
+            steps.push(i);
         }
         let mut out = Replies { len: seqs.len(), others: Vec::new() };
         let mut i = 0;
-        while i < seqs.len() {
-            match self.ok.run_len(&seqs[i..]) {
-                0 => {
-                    if let Some(k) = self.find_reply(seqs[i]) {
-                        out.others.push((i, self.replies.remove(k).1));
-                    }
-                    i += 1;
+        for end in steps {
+            if end - i == 1 && self.ok.end_of(seqs[i]).is_none() {
+                if let Some(k) = self.find_reply(seqs[i]) {
+                    out.others.push((i, self.replies.remove(k).1));
                 }
-                n => {
-                    self.ok.remove(seqs[i], seqs[i] + n as u64);
-                    i += n;
-                }
+            } else {
+                self.ok.remove(seqs[i], seqs[end - 1] + 1);
             }
+            i = end;
         }
         Some(out)
     }
