@@ -864,6 +864,12 @@ impl<H: Hal> ReqQueue<H> {
     /// Takes the replies of `seqs` if all are in. A run of consecutive
     /// successful tickets is checked and taken in one step.
     fn take(&mut self, seqs: &[u64]) -> Option<Replies> {
+        let n = self.ok.run_len(seqs);
+        if n > 0 && n == seqs.len() {
+            // The usual case: one run of consecutive successes.
+            self.ok.remove(seqs[0], seqs[n - 1] + 1);
+            return Some(Replies { len: n, others: Vec::new() });
+        }
         // Steps: the length of each run of successes found, 0 for a reply
         // kept as a record. Found first, taken only if all are in.
         let mut steps: SmallVec<[usize; 4]> = SmallVec::new();
