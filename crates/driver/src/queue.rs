@@ -434,7 +434,8 @@ impl<H: Hal> SplitQueue<H> {
 
     /// Puts `head` in the avail ring, not yet published.
     fn push_avail(&mut self, head: u16) {
-        let slot = self.avail_idx % self.size;
+        // The size is a power of two (checked in `new`): a mask, not a division.
+        let slot = self.avail_idx & (self.size - 1);
         self.write_u16(self.layout.avail + 4 + 2 * slot as usize, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -503,7 +504,7 @@ impl<H: Hal> SplitQueue<H> {
             if self.used_seen == self.last_used && !self.refresh_used() {
                 return None;
             }
-            let slot = (self.last_used % self.size) as usize;
+            let slot = (self.last_used & (self.size - 1)) as usize;
             let id = self.read_u32(self.layout.used + 4 + 8 * slot);
             let len = self.read_u32(self.layout.used + 8 + 8 * slot);
             self.last_used = self.last_used.wrapping_add(1);
