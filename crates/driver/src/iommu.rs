@@ -2357,10 +2357,10 @@ impl Domain {
     /// all-or-nothing. Returns tickets `(seq, iova, last)` to sync with
     /// [`Self::finish_maps`], one per MAP (none when not attached).
     ///
-    /// A mapping that starts at one of `run_starts` (the DMA layer's
-    /// allocations) begins a new tree run even if it touches the previous
-    /// one, so that freeing one allocation never splits a run.
-    pub(crate) fn map_many(&self, maps: &[Mapping], run_starts: &[u64]) -> Result<Seqs> {
+    /// `maps[i]` for each `i` in `breaks` (sorted: where the DMA layer's
+    /// allocations begin) starts a new tree run even if it touches the
+    /// previous mapping, so that freeing one allocation never splits a run.
+    pub(crate) fn map_many(&self, maps: &[Mapping], breaks: &[usize]) -> Result<Seqs> {
         let d = &self.inner;
         if d.kind != DomainKind::Paging {
             return Err(Error::NotPaging);
@@ -2375,8 +2375,12 @@ impl Domain {
         let mut runs: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
         if let Some(m) = maps.first() {
             let mut cur = (m.iova, m.last, 1);
+            let mut k = 0;
             for (i, m) in maps.iter().enumerate().skip(1) {
-                if cur.1.checked_add(1) == Some(m.iova) && !run_starts.contains(&m.iova) {
+                while breaks.get(k).is_some_and(|&b| b < i) {
+                    k += 1;
+                }
+                if cur.1.checked_add(1) == Some(m.iova) && breaks.get(k) != Some(&i) {
                     (cur.1, cur.2) = (m.last, i + 1);
                 } else {
                     runs.push(cur);
@@ -2544,6 +2548,12 @@ impl Domain {
                 Err(err)
             }
         }
+    }
+
+    /// Number of runs in the mapping tree.
+    #[cfg(test)]
+    pub(crate) fn tree_runs(&self) -> usize {
+        self.inner.state.lock().tree.runs()
     }
 
     /// Whether this domain is attached to at least one endpoint.

@@ -168,6 +168,12 @@ impl MapTree {
         self.len
     }
 
+    /// Number of runs.
+    #[cfg(test)]
+    pub(crate) fn runs(&self) -> usize {
+        self.runs.iter().count()
+    }
+
     /// Every mapping, in IOVA order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Mapping> {
         self.runs.iter().flat_map(|(_, r)| r.maps())

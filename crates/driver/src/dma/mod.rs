@@ -383,7 +383,9 @@ impl DmaDomain {
 
     /// Maps and syncs: one sync, or one per MAP with `sync_every_map`.
     /// On failure nothing stays mapped and the IOVAs are released.
-    fn map_synced(&self, maps: &[Mapping], allocs: &[(u64, u64)]) -> Result<()> {
+    /// `breaks`: where in `maps` each allocation's MAPs begin (none needed
+    /// for a single allocation).
+    fn map_synced(&self, maps: &[Mapping], allocs: &[(u64, u64)], breaks: &[usize]) -> Result<()> {
         let result = if self.sync_every_map.load(Ordering::Relaxed) {
             maps.iter().try_for_each(|m| {
                 let one = core::slice::from_ref(m);
@@ -391,11 +393,7 @@ impl DmaDomain {
                 self.domain.finish_maps(&t, one)
             })
         } else {
-            let mut starts: SmallVec<[u64; 4]> = SmallVec::new();
-            for a in allocs {
-                starts.push(a.0);
-            }
-            self.domain.map_many(maps, &starts).and_then(|t| self.domain.finish_maps(&t, maps))
+            self.domain.map_many(maps, breaks).and_then(|t| self.domain.finish_maps(&t, maps))
         };
         if let Err(e) = &result {
             self.rollback(allocs, e);
@@ -430,7 +428,7 @@ impl DmaDomain {
         let (base, off, size) = self.span(paddr, len)?;
         let iova = self.alloc(size)?;
         let m = Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() };
-        self.map_synced(&[m], &[(iova, size)])?;
+        self.map_synced(&[m], &[(iova, size)], &[])?;
         Ok(iova + off)
     }
 
@@ -499,7 +497,7 @@ impl DmaDomain {
         let total = self.sg_layout(segs, dir.prot(), &mut maps, &mut segments)?;
         let iova = self.alloc(total)?;
         shift(iova, &mut maps, &mut segments);
-        self.map_synced(&maps, &[(iova, total)])?;
+        self.map_synced(&maps, &[(iova, total)], &[])?;
         Ok(SgMapping { segments, iova, size: total })
     }
 
@@ -517,6 +515,7 @@ impl DmaDomain {
             dma: self,
             maps: SmallVec::new(),
             allocs: SmallVec::new(),
+            breaks: SmallVec::new(),
             pages: SmallVec::new(),
         }
     }
@@ -804,6 +803,8 @@ pub struct DmaBatch<'a> {
     dma: &'a DmaDomain,
     maps: SmallVec<[Mapping; 3]>,
     allocs: Allocs,
+    /// Where in `maps` each allocation's MAPs begin.
+    breaks: SmallVec<[usize; 2]>,
     /// Single-page maps `(physical page, index in maps)`, sorted, to map a
     /// shared page once.
     pages: SmallVec<[(u64, usize); 2]>,
@@ -829,6 +830,7 @@ impl DmaBatch<'_> {
         }
         let iova = dma.alloc(size)?;
         self.allocs.push((iova, size));
+        self.breaks.push(self.maps.len());
         if let (true, Err(k)) = (size == dma.granule, page) {
             self.pages.insert(k, (base, self.maps.len()));
         }
@@ -852,6 +854,7 @@ impl DmaBatch<'_> {
         let iova = match laid.and_then(|total| Ok((dma.alloc(total)?, total))) {
             Ok((iova, total)) => {
                 self.allocs.push((iova, total));
+                self.breaks.push(from);
                 iova
             }
             Err(e) => {
@@ -871,7 +874,7 @@ impl DmaBatch<'_> {
         if maps.is_empty() {
             return Ok(DmaMapping { allocs });
         }
-        self.dma.map_synced(&maps, &allocs)?;
+        self.dma.map_synced(&maps, &allocs, &self.breaks)?;
         Ok(DmaMapping { allocs })
     }
 }
@@ -935,6 +938,24 @@ mod tests {
         assert_eq!(iovas(&d), want);
         d.take_ranges(&[(0x10_2000, 0x13_ffff)]).expect("take 62");
         assert_eq!(iovas(&d), [0x40_0000]);
+    }
+
+    /// Touching MAPs form one tree run, except where the caller says an
+    /// allocation begins.
+    #[test]
+    fn runs_break_where_allocations_begin() {
+        let (_fake, _iommu, d) = attached();
+        let maps: Vec<Mapping> = (0..4).map(|i| page(0x10_0000 + i * 0x1000)).collect();
+        let t = d.map_many(&maps, &[]).expect("map");
+        d.finish_maps(&t, &maps).expect("sync");
+        assert_eq!(d.tree_runs(), 1);
+        let more: Vec<Mapping> = (0..4).map(|i| page(0x20_0000 + i * 0x1000)).collect();
+        let t = d.map_many(&more, &[0, 2, 3]).expect("map");
+        d.finish_maps(&t, &more).expect("sync");
+        assert_eq!(d.tree_runs(), 4, "one run, then three: 0..2, 2, 3");
+        d.take_ranges(&[(0x20_0000, 0x20_1fff)]).expect("first allocation");
+        assert_eq!(d.tree_runs(), 3);
+        assert_eq!(iovas(&d).len(), 6);
     }
 
     /// Buffers that fall in a page the batch already maps, in any order,
