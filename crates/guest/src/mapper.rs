@@ -39,6 +39,11 @@ pub trait Mapper {
     fn complete(&mut self, handle: u64) -> Result<(), String>;
     /// Sends every deferred UNMAP and waits for it.
     fn flush(&mut self) -> Result<(), String>;
+    /// Flushes the deferred UNMAPs whose timeout has passed: the embedder's
+    /// timer, which a polling program calls from its loop.
+    fn tick(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// The driver's request and kick counters so far.
     fn counts(&self) -> CounterSnapshot;
     /// Most descriptors a buffer of `segs` physical segments becomes.
@@ -258,6 +263,10 @@ impl Mapper for DmaMapper {
 
     fn flush(&mut self) -> Result<(), String> {
         self.dma.flush().map_err(|e| e.to_string())
+    }
+
+    fn tick(&mut self) -> Result<(), String> {
+        self.dma.tick().map_err(|e| e.to_string())
     }
 
     fn counts(&self) -> CounterSnapshot {
