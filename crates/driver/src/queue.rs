@@ -183,6 +183,9 @@ pub struct SplitQueue<H: Hal> {
     /// The avail index the device has been shown.
     published_idx: u16,
     kicked_idx: u16,
+    /// Chains added since the last `kick_prepare`, saturating: past 2^16 the
+    /// avail index has wrapped onto `kicked_idx` and `need_event` cannot tell.
+    unkicked: u32,
     last_used: u16,
     /// The used index as last read: entries up to it are popped without
     /// reading it again.
@@ -230,6 +233,7 @@ impl<H: Hal> SplitQueue<H> {
             avail_idx: 0,
             published_idx: 0,
             kicked_idx: 0,
+            unkicked: 0,
             last_used: 0,
             used_seen: 0,
             used_event: None,
@@ -438,6 +442,7 @@ impl<H: Hal> SplitQueue<H> {
         let slot = self.avail_idx & (self.size - 1);
         self.write_u16(self.layout.avail + 4 + 2 * slot as usize, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.unkicked = self.unkicked.saturating_add(1);
     }
 
     /// Publishes the chains added so far: writes the avail index.
@@ -451,9 +456,9 @@ impl<H: Hal> SplitQueue<H> {
         self.published_idx = self.avail_idx;
     }
 
-    /// Chains added since the last `kick_prepare`.
+    /// Chains added since the last `kick_prepare` (at most `u16::MAX`).
     pub fn pending(&self) -> u16 {
-        self.avail_idx.wrapping_sub(self.kicked_idx)
+        self.unkicked.min(u16::MAX as u32) as u16
     }
 
     /// Decides whether the chains added since the last call need a notify,
@@ -465,9 +470,16 @@ impl<H: Hal> SplitQueue<H> {
         fence(Ordering::SeqCst);
         let old = self.kicked_idx;
         let new = self.avail_idx;
+        let added = core::mem::take(&mut self.unkicked);
         self.kicked_idx = new;
-        if old == new {
+        if added == 0 {
             return false;
+        }
+        if added > u16::MAX as u32 {
+            // The index went all the way round (a device that polls while
+            // busy took them without a notify): the window is ambiguous, so
+            // notify, as Linux does before 2^16 adds go unkicked.
+            return true;
         }
         if self.event_idx {
             let avail_event = self.read_u16(self.layout.used + 4 + 8 * self.size as usize);
@@ -695,5 +707,29 @@ mod ring_tests {
         assert_eq!(q.pop_used(), None);
         assert_eq!(used_event(&q), 3);
         assert_eq!(q.num_free(), 8);
+    }
+
+    /// A device that keeps working without notifications (it polls while
+    /// busy) consumes 2^16 - 1 chains, then waits for the next one: the
+    /// driver, which called `kick_prepare` only before all that, must
+    /// notify for the one it adds now, although the avail index came back
+    /// to the value it had at that last call.
+    #[test]
+    fn notify_after_a_full_index_wrap_without_kicks() {
+        let mem = FakeMemory::new(64);
+        let mut q = SplitQueue::new(Arc::new(mem.hal()), 0, 8, true).expect("queue");
+        let avail_event_off = q.layout().used + 4 + 8 * 8;
+        assert!(!q.kick_prepare(), "nothing added");
+        for i in 0..u16::MAX {
+            let head = q.add(&[Buffer::readable(0x1000, 16)]).expect("add");
+            // The device takes it at once and waits for the next entry.
+            complete(&q, head);
+            q.write_u16(avail_event_off, i.wrapping_add(1));
+            assert!(q.pop_used().is_some());
+        }
+        // The device now waits for entry 0xffff, not yet published.
+        assert_eq!(q.read_u16(avail_event_off), u16::MAX);
+        q.add(&[Buffer::readable(0x1000, 16)]).expect("add");
+        assert!(q.kick_prepare(), "the device waits for this entry: notify");
     }
 }
