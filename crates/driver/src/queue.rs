@@ -499,6 +499,10 @@ impl<H: Hal> SplitQueue<H> {
     }
 
     /// Whether the device has returned a chain we have not popped.
+    ///
+    /// It does not arm the interrupt: with EVENT_IDX, a thread that means to
+    /// block for an interrupt must first see [`Self::pop_used`] return `None`
+    /// (that writes `used_event`), not only `can_pop` return false.
     pub fn can_pop(&self) -> bool {
         fence(Ordering::Acquire);
         self.read_u16(self.layout.used + 2) != self.last_used

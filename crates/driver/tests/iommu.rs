@@ -660,3 +660,39 @@ fn an_attach_waiting_for_the_device_blocks_no_other_endpoint() {
     attach.join().unwrap().unwrap();
     assert_eq!(iommu.attached_domain(1), fake.endpoint_domain(1));
 }
+
+/// More than 2^16 requests through an 8-entry ring: the avail and used
+/// indexes wrap (with EVENT_IDX, with and without indirect descriptors,
+/// completions in order and reversed), and every request still gets its
+/// own reply: the one failure injected past the wrap reaches its caller.
+#[test]
+fn requests_keep_their_replies_across_the_ring_index_wrap() {
+    for (indirect_desc, reorder) in [(false, Reorder::InOrder), (true, Reorder::ReverseCompletion)]
+    {
+        let opts = DriverOptions { request_queue_size: 8, indirect_desc, ..Default::default() };
+        let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+        fake.set_reorder(reorder);
+        let d = attached(&iommu, 1);
+        let before = iommu.counters();
+        for i in 0..33_000u64 {
+            let iova = 0x10_0000 + (i % 4) * 0x2000;
+            d.map_pages(iova, 0x8000_0000 + i * 0x1000, 0x1000, RW).unwrap();
+            d.map_pages(iova + 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+            d.iotlb_sync_map(0, u64::MAX).unwrap();
+            assert_eq!(d.iova_to_phys(iova), Some(0x8000_0000 + i * 0x1000));
+            assert_eq!(d.unmap_pages(iova, 0x2000).unwrap(), 0x2000);
+            d.iotlb_sync().unwrap();
+        }
+        // Past the wrap: the second of two MAPs fails, and only it.
+        let reply = InjectReply::Status(Status::Inval);
+        fake.inject_nth(1, Injection { request: Some(RequestType::Map), reply });
+        d.map_pages(0x20_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        d.map_pages(0x20_1000, 0x8000_1000, 0x1000, RW).unwrap();
+        assert!(matches!(d.iotlb_sync_map(0, u64::MAX), Err(Error::Device { .. })));
+        assert_eq!(tree(&d), fake.mappings(d.id()));
+        assert_eq!(tree(&d).len(), 1);
+        let c = iommu.counters().since(&before);
+        assert_eq!((c.map, c.unmap), (66_002, 33_000));
+        assert_eq!(fake.stats().malformed, 0);
+    }
+}
