@@ -2419,21 +2419,23 @@ impl Domain {
         if !DomainInner::attached(&st, d.kind) {
             return Ok(Seqs::new());
         }
-        let ticket = |(seq, m): (u64, &Mapping)| (seq, m.iova, m.last);
         match d.port.submit_all(Reqs::Maps(d.id, maps)) {
             Ok(seqs) => Ok(seqs),
             Err((seqs, e)) => {
-                // Unqueued ones leave the tree; queued ones stay pending
-                // for the domain's next sync, and the caller rolls back.
-                for m in &maps[seqs.len()..] {
+                // All leave the tree (the caller rolls back). Queued ones
+                // may still land: stale, like a MAP whose sync timed out,
+                // so that their ranges wait for the device's answer (and a
+                // cleanup UNMAP). Not pending: no sync of this domain
+                // would take their replies, and an old failure settled
+                // there would remove a new mapping at the same IOVA.
+                for m in maps {
                     st.tree.remove_exact(m.iova, m.last);
                 }
-                let queued = seqs.into_iter().zip(maps).map(ticket);
-                st.pending.extend(queued.map(|(seq, iova, last)| PendingOp::Map {
-                    seq,
-                    iova,
-                    last,
-                }));
+                for (seq, m) in seqs.into_iter().zip(maps) {
+                    let step = StaleStep::Map(seq);
+                    st.stale.push(Stale { step, iova: m.iova, last: m.last });
+                }
+                d.stale_any.store(!st.stale.is_empty(), Ordering::Relaxed);
                 Err(e)
             }
         }

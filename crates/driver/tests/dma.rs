@@ -485,3 +485,43 @@ fn a_dma_map_that_failed_after_applying_leaves_no_mapping_and_no_iova() {
     assert!(dma.domain().stale_ranges().is_empty());
     assert_eq!(iommu.counters().unmap, 2);
 }
+
+/// A scatter-gather MAP batch that finds the ring full of requests of a
+/// silent device gives up with `Timeout` after queueing part of it. The
+/// queued MAPs may still land: their ranges stay blocked (stale) until the
+/// device answers, and nothing of them is left for a later sync of the
+/// domain, where an old failure would take the tree entry of a new mapping
+/// at the same IOVA.
+#[test]
+fn a_map_batch_cut_short_by_a_timeout_leaves_nothing_pending() {
+    let (fake, iommu) = setup_small_ring();
+    let d = attached(&iommu, 1);
+    let resv = iommu.reserved_regions(1).unwrap();
+    let clock = Arc::new(ManualClock::default());
+    let dma = DmaDomain::new(d.clone(), &resv, strict(), clock).unwrap();
+    // Four pages far apart: four MAPs, two of which fit on the ring.
+    let segs: Vec<(u64, usize)> = (0..4u64).map(|i| (0x4000_0000 + i * 0x10_0000, 4096)).collect();
+    fake.set_stalled(true);
+    assert_eq!(dma.map_sg(&segs, Dir::ToDevice).unwrap_err(), Error::Timeout);
+    assert!(d.mappings().is_empty());
+    let stale = d.stale_ranges();
+    assert_eq!(stale.len(), 2, "the two queued MAPs may land: {stale:?}");
+    // The device wakes up: the first queued MAP lands, the second fails.
+    let ioerr =
+        Injection { request: Some(RequestType::Map), reply: InjectReply::Status(Status::IoErr) };
+    fake.inject_nth(1, ioerr);
+    fake.set_stalled(false);
+    dma.flush().unwrap();
+    assert_eq!(dma.iova_in_use(), 0);
+    assert!(d.stale_ranges().is_empty());
+    assert!(fake.mappings(d.id()).is_empty());
+    // The same layout again, most likely at the same IOVA: a sync of the
+    // domain finds nothing old to settle and leaves it whole.
+    let m = dma.map_sg(&segs, Dir::ToDevice).unwrap();
+    assert_eq!(d.mappings().len(), 4);
+    d.iotlb_sync().unwrap();
+    assert_eq!(d.mappings().len(), 4);
+    assert_eq!(fake.mappings(d.id()), tree(&d));
+    dma.unmap_sg(m).unwrap();
+    assert_eq!(dma.iova_in_use(), 0);
+}

@@ -496,13 +496,7 @@ fn a_silent_device_gives_timeout_or_needs_reset() {
 
 #[test]
 fn timed_out_requests_keep_their_ring_slots_until_the_device_answers() {
-    // Two requests at a time (one descriptor each, with INDIRECT_DESC).
-    let opts = DriverOptions {
-        request_queue_size: 2,
-        timeout: Some(Duration::from_millis(20)),
-        ..Default::default()
-    };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_small_ring();
     let d = attached(&iommu, 1);
     fake.set_stalled(true);
     let before = iommu.counters();

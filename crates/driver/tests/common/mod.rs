@@ -20,6 +20,17 @@ pub fn setup_with(cfg: FakeConfig, opts: DriverOptions) -> (FakeIommu, Iommu) {
     (fake, iommu)
 }
 
+/// A driver whose request ring holds two requests (one descriptor each,
+/// with INDIRECT_DESC) and whose waits give up after 20 ms.
+pub fn setup_small_ring() -> (FakeIommu, Iommu) {
+    let opts = DriverOptions {
+        request_queue_size: 2,
+        timeout: Some(std::time::Duration::from_millis(20)),
+        ..Default::default()
+    };
+    setup_with(FakeConfig::default(), opts)
+}
+
 /// A paging domain attached to `ep`.
 pub fn attached(iommu: &Iommu, ep: u32) -> Domain {
     let d = iommu.alloc_paging(ep).unwrap();
