@@ -2537,16 +2537,21 @@ impl Domain {
         };
         let tickets: Tickets =
             seqs.iter().zip(&merged).map(|(&seq, &(s, e, _))| (seq, s, e)).collect();
-        let gaps = tickets.iter().zip(&merged).filter(|(_, m)| m.2).map(|(t, _)| *t);
-        st.unmapping.extend(gaps);
         match err {
-            None => Ok(tickets),
+            None => {
+                let gaps = tickets.iter().zip(&merged).filter(|(_, m)| m.2).map(|(t, _)| *t);
+                st.unmapping.extend(gaps);
+                Ok(tickets)
+            }
             Some(err) => {
-                st.pending.extend(tickets.into_iter().map(|(seq, s, e)| PendingOp::Unmap {
-                    seq,
-                    range: (s, e),
-                    removed: Vec::new(),
-                }));
+                // The caller retries the whole list later and takes no
+                // reply: new MAPs of these ranges wait for the queued ones
+                // (as for a gap), whose replies are dropped on arrival.
+                // Not pending: a sync of the domain would report their
+                // failures as its own.
+                st.unmapping.extend(tickets.iter().copied());
+                let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
+                d.port.abandon(&seqs);
                 Err(err)
             }
         }

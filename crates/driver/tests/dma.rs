@@ -525,3 +525,31 @@ fn a_map_batch_cut_short_by_a_timeout_leaves_nothing_pending() {
     dma.unmap_sg(m).unwrap();
     assert_eq!(dma.iova_in_use(), 0);
 }
+
+/// The same for UNMAPs: a strict unmap cut short while queueing leaves its
+/// queued UNMAPs to be waited for by MAPs of their ranges, not pending for
+/// a later sync of the domain, which would report their old failure.
+#[test]
+fn an_unmap_batch_cut_short_by_a_timeout_leaves_nothing_pending() {
+    let (fake, iommu) = setup_small_ring();
+    let d = attached(&iommu, 1);
+    let resv = iommu.reserved_regions(1).unwrap();
+    let dma = DmaDomain::new(d.clone(), &resv, strict(), Arc::new(ManualClock::default())).unwrap();
+    dma.set_coalesce_unmaps(false);
+    let mut b = dma.begin();
+    for i in 0..4u64 {
+        b.map(0x4000_0000 + i * 0x10_0000, 4096, Dir::ToDevice).unwrap();
+    }
+    let m = b.commit().unwrap();
+    fake.set_stalled(true);
+    assert_eq!(dma.unmap(m).unwrap_err(), Error::Timeout);
+    // The second queued UNMAP fails when the device wakes up.
+    let ioerr =
+        Injection { request: Some(RequestType::Unmap), reply: InjectReply::Status(Status::IoErr) };
+    fake.inject_nth(1, ioerr);
+    fake.set_stalled(false);
+    dma.flush().unwrap();
+    assert_eq!(dma.iova_in_use(), 0);
+    assert!(fake.mappings(d.id()).is_empty());
+    d.iotlb_sync().unwrap();
+}
