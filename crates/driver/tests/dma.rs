@@ -507,10 +507,7 @@ fn a_map_batch_cut_short_by_a_timeout_leaves_nothing_pending() {
     let stale = d.stale_ranges();
     assert_eq!(stale.len(), 2, "the two queued MAPs may land: {stale:?}");
     // The device wakes up: the first queued MAP lands, the second fails.
-    let ioerr =
-        Injection { request: Some(RequestType::Map), reply: InjectReply::Status(Status::IoErr) };
-    fake.inject_nth(1, ioerr);
-    fake.set_stalled(false);
+    wake_failing_the_second(&fake, RequestType::Map);
     dma.flush().unwrap();
     assert_eq!(dma.iova_in_use(), 0);
     assert!(d.stale_ranges().is_empty());
@@ -544,12 +541,17 @@ fn an_unmap_batch_cut_short_by_a_timeout_leaves_nothing_pending() {
     fake.set_stalled(true);
     assert_eq!(dma.unmap(m).unwrap_err(), Error::Timeout);
     // The second queued UNMAP fails when the device wakes up.
-    let ioerr =
-        Injection { request: Some(RequestType::Unmap), reply: InjectReply::Status(Status::IoErr) };
-    fake.inject_nth(1, ioerr);
-    fake.set_stalled(false);
+    wake_failing_the_second(&fake, RequestType::Unmap);
     dma.flush().unwrap();
     assert_eq!(dma.iova_in_use(), 0);
     assert!(fake.mappings(d.id()).is_empty());
     d.iotlb_sync().unwrap();
+}
+
+/// Wakes a stalled device, which fails the second request of type `t` it
+/// finds (IOERR).
+fn wake_failing_the_second(fake: &viommu_driver::fake::FakeIommu, t: RequestType) {
+    let reply = InjectReply::Status(Status::IoErr);
+    fake.inject_nth(1, Injection { request: Some(t), reply });
+    fake.set_stalled(false);
 }
