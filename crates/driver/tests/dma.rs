@@ -555,3 +555,38 @@ fn wake_failing_the_second(fake: &viommu_driver::fake::FakeIommu, t: RequestType
     fake.inject_nth(1, Injection { request: Some(t), reply });
     fake.set_stalled(false);
 }
+
+/// An explicit flush waits for UNMAPs that a flush on another CPU took from
+/// the queue and is still waiting for: when it returns, every IOVA unmapped
+/// before it was called is unmapped in the device and back in the allocator.
+#[test]
+fn flush_waits_for_entries_another_cpu_has_taken() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let (fake, _iommu, dma, _clock) = dma_setup(DmaOptions::default());
+    let iova = dma.map_single(0x4000_0000, 4096, Dir::ToDevice).unwrap();
+    dma.unmap_single(iova, 4096, Dir::ToDevice).unwrap();
+    assert_eq!(dma.iova_in_use(), 0x1000);
+    fake.set_stalled(true);
+    let second_done = AtomicBool::new(false);
+    let returned_early = std::thread::scope(|s| {
+        let first = s.spawn(|| dma.flush());
+        // The first flush has taken the entry once none shows as pending.
+        while dma.pending_unmaps() != 0 {
+            std::thread::yield_now();
+        }
+        let second = s.spawn(|| {
+            let r = dma.flush();
+            second_done.store(true, SeqCst);
+            r
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let early = second_done.load(SeqCst);
+        fake.set_stalled(false);
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        early
+    });
+    assert!(!returned_early, "a flush returned while an UNMAP taken before it was outstanding");
+    assert_eq!(dma.iova_in_use(), 0);
+    assert!(fake.mappings(dma.domain().id()).is_empty());
+}

@@ -12,7 +12,7 @@
 use alloc::vec::Vec;
 
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use smallvec::SmallVec;
 
@@ -77,6 +77,9 @@ pub(crate) struct FlushSlot {
     /// `oldest_ns` of the queue, or `u64::MAX` when it has no entry.
     oldest_ns: AtomicU64,
     inflight: AtomicBool,
+    /// Flushes that took this queue's entries and have not finished with
+    /// them: an explicit flush waits for these too.
+    taken: AtomicUsize,
 }
 
 impl Default for FlushSlot {
@@ -85,6 +88,7 @@ impl Default for FlushSlot {
             queue: Mutex::new(FlushQueue::default()),
             oldest_ns: AtomicU64::new(u64::MAX),
             inflight: AtomicBool::new(false),
+            taken: AtomicUsize::new(0),
         }
     }
 }
@@ -94,12 +98,48 @@ impl FlushSlot {
         SlotGuard { slot: self, queue: self.queue.lock() }
     }
 
+    /// Takes the queued entries for a flush; until the returned guard is
+    /// dropped, [`Self::taken`] counts that flush.
+    pub(crate) fn take_entries(&self) -> (Vec<(u64, u64)>, TakenGuard<'_>) {
+        let mut q = self.lock();
+        // Counted before the lock is released, so no flush ever sees the
+        // queue empty without also seeing the count.
+        self.taken.fetch_add(1, Ordering::AcqRel);
+        (core::mem::take(&mut q.entries), TakenGuard(self))
+    }
+
+    /// Takes the flushes in flight to reap them; while any were taken, the
+    /// returned guard counts this reap in [`Self::taken`].
+    pub(crate) fn take_inflight(&self) -> (Vec<InflightFlush>, Option<TakenGuard<'_>>) {
+        let mut q = self.lock();
+        let inflight = core::mem::take(&mut q.inflight);
+        if inflight.is_empty() {
+            return (inflight, None);
+        }
+        self.taken.fetch_add(1, Ordering::AcqRel);
+        (inflight, Some(TakenGuard(self)))
+    }
+
+    /// Whether some flush still holds entries it took from this queue.
+    pub(crate) fn taken(&self) -> bool {
+        self.taken.load(Ordering::Acquire) != 0
+    }
+
     /// Whether `tick` has anything to do here: a flush in flight, or an
     /// entry older than the timeout.
     pub(crate) fn due(&self, now_ns: u64, cfg: &FlushQueueConfig) -> bool {
         let oldest = self.oldest_ns.load(Ordering::Relaxed);
         self.inflight.load(Ordering::Relaxed)
             || (oldest != u64::MAX && now_ns.saturating_sub(oldest) >= cfg.timeout_ns)
+    }
+}
+
+/// A flush's hold on the entries it took (see [`FlushSlot::take_entries`]).
+pub(crate) struct TakenGuard<'a>(&'a FlushSlot);
+
+impl Drop for TakenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

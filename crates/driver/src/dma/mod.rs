@@ -627,7 +627,10 @@ impl DmaDomain {
         wait: bool,
         with_retry: bool,
     ) -> Result<()> {
-        let mut entries = core::mem::take(&mut q.lock().entries);
+        // Held until this flush is done with the entries (freed, failed
+        // back to the retry list, or left in flight), so that an explicit
+        // flush on another CPU waits for them.
+        let (mut entries, _taken) = q.take_entries();
         if with_retry {
             entries.append(&mut self.retry.lock());
         }
@@ -668,7 +671,8 @@ impl DmaDomain {
     /// Completes in-flight flushes whose UNMAPs are done; with `wait_older_than`,
     /// syncs those older than that many nanoseconds.
     fn reap_inner(&self, q: &FlushSlot, wait_older_than: Option<u64>) -> Result<()> {
-        let inflight = core::mem::take(&mut q.lock().inflight);
+        // Held until what is kept is back in the queue (see `flush`).
+        let (inflight, _taken) = q.take_inflight();
         if inflight.is_empty() {
             return Ok(());
         }
@@ -755,6 +759,13 @@ impl DmaDomain {
             let has = !q.lock().entries.is_empty();
             if has {
                 first = first.and(self.flush_queue(q, FlushCause::Explicit, true, false));
+            }
+            // A flush or reap another CPU started (a `tick`, a full queue)
+            // has taken its entries already: wait until it has sent and
+            // settled them, or left them in flight for the reap below. It is
+            // bounded by that CPU's own wait bound.
+            while q.taken() {
+                core::hint::spin_loop();
             }
             first = first.and(self.reap_inner(q, Some(0)));
         }
