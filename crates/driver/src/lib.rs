@@ -20,6 +20,7 @@ pub mod dma;
 pub mod fake;
 pub mod hal;
 pub mod iommu;
+pub mod mode;
 pub mod queue;
 mod sync;
 pub mod transport;
@@ -31,6 +32,7 @@ pub use iommu::{
     CounterSnapshot, DeviceInfo, Domain, DomainKind, DriverOptions, FaultRecord, Mapping, Prot,
     ResvKind, ResvRegion, VirtioIommu,
 };
+pub use mode::Mode;
 pub use transport::{QueueAddrs, Transport, UsedWaiter};
 
 use core::fmt;
