@@ -1301,15 +1301,31 @@ fn pow2_floor(v: u16) -> u16 {
     }
 }
 
-fn read_config<T: Transport>(t: &mut T) -> Config {
-    loop {
+/// Reads of the config before [`read_config`] gives up on a device whose
+/// config generation never holds still ([`Error::ConfigUnstable`]).
+pub const CONFIG_READ_ATTEMPTS: u32 = 64;
+
+/// Reads the whole config. "Drivers MUST NOT assume reads from fields
+/// greater than 32 bits wide are atomic, nor are reads from multiple fields:
+/// drivers SHOULD read device configuration space fields like so: [...]
+/// `} while (after != before);`" (virtio 1.2 §2.5.1). Repeated at most
+/// [`CONFIG_READ_ATTEMPTS`] times and within the wait bounds of `opts`
+/// (`spin_limit`, `timeout`): a hostile device may change the generation on
+/// every read.
+fn read_config<T: Transport>(t: &mut T, opts: &DriverOptions) -> Result<Config> {
+    let mut waiter = Waiter::new(opts.spin_limit, opts.timeout);
+    for _ in 0..CONFIG_READ_ATTEMPTS {
         let gen = t.config_generation();
         let mut cfg = Config::default();
         t.read_config(0, zerocopy::IntoBytes::as_mut_bytes(&mut cfg));
         if t.config_generation() == gen {
-            return cfg;
+            return Ok(cfg);
+        }
+        if waiter.poll().is_none() {
+            return Err(Error::Timeout);
         }
     }
+    Err(Error::ConfigUnstable)
 }
 
 impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
@@ -1368,7 +1384,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         if t.status() & status::FEATURES_OK == 0 {
             return Err(Error::FeaturesRejected);
         }
-        let cfg = read_config(t);
+        let cfg = read_config(t, opts)?;
         let has = |b| features & f::bit(b) != 0;
         let page_size_mask = cfg.page_size_mask.get();
         if page_size_mask == 0 {

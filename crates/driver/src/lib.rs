@@ -77,6 +77,9 @@ pub enum Error {
     NoMemory,
     /// The device did not complete requests within the spin limit.
     Timeout,
+    /// The device's config generation changed on every read of the config
+    /// (see [`iommu::CONFIG_READ_ATTEMPTS`]).
+    ConfigUnstable,
     /// The config is unusable (e.g. empty ranges, zero page_size_mask).
     BadConfig(&'static str),
     /// The IOMMU granule is larger than the guest page.
@@ -155,6 +158,7 @@ impl fmt::Display for Error {
             Self::Queue(e) => write!(f, "virtqueue: {e}"),
             Self::NoMemory => f.write_str("out of DMA memory"),
             Self::Timeout => f.write_str("device did not answer in time"),
+            Self::ConfigUnstable => f.write_str("device config generation never held still"),
             Self::BadConfig(what) => write!(f, "bad device config: {what}"),
             Self::GranuleTooLarge { granule, page } => {
                 write!(f, "IOMMU granule {granule:#x} larger than guest page {page:#x}")

@@ -690,3 +690,60 @@ fn requests_keep_their_replies_across_the_ring_index_wrap() {
         assert_eq!(fake.stats().malformed, 0);
     }
 }
+
+/// A transport whose config generation moves on every read of it.
+struct RestlessGeneration {
+    inner: viommu_driver::fake::FakeTransport,
+    generation: u32,
+}
+
+impl viommu_driver::Transport for RestlessGeneration {
+    fn device_features(&mut self) -> u64 {
+        self.inner.device_features()
+    }
+    fn set_driver_features(&mut self, features: u64) {
+        self.inner.set_driver_features(features)
+    }
+    fn status(&mut self) -> u8 {
+        self.inner.status()
+    }
+    fn set_status(&mut self, status: u8) {
+        self.inner.set_status(status)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        self.inner.max_queue_size(queue)
+    }
+    fn setup_queue(&mut self, queue: u16, size: u16, addrs: viommu_driver::QueueAddrs) {
+        self.inner.setup_queue(queue, size, addrs)
+    }
+    fn notify(&mut self, queue: u16) {
+        self.inner.notify(queue)
+    }
+    fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
+        self.inner.read_config(offset, buf)
+    }
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.inner.write_config(offset, data)
+    }
+    fn config_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1);
+        self.generation
+    }
+}
+
+/// A device whose config generation changes on every read makes init fail
+/// with a typed error, within the read bound and well before the timeout.
+#[test]
+fn a_config_generation_that_never_settles_fails_init() {
+    let fake = FakeIommu::new(FakeConfig::default());
+    let t = RestlessGeneration { inner: fake.transport(), generation: 0 };
+    let hal = fake.hal();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = VirtioIommu::new(t, hal, DriverOptions::default()).map(|_| ());
+        let _ = tx.send(r);
+    });
+    // The bound only ends a hang: init returns in microseconds.
+    let r = rx.recv_timeout(Duration::from_secs(60)).expect("VirtioIommu::new never returned");
+    assert_eq!(r, Err(Error::ConfigUnstable));
+}
