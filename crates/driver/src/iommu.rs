@@ -108,6 +108,11 @@ pub struct DriverOptions {
     pub timeout: Option<Duration>,
     /// Largest `probe_size` accepted, to bound the PROBE buffer.
     pub max_probe_size: u32,
+    /// Most event buffers one [`VirtioIommu::poll_events`] call takes from
+    /// the device (default 64; 0 counts as 1), so that a device that keeps
+    /// returning events cannot hold the caller. What is left waits for the
+    /// next call.
+    pub event_budget: u32,
 }
 
 impl Default for DriverOptions {
@@ -123,6 +128,7 @@ impl Default for DriverOptions {
             spin_limit: if cfg!(feature = "std") { u64::MAX } else { 100_000_000 },
             timeout: Some(Duration::from_secs(5)),
             max_probe_size: 64 * 1024,
+            event_budget: 64,
         }
     }
 }
@@ -1021,6 +1027,33 @@ impl<T: Transport, H: Hal> Shared<T, H> {
         self.transport.lock().notify(queue);
     }
 
+    /// Takes one used event buffer and posts it again (not notified):
+    /// `Ok(None)` when there is none, `Ok(Some(None))` for a buffer too short
+    /// for a fault record (counted in `bad_events`).
+    fn take_event(&self) -> Result<Option<Option<FaultRecord>>> {
+        let mut ev = self.events.lock();
+        let Some(used) = ev.vq.pop_used() else { return Ok(None) };
+        let buf = ev.buf_of[used.token as usize];
+        let mut bytes = [0u8; EVENT_BUF];
+        dma_read(&ev.bufs, buf as usize * EVENT_BUF, &mut bytes);
+        let record = match FaultEvent::read_from_prefix(&bytes) {
+            Ok((e, _)) if used.len as usize >= size_of::<FaultEvent>() => Some(FaultRecord {
+                reason: e.reason,
+                flags: e.flags.get(),
+                endpoint: e.endpoint.get(),
+                address: (e.flags.get() & viommu_proto::fault::F_ADDRESS != 0)
+                    .then(|| e.address.get()),
+            }),
+            _ => {
+                bump(&self.counters.bad_events);
+                None
+            }
+        };
+        dma_write(&ev.bufs, buf as usize * EVENT_BUF, &[0; EVENT_BUF]);
+        ev.post(buf)?;
+        Ok(Some(record))
+    }
+
     /// Decides on a notify for what was added since the last one, and counts it.
     fn prepare_kick(&self, q: &mut ReqQueue<H>) -> bool {
         let pending = q.vq.pending() as u64;
@@ -1780,48 +1813,44 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         *self.shared.fault_handler.lock() = handler;
     }
 
-    /// Consumes the event queue: hands each fault record to the handler,
-    /// recycles the buffers and notifies the device. Returns the number of
-    /// records (also counted, handled or not).
+    /// Consumes the event queue: takes at most
+    /// [`DriverOptions::event_budget`] event buffers, hands each fault record
+    /// to the handler as it is taken (with the event queue unlocked),
+    /// recycles the buffers and notifies the device once. Returns the number
+    /// of fault records (also counted, handled or not); a call that used up
+    /// its budget may have left events for the next one.
     pub fn poll_events(&self) -> Result<usize> {
         let s = &self.shared;
-        let mut records = Vec::new();
-        let need = {
-            let mut ev = s.events.lock();
-            while let Some(used) = ev.vq.pop_used() {
-                let buf = ev.buf_of[used.token as usize];
-                let mut bytes = [0u8; EVENT_BUF];
-                dma_read(&ev.bufs, buf as usize * EVENT_BUF, &mut bytes);
-                match FaultEvent::read_from_prefix(&bytes) {
-                    Ok((e, _)) if used.len as usize >= size_of::<FaultEvent>() => {
-                        records.push(FaultRecord {
-                            reason: e.reason,
-                            flags: e.flags.get(),
-                            endpoint: e.endpoint.get(),
-                            address: (e.flags.get() & viommu_proto::fault::F_ADDRESS != 0)
-                                .then(|| e.address.get()),
-                        });
-                    }
-                    _ => bump(&s.counters.bad_events),
+        let budget = s.opts.event_budget.max(1);
+        let mut handler = s.fault_handler.lock();
+        let mut records = 0;
+        let mut taken = 0;
+        let mut result = Ok(());
+        while taken < budget {
+            let record = match s.take_event() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
-                dma_write(&ev.bufs, buf as usize * EVENT_BUF, &[0; EVENT_BUF]);
-                ev.post(buf)?;
+            };
+            taken += 1;
+            let Some(r) = record else { continue };
+            records += 1;
+            bump(&s.counters.faults);
+            match handler.as_mut() {
+                Some(h) => h(r),
+                None => bump(&s.counters.faults_unhandled),
             }
-            ev.vq.kick_prepare()
-        };
+        }
+        drop(handler);
+        let need = s.events.lock().vq.kick_prepare();
         if need {
             bump(&s.counters.event_kicks);
             s.notify(EVENT_QUEUE);
         }
-        let mut handler = s.fault_handler.lock();
-        for r in &records {
-            bump(&s.counters.faults);
-            match handler.as_mut() {
-                Some(h) => h(*r),
-                None => bump(&s.counters.faults_unhandled),
-            }
-        }
-        Ok(records.len())
+        result.map(|()| records)
     }
 }
 
