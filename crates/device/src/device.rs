@@ -284,9 +284,18 @@ impl VirtioIommu {
     }
 
     /// Replaces the state with a snapshot taken from a device with the same configuration.
-    /// A snapshot that does not fit this device is refused; if it fails while the domains
-    /// are rebuilt, the device is left reset.
+    /// A snapshot that does not fit this device is refused, and the device is left as
+    /// [`Self::reset`] leaves it: no features, queues not ready, not activated, no domain.
     pub fn restore(&mut self, s: DeviceState) -> Result<(), Error> {
+        let result = self.try_restore(s);
+        if result.is_err() {
+            // Never half restored: a device serving its old queues with the domains gone.
+            self.reset();
+        }
+        result
+    }
+
+    fn try_restore(&mut self, s: DeviceState) -> Result<(), Error> {
         if s.acked_features & !self.device_features() != 0 {
             return Err(Error::Snapshot("features not offered by this device".into()));
         }

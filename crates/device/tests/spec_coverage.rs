@@ -418,14 +418,22 @@ fn restore_refuses_states_requests_cannot_build() {
             "queue larger than the device's",
             Box::new(|s| (s.queues[0].max_size, s.queues[0].size) = (4096, 4096)),
         ),
+        ("a feature this device does not offer", Box::new(|s| s.acked_features |= 1 << 63)),
+        ("a queue size that is not a power of two", Box::new(|s| s.queues[1].size = 100)),
     ];
+    let reset = VirtioIommu::new(c.clone()).unwrap().snapshot();
     for (what, edit) in edits {
         let mut bad = good.clone();
         edit(&mut bad);
-        let mut fresh = VirtioIommu::new(c.clone()).unwrap();
-        assert!(fresh.restore(bad).is_err(), "{what}");
-        assert_eq!(fresh.iommu().domain_count(), 0, "{what}: left reset");
-        assert_eq!(fresh.iommu().pending_faults(), 0, "{what}: left reset");
+        // Refused by a device in service (features, ready queues that have moved, a
+        // domain): afterwards it is exactly a reset device, and its queues serve nothing.
+        let mem = new_mem();
+        let mut drv = Driver::new(&mem);
+        let mut running = drv.device(c.clone());
+        assert_eq!(drv.request(&mut running, &attach(2, 4)), Status::Ok);
+        assert!(running.restore(bad).is_err(), "{what}");
+        assert_eq!(running.snapshot(), reset, "{what}: left reset");
+        assert!(running.process_request_queue(&mem).is_err(), "{what}: queue not ready");
     }
     let mut fresh = VirtioIommu::new(c).unwrap();
     fresh.restore(good.clone()).unwrap();
