@@ -194,6 +194,23 @@ fn probe_through_queue() {
     assert_eq!(props[512], 0);
 }
 
+/// A PROBE answered NOENT through the queue: the used length covers probe_size bytes of
+/// properties, and they are zeroes ("it SHOULD fill the remaining bytes of properties with
+/// zeroes"), not the property the previous reply left in the device's reply buffer.
+#[test]
+fn probe_noent_through_queue_writes_zeroes_not_the_previous_reply() {
+    let mem = new_mem();
+    let mut drv = Driver::new(&mem);
+    let mut dev = drv.device(cfg_with_resv());
+    assert_eq!(drv.request(&mut dev, &probe(1)), Status::Ok);
+    let w = drv.submit(&probe(9), 512);
+    dev.process_request_queue(&mem).unwrap();
+    assert_eq!(drv.take_used(0), vec![Used { id: 2, len: 516 }]);
+    let reply = drv.read(w, 516);
+    assert!(reply[..512].iter().all(|&b| b == 0), "{:x?}", &reply[..32]);
+    assert_eq!(reply[512..], [Status::NoEnt as u8, 0, 0, 0]);
+}
+
 // ---- event queue ------------------------------------------------------------------------
 
 /// A failed translation queues a fault event (reason, READ/WRITE/ADDRESS flags, endpoint,

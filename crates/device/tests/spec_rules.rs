@@ -401,6 +401,21 @@ fn probe_unknown_endpoint_is_noent() {
     assert_eq!(i.execute(&probe(9), &mut vec![0; 512]), Status::NoEnt);
 }
 
+/// "If the device doesn't fill all probe_size bytes with properties, it SHOULD fill the
+/// remaining bytes of properties with zeroes": a NOENT answer has no property, so all
+/// probe_size bytes the used length covers are zeroes, not what the buffer held before.
+#[test]
+fn probe_noent_fills_the_properties_with_zeroes() {
+    let i = iommu(cfg_with_resv());
+    let mut props = vec![0xaau8; 512];
+    assert_eq!(i.execute(&probe(9), &mut props), Status::NoEnt);
+    assert!(props.iter().all(|&b| b == 0), "execute");
+    let mut w = vec![0xaau8; 516];
+    assert_eq!(i.handle_request(&encode(&probe(9)), &mut w), 516);
+    assert!(w[..512].iter().all(|&b| b == 0), "handle_request");
+    assert_eq!(w[512..], [Status::NoEnt as u8, 0, 0, 0]);
+}
+
 /// "If the properties list is smaller than probe_size, the device SHOULD NOT write any
 /// property. It SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
 #[test]

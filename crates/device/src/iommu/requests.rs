@@ -287,9 +287,6 @@ impl Iommu {
         if !self.offered(features::PROBE) {
             return Status::Unsupp;
         }
-        // "If the endpoint identified by endpoint doesn't exist, then the device SHOULD
-        // reject the request and set status to VIRTIO_IOMMU_S_NOENT."
-        let Some(ep) = self.endpoints.get(b.endpoint.get()) else { return Status::NoEnt };
         // "If the properties list is smaller than probe_size, the device SHOULD NOT write any
         // property. It SHOULD reject the request and set status to VIRTIO_IOMMU_S_INVAL."
         if props.len() < self.cfg.probe_size as usize {
@@ -297,7 +294,12 @@ impl Iommu {
         }
         // "If the device doesn't fill all probe_size bytes with properties, it SHOULD fill
         // the remaining bytes of properties with zeroes": a zero header also ends the list.
+        // Before the NOENT check: the used length covers these bytes whatever the status,
+        // and the reply buffer is reused between requests.
         props.fill(0);
+        // "If the endpoint identified by endpoint doesn't exist, then the device SHOULD
+        // reject the request and set status to VIRTIO_IOMMU_S_NOENT."
+        let Some(ep) = self.endpoints.get(b.endpoint.get()) else { return Status::NoEnt };
         let mut off = 0;
         for r in &ep.resv {
             let resv = ResvMem {
