@@ -64,8 +64,10 @@ fn new_queue() -> Queue {
 impl VirtioIommu {
     /// A device with the given configuration; nothing negotiated yet.
     pub fn new(cfg: DeviceConfig) -> Result<Self, Error> {
-        let scratch = vec![0; cfg.probe_size as usize + 4];
+        // Iommu::new validates first: the buffer is sized by a probe_size known to be at
+        // most MAX_PROBE_SIZE, never by an unchecked u32.
         let iommu = Iommu::new(cfg)?;
+        let scratch = vec![0; iommu.config().probe_size as usize + 4];
         iommu.set_negotiated(0);
         Ok(Self {
             iommu: Arc::new(iommu),
