@@ -13,7 +13,7 @@ use zerocopy::IntoBytes;
 use crate::config::DeviceConfig;
 use crate::error::Error;
 use crate::iommu::Iommu;
-use crate::listener::Listener;
+use crate::listener::{Listener, ListenerId};
 use crate::request::{check_writable, gather, scatter};
 use crate::snapshot::{DeviceState, QueueSnapshot};
 
@@ -83,9 +83,9 @@ impl VirtioIommu {
         self.iommu.clone()
     }
 
-    /// Registers the back-end listener.
-    pub fn set_listener(&self, l: Arc<dyn Listener>) {
-        self.iommu.set_listener(Some(l));
+    /// Registers a back-end listener (see [`Iommu::add_listener`]).
+    pub fn add_listener(&self, l: Arc<dyn Listener>) -> ListenerId {
+        self.iommu.add_listener(l)
     }
 
     /// Feature bits the device offers.

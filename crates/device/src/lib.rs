@@ -5,7 +5,8 @@
 //!   queues, reset, snapshot/restore.
 //! - [`Iommu`] is the state it shares (through `Arc`) with the VMM's other device models,
 //!   which call [`Iommu::translate`] from any thread.
-//! - [`Listener`] lets VFIO or vhost back-ends follow attach, detach, map and unmap.
+//! - [`Listener`] lets VFIO, vhost or IOTLB back-ends follow attach, detach, map, unmap,
+//!   bypass changes and reset; [`Iommu::lookup`] fills their caches without faulting.
 //!
 //! ```
 //! use viommu_device::{Access, DeviceConfig, EndpointConfig, VirtioIommu};
@@ -43,9 +44,9 @@ pub use domain::Mapping;
 pub use error::{ConfigError, Error};
 pub use fault::PendingFault;
 pub use iommu::{FaultNotifier, Iommu};
-pub use listener::{Listener, ListenerError};
+pub use listener::{Listener, ListenerError, ListenerId};
 pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
-pub use translate::{Access, Fault, FaultKind, Segment, Translation};
+pub use translate::{Access, Fault, FaultKind, Permissions, Segment, Translation, Window};
 
 // The state is shared with other device models' threads; the device moves to its own.
 const _: () = {

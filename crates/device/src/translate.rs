@@ -150,3 +150,58 @@ impl std::fmt::Display for Fault {
 }
 
 impl std::error::Error for Fault {}
+
+/// What an endpoint reaches around an address, as [`crate::Iommu::lookup`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// A mapping the guest made.
+    Mapping(crate::domain::Mapping),
+    /// `[start, end]` (inclusive) translates to itself: bypass mode, a bypass domain, or the
+    /// MSI region. The window stops at the endpoint's reserved regions.
+    Identity {
+        /// First address of the window.
+        start: u64,
+        /// Last address of the window, inclusive.
+        end: u64,
+    },
+}
+
+impl Window {
+    /// The guest-physical address `iova` translates to, if it lies in the window.
+    pub fn translate(&self, iova: u64) -> Option<u64> {
+        match *self {
+            Self::Mapping(m) => {
+                (m.start <= iova && iova <= m.end).then(|| m.phys + (iova - m.start))
+            }
+            Self::Identity { start, end } => (start <= iova && iova <= end).then_some(iova),
+        }
+    }
+}
+
+/// The accesses a [`Window`] allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permissions {
+    /// Reads (the device reads memory) are allowed.
+    pub read: bool,
+    /// Writes are allowed.
+    pub write: bool,
+}
+
+impl Permissions {
+    /// From MAP flags.
+    pub const fn from_map_flags(flags: u32) -> Self {
+        Self {
+            read: flags & viommu_proto::MAP_F_READ != 0,
+            write: flags & viommu_proto::MAP_F_WRITE != 0,
+        }
+    }
+
+    /// True if `access` is allowed.
+    pub const fn allows(self, access: Access) -> bool {
+        match access {
+            Access::Read => self.read,
+            Access::Write => self.write,
+            Access::ReadWrite => self.read && self.write,
+        }
+    }
+}

@@ -1,18 +1,15 @@
 //! Translation for the VMM's other device models: bypass modes, MSI and reserved regions,
-//! permissions, segments, concurrency with request processing; and listeners.
+//! permissions, segments, concurrency with request processing. Listeners: tests/listener.rs.
 
 mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 
 use common::*;
-use viommu_device::{
-    Access, DeviceConfig, FaultKind, Iommu, Listener, ListenerError, Mapping, Segment, VirtioIommu,
-};
+use viommu_device::{Access, DeviceConfig, FaultKind, Iommu, Segment, VirtioIommu};
 use viommu_proto::features::{bit, BYPASS, MAP_UNMAP, VERSION_1};
 use viommu_proto::*;
-use vm_memory::{Bytes, GuestAddress};
 
 fn exec(i: &Iommu, r: Request) -> Status {
     i.execute(&r, &mut [])
@@ -250,132 +247,4 @@ fn instances_do_not_share_cached_translations() {
     assert_eq!(a.translate(1, 0x10, 4, Access::Read).unwrap().segments()[0].addr, 0x1010);
     assert_eq!(b.translate(1, 0x10, 4, Access::Read).unwrap().segments()[0].addr, 0x2010);
     assert_eq!(a.translate(1, 0x10, 4, Access::Read).unwrap().segments()[0].addr, 0x1010);
-}
-
-// ---- listeners --------------------------------------------------------------------------
-
-#[derive(Default)]
-struct Log(Mutex<Vec<String>>);
-
-impl Listener for Log {
-    fn on_attach(&self, endpoint: u32, domain: u32, bypass: bool) {
-        self.0.lock().unwrap().push(format!("attach {endpoint} {domain} {bypass}"));
-    }
-    fn on_detach(&self, endpoint: u32, domain: u32) {
-        self.0.lock().unwrap().push(format!("detach {endpoint} {domain}"));
-    }
-    fn on_map(&self, endpoint: u32, m: &Mapping) -> Result<(), ListenerError> {
-        self.0.lock().unwrap().push(format!("map {endpoint} {:#x}", m.start));
-        // A back-end that cannot pin the page at 0xbad000 for endpoint 2.
-        if endpoint == 2 && m.start == 0xbad000 {
-            return Err(ListenerError::NoMem);
-        }
-        Ok(())
-    }
-    fn on_unmap(&self, endpoint: u32, m: &Mapping) {
-        self.0.lock().unwrap().push(format!("unmap {endpoint} {:#x}", m.start));
-    }
-}
-
-impl Log {
-    fn take(&self) -> Vec<String> {
-        std::mem::take(&mut self.0.lock().unwrap())
-    }
-}
-
-/// Listeners hear every change per endpoint; joining a domain replays its mappings.
-#[test]
-fn listener_follows_per_endpoint() {
-    let mem = new_mem();
-    let mut drv = Driver::new(&mem);
-    let mut dev = drv.device(cfg(&[1, 2]));
-    let log = Arc::new(Log::default());
-    dev.set_listener(log.clone());
-    assert_eq!(drv.request(&mut dev, &attach(1, 1)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &map(1, 0x1000, 0x1fff, 0, RW)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &attach(1, 2)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &map(1, 0x2000, 0x2fff, 0, RW)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &unmap(1, 0, 0xffff)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &attach(2, 1)), Status::Ok);
-    assert_eq!(
-        log.take(),
-        [
-            "attach 1 1 false",
-            "map 1 0x1000",
-            "attach 2 1 false",
-            "map 2 0x1000",
-            "map 1 0x2000",
-            "map 2 0x2000",
-            "unmap 1 0x1000",
-            "unmap 2 0x1000",
-            "unmap 1 0x2000",
-            "unmap 2 0x2000",
-            "detach 1 1",
-            "attach 1 2 false",
-        ]
-    );
-    dev.reset();
-    assert_eq!(log.take(), ["detach 1 2", "detach 2 1"]);
-}
-
-/// A back-end that refuses a mapping fails the MAP (its status), the endpoints already
-/// told get `on_unmap`, and the mapping never becomes visible; a refused replay fails the
-/// ATTACH and leaves the endpoint detached.
-#[test]
-fn listener_refusal_fails_the_request() {
-    let mem = new_mem();
-    let mut drv = Driver::new(&mem);
-    let mut dev = drv.device(cfg(&[1, 2, 3]));
-    let log = Arc::new(Log::default());
-    dev.set_listener(log.clone());
-    assert_eq!(drv.request(&mut dev, &attach(1, 1)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &attach(1, 2)), Status::Ok);
-    log.take();
-    assert_eq!(drv.request(&mut dev, &map(1, 0xbad000, 0xbadfff, 0, RW)), Status::NoMem);
-    assert_eq!(log.take(), ["map 1 0xbad000", "map 2 0xbad000", "unmap 1 0xbad000"]);
-    let iommu = dev.iommu();
-    assert_eq!(iommu.mappings(1), Some(vec![]));
-    assert!(iommu.translate(1, 0xbad000, 4, Access::Read).is_err());
-    // Replay on ATTACH: endpoint 2 joins a domain holding the page it refuses.
-    assert_eq!(drv.request(&mut dev, &attach(2, 3)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &map(2, 0xbad000, 0xbadfff, 0, RW)), Status::Ok);
-    log.take();
-    assert_eq!(drv.request(&mut dev, &attach(2, 2)), Status::NoMem);
-    assert_eq!(log.take(), ["detach 2 1", "attach 2 2 false", "map 2 0xbad000", "detach 2 2"]);
-    assert_eq!(iommu.endpoint_domain(2), None);
-    assert_eq!(iommu.mappings(2).unwrap().len(), 1, "domain 2 keeps endpoint 3 and its mapping");
-}
-
-/// "An UNMAP completes only after its listeners have returned": when on_unmap runs, the
-/// used ring has not advanced yet, and translate already misses.
-#[test]
-fn unmap_completes_after_listener_returns() {
-    struct Check {
-        mem: Mem,
-        used_idx_addr: u64,
-        seen: Mutex<Vec<u16>>,
-        iommu: Mutex<Option<Arc<Iommu>>>,
-    }
-    impl Listener for Check {
-        fn on_unmap(&self, endpoint: u32, m: &Mapping) {
-            let idx: u16 = self.mem.read_obj(GuestAddress(self.used_idx_addr)).unwrap();
-            self.seen.lock().unwrap().push(idx);
-            let i = self.iommu.lock().unwrap().clone().unwrap();
-            assert!(i.translate(endpoint, m.start, 1, Access::Read).is_err());
-        }
-    }
-    let mem = new_mem();
-    let mut drv = Driver::new(&mem);
-    let mut dev = drv.device(cfg(&[1]));
-    let check = Arc::new(Check {
-        mem: mem.clone(),
-        used_idx_addr: drv.rq.used_addr().0 + 2,
-        seen: Mutex::new(vec![]),
-        iommu: Mutex::new(Some(dev.iommu())),
-    });
-    dev.set_listener(check.clone());
-    assert_eq!(drv.request(&mut dev, &attach(1, 1)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &map(1, 0x1000, 0x1fff, 0, RW)), Status::Ok);
-    assert_eq!(drv.request(&mut dev, &unmap(1, 0x1000, 0x1fff)), Status::Ok);
-    assert_eq!(*check.seen.lock().unwrap(), vec![2]);
 }

@@ -7,6 +7,7 @@
 //! writer (ATTACH, DETACH, MAP, UNMAP) only blocks the translations of that one endpoint or
 //! domain for the length of a tree update.
 
+mod lookup;
 mod requests;
 mod state;
 mod tlb;
@@ -25,7 +26,7 @@ use crate::domain::{Domain, Mapping};
 use crate::endpoint::EndpointTable;
 use crate::error::ConfigError;
 use crate::fault::FaultQueue;
-use crate::listener::Listener;
+use crate::listener::{Listener, ListenerId, Listeners};
 use crate::sync::{lock, read, write};
 
 /// A function the IOMMU calls when a fault event becomes pending, so the VMM can run
@@ -46,6 +47,8 @@ pub(crate) struct DomainEntry {
 pub(crate) struct Control {
     pub(crate) domains: BTreeMap<u32, DomainEntry>,
     total_mappings: usize,
+    /// Kept here so that registration is ordered with requests and their calls.
+    pub(crate) listeners: Listeners,
 }
 
 /// The virtio-iommu state, shared with the VMM's other device models through `Arc`.
@@ -85,9 +88,6 @@ pub struct Iommu {
     control: Mutex<Control>,
     faults: Mutex<FaultQueue>,
     counters: Counters,
-    listener: RwLock<Option<Arc<dyn Listener>>>,
-    /// Lets requests skip the listener lock when none is registered (the common case).
-    has_listener: AtomicBool,
     notifier: RwLock<Option<FaultNotifier>>,
 }
 
@@ -118,8 +118,6 @@ impl Iommu {
             control: Mutex::new(Control::default()),
             faults: Mutex::new(FaultQueue::new(cfg.limits.max_pending_faults)),
             counters: Counters::default(),
-            listener: RwLock::new(None),
-            has_listener: AtomicBool::new(false),
             notifier: RwLock::new(None),
             cfg,
         })
@@ -141,9 +139,8 @@ impl Iommu {
     }
 
     pub(crate) fn set_negotiated(&self, features: u64) {
-        self.negotiated.store(features & self.offered, Relaxed);
-        // Legacy BYPASS may have come or gone.
-        self.invalidate();
+        // Legacy BYPASS may come or go.
+        self.change_global_bypass(|| self.negotiated.store(features & self.offered, Relaxed));
     }
 
     /// Empties every thread's translation cache for this instance; call after the change.
@@ -166,8 +163,21 @@ impl Iommu {
 
     /// Sets the config `bypass` field (the device wrapper enforces who may).
     pub fn set_bypass(&self, on: bool) {
-        self.bypass.store(on, Relaxed);
+        self.change_global_bypass(|| self.bypass.store(on, Relaxed));
+    }
+
+    /// Applies `change`, then tells listeners if global bypass flipped: after the change,
+    /// so that a cache they flush cannot be refilled from the old state. Under the request
+    /// lock, so the call is ordered with requests' calls.
+    fn change_global_bypass(&self, change: impl FnOnce()) {
+        let ctl = lock(&self.control);
+        let before = self.global_bypass();
+        change();
         self.invalidate();
+        let after = self.global_bypass();
+        if before != after {
+            ctl.listeners.iter().for_each(|l| l.on_bypass(after));
+        }
     }
 
     /// True if unattached endpoints are in bypass mode (§5.13.6 "An endpoint is in bypass
@@ -177,11 +187,17 @@ impl Iommu {
             || self.negotiated(features::BYPASS)
     }
 
-    /// Registers the back-end listener (replacing any previous one).
-    pub fn set_listener(&self, l: Option<Arc<dyn Listener>>) {
-        let mut slot = write(&self.listener);
-        self.has_listener.store(l.is_some(), Relaxed);
-        *slot = l;
+    /// Registers a back-end listener after those already registered; it hears every
+    /// change from the next request on (not the state already built: register before the
+    /// guest runs, or read [`Self::mappings`] first). Waits for a request in progress.
+    pub fn add_listener(&self, l: Arc<dyn Listener>) -> ListenerId {
+        lock(&self.control).listeners.add(l)
+    }
+
+    /// Unregisters a listener; once this returns it is called no more. False if `id` was
+    /// not registered.
+    pub fn remove_listener(&self, id: ListenerId) -> bool {
+        lock(&self.control).listeners.remove(id)
     }
 
     /// Registers the function called when a fault event becomes pending.
@@ -214,13 +230,6 @@ impl Iommu {
     /// The domain an endpoint is attached to.
     pub fn endpoint_domain(&self, endpoint: u32) -> Option<u32> {
         read(&self.endpoints.get(endpoint)?.attached).as_ref().map(|d| d.id)
-    }
-
-    fn listener(&self) -> Option<Arc<dyn Listener>> {
-        if !self.has_listener.load(Relaxed) {
-            return None;
-        }
-        read(&self.listener).clone()
     }
 
     // ---- requests -------------------------------------------------------------------

@@ -14,7 +14,7 @@ use super::{Control, DomainEntry, Iommu};
 use crate::config::ResvKind;
 use crate::domain::{Domain, Mapping};
 use crate::endpoint::Endpoint;
-use crate::listener::Listener;
+use crate::listener::Listeners;
 use crate::sync::{lock, read, write};
 
 impl Iommu {
@@ -79,7 +79,7 @@ impl Iommu {
                 }
             }
         }
-        let listener = self.listener();
+        let told = ctl.listeners.clone();
         // "If the endpoint ... is already attached to another domain, then the device SHOULD
         // first detach it from that domain and attach it to the one identified by domain."
         // The switch happens under the endpoint's lock, so a concurrent translation sees the
@@ -99,16 +99,21 @@ impl Iommu {
         *slot = Some(entry.domain.clone());
         drop(slot);
         self.invalidate();
-        let Some(l) = listener else { return Status::Ok };
-        if let Some(old) = old {
-            l.on_detach(ep_id, old.id);
+        if told.is_empty() {
+            return Status::Ok;
         }
-        l.on_attach(ep_id, domain_id, bypass);
-        let replay = read(&entry.domain.mappings).iter().try_for_each(|m| l.on_map(ep_id, &m));
+        for l in told.iter() {
+            if let Some(old) = &old {
+                l.on_detach(ep_id, old.id);
+            }
+            l.on_attach(ep_id, domain_id, bypass);
+        }
+        let existing: Vec<Mapping> = read(&entry.domain.mappings).iter().collect();
+        let replay = existing.iter().try_for_each(|m| told.map(&[ep_id], m));
         if let Err(err) = replay {
             // The back-end cannot follow: leave the endpoint unattached (blocked, or bypassing
             // if bypass is on) rather than translating what the back-end does not have.
-            self.detach_locked(&mut ctl, ep, Some(&*l));
+            self.detach_locked(&mut ctl, ep, &told);
             return err.status();
         }
         Status::Ok
@@ -136,18 +141,11 @@ impl Iommu {
     }
 
     /// Detaches `ep` from whatever domain it is in.
-    pub(super) fn detach_locked(
-        &self,
-        ctl: &mut Control,
-        ep: &Endpoint,
-        listener: Option<&dyn Listener>,
-    ) {
+    pub(super) fn detach_locked(&self, ctl: &mut Control, ep: &Endpoint, told: &Listeners) {
         let Some(dom) = write(&ep.attached).take() else { return };
         self.invalidate();
         self.leave_domain(ctl, ep, dom.id);
-        if let Some(l) = listener {
-            l.on_detach(ep.id, dom.id);
-        }
+        told.iter().for_each(|l| l.on_detach(ep.id, dom.id));
     }
 
     /// §5.13.6.4 DETACH.
@@ -162,8 +160,8 @@ impl Iommu {
         if read(&ep.attached).as_ref().map(|d| d.id) != Some(b.domain.get()) {
             return Status::Inval;
         }
-        let listener = self.listener();
-        self.detach_locked(&mut ctl, ep, listener.as_deref());
+        let told = ctl.listeners.clone();
+        self.detach_locked(&mut ctl, ep, &told);
         Status::Ok
     }
 
@@ -223,15 +221,8 @@ impl Iommu {
             }
         }
         // Back-ends first: the mapping becomes visible only once they all have it.
-        if let Some(l) = self.listener() {
-            for (n, &e) in entry.endpoints.iter().enumerate() {
-                if let Err(err) = l.on_map(e, &mapping) {
-                    for &done in &entry.endpoints[..n] {
-                        l.on_unmap(done, &mapping);
-                    }
-                    return err.status();
-                }
-            }
+        if let Err(err) = ctl.listeners.map(&entry.endpoints, &mapping) {
+            return err.status();
         }
         write(&entry.domain.mappings).insert(mapping);
         ctl.total_mappings += 1;
@@ -256,10 +247,10 @@ impl Iommu {
         if end < start {
             return Status::Range;
         }
-        let listener = self.listener();
+        let told = &ctl.listeners;
         let mut removed = Vec::new();
         let result = write(&entry.domain.mappings).unmap(start, end, |m| {
-            if listener.is_some() {
+            if !told.is_empty() {
                 removed.push(m);
             }
         });
@@ -271,13 +262,7 @@ impl Iommu {
             self.invalidate();
         }
         // The used entry is written after this returns: listeners have finished.
-        if let Some(l) = listener {
-            for m in &removed {
-                for &e in &entry.endpoints {
-                    l.on_unmap(e, m);
-                }
-            }
-        }
+        told.unmap(&entry.endpoints, start, end, &removed);
         ctl.total_mappings -= count;
         Status::Ok
     }

@@ -15,13 +15,14 @@ impl Iommu {
     /// domain"): every domain and mapping goes, pending faults too; `bypass` is kept.
     pub(crate) fn reset(&self) {
         let mut ctl = lock(&self.control);
-        let listener = self.listener();
+        let told = ctl.listeners.clone();
         for ep in self.endpoints.iter() {
-            self.detach_locked(&mut ctl, ep, listener.as_deref());
+            self.detach_locked(&mut ctl, ep, &told);
         }
         ctl.domains.clear();
         ctl.total_mappings = 0;
         lock(&self.faults).clear();
+        told.iter().for_each(|l| l.on_reset());
     }
 
     pub(crate) fn export(&self) -> (Vec<DomainState>, Vec<PendingFault>) {
@@ -102,7 +103,7 @@ impl Iommu {
 
     fn import_domains(&self, domains: &[DomainState]) -> Result<(), String> {
         let mut ctl = lock(&self.control);
-        let listener = self.listener();
+        let told = ctl.listeners.clone();
         let limits = &self.cfg.limits;
         // A state no request sequence could have built is refused, so that a restored
         // device keeps every invariant the request path keeps (limits, ranges, alignment).
@@ -156,11 +157,9 @@ impl Iommu {
                 *slot = Some(entry.domain.clone());
                 entry.endpoints.push(e);
                 entry.resv.extend_from_slice(&ep.resv);
-                if let Some(l) = &listener {
-                    l.on_attach(e, d.id, d.bypass);
-                    for m in &d.mappings {
-                        l.on_map(e, m).map_err(|err| format!("endpoint {e}: {err}"))?;
-                    }
+                told.iter().for_each(|l| l.on_attach(e, d.id, d.bypass));
+                for m in &d.mappings {
+                    told.map(&[e], m).map_err(|err| format!("endpoint {e}: {err}"))?;
                 }
             }
         }
