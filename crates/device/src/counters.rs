@@ -22,7 +22,8 @@ pub struct Counters {
 /// A copy of the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterSnapshot {
-    /// Requests parsed, by type: index 0 counts unknown types, 1..=5 ATTACH..PROBE.
+    /// Requests by type: 1..=5 ATTACH..PROBE (parsed, each gets one status); index 0 counts
+    /// unknown types, which get no status (used length 0, also counted in `malformed`).
     pub requests: [u64; 6],
     /// Statuses written, indexed by status code.
     pub statuses: [u64; 9],

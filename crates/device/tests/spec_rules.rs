@@ -445,15 +445,18 @@ fn probe_without_feature_is_not_answered() {
 
 // ---- general ----------------------------------------------------------------------------
 
-/// Unknown request type → UNSUPP (the issue's rule; the spec's "SHOULD NOT write the buffer"
-/// is not followed because Linux reads a status it never sees written as OK).
+/// "If a request type is not recognized, the device SHOULD NOT write the buffer and SHOULD
+/// set the used length to zero." Counted as an unknown type and as malformed; no status.
 #[test]
-fn unknown_request_type_is_unsupp() {
+fn unknown_request_type_is_returned_unwritten() {
     let i = iommu(cfg(&[1]));
-    let mut tail = [0xaau8; 4];
-    assert_eq!(i.handle_request(&[9, 0, 0, 0, 1, 2, 3, 4], &mut tail), 4);
-    assert_eq!(tail, [Status::Unsupp as u8, 0, 0, 0]);
-    assert_eq!(i.counters().requests[0], 1);
+    for wlen in [4, 516] {
+        let mut w = vec![0xaau8; wlen];
+        assert_eq!(i.handle_request(&[9, 0, 0, 0, 1, 2, 3, 4], &mut w), 0, "{wlen}");
+        assert!(w.iter().all(|&b| b == 0xaa), "{wlen}");
+    }
+    let c = i.counters();
+    assert_eq!((c.requests[0], c.malformed, c.statuses.iter().sum::<u64>()), (2, 2, 0));
 }
 
 /// "When the device fails to parse a request, for instance if a request is too small for

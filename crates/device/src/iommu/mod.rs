@@ -240,8 +240,8 @@ impl Iommu {
     /// `writable` is the device-writable part: for PROBE `probe_size` bytes of properties
     /// then the tail, otherwise just the tail. Returns the used length, as the device would
     /// report it: 0 when the request could not be parsed (readable part too short, writable
-    /// part shorter than a tail, or PROBE without the PROBE feature), in which case nothing
-    /// was written or executed. An unknown request type is answered UNSUPP.
+    /// part shorter than a tail, an unknown request type, or PROBE without the PROBE feature),
+    /// in which case nothing was written or executed.
     ///
     /// ```
     /// use viommu_device::{DeviceConfig, EndpointConfig, Iommu};
@@ -257,16 +257,12 @@ impl Iommu {
     pub fn handle_request(&self, readable: &[u8], writable: &mut [u8]) -> u32 {
         let req = match Request::parse(readable) {
             Ok(req) => req,
+            // §5.13.6.2: "If a request type is not recognized, the device SHOULD NOT write the
+            // buffer and SHOULD set the used length to zero." Not knowing the type, the
+            // device does not know where its tail is either (see docs/spec-coverage.md #11).
             Err(ParseError::UnknownRequestType(_)) => {
-                return match writable.get_mut(..4) {
-                    Some(tail) => {
-                        self.counters.request(None);
-                        self.counters.status(Status::Unsupp);
-                        tail.copy_from_slice(&[Status::Unsupp as u8, 0, 0, 0]);
-                        4
-                    }
-                    None => self.malformed(),
-                };
+                self.counters.request(None);
+                return self.malformed();
             }
             Err(_) => return self.malformed(),
         };

@@ -303,8 +303,8 @@ mod tests {
         assert_eq!(r.statuses[Status::Ok as usize], 6);
         assert_eq!(r.statuses[Status::Inval as usize], 1, "overlapping map");
         assert_eq!(r.statuses[Status::Range as usize], 1, "split unmap");
-        assert_eq!(r.statuses[Status::Unsupp as usize], 1, "unknown type 9");
-        assert_eq!(r.malformed, 1, "truncated MAP");
+        assert_eq!(r.statuses[Status::Unsupp as usize], 0);
+        assert_eq!(r.malformed, 2, "unknown type 9 and truncated MAP: used length 0");
         assert_eq!(r.failures.len(), 4);
         assert_eq!(r.failures[0].0, 3);
         assert_eq!(r.domains_left, 0);
