@@ -23,6 +23,7 @@ pub mod iommu;
 pub mod mode;
 pub mod queue;
 mod sync;
+pub mod topology;
 pub mod transport;
 mod tree;
 
