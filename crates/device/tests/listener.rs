@@ -219,7 +219,7 @@ impl Witness {
     fn new(drv: &Driver, dev: &VirtioIommu, probe: (u32, u64)) -> Arc<Self> {
         Arc::new(Self {
             mem: drv.mem.clone(),
-            used_idx_addr: drv.rq.used_addr().0 + 2,
+            used_idx_addr: drv.rq.used_idx_addr(),
             iommu: dev.iommu(),
             seen: Mutex::new(vec![]),
             probe,

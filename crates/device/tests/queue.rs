@@ -1,9 +1,9 @@
-//! The virtqueue path, driven from the driver side (virtio-queue's `MockSplitQueue` layout):
+//! The virtqueue path, driven from the driver side (rings laid out by `common::rings`):
 //! batching and interrupts, malformed chains, the event queue, config space, reset.
 
 mod common;
 use common::*;
-use viommu_device::{Access, DeviceConfig, Error, VirtioIommu};
+use viommu_device::{Access, DeviceConfig, Error, VirtioIommu, QUEUE_MAX_SIZE};
 use viommu_proto::features::*;
 use viommu_proto::*;
 use vm_memory::{Bytes, GuestAddress};
@@ -29,8 +29,33 @@ fn one_kick_drains_batch_with_one_interrupt() {
     let c = dev.iommu().counters();
     assert_eq!((c.kicks, c.interrupts), (2, 2));
     assert_eq!(c.requests_of(RequestType::Map), 128);
+    // The 129 used entries landed in the used ring only: the driver's used_event and its
+    // available entries (chain k's head is descriptor 2k) read back as it wrote them.
+    assert_eq!(Rings::read_u16(&mem, drv.rq.used_event_addr()), 1, "used_event");
+    for k in 0..129u16 {
+        let head = Rings::read_u16(&mem, drv.rq.avail_entry_addr(k));
+        assert_eq!(head, (2 * k) % QSIZE, "available entry {k}");
+    }
     // A kick with nothing available raises nothing.
     assert!(!dev.process_request_queue(&mem).unwrap());
+}
+
+/// The harness's rings are laid out as §2.7 requires, for every queue size the device
+/// accepts: descriptor table, available ring (used_event included) and used ring
+/// (avail_event included) are aligned and disjoint, and the two queues and the buffer area
+/// do not overlap. (virtio-queue's mock layout fails this: rust-vmm/vm-virtio#400.)
+#[test]
+fn harness_rings_are_aligned_and_disjoint() {
+    for size in (0..=QUEUE_MAX_SIZE.trailing_zeros()).map(|b| 1u16 << b) {
+        let r = Rings::at(0x1_0000, size);
+        let [desc, avail, used] = r.regions();
+        assert_eq!((r.desc % 16, r.avail % 2, r.used % 4), (0, 0, 0), "size {size}");
+        assert!(desc.1 <= avail.0 && avail.1 <= used.0, "size {size}: {:?}", r.regions());
+        assert_eq!(r.used_event_addr() + 2, avail.1, "size {size}: used_event ends the ring");
+    }
+    let mem = new_mem();
+    let drv = Driver::new(&mem);
+    assert!(drv.rq.end() <= drv.eq.desc && drv.eq.end() <= DATA);
 }
 
 /// EVENT_IDX: no interrupt unless the batch crosses `used_event`.
@@ -175,7 +200,7 @@ fn bad_avail_index_is_an_error_not_a_hang() {
     let mem = new_mem();
     let drv = Driver::new(&mem);
     let mut dev = drv.device(cfg(&[1]));
-    drv.rq.avail().idx().store(QSIZE + 1);
+    Rings::write_u16(&mem, drv.rq.avail_idx_addr(), QSIZE + 1);
     assert!(matches!(dev.process_request_queue(&mem), Err(Error::BadAvailIndex(0))));
 }
 

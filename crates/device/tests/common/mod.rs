@@ -1,12 +1,14 @@
-//! Driver side for tests: guest memory, the two virtqueues laid out by virtio-queue's
-//! `MockSplitQueue`, and request builders.
+//! Driver side for tests: guest memory, the two virtqueues (laid out by `rings`), and
+//! request builders.
 #![allow(dead_code)]
 
+pub mod rings;
+
+pub use rings::Rings;
 use viommu_device::{DeviceConfig, EndpointConfig, ResvRegion, VirtioIommu};
 use viommu_proto::features::{bit, BYPASS_CONFIG, MAP_UNMAP, MMIO, PROBE, RING_EVENT_IDX};
 use viommu_proto::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
 
@@ -14,10 +16,10 @@ pub type Mem = GuestMemoryMmap<()>;
 
 pub const MEM_SIZE: usize = 16 << 20;
 pub const QSIZE: u16 = 256;
-const REQ_Q: u64 = 0;
-const EVT_Q: u64 = 0x8000;
-const DATA: u64 = 0x10_0000;
-const DATA_END: u64 = 0x80_0000;
+pub const REQ_Q: u64 = 0;
+pub const EVT_Q: u64 = 0x8000;
+pub const DATA: u64 = 0x10_0000;
+pub const DATA_END: u64 = 0x80_0000;
 pub const F_WRITE: u16 = 2;
 pub const F_NEXT: u16 = 1;
 
@@ -117,8 +119,8 @@ pub struct Used {
 /// The driver: owns the queue layout in guest memory and a bump allocator for buffers.
 pub struct Driver<'a> {
     pub mem: &'a Mem,
-    pub rq: MockSplitQueue<'a, Mem>,
-    pub eq: MockSplitQueue<'a, Mem>,
+    pub rq: Rings,
+    pub eq: Rings,
     next_desc: [u16; 2],
     next_buf: u64,
     seen_used: [u16; 2],
@@ -128,8 +130,8 @@ impl<'a> Driver<'a> {
     pub fn new(mem: &'a Mem) -> Self {
         Self {
             mem,
-            rq: MockSplitQueue::create(mem, GuestAddress(REQ_Q), QSIZE),
-            eq: MockSplitQueue::create(mem, GuestAddress(EVT_Q), QSIZE),
+            rq: Rings::at(REQ_Q, QSIZE),
+            eq: Rings::at(EVT_Q, QSIZE),
             next_desc: [0; 2],
             next_buf: DATA,
             seen_used: [0; 2],
@@ -149,8 +151,8 @@ impl<'a> Driver<'a> {
     pub fn fork<'b>(&self, mem: &'b Mem) -> Driver<'b> {
         let d = Driver {
             mem,
-            rq: MockSplitQueue::create(mem, GuestAddress(REQ_Q), QSIZE),
-            eq: MockSplitQueue::create(mem, GuestAddress(EVT_Q), QSIZE),
+            rq: self.rq,
+            eq: self.eq,
             next_desc: self.next_desc,
             next_buf: self.next_buf,
             seen_used: self.seen_used,
@@ -162,25 +164,22 @@ impl<'a> Driver<'a> {
     }
 
     pub fn setup_queues(&self, dev: &mut VirtioIommu) {
-        for (i, q) in [&self.rq, &self.eq].into_iter().enumerate() {
-            dev.set_queue(
-                i as u16,
-                QSIZE,
-                q.desc_table_addr().0,
-                q.avail_addr().0,
-                q.used_addr().0,
-            )
-            .unwrap();
+        for (i, q) in [self.rq, self.eq].into_iter().enumerate() {
+            dev.set_queue(i as u16, q.size, q.desc, q.avail, q.used).unwrap();
         }
         dev.activate().unwrap();
     }
 
-    fn q(&self, qi: usize) -> &MockSplitQueue<'a, Mem> {
+    fn q(&self, qi: usize) -> Rings {
         if qi == 0 {
-            &self.rq
+            self.rq
         } else {
-            &self.eq
+            self.eq
         }
+    }
+
+    fn store_desc(&self, qi: usize, index: u16, d: RawDescriptor) {
+        self.mem.write_obj(d, GuestAddress(self.q(qi).desc_addr(index))).unwrap();
     }
 
     pub fn alloc(&mut self, len: u64) -> u64 {
@@ -201,7 +200,7 @@ impl<'a> Driver<'a> {
             let idx = (base + i as u16) % QSIZE;
             let next = (idx + 1) % QSIZE;
             let flags = if i + 1 < descs.len() { flags | F_NEXT } else { flags & !F_NEXT };
-            self.q(qi).desc_table().store(idx, desc(addr, len, flags, next)).unwrap();
+            self.store_desc(qi, idx, desc(addr, len, flags, next));
         }
         self.next_desc[qi] = (base + descs.len().max(1) as u16) % QSIZE;
         self.make_available(qi, base);
@@ -211,23 +210,21 @@ impl<'a> Driver<'a> {
     /// Stores raw descriptors at table index `at` (no rewriting) and makes `head` available.
     pub fn push_raw(&mut self, qi: usize, at: u16, descs: &[RawDescriptor], head: u16) {
         for (i, d) in descs.iter().enumerate() {
-            self.q(qi).desc_table().store(at + i as u16, *d).unwrap();
+            self.store_desc(qi, at + i as u16, *d);
         }
         self.make_available(qi, head);
     }
 
     pub fn make_available(&mut self, qi: usize, head: u16) {
-        let avail = self.q(qi).avail();
-        let idx = avail.idx().load();
-        avail.ring().ref_at((idx % QSIZE) as usize).unwrap().store(head);
-        avail.idx().store(idx.wrapping_add(1));
+        let q = self.q(qi);
+        let idx = Rings::read_u16(self.mem, q.avail_idx_addr());
+        Rings::write_u16(self.mem, q.avail_entry_addr(idx), head);
+        Rings::write_u16(self.mem, q.avail_idx_addr(), idx.wrapping_add(1));
     }
 
     /// Sets `used_event` (EVENT_IDX) of a queue.
     pub fn set_used_event(&self, qi: usize, v: u16) {
-        let q = self.q(qi);
-        let addr = q.avail_addr().0 + 4 + 2 * u64::from(QSIZE);
-        self.mem.write_obj(v, GuestAddress(addr)).unwrap();
+        Rings::write_u16(self.mem, self.q(qi).used_event_addr(), v);
     }
 
     /// Submits a request as [readable head+body][writable props+tail]; returns the address
@@ -248,14 +245,14 @@ impl<'a> Driver<'a> {
 
     /// New used entries of a queue since the last call.
     pub fn take_used(&mut self, qi: usize) -> Vec<Used> {
-        let q = if qi == 0 { &self.rq } else { &self.eq };
-        let used = q.used();
-        let idx = used.idx().load();
+        let q = self.q(qi);
+        let idx = Rings::read_u16(self.mem, q.used_idx_addr());
         let mut out = vec![];
         let mut seen = self.seen_used[qi];
         while seen != idx {
-            let e = used.ring().ref_at((seen % QSIZE) as usize).unwrap().load();
-            out.push(Used { id: e.id(), len: e.len() });
+            let [id, len]: [u32; 2] =
+                self.mem.read_obj(GuestAddress(q.used_entry_addr(seen))).unwrap();
+            out.push(Used { id, len });
             seen = seen.wrapping_add(1);
         }
         self.seen_used[qi] = seen;
