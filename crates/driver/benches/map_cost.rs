@@ -24,9 +24,9 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{blk_io, Clock, IO_NS};
+use common::{blk_io, device_config, Clock, FakeDevice, IO_NS};
 use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, Policy};
-use viommu_driver::fake::{FakeConfig, FakeIommu};
+use viommu_driver::fake::FakeConfig;
 use viommu_driver::{DriverOptions, VirtioIommu};
 
 fn data_segments(io: u64, pages: u64) -> Vec<(u64, usize)> {
@@ -66,7 +66,8 @@ fn main() {
     let pages: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
     let mode = args.get(2).map(String::as_str).unwrap_or("lazy-batch");
     let policy = if mode.starts_with("strict") { Policy::Strict } else { Policy::Lazy };
-    let fake = FakeIommu::new(FakeConfig { mem_pages: 256, queue_max: 256, ..Default::default() });
+    let ring = FakeConfig { mem_pages: 256, queue_max: 256, ..Default::default() };
+    let fake = FakeDevice::new(device_config(), ring);
     let opts = DriverOptions { request_queue_size: 256, ..Default::default() };
     let iommu = VirtioIommu::new(fake.transport(), fake.hal(), opts).unwrap();
     let domain = iommu.alloc_paging(1).unwrap();

@@ -11,9 +11,9 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{blk_io, Clock};
+use common::{blk_io, device_config, Clock, FakeDevice};
 use viommu_driver::dma::{DmaDomain, DmaOptions, Policy};
-use viommu_driver::fake::{FakeConfig, FakeIommu};
+use viommu_driver::fake::FakeConfig;
 use viommu_driver::{CounterSnapshot, DriverOptions, VirtioIommu};
 
 #[derive(Clone, Copy)]
@@ -76,8 +76,8 @@ fn data_segments(io: u64, pages: u64, contiguous: bool) -> Vec<(u64, usize)> {
 }
 
 fn run(m: Mode, pages: u64, ios: u64) -> (CounterSnapshot, u64) {
-    let fake =
-        FakeIommu::new(FakeConfig { mem_pages: 256, queue_max: m.queue, ..Default::default() });
+    let ring = FakeConfig { mem_pages: 256, queue_max: m.queue, ..Default::default() };
+    let fake = FakeDevice::new(device_config(), ring);
     let opts = DriverOptions {
         request_queue_size: m.queue,
         indirect_desc: m.indirect,

@@ -29,9 +29,10 @@
 //!
 //! ```
 //! # #[cfg(feature = "test-utils")] {
-//! use viommu_driver::fake::FakeIommu;
+//! # mod device { include!("../tests/common/device.rs"); }
 //! use viommu_driver::{DriverOptions, Prot, VirtioIommu};
-//! let fake = FakeIommu::new(Default::default());
+//! // The fake transport around the device crate's model.
+//! let fake = device::FakeDevice::default();
 //! let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default()).unwrap();
 //! let domain = iommu.alloc_paging(1).unwrap();
 //! iommu.attach(&domain, 1).unwrap();

@@ -9,7 +9,8 @@
 //!   and Strict / Lazy / LazySingle unmap policies with UNMAP coalescing.
 //!
 //! `no_std` + `alloc`; the default `std` feature adds a default clock and
-//! `std::sync::Mutex`. `test-utils` adds `fake`, an in-process fake device.
+//! `std::sync::Mutex`. `test-utils` adds `fake`, an in-process fake transport
+//! (rings and fault injection) around a device model the user plugs in.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
@@ -26,6 +27,15 @@ mod sync;
 pub mod topology;
 pub mod transport;
 mod tree;
+
+// The unit tests' device model: the integration tests' adapter over
+// `viommu-device` (a dev-dependency), which names this crate `viommu_driver`.
+#[cfg(test)]
+extern crate self as viommu_driver;
+#[cfg(all(test, feature = "test-utils"))]
+#[allow(dead_code)]
+#[path = "../tests/common/device.rs"]
+mod test_device;
 
 pub use dma::{DmaDirection, DmaDomain, DmaOptions, Policy};
 pub use hal::{DmaRegion, Hal, PAGE_SIZE};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use viommu_driver::dma::{DmaDirection as Dir, DmaDomain, DmaOptions, FlushQueueConfig, Policy};
-use viommu_driver::fake::{FakeConfig, InjectReply, Injection, Reorder};
+use viommu_driver::fake::{InjectReply, Injection, Reorder};
 use viommu_driver::{DriverOptions, Error};
 use viommu_proto::{RequestType, Status};
 
@@ -267,7 +267,7 @@ fn failed_unmaps_keep_iovas_until_a_retry_succeeds() {
 
 #[test]
 fn identity_domain_passes_addresses_through() {
-    let (_fake, iommu) = setup(FakeConfig::default());
+    let (_fake, iommu) = setup(device_config());
     let d = iommu.alloc_identity(1).unwrap();
     iommu.attach(&d, 1).unwrap();
     let dma = DmaDomain::with_std(d, &[], DmaOptions::default()).unwrap();
@@ -317,7 +317,7 @@ fn stress(policy: Policy, deferred: bool) {
     // Any interleaving must work; the driver's timeout only ends a hang
     // (5 s could pass on a loaded machine while a waiter is not scheduled).
     let opts = DriverOptions { timeout: Some(Duration::from_secs(60)), ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let d = attached(&iommu, 1);
     let resv = iommu.reserved_regions(1).unwrap();
     let opts = DmaOptions {
@@ -406,7 +406,7 @@ fn stress_strict_with_a_late_device() {
 #[test]
 fn a_timed_out_dma_map_keeps_its_iova_until_the_device_answers() {
     let opts = DriverOptions { timeout: Some(Duration::from_millis(20)), ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let d = attached(&iommu, 1);
     let resv = iommu.reserved_regions(1).unwrap();
     let dma =

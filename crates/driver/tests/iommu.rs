@@ -7,19 +7,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use viommu_driver::fake::{FakeConfig, FakeIommu, FakeMemory, InjectReply, Injection, Reorder};
+use viommu_device::{DeviceConfig, EndpointConfig};
+use viommu_driver::fake::{
+    DeviceModel, FakeConfig, FakeIommu, FakeMemory, InjectReply, Injection, Reorder,
+};
 use viommu_driver::queue::{Buffer, SplitQueue};
 use viommu_driver::{DomainKind, DriverOptions, Error, Prot, ResvKind, ResvRegion, VirtioIommu};
-use viommu_proto::{fault, features as f, probe, FaultEvent, RequestType, ResvMem, Status};
+use viommu_proto::{fault, features as f, FaultEvent, ProbePropHead, RequestType, ResvMem, Status};
 
 const RW: Prot = Prot(3);
 
 #[test]
 fn init_requires_version_1_and_map_unmap() {
     for (bit, name) in [(f::VERSION_1, "VERSION_1"), (f::MAP_UNMAP, "MAP_UNMAP")] {
-        let mut cfg = FakeConfig::default();
-        cfg.features &= !f::bit(bit);
-        let fake = FakeIommu::new(cfg);
+        let ring = FakeConfig { withheld_features: f::bit(bit), ..Default::default() };
+        let fake = FakeDevice::new(device_config(), ring);
         let r = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default());
         assert_eq!(r.err(), Some(Error::MissingFeature(name)));
     }
@@ -27,7 +29,7 @@ fn init_requires_version_1_and_map_unmap() {
 
 #[test]
 fn init_takes_offered_features_writes_bypass_and_fills_event_queue() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let info = iommu.info();
     for bit in [f::INPUT_RANGE, f::DOMAIN_RANGE, f::PROBE, f::MMIO, f::BYPASS_CONFIG, f::VERSION_1]
     {
@@ -42,23 +44,53 @@ fn init_takes_offered_features_writes_bypass_and_fills_event_queue() {
     assert!(!fake.inject_fault(ev));
 
     let (fake, _iommu) =
-        setup_with(FakeConfig::default(), DriverOptions { bypass: true, ..Default::default() });
+        setup_with(device_config(), DriverOptions { bypass: true, ..Default::default() });
     assert_eq!(fake.bypass(), 1);
+}
+
+/// A device that reports RESV_MEM subtype 9, which no spec version defines,
+/// for the second property of endpoint 1.
+struct UnknownSubtype(Model);
+
+impl DeviceModel for UnknownSubtype {
+    fn device_features(&self) -> u64 {
+        self.0.device_features()
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.0.ack_features(features);
+    }
+    fn read_config(&self, offset: usize, buf: &mut [u8]) {
+        self.0.read_config(offset, buf);
+    }
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.0.write_config(offset, data);
+    }
+    fn reset(&mut self) {
+        self.0.reset();
+    }
+    fn handle_request(&mut self, readable: &[u8], writable: &mut [u8]) -> u32 {
+        let used = self.0.handle_request(readable, writable);
+        let probe_of_1 = readable.first() == Some(&(RequestType::Probe as u8))
+            && readable.get(4..8) == Some(&1u32.to_le_bytes()[..]);
+        // The second property starts after one head and one RESV_MEM body.
+        let subtype = size_of::<ProbePropHead>() * 2 + size_of::<ResvMem>();
+        if probe_of_1 && used as usize > subtype {
+            writable[subtype] = 9;
+        }
+        used
+    }
 }
 
 #[test]
 fn probe_reports_regions_unknown_subtypes_as_reserved_and_adds_sw_msi() {
-    let mut cfg = FakeConfig::default();
-    let resv = |subtype, start: u64, end: u64| ResvMem {
-        subtype,
-        start: start.into(),
-        end: end.into(),
-        ..Default::default()
-    };
-    cfg.resv
-        .insert(1, vec![resv(probe::RESV_MEM_T_RESERVED, 0x1000, 0x1fff), resv(9, 0x5000, 0x5fff)]);
-    cfg.resv.insert(2, vec![resv(probe::RESV_MEM_T_MSI, 0xfee0_0000, 0xfeef_ffff)]);
-    let (_fake, iommu) = setup(cfg);
+    let mut cfg = device_config();
+    cfg.endpoints[1] = EndpointConfig::new(1)
+        .with_resv(viommu_device::ResvRegion::reserved(0x1000, 0x1fff))
+        .with_resv(viommu_device::ResvRegion::reserved(0x5000, 0x5fff));
+    cfg.endpoints[2] =
+        EndpointConfig::new(2).with_resv(viommu_device::ResvRegion::msi(0xfee0_0000, 0xfeef_ffff));
+    let fake = FakeIommu::new(FakeConfig::default(), UnknownSubtype(Model::new(cfg)));
+    let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default()).unwrap();
     let r1 = iommu.probe_endpoint(1).unwrap();
     assert_eq!(
         r1,
@@ -80,14 +112,14 @@ fn probe_reports_regions_unknown_subtypes_as_reserved_and_adds_sw_msi() {
 
 #[test]
 fn paging_domain_granule_ids_and_wrong_iommu() {
-    let cfg = FakeConfig { page_size_mask: 1 << 16, ..Default::default() };
+    let cfg = DeviceConfig { page_size_mask: 1 << 16, ..device_config() };
     let (_f, iommu) = setup(cfg);
     assert_eq!(
         iommu.alloc_paging(1).unwrap_err(),
         Error::GranuleTooLarge { granule: 0x10000, page: 0x1000 }
     );
 
-    let cfg = FakeConfig { domain_range: (5, 6), ..Default::default() };
+    let cfg = DeviceConfig { domain_range: (5, 6), ..device_config() };
     let (_f, iommu) = setup(cfg);
     let a = iommu.alloc_paging(1).unwrap();
     let b = iommu.alloc_blocking().unwrap();
@@ -96,14 +128,14 @@ fn paging_domain_granule_ids_and_wrong_iommu() {
     drop(a);
     assert_eq!(iommu.alloc_paging(1).unwrap().id(), 5, "ID freed on drop");
 
-    let (_f2, other) = setup(FakeConfig::default());
+    let (_f2, other) = setup(device_config());
     let foreign = other.alloc_paging(1).unwrap();
     assert_eq!(iommu.attach(&foreign, 1).unwrap_err(), Error::WrongIommu);
 }
 
 #[test]
 fn first_attach_replays_all_mappings_in_one_sync() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let d = iommu.alloc_paging(1).unwrap();
     for i in 0..10u64 {
         d.map_pages(0x10_0000 + i * 0x2000, 0x8000_0000 + i * 0x1000, 0x1000, RW).unwrap();
@@ -125,7 +157,7 @@ fn first_attach_replays_all_mappings_in_one_sync() {
     // After the last detach the device forgets the domain; the driver keeps its tree.
     iommu.detach(1).unwrap();
     iommu.detach(2).unwrap();
-    assert!(fake.domains().is_empty());
+    assert_eq!(fake.domain_count(), 0);
     assert_eq!(d.mappings().len(), 10);
     assert_eq!(iommu.detach(2).unwrap_err(), Error::NotAttached(2));
     iommu.attach(&d, 3).unwrap();
@@ -134,7 +166,7 @@ fn first_attach_replays_all_mappings_in_one_sync() {
 
 #[test]
 fn attach_moves_endpoint_between_domains() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let a = attached(&iommu, 1);
     let b = iommu.alloc_paging(1).unwrap();
     iommu.attach(&b, 1).unwrap();
@@ -149,7 +181,7 @@ fn attach_moves_endpoint_between_domains() {
 
 #[test]
 fn map_unmap_never_splits_and_syncs_only_when_needed() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let d = attached(&iommu, 1);
     assert_eq!(
         d.map_pages(0x1000, 0x2000, 0x1800, RW).unwrap_err(),
@@ -190,7 +222,7 @@ fn failed_requests_give_typed_errors_and_roll_back() {
         InjectReply::UsedLenZero,
     ];
     for reply in replies {
-        let (fake, iommu) = setup(FakeConfig::default());
+        let (fake, iommu) = setup(device_config());
         let d = attached(&iommu, 1);
         let expect = |request| match reply {
             InjectReply::Status(status) | InjectReply::AfterApplying(status) => {
@@ -229,7 +261,7 @@ fn failed_requests_give_typed_errors_and_roll_back() {
 
 #[test]
 fn identity_domains_bypass_or_map_one_to_one() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let d = iommu.alloc_identity(1).unwrap();
     assert_eq!(d.kind(), DomainKind::Identity { bypass: true });
     iommu.attach(&d, 1).unwrap();
@@ -237,8 +269,8 @@ fn identity_domains_bypass_or_map_one_to_one() {
     assert_eq!(fake.endpoint_domain(1), Some(d.id()));
     assert_eq!(d.map_pages(0, 0, 0x1000, RW).unwrap_err(), Error::NotPaging);
 
-    let mut cfg = FakeConfig::default();
-    cfg.features &= !f::bit(f::BYPASS_CONFIG);
+    let mut cfg = device_config();
+    cfg.features.bypass_config = false;
     let (fake, iommu) = setup(cfg);
     let d = iommu.alloc_identity(1).unwrap();
     assert_eq!(d.kind(), DomainKind::Identity { bypass: false });
@@ -250,7 +282,7 @@ fn identity_domains_bypass_or_map_one_to_one() {
 
 #[test]
 fn direct_regions_are_merged_checked_and_mapped_once() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let direct = |start, end| ResvRegion { start, end, kind: ResvKind::Direct };
     iommu.add_reserved_region(1, direct(0x3000, 0x4fff));
     iommu.add_reserved_region(1, direct(0x1000, 0x3fff));
@@ -262,7 +294,7 @@ fn direct_regions_are_merged_checked_and_mapped_once() {
 
 #[test]
 fn faults_reach_the_handler_and_buffers_are_recycled() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     iommu.set_fault_handler(Some(Box::new(move |r| s.lock().unwrap().push(r))));
@@ -295,7 +327,7 @@ fn full_ring_is_kicked_reaped_and_retried() {
     // Without INDIRECT_DESC two requests fit in 4 descriptors, with it four.
     for (indirect_desc, kicks) in [(false, 10), (true, 5)] {
         let opts = DriverOptions { request_queue_size: 4, indirect_desc, ..Default::default() };
-        let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+        let (fake, iommu) = setup_with(device_config(), opts);
         assert_eq!(iommu.info().has(f::RING_INDIRECT_DESC), indirect_desc);
         let d = attached(&iommu, 1);
         let before = iommu.counters();
@@ -315,7 +347,7 @@ fn full_ring_is_kicked_reaped_and_retried() {
 fn fake_device_walks_indirect_tables_and_rejects_bad_ones() {
     use viommu_driver::queue::DESC_F_INDIRECT;
     use viommu_driver::Transport;
-    let fake = FakeIommu::new(FakeConfig::default());
+    let fake = FakeDevice::default();
     let mut t = fake.transport();
     let features = t.device_features();
     t.set_driver_features(features);
@@ -364,7 +396,7 @@ fn deferred_device_completes_while_driver_waits() {
     // Through the transport's waiter, and through `wait_for_used` for a
     // transport without one.
     for with_waiter in [true, false] {
-        let fake = FakeIommu::new(FakeConfig::default());
+        let fake = FakeDevice::default();
         let t = if with_waiter { fake.transport() } else { fake.transport_without_waiter() };
         let iommu = VirtioIommu::new(t, fake.hal(), DriverOptions::default()).unwrap();
         let d = attached(&iommu, 1);
@@ -386,7 +418,7 @@ fn a_sync_kicks_and_completes_while_another_thread_waits_on_a_held_request() {
     // complete. Waiting under the transport lock, B's kick would queue
     // behind A's wait.
     let opts = DriverOptions { timeout: Some(Duration::from_secs(120)), ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let a = attached(&iommu, 1);
     let b = attached(&iommu, 2);
     fake.set_blocking_waits(true);
@@ -474,7 +506,7 @@ fn queue_recycles_descriptors_out_of_order_and_skips_bogus_used_ids() {
 fn a_silent_device_gives_timeout_or_needs_reset() {
     assert_eq!(DriverOptions::default().timeout, Some(Duration::from_secs(5)));
     let opts = DriverOptions { spin_limit: 5000, ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let d = attached(&iommu, 1);
     fake.set_stalled(true);
     d.map_pages(0x10000, 0, 0x1000, RW).unwrap();
@@ -533,7 +565,7 @@ fn timed_out_requests_keep_their_ring_slots_until_the_device_answers() {
 #[test]
 fn a_timed_out_unmap_puts_its_mappings_back() {
     let opts = DriverOptions { timeout: Some(Duration::from_millis(20)), ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let d = attached(&iommu, 1);
     d.map_pages(0x10000, 0, 0x2000, RW).unwrap();
     d.iotlb_sync_map(0x10000, 0x2000).unwrap();
@@ -552,7 +584,7 @@ fn a_timed_out_unmap_puts_its_mappings_back() {
 
 #[test]
 fn out_of_order_completions_are_matched_by_token() {
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let d = attached(&iommu, 1);
     for (i, iova) in [0x10000u64, 0x20000, 0x30000].into_iter().enumerate() {
         d.map_pages(iova, 0x100_0000 * (i as u64 + 1), 0x1000, RW).unwrap();
@@ -584,7 +616,7 @@ fn out_of_order_completions_are_matched_by_token() {
 #[test]
 fn a_map_and_an_unmap_of_one_range_never_share_a_kick() {
     // The spec does not order execution: a device may run them backwards.
-    let (fake, iommu) = setup(FakeConfig::default());
+    let (fake, iommu) = setup(device_config());
     let d = attached(&iommu, 1);
     fake.set_reorder(Reorder::ReverseExecution);
     let before = iommu.counters();
@@ -614,7 +646,7 @@ fn a_map_that_may_have_been_applied_is_unmapped_before_its_range_is_reused() {
         (AfterApplying(Status::DevErr), 1),
     ];
     for (reply, cleanups) in cases {
-        let (fake, iommu) = setup(FakeConfig::default());
+        let (fake, iommu) = setup(device_config());
         let d = attached(&iommu, 1);
         let before = iommu.counters();
         fake.inject(Injection { request: Some(RequestType::Map), reply });
@@ -637,7 +669,7 @@ fn a_map_that_may_have_been_applied_is_unmapped_before_its_range_is_reused() {
 fn an_attach_waiting_for_the_device_blocks_no_other_endpoint() {
     // A generous bound: only a hang reaches it.
     let opts = DriverOptions { timeout: Some(Duration::from_secs(60)), ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let d = iommu.alloc_paging(1).unwrap();
     let kicks = fake.stats().kicks;
     fake.set_stalled(true);
@@ -664,7 +696,7 @@ fn requests_keep_their_replies_across_the_ring_index_wrap() {
     for (indirect_desc, reorder) in [(false, Reorder::InOrder), (true, Reorder::ReverseCompletion)]
     {
         let opts = DriverOptions { request_queue_size: 8, indirect_desc, ..Default::default() };
-        let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+        let (fake, iommu) = setup_with(device_config(), opts);
         fake.set_reorder(reorder);
         let d = attached(&iommu, 1);
         let before = iommu.counters();

@@ -1,9 +1,16 @@
-//! What both driver benches share: a clock the bench moves by hand, and one
-//! virtio-blk-like I/O (header, data, status byte in the header's page).
+//! What both driver benches share: the device model behind the fake (the
+//! tests' own), a clock the bench moves by hand, and one virtio-blk-like I/O
+//! (header, data, status byte in the header's page).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use viommu_driver::dma::{DmaDirection as Dir, DmaDomain, DmaPlatform};
+
+// The tests' adapter, whose state checks the benches do not use.
+#[allow(dead_code)]
+#[path = "../../tests/common/device.rs"]
+mod device;
+pub use device::{device_config, FakeDevice};
 
 /// A clock the bench advances itself, so flush timeouts fire at fixed points.
 pub struct Clock(pub AtomicU64);

@@ -16,10 +16,11 @@
 //!
 //! ```
 //! # #[cfg(feature = "test-utils")] {
+//! # mod device { include!("../../tests/common/device.rs"); }
 //! use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, Policy};
-//! use viommu_driver::fake::FakeIommu;
 //! use viommu_driver::{DriverOptions, VirtioIommu};
-//! let fake = FakeIommu::new(Default::default());
+//! // The fake transport around the device crate's model.
+//! let fake = device::FakeDevice::default();
 //! let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default()).unwrap();
 //! let domain = iommu.alloc_paging(1).unwrap();
 //! iommu.attach(&domain, 1).unwrap();
@@ -899,7 +900,7 @@ impl Drop for DmaBatch<'_> {
 #[cfg(all(test, feature = "test-utils"))]
 mod tests {
     use super::*;
-    use crate::fake::FakeIommu;
+    use crate::test_device::FakeDevice;
     use crate::{DriverOptions, VirtioIommu};
 
     fn page(iova: u64) -> Mapping {
@@ -907,8 +908,8 @@ mod tests {
     }
 
     fn attached(
-    ) -> (FakeIommu, VirtioIommu<crate::fake::FakeTransport, crate::fake::FakeHal>, Domain) {
-        let fake = FakeIommu::new(Default::default());
+    ) -> (FakeDevice, VirtioIommu<crate::fake::FakeTransport, crate::fake::FakeHal>, Domain) {
+        let fake = FakeDevice::default();
         let iommu = VirtioIommu::new(fake.transport(), fake.hal(), DriverOptions::default())
             .expect("driver");
         let d = iommu.alloc_paging(1).expect("domain");

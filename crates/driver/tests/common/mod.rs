@@ -4,31 +4,35 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use viommu_device::DeviceConfig;
 use viommu_driver::dma::{DmaDomain, DmaOptions, DmaPlatform};
-use viommu_driver::fake::{FakeConfig, FakeHal, FakeIommu, FakeTransport};
+use viommu_driver::fake::{FakeHal, FakeTransport};
 use viommu_driver::{Domain, DriverOptions, Mapping, VirtioIommu};
+
+mod device;
+pub use device::*;
 
 pub type Iommu = VirtioIommu<FakeTransport, FakeHal>;
 
-pub fn setup(cfg: FakeConfig) -> (FakeIommu, Iommu) {
+pub fn setup(cfg: DeviceConfig) -> (FakeDevice, Iommu) {
     setup_with(cfg, DriverOptions::default())
 }
 
-pub fn setup_with(cfg: FakeConfig, opts: DriverOptions) -> (FakeIommu, Iommu) {
-    let fake = FakeIommu::new(cfg);
+pub fn setup_with(cfg: DeviceConfig, opts: DriverOptions) -> (FakeDevice, Iommu) {
+    let fake = FakeDevice::new(cfg, Default::default());
     let iommu = VirtioIommu::new(fake.transport(), fake.hal(), opts).expect("driver init");
     (fake, iommu)
 }
 
 /// A driver whose request ring holds two requests (one descriptor each,
 /// with INDIRECT_DESC) and whose waits give up after 20 ms.
-pub fn setup_small_ring() -> (FakeIommu, Iommu) {
+pub fn setup_small_ring() -> (FakeDevice, Iommu) {
     let opts = DriverOptions {
         request_queue_size: 2,
         timeout: Some(std::time::Duration::from_millis(20)),
         ..Default::default()
     };
-    setup_with(FakeConfig::default(), opts)
+    setup_with(device_config(), opts)
 }
 
 /// A paging domain attached to `ep`.
@@ -61,8 +65,8 @@ impl DmaPlatform for ManualClock {
 }
 
 /// A DMA domain over a fresh attached paging domain of endpoint 1.
-pub fn dma_setup(opts: DmaOptions) -> (FakeIommu, Iommu, DmaDomain, Arc<ManualClock>) {
-    let (fake, iommu) = setup(FakeConfig::default());
+pub fn dma_setup(opts: DmaOptions) -> (FakeDevice, Iommu, DmaDomain, Arc<ManualClock>) {
+    let (fake, iommu) = setup(device_config());
     let d = attached(&iommu, 1);
     let resv = iommu.reserved_regions(1).unwrap();
     let clock = Arc::new(ManualClock::default());
