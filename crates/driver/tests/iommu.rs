@@ -767,7 +767,7 @@ impl viommu_driver::Transport for RestlessGeneration {
 /// with a typed error, within the read bound and well before the timeout.
 #[test]
 fn a_config_generation_that_never_settles_fails_init() {
-    let fake = FakeIommu::new(FakeConfig::default());
+    let fake = FakeDevice::default();
     let t = RestlessGeneration { inner: fake.transport(), generation: 0 };
     let hal = fake.hal();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -787,7 +787,7 @@ fn a_config_generation_that_never_settles_fails_init() {
 #[test]
 fn poll_events_takes_at_most_its_budget_and_hands_records_over_as_taken() {
     let opts = DriverOptions { event_budget: 5, ..Default::default() };
-    let (fake, iommu) = setup_with(FakeConfig::default(), opts);
+    let (fake, iommu) = setup_with(device_config(), opts);
     let ev =
         |ep: u32| FaultEvent { reason: fault::R_DOMAIN, endpoint: ep.into(), ..Default::default() };
     assert!((0..12).all(|i| fake.inject_fault(ev(i))));
