@@ -103,6 +103,7 @@ impl FuzzConfig {
                 max_pending_faults: usize::from(self.limits.2 % 16),
             },
             endpoints,
+            ..DeviceConfig::default()
         }
     }
 }
@@ -518,7 +519,7 @@ impl Case {
                 if let Ok(t) = iommu.translate(u32::from(ep % 9), iova, u64::from(len), access) {
                     let total: u64 = t.iter().map(|s| s.len).sum();
                     assert_eq!(total, u64::from(len), "segments cover the access exactly");
-                }
+                };
             }
             Action::WriteConfig { offset, data } => {
                 self.dev.write_config(u64::from(offset % 48), &data);

@@ -1,5 +1,7 @@
 //! What the VMM chooses: offered features, config-space values, endpoints and limits.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use viommu_proto::features::{self, bit};
 use viommu_proto::Config;
@@ -193,6 +195,14 @@ pub struct DeviceConfig {
     pub limits: Limits,
     /// The endpoints this device manages; any other endpoint ID is NOENT.
     pub endpoints: Vec<EndpointConfig>,
+    /// A change waiting for translation leases longer than this counts the leases still
+    /// held as `slow_leases`, and keeps waiting (default 10 ms).
+    #[serde(default = "default_slow_lease")]
+    pub slow_lease: Duration,
+}
+
+fn default_slow_lease() -> Duration {
+    Duration::from_millis(10)
 }
 
 impl Default for DeviceConfig {
@@ -206,6 +216,7 @@ impl Default for DeviceConfig {
             bypass: false,
             limits: Limits::default(),
             endpoints: Vec::new(),
+            slow_lease: default_slow_lease(),
         }
     }
 }

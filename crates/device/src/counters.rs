@@ -17,6 +17,8 @@ pub struct Counters {
     faults_delivered: AtomicU64,
     kicks: AtomicU64,
     interrupts: AtomicU64,
+    grace_periods: AtomicU64,
+    slow_leases: AtomicU64,
 }
 
 /// A copy of the counters.
@@ -41,6 +43,13 @@ pub struct CounterSnapshot {
     pub kicks: u64,
     /// Times processing asked the VMM to interrupt the driver.
     pub interrupts: u64,
+    /// Waits for older translation leases (one per change that took access away).
+    #[serde(default)]
+    pub grace_periods: u64,
+    /// Leases still held when a wait had lasted `DeviceConfig::slow_lease`; the wait
+    /// went on (counted once per wait).
+    #[serde(default)]
+    pub slow_leases: u64,
 }
 
 impl CounterSnapshot {
@@ -83,6 +92,12 @@ impl Counters {
     pub(crate) fn interrupt(&self) {
         self.interrupts.fetch_add(1, Relaxed);
     }
+    pub(crate) fn grace_period(&self, slow: u64) {
+        self.grace_periods.fetch_add(1, Relaxed);
+        if slow > 0 {
+            self.slow_leases.fetch_add(slow, Relaxed);
+        }
+    }
 
     /// A copy of every counter.
     pub fn get(&self) -> CounterSnapshot {
@@ -97,6 +112,8 @@ impl Counters {
             faults_delivered: load(&self.faults_delivered),
             kicks: load(&self.kicks),
             interrupts: load(&self.interrupts),
+            grace_periods: load(&self.grace_periods),
+            slow_leases: load(&self.slow_leases),
         }
     }
 }

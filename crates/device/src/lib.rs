@@ -4,7 +4,8 @@
 //! - [`VirtioIommu`] is the virtio device: features, config space, request and event
 //!   queues, reset, snapshot/restore.
 //! - [`Iommu`] is the state it shares (through `Arc`) with the VMM's other device models,
-//!   which call [`Iommu::translate`] from any thread.
+//!   which call [`Iommu::translate`] from any thread and access guest memory under the
+//!   lease the translation holds.
 //! - [`Listener`] lets VFIO, vhost or IOTLB back-ends follow attach, detach, map, unmap,
 //!   bypass changes and reset; [`Iommu::lookup`] fills their caches without faulting.
 //!
@@ -31,6 +32,7 @@ mod endpoint;
 mod error;
 pub mod fault;
 mod iommu;
+mod lease;
 mod listener;
 pub mod request;
 mod snapshot;
@@ -46,7 +48,9 @@ pub use fault::PendingFault;
 pub use iommu::{FaultNotifier, Iommu};
 pub use listener::{Listener, ListenerError, ListenerId};
 pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
-pub use translate::{Access, Fault, FaultKind, Permissions, Segment, Translation, Window};
+pub use translate::{
+    Access, AccessError, Fault, FaultKind, Permissions, Segment, Translation, Window,
+};
 
 // The state is shared with other device models' threads; the device moves to its own.
 const _: () = {

@@ -1,7 +1,10 @@
-//! Results of [`crate::Iommu::translate`]: guest-physical segments or a fault.
+//! Results of [`crate::Iommu::translate`]: guest-physical segments under a lease, or a fault.
 
 use smallvec::SmallVec;
 use viommu_proto::fault;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::lease::Lease;
 
 /// The kind of DMA access being translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -34,8 +37,9 @@ impl Access {
     }
 }
 
-/// A guest-physical range that a piece of the IOVA range maps to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A guest-physical range that a piece of the IOVA range maps to. Not `Clone`: it is
+/// reachable only through the [`Translation`] that holds its lease.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Segment {
     /// Guest-physical address.
     pub addr: u64,
@@ -45,14 +49,12 @@ pub struct Segment {
     pub mmio: bool,
 }
 
-/// The guest-physical segments an IOVA range translates to, in IOVA order. The common
-/// one- or two-segment case does not allocate.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Translation {
-    segments: SmallVec<[Segment; 2]>,
-}
+/// The guest-physical segments, in IOVA order. The common one- or two-segment case does
+/// not allocate.
+#[derive(Debug, Default)]
+pub(crate) struct Segments(SmallVec<[Segment; 2]>);
 
-impl Translation {
+impl Segments {
     /// The identity translation of `[addr, addr + len)`.
     pub(crate) fn identity(addr: u64, len: u64) -> Self {
         let mut t = Self::default();
@@ -64,37 +66,150 @@ impl Translation {
     pub(crate) fn single(m: crate::domain::Mapping, iova: u64, len: u64) -> Self {
         let mut t = Self::default();
         let mmio = m.flags & viommu_proto::MAP_F_MMIO != 0;
-        t.segments.push(Segment { addr: m.phys + (iova - m.start), len, mmio });
+        t.0.push(Segment { addr: m.phys + (iova - m.start), len, mmio });
         t
     }
 
     /// Appends a segment, merging it into the previous one when physically contiguous.
     pub(crate) fn push(&mut self, s: Segment) {
-        if let Some(last) = self.segments.last_mut() {
+        if let Some(last) = self.0.last_mut() {
             if last.mmio == s.mmio && last.addr.checked_add(last.len) == Some(s.addr) {
                 last.len += s.len;
                 return;
             }
         }
-        self.segments.push(s);
+        self.0.push(s);
+    }
+}
+
+/// Why an access through a [`Translation`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The translation was made for reading and the access writes, or the other way round.
+    #[error("the translation does not permit this access")]
+    NotPermitted,
+    /// The access reaches past the end of the translated range.
+    #[error("the access reaches past the translated range")]
+    OutOfRange,
+    /// Guest memory refused the access (e.g. no RAM at that guest-physical address).
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// A translation and the lease that keeps it valid: the guest-physical segments an IOVA
+/// range translates to, in IOVA order.
+///
+/// While a `Translation` lives, a change that takes the range away (UNMAP, DETACH, an
+/// ATTACH that moves the endpoint, `bypass` 1->0, a legacy-bypass change, reset) does not
+/// complete: its used entry is not written, its config write or reset does not return.
+/// Dropping it releases the lease. Access guest memory with [`Self::read_at`] and
+/// [`Self::write_at`], or through the segments while the translation is alive; an address
+/// copied out of a segment and used after the drop is outside the promise.
+///
+/// Leases are meant to be short: hold one for one chunk of a copy (a page, say), not for
+/// a whole I/O, since every such change waits for it. A thread holding one must not process
+/// requests or change the configuration (it would wait for itself; that panics). It is
+/// not `Send`: the thread that translated makes the access.
+#[derive(Debug)]
+pub struct Translation<'a> {
+    segments: Segments,
+    access: Access,
+    _lease: Lease<'a>,
+}
+
+impl<'a> Translation<'a> {
+    pub(crate) fn new(segments: Segments, access: Access, lease: Lease<'a>) -> Self {
+        Self { segments, access, _lease: lease }
     }
 
     /// The segments.
     pub fn segments(&self) -> &[Segment] {
-        &self.segments
+        &self.segments.0
     }
 
     /// Iterates over the segments.
     pub fn iter(&self) -> impl Iterator<Item = &Segment> {
-        self.segments.iter()
+        self.segments.0.iter()
     }
 
     /// The single segment, if the range is physically contiguous.
-    pub fn contiguous(&self) -> Option<Segment> {
-        match self.segments.as_slice() {
-            [s] => Some(*s),
+    pub fn contiguous(&self) -> Option<&Segment> {
+        match self.segments.0.as_slice() {
+            [s] => Some(s),
             _ => None,
         }
+    }
+
+    /// Bytes translated.
+    pub fn len(&self) -> u64 {
+        self.segments.0.iter().map(|s| s.len).sum()
+    }
+
+    /// True for a zero-length translation.
+    pub fn is_empty(&self) -> bool {
+        self.segments.0.is_empty()
+    }
+
+    /// The access the translation was checked for.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Reads `buf.len()` bytes from `offset` into the translated range, under the lease.
+    /// Needs a translation made for [`Access::Read`] or [`Access::ReadWrite`].
+    pub fn read_at<M: GuestMemoryBackend + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), AccessError> {
+        if self.access == Access::Write {
+            return Err(AccessError::NotPermitted);
+        }
+        let mut done = 0;
+        for (gpa, n) in self.pieces(offset, buf.len())? {
+            mem.read_slice(&mut buf[done..done + n], GuestAddress(gpa))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into the translated range, under the lease. Needs a
+    /// translation made for [`Access::Write`] or [`Access::ReadWrite`].
+    pub fn write_at<M: GuestMemoryBackend + ?Sized>(
+        &self,
+        mem: &M,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), AccessError> {
+        if self.access == Access::Read {
+            return Err(AccessError::NotPermitted);
+        }
+        let mut done = 0;
+        for (gpa, n) in self.pieces(offset, data.len())? {
+            mem.write_slice(&data[done..done + n], GuestAddress(gpa))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The guest-physical pieces of `[offset, offset + len)` of the range.
+    fn pieces(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<impl Iterator<Item = (u64, usize)> + '_, AccessError> {
+        let end = offset.checked_add(len as u64).ok_or(AccessError::OutOfRange)?;
+        if end > self.len() {
+            return Err(AccessError::OutOfRange);
+        }
+        let mut at = 0u64;
+        Ok(self.segments.0.iter().filter_map(move |s| {
+            let (lo, hi) = (at.max(offset), (at + s.len).min(end));
+            let piece = (lo < hi).then(|| (s.addr + (lo - at), (hi - lo) as usize));
+            at += s.len;
+            piece
+        }))
     }
 }
 

@@ -174,7 +174,8 @@ impl Machine {
     /// let d = m.domain().unwrap();
     /// d.map_pages(0x10000, 0x20000, 0x1000, Prot::READ).unwrap();
     /// d.iotlb_sync_map(0x10000, 0x1000).unwrap(); // one MAP, one kick
-    /// let t = m.iommu().translate(8, 0x10010, 4, Access::Read).unwrap();
+    /// let iommu = m.iommu();
+    /// let t = iommu.translate(8, 0x10010, 4, Access::Read).unwrap();
     /// assert_eq!(t.contiguous().unwrap().addr, 0x20010);
     /// ```
     pub fn new(ram: Arc<GuestRam>, endpoint: u32, mode: Mode) -> Result<Self, MachineError> {

@@ -48,6 +48,8 @@ fn map_translate_unmap_round_trip() {
 
     let t = iommu.translate(EP, 0x10_0ff0, 0x20, Access::Write).unwrap();
     assert_eq!(t.contiguous().unwrap().addr, 0x20_0ff0);
+    // The lease goes before the UNMAP, which waits for it.
+    drop(t);
 
     assert_eq!(d.unmap_pages(0x10_0000, 0x2000).unwrap(), 0x2000);
     d.iotlb_sync().unwrap();
@@ -91,7 +93,8 @@ fn identity_domain_translates_one_to_one_without_maps() {
     let m = machine(Mode::Identity);
     let c = m.counts();
     assert_eq!(c.map_requests, 0, "bypass ATTACH needs no MAP");
-    let t = m.iommu().translate(EP, 0x12_3000, 0x1000, Access::ReadWrite).unwrap();
+    let iommu = m.iommu();
+    let t = iommu.translate(EP, 0x12_3000, 0x1000, Access::ReadWrite).unwrap();
     assert_eq!(t.contiguous().unwrap().addr, 0x12_3000);
 }
 

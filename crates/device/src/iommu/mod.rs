@@ -26,6 +26,7 @@ use crate::domain::{Domain, Mapping};
 use crate::endpoint::EndpointTable;
 use crate::error::ConfigError;
 use crate::fault::FaultQueue;
+use crate::lease::Leases;
 use crate::listener::{Listener, ListenerId, Listeners};
 use crate::sync::{lock, read, write};
 
@@ -89,6 +90,8 @@ pub struct Iommu {
     faults: Mutex<FaultQueue>,
     counters: Counters,
     notifier: RwLock<Option<FaultNotifier>>,
+    /// Leases on translations; changes that take access away wait for them (see `lease`).
+    leases: Leases,
 }
 
 impl std::fmt::Debug for Iommu {
@@ -119,6 +122,7 @@ impl Iommu {
             faults: Mutex::new(FaultQueue::new(cfg.limits.max_pending_faults)),
             counters: Counters::default(),
             notifier: RwLock::new(None),
+            leases: Leases::new(),
             cfg,
         })
     }
@@ -162,13 +166,16 @@ impl Iommu {
     }
 
     /// Sets the config `bypass` field (the device wrapper enforces who may).
+    ///
+    /// Turning global bypass off returns only once every lease taken before is dropped.
     pub fn set_bypass(&self, on: bool) {
         self.change_global_bypass(|| self.bypass.store(on, Relaxed));
     }
 
     /// Applies `change`, then tells listeners if global bypass flipped: after the change,
     /// so that a cache they flush cannot be refilled from the old state. Under the request
-    /// lock, so the call is ordered with requests' calls.
+    /// lock, so the call is ordered with requests' calls. Turning it off then waits for
+    /// older leases, outside the lock.
     fn change_global_bypass(&self, change: impl FnOnce()) {
         let ctl = lock(&self.control);
         let before = self.global_bypass();
@@ -178,6 +185,17 @@ impl Iommu {
         if before != after {
             ctl.listeners.iter().for_each(|l| l.on_bypass(after));
         }
+        drop(ctl);
+        if before && !after {
+            self.grace_period();
+        }
+    }
+
+    /// Waits until every lease taken before this call is dropped (see `lease`); call it
+    /// after a change that took access away, before the change is reported complete.
+    pub(crate) fn grace_period(&self) {
+        let waited = self.leases.synchronize(self.cfg.slow_lease);
+        self.counters.grace_period(waited.slow);
     }
 
     /// True if unattached endpoints are in bypass mode (§5.13.6 "An endpoint is in bypass
@@ -298,8 +316,13 @@ impl Iommu {
 
     /// Executes one parsed request and returns its status. For PROBE, `props` receives the
     /// properties (it must be `probe_size` bytes, or the answer is INVAL).
+    ///
+    /// A request that took access away (UNMAP that removed a mapping, DETACH, ATTACH that
+    /// moved or newly confined an endpoint) returns only once every lease taken before it
+    /// is dropped, so its used entry is written after them.
     pub fn execute(&self, req: &Request, props: &mut [u8]) -> Status {
         self.counters.request(Some(req.request_type()));
+        let epoch = self.epoch.load(Relaxed);
         let status = match req {
             Request::Attach(b) => self.attach(b),
             Request::Detach(b) => self.detach(b),
@@ -307,6 +330,10 @@ impl Iommu {
             Request::Unmap(b) => self.unmap(b),
             Request::Probe(b) => self.probe(b, props),
         };
+        // Every change that can take a translation away bumps the epoch.
+        if self.epoch.load(Relaxed) != epoch {
+            self.grace_period();
+        }
         self.counters.status(status);
         status
     }

@@ -23,6 +23,8 @@ impl Iommu {
         ctl.total_mappings = 0;
         lock(&self.faults).clear();
         told.iter().for_each(|l| l.on_reset());
+        drop(ctl);
+        self.grace_period();
     }
 
     pub(crate) fn export(&self) -> (Vec<DomainState>, Vec<PendingFault>) {

@@ -7,13 +7,15 @@ use viommu_proto::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
 use super::{tlb, Iommu};
 use crate::config::ResvKind;
 use crate::domain::Mapping;
+use crate::endpoint::Endpoint;
 use crate::fault::{Offer, PendingFault};
 use crate::sync::{lock, read};
-use crate::translate::{Access, Fault, FaultKind, Segment, Translation};
+use crate::translate::{Access, Fault, FaultKind, Segment, Segments, Translation};
 
 impl Iommu {
     /// Translates `[iova, iova + len)` for a DMA `access` by `endpoint` into guest-physical
-    /// segments.
+    /// segments, under a lease (see [`Translation`]): until the result is dropped, no change
+    /// that takes the range away completes.
     ///
     /// Rules, in order: an unknown endpoint fails without an event. A range touching a
     /// RESERVED region faults; one inside the MSI region is identity-mapped (the doorbell
@@ -21,7 +23,8 @@ impl Iommu {
     /// identity-mapped in global bypass mode, else faults (reason DOMAIN). An endpoint in a
     /// bypass domain is identity-mapped. Otherwise every byte must be covered by mappings
     /// carrying the access's flags (else reason MAPPING). Each fault except the unknown
-    /// endpoint queues a fault event (see [`crate::fault`] for coalescing).
+    /// endpoint queues a fault event (see [`crate::fault`] for coalescing); the fault
+    /// notifier is called after every lock and this call's lease are released.
     ///
     /// Safe to call from any number of threads while requests are processed. A per-thread
     /// cache (see `tlb`) answers repeated translations without locks; otherwise it takes two
@@ -32,7 +35,7 @@ impl Iommu {
         iova: u64,
         len: u64,
         access: Access,
-    ) -> Result<Translation, Fault> {
+    ) -> Result<Translation<'_>, Fault> {
         let Some(ep) = self.endpoints.get(endpoint) else {
             return Err(Fault {
                 kind: FaultKind::UnknownEndpoint,
@@ -41,54 +44,73 @@ impl Iommu {
                 access,
             });
         };
-        if len == 0 {
-            return Ok(Translation::default());
+        // Taken before the state is read: a change that completes after this waits for it.
+        let lease = self.leases.acquire();
+        match self.lookup_segments(ep, iova, len, access) {
+            Ok(segments) => Ok(Translation::new(segments, access, lease)),
+            Err((kind, address)) => {
+                drop(lease);
+                Err(self.raise(Fault { kind, endpoint, address, access }))
+            }
         }
-        let fault = |kind, address| Err(self.raise(Fault { kind, endpoint, address, access }));
+    }
+
+    /// The segments of `[iova, iova + len)`, or why and where it faults. Every lock it takes
+    /// is released when it returns.
+    fn lookup_segments(
+        &self,
+        ep: &Endpoint,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Segments, (FaultKind, u64)> {
+        if len == 0 {
+            return Ok(Segments::default());
+        }
         let Some(last) = iova.checked_add(len - 1) else {
-            return fault(FaultKind::Overflow, iova);
+            return Err((FaultKind::Overflow, iova));
         };
         if let Some(r) = ep.resv_hit(iova, last) {
             let inside = r.start <= iova && last <= r.end;
             if r.kind == ResvKind::Msi && inside {
-                return Ok(Translation::identity(iova, len));
+                return Ok(Segments::identity(iova, len));
             }
-            return fault(FaultKind::Reserved, iova.max(r.start));
+            return Err((FaultKind::Reserved, iova.max(r.start)));
         }
         // Read the epoch before the state: an entry is then never newer than its tag says.
         let epoch = self.epoch.load(Acquire);
         let need = access.required_map_flags();
-        if let Some(m) = tlb::lookup(self.id, epoch, endpoint, iova, last) {
+        if let Some(m) = tlb::lookup(self.id, epoch, ep.id, iova, last) {
             if m.flags & need == need {
-                return Ok(Translation::single(m, iova, len));
+                return Ok(Segments::single(m, iova, len));
             }
         }
         let attached = read(&ep.attached);
         let bypass = match attached.as_ref() {
             None if self.global_bypass() => true,
-            None => return fault(FaultKind::NotAttached, iova),
+            None => return Err((FaultKind::NotAttached, iova)),
             Some(domain) => domain.bypass,
         };
         if bypass {
             let identity =
                 Mapping { start: 0, end: u64::MAX, phys: 0, flags: MAP_F_READ | MAP_F_WRITE };
-            tlb::insert(self.id, epoch, endpoint, iova, identity);
-            return Ok(Translation::identity(iova, len));
+            tlb::insert(self.id, epoch, ep.id, iova, identity);
+            return Ok(Segments::identity(iova, len));
         }
         let domain = attached.as_ref().expect("bypass handled the unattached case");
         let tree = read(&domain.mappings);
-        let mut out = Translation::default();
+        let mut out = Segments::default();
         let mut cur = iova;
         // Each round consumes one mapping, so the loop is bounded by the mappings in range.
         loop {
-            let Some(m) = tree.lookup(cur) else { return fault(FaultKind::Unmapped, cur) };
+            let Some(m) = tree.lookup(cur) else { return Err((FaultKind::Unmapped, cur)) };
             if m.flags & need != need {
-                return fault(FaultKind::Permission, cur);
+                return Err((FaultKind::Permission, cur));
             }
             if cur == iova && last <= m.end {
                 // One mapping serves the whole access: the common case, worth caching.
-                tlb::insert(self.id, epoch, endpoint, iova, m);
-                return Ok(Translation::single(m, iova, len));
+                tlb::insert(self.id, epoch, ep.id, iova, m);
+                return Ok(Segments::single(m, iova, len));
             }
             let seg_end = m.end.min(last);
             out.push(Segment {
@@ -115,7 +137,10 @@ impl Iommu {
         let outcome = lock(&self.faults).push(ev);
         match outcome {
             Offer::Queued => {
-                if let Some(n) = read(&self.notifier).clone() {
+                // Cloned out first: the notifier runs with no lock held, so it may take the
+                // VMM's device lock or replace itself.
+                let notifier = read(&self.notifier).clone();
+                if let Some(n) = notifier {
                     n();
                 }
             }
