@@ -227,7 +227,7 @@ mod tests {
                 while l.seq.load(SeqCst) == 0 {
                     std::thread::yield_now();
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(100));
                 dropped.store(true, SeqCst);
                 drop(lease);
             })

@@ -75,7 +75,7 @@ fn request_watched(
     req: &Request,
     h: &Holder,
 ) -> (Status, bool) {
-    let used_idx = d.rq.used_addr().0 + 2;
+    let used_idx = d.rq.used_idx_addr();
     let before: u16 = d.mem.read_obj(GuestAddress(used_idx)).unwrap();
     let (mem, written) = (d.mem.clone(), h.written.clone());
     let watcher = thread::spawn(move || {
