@@ -6,16 +6,21 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::json;
-use viommu_vm::bench::{run_cell, CellResult, CellSpec, Mode, Workload};
+use viommu_vm::bench::{run_cell, CellSpec, DriverMode, Mode, Workload};
+use viommu_vm::cpu::instructions_unavailable;
 
-use crate::chart;
+use crate::cells::{baseline, groups, Cell, Stat};
+use crate::host::{self, Host, HostCosts};
+use crate::load::{self, FakeLoad, LoadSource, Span, Verdict};
 use crate::progress::Progress;
+use crate::{chart, reality, summary};
 
 /// Bytes per packet of the net workload.
 const NET_PACKET: usize = 1500;
 
 /// Options of `viommu bench`.
 #[derive(Args, Debug)]
+#[command(after_long_help = host::GUIDANCE)]
 pub struct BenchArgs {
     /// Modes to run, comma-separated: none, identity, strict-every-sync,
     /// strict, lazy, lazy-single, best; also linux-lazy and linux-strict
@@ -32,15 +37,29 @@ pub struct BenchArgs {
     /// Workloads, comma-separated: block, net.
     #[arg(long, value_delimiter = ',', value_parser = parse_workload, default_value = "block,net")]
     workloads: Vec<Workload>,
-    /// Seconds of timed I/O per cell.
-    #[arg(long, default_value_t = 0.2)]
+    /// Seconds of timed I/O per cell and repetition.
+    #[arg(long, default_value_t = 0.15)]
     duration: f64,
-    /// Short cells (0.05 s) for a smoke run; overrides --duration.
+    /// Runs of each cell; tables show the median and the spread (min..max).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Smoke run of a few seconds: 0.05 s cells, one repetition, no warm-up
+    /// (overrides --duration, --repeat and --warmup).
     #[arg(long)]
     quick: bool,
-    /// Extra delay per kick (any virtqueue notify), in nanoseconds, to model a VM exit.
-    #[arg(long, default_value_t = 0)]
-    exit_cost_ns: u64,
+    /// Host model for the summary: assumed exit and interrupt costs (see
+    /// below). Its exit cost is also injected per kick, as --exit-cost-ns.
+    #[arg(long, value_enum)]
+    host: Option<Host>,
+    /// Cost of one VM exit (a kick of the request queue), in ns: injected as a
+    /// busy delay per kick (MB/s and latency include it, CPU per I/O does
+    /// not) and used in the summary's modelled cost. Overrides --host.
+    #[arg(long)]
+    exit_cost_ns: Option<u64>,
+    /// Cost of one completion interrupt, in ns, for the modelled cost (not
+    /// injected). Overrides --host.
+    #[arg(long)]
+    irq_cost_ns: Option<u64>,
     /// Directory for bench.json and bench.svg.
     #[arg(long, default_value = "target/viommu-bench")]
     out: PathBuf,
@@ -51,6 +70,48 @@ pub struct BenchArgs {
     /// not pay for idle CPUs waking up.
     #[arg(long, default_value_t = 0.3)]
     warmup: f64,
+    /// Test hook: replace the machine's load readings with LOADAVG:OTHERS
+    /// (other processes keeping OTHERS CPUs busy).
+    #[arg(long, hide = true, value_parser = load::parse_fake)]
+    fake_load: Option<(f64, f64)>,
+}
+
+impl BenchArgs {
+    fn seconds(&self) -> f64 {
+        if self.quick {
+            0.05
+        } else {
+            self.duration.clamp(0.001, 3600.0)
+        }
+    }
+
+    fn repetitions(&self) -> usize {
+        if self.quick {
+            1
+        } else {
+            self.repeat.clamp(1, 100)
+        }
+    }
+
+    fn warmup_s(&self) -> f64 {
+        if self.quick {
+            0.0
+        } else {
+            self.warmup.clamp(0.0, 10.0)
+        }
+    }
+
+    /// The host model of the summary, if any cost was given.
+    fn host_costs(&self) -> Option<HostCosts> {
+        let preset = self.host.map(Host::costs);
+        if preset.is_none() && self.exit_cost_ns.is_none() && self.irq_cost_ns.is_none() {
+            return None;
+        }
+        Some(HostCosts {
+            exit_ns: self.exit_cost_ns.or(preset.map(|p| p.exit_ns)).unwrap_or(0),
+            irq_ns: self.irq_cost_ns.or(preset.map(|p| p.irq_ns)).unwrap_or(0),
+        })
+    }
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -96,9 +157,8 @@ pub fn size_label(n: usize) -> String {
 }
 
 fn specs(args: &BenchArgs) -> Vec<CellSpec> {
-    let secs = if args.quick { 0.05 } else { args.duration.clamp(0.001, 3600.0) };
-    let duration = Duration::from_secs_f64(secs);
-    let exit_cost = Duration::from_nanos(args.exit_cost_ns);
+    let duration = Duration::from_secs_f64(args.seconds());
+    let exit_cost = Duration::from_nanos(args.host_costs().map_or(0, |h| h.exit_ns));
     let mut out = Vec::new();
     for &workload in &args.workloads {
         let sizes = match workload {
@@ -116,186 +176,482 @@ fn specs(args: &BenchArgs) -> Vec<CellSpec> {
     out
 }
 
-/// Runs the sweep, prints the table, writes the JSON and the chart.
+/// Runs the sweep, prints the tables and the summary, writes the JSON and
+/// the chart.
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     if args.threads.iter().any(|&t| t == 0 || t > 64) {
         return Err("thread counts must be 1..=64".into());
     }
     let specs = specs(args);
-    if let Some(first) = specs.first() {
-        println!(
-            "viommu bench: {} cells of {:.2} s after {:.1} s of warm-up, exit cost {} ns per kick, {} CPUs",
-            specs.len(),
-            first.duration.as_secs_f64(),
-            if args.quick { 0.0 } else { args.warmup.clamp(0.0, 10.0) },
-            first.exit_cost.as_nanos(),
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        );
-    }
-    let mut progress = Progress::new(specs.len(), !args.no_progress);
-    if args.warmup > 0.0 && !args.quick {
+    let reps = args.repetitions();
+    let host = args.host_costs();
+    let meta = Meta::collect();
+    println!(
+        "viommu bench: {} cells x {} repetitions of {:.2} s after {:.1} s of warm-up; {}; {} CPUs ({}); commit {}",
+        specs.len(),
+        reps,
+        args.seconds(),
+        args.warmup_s(),
+        exit_words(host),
+        meta.cpus,
+        meta.cpu_model,
+        meta.commit
+    );
+    let source: Box<dyn LoadSource> = match args.fake_load {
+        Some((loadavg, others)) => {
+            Box::new(FakeLoad { loadavg, others, start: std::time::Instant::now() })
+        }
+        None => Box::new(load::ProcLoad),
+    };
+    // A short idle sample: what the machine does without us.
+    let r0 = source.read();
+    std::thread::sleep(Duration::from_millis(300));
+    let r1 = source.read();
+    let started = std::time::Instant::now();
+    let mut progress = Progress::new(specs.len() * reps, !args.no_progress);
+    if args.warmup_s() > 0.0 {
         progress.start("warm-up");
         let warm = CellSpec {
-            mode: Mode::Best,
+            mode: Mode::Driver(DriverMode::Best),
             workload: Workload::Block,
             io_size: 4096,
             threads: 1,
-            duration: Duration::from_secs_f64(args.warmup.min(10.0)),
+            duration: Duration::from_secs_f64(args.warmup_s()),
             exit_cost: Duration::ZERO,
         };
         run_cell(&warm).map_err(|e| format!("warm-up: {e}"))?;
     }
-    let mut results = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        progress.start(&format!(
-            "{} {} {} x{}",
-            spec.workload,
-            size_label(spec.io_size),
-            spec.mode,
-            spec.threads
-        ));
-        let t0 = std::time::Instant::now();
-        let r = run_cell(spec).map_err(|e| format!("{} {}: {e}", spec.workload, spec.mode))?;
-        results.push((r, t0.elapsed()));
-        progress.step();
+    let mut cells: Vec<Cell> =
+        specs.iter().map(|&spec| Cell { spec, reps: Vec::with_capacity(reps) }).collect();
+    // Repetitions go round the whole sweep, so that a passing burst of
+    // other load hits different cells in each.
+    for rep in 0..reps {
+        for cell in &mut cells {
+            let spec = &cell.spec;
+            progress.start(&format!(
+                "run {}/{reps}: {} {} {} x{}",
+                rep + 1,
+                spec.workload,
+                size_label(spec.io_size),
+                spec.mode,
+                spec.threads
+            ));
+            let r = run_cell(spec).map_err(|e| format!("{} {}: {e}", spec.workload, spec.mode))?;
+            cell.reps.push(r);
+            progress.step();
+        }
     }
     progress.finish();
-    let (results, walls): (Vec<CellResult>, Vec<Duration>) = results.into_iter().unzip();
+    let r2 = source.read();
+    let verdict = Verdict::judge(Span::between(&r0, &r1), Span::between(&r1, &r2), meta.cpus);
+    let run = RunInfo {
+        meta,
+        verdict,
+        reps,
+        seconds: args.seconds(),
+        warmup: args.warmup_s(),
+        wall: started.elapsed(),
+        host,
+    };
 
-    print!("{}", table(&results));
+    if let Some(w) = &run.verdict.warning {
+        println!("\nWARNING: {w}");
+    }
+    print!("{}", table(&cells, run.verdict.warning.is_some()));
     println!("\nmodes:");
     for m in &args.modes {
-        println!("  {:<18} {}", m.name(), m.describe());
+        let linux = m.linux().unwrap_or("none: our driver only");
+        println!("  {:<18} {}; Linux: {linux}", m.name(), m.describe());
     }
-    println!(
-        "req/IO = MAP+UNMAP requests per I/O (net: per packet), kicks/IO = request-queue \
-         notifications per I/O; counts include the final flush of deferred UNMAPs."
-    );
+    println!("{}", legend_notes());
+    let summaries = summary::summarize(&cells, host);
+    print!("{}", summary::render(&summaries, host, &args.threads));
+    print!("{}", reality_text(&cells));
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let json_path = args.out.join("bench.json");
     let svg_path = args.out.join("bench.svg");
-    let text = serde_json::to_string_pretty(&report_json(&results, &walls)).expect("json");
+    let report = report_json(&cells, &summaries, &run, args);
+    let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
-    std::fs::write(&svg_path, chart::svg(&results))
+    std::fs::write(&svg_path, chart::svg(&cells, host))
         .map_err(|e| format!("{}: {e}", svg_path.display()))?;
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    println!(
+        "\nwrote {} and {} ({:.0} s)",
+        json_path.display(),
+        svg_path.display(),
+        run.wall.as_secs_f64()
+    );
 
-    let bad: u64 = results.iter().map(|r| r.data_errors + r.faults).sum();
+    let bad: u64 = cells.iter().flat_map(|c| &c.reps).map(|r| r.data_errors + r.faults).sum();
     if bad > 0 {
         return Err(format!("{bad} data errors or faults: the IOMMU path is broken"));
     }
     Ok(())
 }
 
-/// The no-IOMMU cell matching `r` (same workload, size, threads).
-fn baseline<'a>(all: &'a [CellResult], r: &CellResult) -> Option<&'a CellResult> {
-    all.iter().find(|b| {
-        b.spec.mode == Mode::NoIommu
-            && b.spec.workload == r.spec.workload
-            && b.spec.io_size == r.spec.io_size
-            && b.spec.threads == r.spec.threads
-    })
+fn exit_words(host: Option<HostCosts>) -> String {
+    match host {
+        Some(h) => format!("exit cost {} ns per kick, interrupt cost {} ns", h.exit_ns, h.irq_ns),
+        None => "exit cost 0 (no host model)".into(),
+    }
 }
 
-fn ratio(all: &[CellResult], r: &CellResult) -> Option<f64> {
-    let b = baseline(all, r)?.mb_per_s();
-    (b > 0.0).then(|| r.mb_per_s() / b)
+fn legend_notes() -> String {
+    let instr = match instructions_unavailable() {
+        None => "instr/IO = user-space instructions per I/O (guest + device threads).".to_string(),
+        Some(why) => format!("instructions per I/O: not counted here ({why})."),
+    };
+    format!(
+        "CPU us/IO = CPU time per I/O of the guest threads (driver + endpoint + flush timer: \
+         guest) plus the device's I/O thread (device), from per-thread CPU clocks, with the \
+         injected exit delay and the polling of spin-then-block waits left out (poll = wall time \
+         spent polling, both sides; it grows with scheduling delay); spread = min..max over the \
+         repetitions. req/IO = MAP+UNMAP requests per I/O (net: per \
+         packet), kicks/IO and irq/IO = request-queue notifications and interrupts per I/O; \
+         counts include the final flush of deferred UNMAPs. MB/s* and p50/p99 are wall-clock \
+         figures and move with other load on the machine.\n{instr}"
+    )
 }
 
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
+/// Run-wide facts for the JSON and the chart.
+struct RunInfo {
+    meta: Meta,
+    verdict: Verdict,
+    reps: usize,
+    seconds: f64,
+    warmup: f64,
+    wall: Duration,
+    host: Option<HostCosts>,
 }
 
-/// The text table, one block per workload and size.
-pub fn table(results: &[CellResult]) -> String {
+/// What machine and code the run is.
+struct Meta {
+    commit: String,
+    timestamp: String,
+    cpu_model: String,
+    cpus: usize,
+}
+
+impl Meta {
+    fn collect() -> Meta {
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let commit = match git(&["rev-parse", "--short", "HEAD"]) {
+            Some(c) => {
+                let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                    .is_some_and(|s| !s.is_empty());
+                if dirty {
+                    format!("{c}+dirty")
+                } else {
+                    c
+                }
+            }
+            None => "unknown".into(),
+        };
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Meta {
+            commit,
+            timestamp: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            cpu_model,
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        }
+    }
+}
+
+fn fmt_stat(s: Option<Stat>, scale: f64, prec: usize) -> String {
+    s.map_or("-".into(), |s| format!("{:.prec$}", s.median * scale))
+}
+
+fn fmt_spread(s: Option<Stat>, scale: f64) -> String {
+    s.map_or("-".into(), |s| format!("{:.2}..{:.2}", s.min * scale, s.max * scale))
+}
+
+/// The text tables, one per workload and size.
+pub fn table(cells: &[Cell], busy: bool) -> String {
     let mut out = String::new();
-    let show_exit = results.iter().any(|r| !r.spec.exit_cost.is_zero());
+    let show_exit = cells.iter().any(|c| !c.spec.exit_cost.is_zero());
+    let show_instr = cells.iter().any(|c| c.instructions().is_some());
+    let reps = cells.first().map_or(0, |c| c.reps.len());
     let mut last_group = None;
-    for r in results {
-        let group = (r.spec.workload, r.spec.io_size);
-        if last_group != Some(group) {
-            last_group = Some(group);
-            let unit = if r.spec.workload == Workload::Net { "packets" } else { "requests" };
+    for c in cells {
+        if last_group != Some(c.group()) {
+            last_group = Some(c.group());
+            let unit = if c.spec.workload == Workload::Net { "packets" } else { "requests" };
             let _ = writeln!(
                 out,
-                "\n{} workload, {} {unit}",
-                r.spec.workload,
-                size_label(r.spec.io_size)
+                "\n{} workload, {} {unit}, median of {reps}{}",
+                c.spec.workload,
+                size_label(c.spec.io_size),
+                if busy {
+                    "  [machine busy: MB/s and latency unreliable, see WARNING]"
+                } else {
+                    ""
+                }
             );
             let _ = write!(
                 out,
-                "{:<18} {:>3} {:>9} {:>6} {:>7} {:>8} {:>9} {:>9}",
-                "mode", "thr", "MB/s", "x none", "req/IO", "kicks/IO", "p50 us", "p99 us"
+                "{:<18} {:>3} {:>9} {:>13} {:>7} {:>7} {:>7}",
+                "mode", "thr", "CPU us/IO", "spread", "guest", "device", "poll"
+            );
+            if show_instr {
+                let _ = write!(out, " {:>9}", "instr/IO");
+            }
+            let _ = write!(
+                out,
+                " {:>7} {:>8} {:>7} {:>9} {:>6} {:>8} {:>8}",
+                "req/IO", "kicks/IO", "irq/IO", "MB/s*", "x none", "p50 us", "p99 us"
             );
             if show_exit {
-                let _ = write!(out, " {:>9}", "exit ms");
+                let _ = write!(out, " {:>8}", "exit ms");
             }
             out.push('\n');
         }
-        let ratio = ratio(results, r).map_or("-".to_string(), |x| format!("{x:.2}"));
+        let us = 1e-3;
+        let ratio = ratio(cells, c).map_or("-".to_string(), |x| format!("{x:.2}"));
         let _ = write!(
             out,
-            "{:<18} {:>3} {:>9.1} {:>6} {:>7.2} {:>8.2} {:>9.1} {:>9.1}",
-            r.spec.mode.name(),
-            r.spec.threads,
-            r.mb_per_s(),
+            "{:<18} {:>3} {:>9} {:>13} {:>7} {:>7} {:>7}",
+            c.spec.mode.name(),
+            c.spec.threads,
+            fmt_stat(c.cpu_ns(), us, 2),
+            fmt_spread(c.cpu_ns(), us),
+            fmt_stat(c.guest_ns(), us, 2),
+            fmt_stat(c.device_ns(), us, 2),
+            fmt_stat(c.poll_ns(), us, 2),
+        );
+        if show_instr {
+            let _ = write!(out, " {:>9}", fmt_stat(c.instructions(), 1.0, 0));
+        }
+        let _ = write!(
+            out,
+            " {:>7} {:>8} {:>7} {:>9} {:>6} {:>8} {:>8}",
+            fmt_stat(c.requests(), 1.0, 2),
+            fmt_stat(c.kicks(), 1.0, 2),
+            fmt_stat(c.irqs(), 1.0, 2),
+            fmt_stat(c.mb_s(), 1.0, 1),
             ratio,
-            r.requests_per_io(),
-            r.kicks_per_io(),
-            us(r.p50),
-            us(r.p99)
+            fmt_stat(c.p50_us(), 1.0, 1),
+            fmt_stat(c.p99_us(), 1.0, 1),
         );
         if show_exit {
-            let _ = write!(out, " {:>9.1}", r.exit_injected.as_secs_f64() * 1e3);
+            let ms = c.stat(|r| Some(r.exit_injected.as_secs_f64() * 1e3));
+            let _ = write!(out, " {:>8}", fmt_stat(ms, 1.0, 1));
         }
         out.push('\n');
     }
     out
 }
 
-fn report_json(results: &[CellResult], walls: &[Duration]) -> serde_json::Value {
-    let cells: Vec<_> = results
+/// MB/s against the no-IOMMU cell of the same group and threads.
+fn ratio(cells: &[Cell], c: &Cell) -> Option<f64> {
+    let b = baseline(cells, c)?.mb_s()?.median;
+    (b > 0.0).then(|| c.mb_s().map_or(0.0, |s| s.median) / b)
+}
+
+/// Counts measured in real guests for the groups that have them, next to
+/// this run's counts of the Linux-equivalent modes.
+fn reality_text(cells: &[Cell]) -> String {
+    let mut out = String::new();
+    for (w, size) in groups(cells) {
+        let Some(m) = reality::for_group(w, size) else { continue };
+        if out.is_empty() {
+            let _ = writeln!(out, "\nagainst real guests: {}", reality::SOURCE);
+        }
+        let here = |mode: Mode| {
+            let kicks: Vec<f64> = cells
+                .iter()
+                .filter(|c| c.group() == (w, size) && c.spec.mode == mode && c.spec.threads == 1)
+                .filter_map(|c| c.kicks().map(|s| s.median))
+                .collect();
+            kicks.first().map(|k| format!("{} {k:.2}", mode.name()))
+        };
+        let ours: Vec<String> = [Mode::LinuxLazy, Mode::Driver(DriverMode::Lazy)]
+            .into_iter()
+            .filter_map(here)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {} {} ~ {}: kicks/request Linux lazy {} / our lazy {}; MAP+UNMAP per MiB {} / {}; \
+             this run, 1 thread, kicks/IO: {}",
+            w,
+            size_label(size),
+            m.workload,
+            m.kicks_per_req.0,
+            m.kicks_per_req.1,
+            m.requests_per_mib.0,
+            m.requests_per_mib.1,
+            if ours.is_empty() { "-".to_string() } else { ours.join(", ") }
+        );
+    }
+    if !out.is_empty() {
+        out.push_str(
+            "  (the in-process VM kicks once per map call; the real guest batches a request's \
+             buffers: see docs/cli.md. Reproduce with scripts/real-guest --measure.)\n",
+        );
+    }
+    out
+}
+
+fn stat_json(s: Option<Stat>) -> serde_json::Value {
+    s.map_or(serde_json::Value::Null, |s| json!({"median": s.median, "min": s.min, "max": s.max}))
+}
+
+fn span_json(s: &Span) -> serde_json::Value {
+    json!({"other_cpus": s.others, "own_cpus": s.own, "loadavg_1min": s.loadavg})
+}
+
+fn report_json(
+    cells: &[Cell],
+    summaries: &[summary::GroupSummary],
+    run: &RunInfo,
+    args: &BenchArgs,
+) -> serde_json::Value {
+    let cells_json: Vec<_> = cells
         .iter()
-        .zip(walls)
-        .map(|(r, wall)| {
+        .map(|c| {
+            let reps: Vec<_> = c
+                .reps
+                .iter()
+                .map(|r| {
+                    json!({
+                        "ios": r.ios,
+                        "bytes": r.bytes,
+                        "elapsed_s": r.elapsed.as_secs_f64(),
+                        "mb_per_s": r.mb_per_s(),
+                        "map_requests": r.map_requests,
+                        "unmap_requests": r.unmap_requests,
+                        "kicks": r.kicks,
+                        "interrupts": r.interrupts,
+                        "syncs": r.syncs,
+                        "guest_poll_s": r.guest_poll.as_secs_f64(),
+                        "device_poll_s": r.device_poll.as_secs_f64(),
+                        "guest_cpu_s": r.guest.cpu.map(|d| d.as_secs_f64()),
+                        "device_cpu_s": r.device.cpu.map(|d| d.as_secs_f64()),
+                        "guest_instructions": r.guest.instructions,
+                        "device_instructions": r.device.instructions,
+                        "p50_us": r.p50.as_secs_f64() * 1e6,
+                        "p99_us": r.p99.as_secs_f64() * 1e6,
+                        "exit_injected_s": r.exit_injected.as_secs_f64(),
+                        "translations": r.translations,
+                        "data_errors": r.data_errors,
+                        "faults": r.faults,
+                        "wait_timeouts": r.wait_timeouts,
+                    })
+                })
+                .collect();
             json!({
-                "workload": r.spec.workload.name(),
-                "mode": r.spec.mode.name(),
-                "io_size": r.spec.io_size,
-                "threads": r.spec.threads,
-                "ios": r.ios,
-                "bytes": r.bytes,
-                "elapsed_s": r.elapsed.as_secs_f64(),
-                "mb_per_s": r.mb_per_s(),
-                "ratio_to_none": ratio(results, r),
-                "map_requests": r.map_requests,
-                "unmap_requests": r.unmap_requests,
-                "requests_per_io": r.requests_per_io(),
-                "kicks": r.kicks,
-                "kicks_per_io": r.kicks_per_io(),
-                "syncs": r.syncs,
-                "p50_us": us(r.p50),
-                "p99_us": us(r.p99),
-                "exit_cost_ns": r.spec.exit_cost.as_nanos() as u64,
-                "exit_injected_s": r.exit_injected.as_secs_f64(),
-                "translations": r.translations,
-                "data_errors": r.data_errors,
-                "faults": r.faults,
-                "wait_timeouts": r.wait_timeouts,
-                "cell_wall_s": wall.as_secs_f64(),
+                "workload": c.spec.workload.name(),
+                "mode": c.spec.mode.name(),
+                "io_size": c.spec.io_size,
+                "threads": c.spec.threads,
+                "cpu_ns_per_io": stat_json(c.cpu_ns()),
+                "guest_cpu_ns_per_io": stat_json(c.guest_ns()),
+                "device_cpu_ns_per_io": stat_json(c.device_ns()),
+                "poll_ns_per_io": stat_json(c.poll_ns()),
+                "instructions_per_io": stat_json(c.instructions()),
+                "mb_per_s": stat_json(c.mb_s()),
+                "ratio_to_none": ratio(cells, c),
+                "requests_per_io": stat_json(c.requests()),
+                "kicks_per_io": stat_json(c.kicks()),
+                "interrupts_per_io": stat_json(c.irqs()),
+                "p50_us": stat_json(c.p50_us()),
+                "p99_us": stat_json(c.p99_us()),
+                "exit_cost_ns": c.spec.exit_cost.as_nanos() as u64,
+                "repetitions": reps,
+            })
+        })
+        .collect();
+    let summaries_json: Vec<_> = summaries
+        .iter()
+        .map(|s| {
+            let name = |m: Option<Mode>| m.map(|m| m.name());
+            json!({
+                "workload": s.workload.name(),
+                "io_size": s.io_size,
+                "ranked_by": if run.host.is_some() { "modelled_ns_per_io" } else { "cpu_ns_per_io" },
+                "ranking": s.ranking(run.host),
+                "cheapest_linux": name(s.cheapest_linux),
+                "cheapest_linux_isolating": name(s.cheapest_linux_isolating),
+                "cheapest": name(s.cheapest),
+                "modes": s.none.iter().chain(&s.ranked).map(|c| json!({
+                    "mode": c.mode.name(),
+                    "cpu_ns_per_io": c.cpu_ns,
+                    "kicks_per_io": c.kicks,
+                    "interrupts_per_io": c.irqs,
+                    "modelled_ns_per_io": run.host.map(|h| c.modelled_ns(h)),
+                    "gives_up": summary::gives_up(c.mode),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
     json!({
         "tool": "viommu bench",
         "version": env!("CARGO_PKG_VERSION"),
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "commit": run.meta.commit,
+        "timestamp": run.meta.timestamp,
+        "cpu_model": run.meta.cpu_model,
+        "cpus": run.meta.cpus,
+        "duration_s": run.seconds,
+        "warmup_s": run.warmup,
+        "repetitions": run.reps,
+        "wall_s": run.wall.as_secs_f64(),
+        "instructions": match instructions_unavailable() {
+            None => json!({"available": true}),
+            Some(why) => json!({"available": false, "reason": why}),
+        },
+        "load": {
+            "before": span_json(&run.verdict.before),
+            "during": span_json(&run.verdict.during),
+            "busy": run.verdict.warning.is_some(),
+            "warning": run.verdict.warning,
+            "affected": run.verdict.warning.as_ref().map(|_| load::AFFECTED),
+        },
+        "host_model": run.host.map(|h| json!({"exit_ns": h.exit_ns, "irq_ns": h.irq_ns})),
+        "options": {
+            "modes": args.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            "sizes": args.sizes,
+            "threads": args.threads,
+            "workloads": args.workloads.iter().map(|w| w.name()).collect::<Vec<_>>(),
+            "duration": args.duration,
+            "repeat": args.repeat,
+            "quick": args.quick,
+            "host": args.host.map(Host::name),
+            "exit_cost_ns": args.exit_cost_ns,
+            "irq_cost_ns": args.irq_cost_ns,
+            "warmup": args.warmup,
+            "fake_load": args.fake_load.map(|(l, o)| json!({"loadavg": l, "others": o})),
+        },
         "modes": Mode::ALL
             .iter()
             .chain(&Mode::EXTRA)
-            .map(|m| json!({"name": m.name(), "meaning": m.describe()}))
+            .map(|m| json!({"name": m.name(), "meaning": m.describe(), "linux": m.linux()}))
             .collect::<Vec<_>>(),
-        "cells": cells,
+        "real_guest": {
+            "source": reality::SOURCE,
+            "groups": groups(cells).into_iter().filter_map(|(w, size)| reality::for_group(w, size).map(|m| json!({
+                "workload": w.name(),
+                "io_size": size,
+                "real_guest_workload": m.workload,
+                "kicks_per_request": {"linux_lazy": m.kicks_per_req.0, "our_lazy": m.kicks_per_req.1},
+                "map_unmap_per_mib": {"linux_lazy": m.requests_per_mib.0, "our_lazy": m.requests_per_mib.1},
+            }))).collect::<Vec<_>>(),
+        },
+        "summary": summaries_json,
+        "cells": cells_json,
     })
 }
 

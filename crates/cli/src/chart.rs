@@ -1,11 +1,15 @@
-//! The SVG chart, written by hand: for each workload and size, MB/s and
-//! kicks per I/O by mode, one bar per thread count.
+//! The SVG chart, written by hand (a plotting crate would bring a font and
+//! raster stack for a few bars): for each workload and size, CPU time per
+//! I/O, MB/s, p99 latency and kicks per I/O by mode, one bar per thread
+//! count, each bar the median of the repetitions.
 
 use std::fmt::Write as _;
 
-use viommu_vm::bench::{CellResult, Mode, Workload};
+use viommu_vm::bench::{Mode, Workload};
 
 use crate::bench::size_label;
+use crate::cells::Cell;
+use crate::host::HostCosts;
 
 const PANEL_W: f64 = 330.0;
 const PANEL_H: f64 = 240.0;
@@ -17,21 +21,30 @@ const COLORS: [&str; 6] = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee"
 /// Which quantity a row of panels shows.
 #[derive(Clone, Copy)]
 enum Metric {
+    Cpu,
     Throughput,
+    P99,
     Kicks,
 }
 
 impl Metric {
-    fn value(self, r: &CellResult) -> f64 {
-        match self {
-            Metric::Throughput => r.mb_per_s(),
-            Metric::Kicks => r.kicks_per_io(),
-        }
+    const ALL: [Metric; 4] = [Metric::Cpu, Metric::Throughput, Metric::P99, Metric::Kicks];
+
+    fn value(self, c: &Cell) -> f64 {
+        let s = match self {
+            Metric::Cpu => c.cpu_ns().map(|s| crate::cells::Stat { median: s.median / 1e3, ..s }),
+            Metric::Throughput => c.mb_s(),
+            Metric::P99 => c.p99_us(),
+            Metric::Kicks => c.kicks(),
+        };
+        s.map_or(0.0, |s| s.median)
     }
 
     fn title(self) -> &'static str {
         match self {
-            Metric::Throughput => "MB/s (log)",
+            Metric::Cpu => "CPU us per I/O (log)",
+            Metric::Throughput => "MB/s, load-sensitive (log)",
+            Metric::P99 => "p99 latency us (log)",
             Metric::Kicks => "kicks per I/O (log)",
         }
     }
@@ -62,8 +75,8 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// Renders the chart.
-pub fn svg(results: &[CellResult]) -> String {
+/// Renders the chart; the title states the host model.
+pub fn svg(results: &[Cell], host: Option<HostCosts>) -> String {
     let mut groups: Vec<(Workload, usize)> = Vec::new();
     let mut modes: Vec<Mode> = Vec::new();
     let mut threads: Vec<usize> = Vec::new();
@@ -79,7 +92,7 @@ pub fn svg(results: &[CellResult]) -> String {
             threads.push(r.spec.threads);
         }
     }
-    let metrics = [Metric::Throughput, Metric::Kicks];
+    let metrics = Metric::ALL;
     let width = LEFT + groups.len().max(1) as f64 * (PANEL_W + LEFT);
     let height = TOP + metrics.len() as f64 * (PANEL_H + BOTTOM) + 20.0;
     let mut s = String::new();
@@ -90,7 +103,12 @@ pub fn svg(results: &[CellResult]) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{LEFT}" y="20" font-size="15" font-weight="bold">viommu bench: throughput and request-queue kicks per I/O, by mode</text>"#
+        r#"<text x="{LEFT}" y="20" font-size="15" font-weight="bold">viommu bench: cost per I/O by mode (median of {}; {})</text>"#,
+        results.first().map_or(0, |c| c.reps.len()),
+        match host {
+            Some(h) => format!("exit cost {} ns, interrupt cost {} ns", h.exit_ns, h.irq_ns),
+            None => "exit cost 0".into(),
+        }
     );
     // Legend: thread counts.
     for (i, t) in threads.iter().enumerate() {
@@ -117,7 +135,7 @@ pub fn svg(results: &[CellResult]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn panel(
     s: &mut String,
-    results: &[CellResult],
+    results: &[Cell],
     metric: Metric,
     (workload, size): (Workload, usize),
     modes: &[Mode],
@@ -125,7 +143,7 @@ fn panel(
     x0: f64,
     y0: f64,
 ) {
-    let cells: Vec<&CellResult> =
+    let cells: Vec<&Cell> =
         results.iter().filter(|r| r.spec.workload == workload && r.spec.io_size == size).collect();
     // Some headroom above the tallest bar.
     let max = cells.iter().map(|r| metric.value(r)).fold(0.0, f64::max).max(1.0) * 1.3;
@@ -207,7 +225,7 @@ mod tests {
 
     #[test]
     fn empty_chart_is_valid_svg() {
-        let s = svg(&[]);
+        let s = svg(&[], None);
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
     }
 }

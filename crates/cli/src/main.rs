@@ -4,9 +4,14 @@
 #![deny(missing_docs)]
 
 mod bench;
+mod cells;
 mod chart;
+mod host;
+mod load;
 mod progress;
+mod reality;
 mod replay;
+mod summary;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,8 +28,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs the in-process VM under each IOMMU mode and prints MB/s, requests
-    /// and kicks per I/O, and latency; writes JSON and an SVG chart.
+    /// Runs the in-process VM under each IOMMU mode and prints CPU time,
+    /// requests, kicks and interrupts per I/O, MB/s and latency, then which
+    /// policy is cheapest and what each gives up; writes JSON and an SVG chart.
     Bench(bench::BenchArgs),
     /// Feeds a recorded request stream (native format or QEMU trace lines)
     /// through the device's request path and reports statuses and timing.

@@ -97,13 +97,11 @@ fn replay_names_the_bad_line() {
     assert!(err.contains("line 2: bad virt_start \"oops\""), "{err}");
 }
 
-#[test]
-fn quick_bench_writes_table_json_and_chart() {
-    let dir = scratch_dir("bench");
-    let (ok, out, err) = viommu(&[
+fn small_bench(dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
         "bench",
         "--modes",
-        "none,identity",
+        "none,identity,strict",
         "--sizes",
         "4k",
         "--threads",
@@ -112,23 +110,114 @@ fn quick_bench_writes_table_json_and_chart() {
         "block",
         "--duration",
         "0.02",
+        "--repeat",
+        "2",
+        "--warmup",
+        "0",
         "--out",
         dir.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    viommu(&args)
+}
+
+fn bench_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn quick_bench_writes_table_json_and_chart() {
+    let dir = scratch_dir("bench");
+    let (ok, out, err) = small_bench(&dir, &["--fake-load", "0:0"]);
     assert!(ok, "{err}");
-    assert!(out.contains("block workload, 4K requests"), "{out}");
+    assert!(out.contains("block workload, 4K requests, median of 2"), "{out}");
+    assert!(out.contains("CPU us/IO"), "{out}");
+    assert!(!out.contains("WARNING"), "an idle (injected) machine gets no warning: {out}");
     assert!(!err.contains('\r'), "no progress bar when stderr is not a terminal");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap();
+    let json = bench_json(&dir);
     let cells = json["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 2);
+    assert_eq!(cells.len(), 3);
     assert_eq!(cells[0]["mode"], "none");
     assert_eq!(cells[0]["ratio_to_none"], 1.0);
     assert_eq!(cells[1]["mode"], "identity");
-    assert!(cells[1]["translations"].as_u64().unwrap() > 0);
-    assert_eq!(cells[1]["data_errors"], 0);
+    assert_eq!(cells[1]["repetitions"].as_array().unwrap().len(), 2);
+    let rep = &cells[1]["repetitions"][0];
+    assert!(rep["translations"].as_u64().unwrap() > 0);
+    assert_eq!(rep["data_errors"], 0);
+    assert!(rep["guest_cpu_s"].as_f64().unwrap() > 0.0);
+    let strict = &cells[2];
+    assert_eq!(strict["requests_per_io"]["median"], 6.0);
+    let cpu = &strict["cpu_ns_per_io"];
+    let (lo, mid, hi) = (
+        cpu["min"].as_f64().unwrap(),
+        cpu["median"].as_f64().unwrap(),
+        cpu["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < lo && lo <= mid && mid <= hi, "{cpu}");
+    assert!(strict["device_cpu_ns_per_io"]["median"].as_f64().unwrap() > 0.0);
     let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("identity"));
+    assert!(svg.contains("CPU us per I/O") && svg.contains("p99 latency"), "two new panels");
+    assert!(svg.contains("exit cost 0"), "the title states the exit cost");
+}
+
+#[test]
+fn bench_json_carries_run_metadata_and_the_summary() {
+    let dir = scratch_dir("meta");
+    let (ok, out, err) = small_bench(&dir, &["--fake-load", "0:0", "--host", "kvm"]);
+    assert!(ok, "{err}");
+    let j = bench_json(&dir);
+    for key in ["commit", "timestamp", "cpu_model", "cpus", "duration_s", "warmup_s", "wall_s"] {
+        assert!(!j[key].is_null(), "{key} missing");
+    }
+    assert_eq!(j["repetitions"], 2);
+    assert_eq!(j["duration_s"], 0.02);
+    assert_eq!(j["warmup_s"], 0.0);
+    assert!(j["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(j["options"]["host"], "kvm");
+    assert_eq!(j["options"]["threads"], serde_json::json!([1]));
+    assert_eq!(j["host_model"], serde_json::json!({"exit_ns": 1500, "irq_ns": 1000}));
+    assert!(j["instructions"]["available"].is_boolean());
+    assert_eq!(j["load"]["busy"], false);
+    assert!(j["load"]["during"]["other_cpus"].as_f64().unwrap() < 0.05);
+    let s = &j["summary"][0];
+    assert_eq!(s["ranked_by"], "modelled_ns_per_io");
+    assert_eq!(s["cheapest_linux_isolating"], "strict");
+    assert_eq!(j["cells"][2]["exit_cost_ns"], 1500);
+    assert!(out.contains("summary: ranked by modelled cost = CPU + kicks x 1500 ns"), "{out}");
+    assert!(out.contains("nothing: an unmap returns once the device dropped the mapping"), "{out}");
+    assert!(
+        out.contains("Linux: 6.7+ iommu.strict=1"),
+        "the legend names the Linux setting: {out}"
+    );
+    assert!(out.contains("against real guests: scripts/real-guest --measure"), "{out}");
+}
+
+#[test]
+fn injected_load_prints_the_warning_in_table_and_json() {
+    let dir = scratch_dir("load");
+    let (ok, out, err) = small_bench(&dir, &["--fake-load", "1.5:1.0"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("WARNING: machine busy"), "{out}");
+    assert!(out.contains("[machine busy: MB/s and latency unreliable"), "{out}");
+    let j = bench_json(&dir);
+    assert_eq!(j["load"]["busy"], true);
+    assert!(j["load"]["warning"].as_str().unwrap().contains("CPUs during it"));
+    assert!(j["load"]["affected"].as_str().unwrap().contains("MB/s"));
+    let others = j["load"]["during"]["other_cpus"].as_f64().unwrap();
+    assert!((others - 1.0).abs() < 0.1, "{others}");
+}
+
+#[test]
+fn help_gives_exit_cost_guidance_and_says_what_quick_shortens() {
+    let (ok, out, _) = viommu(&["bench", "--help"]);
+    assert!(ok);
+    assert!(out.contains("perf kvm stat"), "{out}");
+    assert!(out.contains("in-kernel ioeventfd exit"), "{out}");
+    assert!(out.contains("0.05 s cells, one repetition, no warm-up"), "{out}");
+    for preset in ["kvm", "nested", "confidential"] {
+        assert!(out.contains(preset), "{preset}");
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use crate::cpu::{MeterReading, ThreadMeter};
 use crate::endpoint::block::{BlockDevice, BlockGuest, S_OK};
 use crate::endpoint::net::{NetDevice, NetGuest};
 use crate::endpoint::{DirectDma, DmaEngine, GuestDma, MapError};
@@ -14,25 +15,17 @@ use crate::histogram::Histogram;
 use crate::machine::{Machine, MachineError};
 use crate::ram::GuestRam;
 
-/// How the guest uses the IOMMU.
+pub use viommu_driver::Mode as DriverMode;
+
+/// What the bench runs: no IOMMU, one of our driver's modes, or a model of
+/// Linux's own driver. Our driver's modes are [`DriverMode`], named and
+/// described there once for the bench, the real-guest suite and the docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Mode {
     /// No IOMMU at all: endpoints see guest-physical addresses.
     NoIommu,
-    /// The endpoint is attached to an identity (bypass) domain: no MAP or
-    /// UNMAP, but every access still goes through `translate()`.
-    Identity,
-    /// Strict, with a sync after every MAP and every UNMAP: the Linux
-    /// driver before 6.7.
-    StrictEverySync,
-    /// Strict: one sync per map call (`iotlb_sync_map`), one per unmap.
-    Strict,
-    /// Lazy: per-CPU flush queues (256 entries, 10 ms), as Linux 6.7+ by default.
-    Lazy,
-    /// Lazy with one shared flush queue (32768 entries, 1 s).
-    LazySingle,
-    /// Lazy, the batch API (one sync per I/O) and UNMAP coalescing.
-    Best,
+    /// Our driver in one of its modes.
+    Driver(DriverMode),
     /// What Linux 6.7+ does in lazy mode under virtio-blk: every descriptor
     /// (header, each data page, status, and the indirect descriptor table)
     /// mapped and synced on its own; UNMAPs deferred to per-CPU queues.
@@ -42,39 +35,45 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// Every mode, in report order.
+    /// The default sweep, in report order: no IOMMU, then every driver mode.
     pub const ALL: [Mode; 7] = [
         Mode::NoIommu,
-        Mode::Identity,
-        Mode::StrictEverySync,
-        Mode::Strict,
-        Mode::Lazy,
-        Mode::LazySingle,
-        Mode::Best,
+        Mode::Driver(DriverMode::Identity),
+        Mode::Driver(DriverMode::StrictEverySync),
+        Mode::Driver(DriverMode::Strict),
+        Mode::Driver(DriverMode::Lazy),
+        Mode::Driver(DriverMode::LazySingle),
+        Mode::Driver(DriverMode::Best),
     ];
-
-    /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::NoIommu => "none",
-            Mode::Identity => "identity",
-            Mode::StrictEverySync => "strict-every-sync",
-            Mode::Strict => "strict",
-            Mode::Lazy => "lazy",
-            Mode::LazySingle => "lazy-single",
-            Mode::Best => "best",
-            Mode::LinuxLazy => "linux-lazy",
-            Mode::LinuxStrict => "linux-strict",
-        }
-    }
 
     /// Modes outside the default sweep: models of the Linux driver's own
     /// behaviour, to compare with counts from real guests.
     pub const EXTRA: [Mode; 2] = [Mode::LinuxLazy, Mode::LinuxStrict];
 
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::NoIommu => "none",
+            Mode::Driver(m) => m.name(),
+            Mode::LinuxLazy => "linux-lazy",
+            Mode::LinuxStrict => "linux-strict",
+        }
+    }
+
     /// Parses a [`Mode::name`].
     pub fn from_name(s: &str) -> Option<Mode> {
         Mode::ALL.into_iter().chain(Mode::EXTRA).find(|m| m.name() == s)
+    }
+
+    /// Our driver's mode this runs, or for a Linux model the mode whose
+    /// DMA-layer policy it uses; `None` without an IOMMU.
+    pub fn driver_mode(self) -> Option<DriverMode> {
+        match self {
+            Mode::NoIommu => None,
+            Mode::Driver(m) => Some(m),
+            Mode::LinuxLazy => Some(DriverMode::Lazy),
+            Mode::LinuxStrict => Some(DriverMode::Strict),
+        }
     }
 
     /// Whether the endpoint maps each descriptor on its own and uses an
@@ -87,18 +86,24 @@ impl Mode {
     pub fn describe(self) -> &'static str {
         match self {
             Mode::NoIommu => "no IOMMU: the endpoint uses guest-physical addresses",
-            Mode::Identity => "identity/bypass domain: no MAP/UNMAP, translate() still checked",
-            Mode::StrictEverySync => "strict, a sync after every MAP and UNMAP (Linux < 6.7)",
-            Mode::Strict => "strict, one sync per map call and per unmap (Linux >= 6.7 strict)",
-            Mode::Lazy => "lazy, per-CPU flush queues 256/10 ms (Linux >= 6.7 default)",
-            Mode::LazySingle => "lazy, one flush queue 32768/1 s",
-            Mode::Best => "lazy + batch API (1 sync per I/O) + UNMAP coalescing",
+            Mode::Driver(m) => m.describe(),
             Mode::LinuxLazy => {
-                "lazy, every descriptor mapped and synced alone (Linux 6.12 virtio ring)"
+                "model of Linux's driver: every descriptor mapped and synced alone, lazy"
             }
             Mode::LinuxStrict => {
-                "strict, every descriptor mapped and synced alone (Linux 6.12 strict)"
+                "model of Linux's driver: every descriptor mapped and synced alone, strict"
             }
+        }
+    }
+
+    /// The Linux setting this mode corresponds to, or `None` when a Linux
+    /// guest cannot use it.
+    pub fn linux(self) -> Option<&'static str> {
+        match self {
+            Mode::NoIommu => Some("no IOMMU (linux-none)"),
+            Mode::Driver(m) => m.linux(),
+            Mode::LinuxLazy => Some("6.7+ default (DMA-FQ), as measured on 6.12"),
+            Mode::LinuxStrict => Some("6.7+ iommu.strict=1, as measured on 6.12"),
         }
     }
 }
@@ -187,6 +192,18 @@ pub struct CellResult {
     /// Completion waits that reached their time limit without an interrupt
     /// (see [`crate::LinkCounts::wait_timeouts`]).
     pub wait_timeouts: u64,
+    /// Request-queue interrupts the device raised.
+    pub interrupts: u64,
+    /// Guest-side use: the guest threads (driver and endpoint, from the
+    /// start of the timed part to their final flush) and the flush timer.
+    /// Its CPU time includes the injected exit delay.
+    pub guest: MeterReading,
+    /// Device-side use: the device's I/O thread over the same span.
+    pub device: MeterReading,
+    /// Wall time the guest side polled for completions (part of its CPU time).
+    pub guest_poll: Duration,
+    /// Wall time the I/O thread polled for kicks (part of its CPU time).
+    pub device_poll: Duration,
 }
 
 impl CellResult {
@@ -208,6 +225,51 @@ impl CellResult {
     /// Request-queue kicks per I/O.
     pub fn kicks_per_io(&self) -> f64 {
         per(self.kicks, self.ios)
+    }
+
+    /// Request-queue interrupts per I/O.
+    pub fn interrupts_per_io(&self) -> f64 {
+        per(self.interrupts, self.ios)
+    }
+
+    /// Guest-side CPU time per I/O in ns, the injected exit delay and the
+    /// polling for completions left out.
+    pub fn guest_ns_per_io(&self) -> Option<f64> {
+        let cpu = self.guest.cpu?.saturating_sub(self.exit_injected + self.guest_poll);
+        Some(per(cpu.as_nanos() as u64, self.ios))
+    }
+
+    /// Device-side (I/O thread) CPU time per I/O in ns, polling for kicks
+    /// left out.
+    pub fn device_ns_per_io(&self) -> Option<f64> {
+        Some(per(self.device.cpu?.saturating_sub(self.device_poll).as_nanos() as u64, self.ios))
+    }
+
+    /// Guest plus device CPU time per I/O in ns, polling left out: the
+    /// figure the summary ranks by.
+    pub fn cpu_ns_per_io(&self) -> Option<f64> {
+        Some(self.guest_ns_per_io()? + self.device_ns_per_io()?)
+    }
+
+    /// Polling (both sides, wall time) per I/O in ns: what the spin-then-block
+    /// waits cost on top of [`CellResult::cpu_ns_per_io`]; it grows with
+    /// the other side's scheduling delay.
+    pub fn poll_ns_per_io(&self) -> f64 {
+        per((self.guest_poll + self.device_poll).as_nanos() as u64, self.ios)
+    }
+
+    /// User-space instructions per I/O, guest and device side together
+    /// (`None` without a hardware PMU).
+    pub fn instructions_per_io(&self) -> Option<f64> {
+        let n = self.guest.instructions? + self.device.instructions?;
+        Some(per(n, self.ios))
+    }
+}
+
+fn sum_use(a: MeterReading, b: MeterReading) -> MeterReading {
+    MeterReading {
+        cpu: a.cpu.zip(b.cpu).map(|(x, y)| x + y),
+        instructions: a.instructions.zip(b.instructions).map(|(x, y)| x + y),
     }
 }
 
@@ -260,15 +322,16 @@ struct ThreadTally {
     errors: u64,
     lat: Histogram,
     end: Option<Instant>,
+    used: MeterReading,
 }
 
 /// Runs one cell on a fresh VM and returns what it measured.
 ///
 /// ```
 /// use std::time::Duration;
-/// use viommu_vm::bench::{run_cell, CellSpec, Mode, Workload};
+/// use viommu_vm::bench::{run_cell, CellSpec, DriverMode, Mode, Workload};
 /// let r = run_cell(&CellSpec {
-///     mode: Mode::Best,
+///     mode: Mode::Driver(DriverMode::Best),
 ///     workload: Workload::Block,
 ///     io_size: 16 << 10,
 ///     threads: 1,
@@ -319,7 +382,7 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
     let net_errors = Arc::new(AtomicU64::new(0));
     let block_dev = BlockDevice::new(engine.clone());
     let mut tallies = Vec::with_capacity(spec.threads);
-    let start = std::thread::scope(|scope| -> Result<Instant, BenchError> {
+    let (start, side_start) = std::thread::scope(|scope| -> Result<_, BenchError> {
         let mut handles = Vec::new();
         for (t, mut dma) in dmas.into_iter().enumerate() {
             let (ram, barrier, block_dev) = (ram.clone(), &barrier, &block_dev);
@@ -327,13 +390,16 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
             let spec = *spec;
             handles.push(scope.spawn(move || -> Result<ThreadTally, BenchError> {
                 crate::machine::set_guest_cpu(t);
+                let meter = ThreadMeter::here();
                 let mut tally = ThreadTally::default();
+                let start_use;
                 match spec.workload {
                     Workload::Block => {
                         // Every thread reaches the barrier, even one whose setup failed.
                         let setup = BlockGuest::new(ram, spec.io_size)
                             .and_then(|g| g.with_indirect(spec.mode.per_descriptor()));
                         barrier.wait();
+                        start_use = meter.read();
                         let mut guest = setup?;
                         let mut scratch = Vec::with_capacity(spec.io_size);
                         // Each thread has its own 1 GiB of the emulated disk.
@@ -362,6 +428,7 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         let setup = NetGuest::new(ram, NET_BATCH, spec.io_size)
                             .and_then(|mut g| g.fill_rx(&mut *dma, &mut dev).map(|()| g));
                         barrier.wait();
+                        start_use = meter.read();
                         let mut guest = setup?;
                         let deadline = Instant::now() + spec.duration;
                         // At least one round per thread, however late it got to run.
@@ -379,16 +446,23 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                 }
                 // Deferred UNMAPs go out now, so that every MAP's UNMAP is counted.
                 dma.flush()?;
+                tally.used = meter.read().since(&start_use);
                 Ok(tally)
             }));
         }
         barrier.wait();
         let start = Instant::now();
+        let side_start = side_use(machine.as_ref());
         for h in handles {
             tallies.push(h.join().expect("guest thread panicked")?);
         }
-        Ok(start)
+        Ok((start, side_start))
     })?;
+    let side_used = {
+        let (timer, device) = side_use(machine.as_ref());
+        (timer.since(&side_start.0), device.since(&side_start.1))
+    };
+    let guest = tallies.iter().map(|t| t.used).fold(side_used.0, sum_use);
     let end = tallies.iter().filter_map(|t| t.end).max().unwrap_or(start);
     let mut lat = Histogram::default();
     tallies.iter().for_each(|t| lat.merge(&t.lat));
@@ -414,5 +488,19 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
             + net_errors.load(Ordering::Relaxed),
         faults: engine.faults(),
         wait_timeouts: counts.wait_timeouts,
+        interrupts: counts.interrupts,
+        guest,
+        device: side_used.1,
+        guest_poll: Duration::from_nanos(counts.wait_poll_ns),
+        device_poll: Duration::from_nanos(counts.io_poll_ns),
     })
+}
+
+/// The flush timer's and the I/O thread's use so far (zero without a VM).
+fn side_use(machine: Option<&Machine>) -> (MeterReading, MeterReading) {
+    let zero = MeterReading { cpu: Some(Duration::ZERO), instructions: Some(0) };
+    match machine {
+        Some(m) => (m.timer_use(), m.link().io_thread_use()),
+        None => (zero, zero),
+    }
 }

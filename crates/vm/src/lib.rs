@@ -5,6 +5,7 @@
 
 mod backend;
 pub mod bench;
+pub mod cpu;
 pub mod endpoint;
 pub mod histogram;
 pub mod machine;

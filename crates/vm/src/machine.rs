@@ -2,14 +2,16 @@
 //! over the in-process transport, and one endpoint's domain per mode.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use viommu_device::{DeviceConfig, EndpointConfig, Iommu, ResvRegion, VirtioIommu as Device};
-use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, DmaPlatform, Policy};
+use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, DmaPlatform};
 use viommu_driver::{DriverOptions, VirtioIommu as Driver};
 use viommu_proto::{RequestType, EVENT_QUEUE};
 
 use crate::bench::Mode;
+use crate::cpu::{MeterReading, ThreadMeter};
 use crate::endpoint::{
     reset_out, Dir, DirectDma, GuestDma, IoBuf, IoToken, MapError, Seg, TokenInner,
 };
@@ -47,6 +49,12 @@ pub struct MachineCounts {
     pub requests: u64,
     /// Request-queue kicks (transport notifications of queue 0).
     pub kicks: u64,
+    /// Request-queue interrupts the device raised.
+    pub interrupts: u64,
+    /// Wall time completion waits polled, in ns.
+    pub wait_poll_ns: u64,
+    /// Wall time the I/O thread polled for kicks, in ns.
+    pub io_poll_ns: u64,
     /// Batches of requests the driver made available without a kick,
     /// because EVENT_IDX said the device was still at work on the ring
     /// (it finds them before it stops). Depends on the I/O thread's
@@ -78,6 +86,9 @@ impl MachineCounts {
             unmap_requests: self.unmap_requests - earlier.unmap_requests,
             requests: self.requests - earlier.requests,
             kicks: self.kicks - earlier.kicks,
+            interrupts: self.interrupts - earlier.interrupts,
+            wait_poll_ns: self.wait_poll_ns - earlier.wait_poll_ns,
+            io_poll_ns: self.io_poll_ns - earlier.io_poll_ns,
             kicks_suppressed: self.kicks_suppressed - earlier.kicks_suppressed,
             syncs: self.syncs - earlier.syncs,
             exit_injected_ns: self.exit_injected_ns - earlier.exit_injected_ns,
@@ -169,8 +180,10 @@ impl Machine {
     /// ```
     /// use viommu_device::Access;
     /// use viommu_driver::Prot;
-    /// use viommu_vm::{bench::Mode, machine::Machine, GuestRam};
-    /// let m = Machine::new(GuestRam::new(8 << 20).unwrap(), 8, Mode::Strict).unwrap();
+    /// use viommu_vm::bench::{DriverMode, Mode};
+    /// use viommu_vm::{machine::Machine, GuestRam};
+    /// let mode = Mode::Driver(DriverMode::Strict);
+    /// let m = Machine::new(GuestRam::new(8 << 20).unwrap(), 8, mode).unwrap();
     /// let d = m.domain().unwrap();
     /// d.map_pages(0x10000, 0x20000, 0x1000, Prot::READ).unwrap();
     /// d.iotlb_sync_map(0x10000, 0x1000).unwrap(); // one MAP, one kick
@@ -196,11 +209,12 @@ impl Machine {
     ///
     /// ```
     /// use viommu_vm::machine::{device_config, Machine, MachineOptions};
-    /// use viommu_vm::{bench::Mode, GuestRam};
+    /// use viommu_vm::{bench::{DriverMode, Mode}, GuestRam};
     /// let opts = MachineOptions::deterministic();
     /// let clock = opts.clock.clone().unwrap();
     /// let ram = GuestRam::new(8 << 20).unwrap();
-    /// let m = Machine::with_options(ram, device_config(8), 8, Mode::Lazy, opts).unwrap();
+    /// let mode = Mode::Driver(DriverMode::Lazy);
+    /// let m = Machine::with_options(ram, device_config(8), 8, mode, opts).unwrap();
     /// let dma = m.dma().unwrap();
     /// let iova = dma.map_single(0x20000, 512, viommu_driver::DmaDirection::ToDevice).unwrap();
     /// dma.unmap_single(iova, 512, viommu_driver::DmaDirection::ToDevice).unwrap();
@@ -223,10 +237,10 @@ impl Machine {
         link.set_spin(opts.spin);
         iommu.set_fault_notifier(Some(Arc::new(link.poker(EVENT_QUEUE))));
         let driver = Driver::new(link.transport(), GuestHal::new(ram.clone()), driver_options())?;
-        let domain = match mode {
-            Mode::NoIommu => None,
-            Mode::Identity => Some(driver.alloc_identity(endpoint)?),
-            _ => Some(driver.alloc_paging(endpoint)?),
+        let domain = match mode.driver_mode() {
+            None => None,
+            Some(m) if m.identity() => Some(driver.alloc_identity(endpoint)?),
+            Some(_) => Some(driver.alloc_paging(endpoint)?),
         };
         if let Some(d) = &domain {
             driver.attach(d, endpoint)?;
@@ -262,6 +276,15 @@ impl Machine {
         self.domain.as_ref()
     }
 
+    /// CPU time and instructions the flush-queue timer thread has used
+    /// (zero when there is no timer).
+    pub fn timer_use(&self) -> MeterReading {
+        match &self._timer {
+            Some(t) => t.meter.get().map(ThreadMeter::read).unwrap_or_default(),
+            None => MeterReading { cpu: Some(Duration::ZERO), instructions: Some(0) },
+        }
+    }
+
     /// The transport link (counters, exit cost).
     pub fn link(&self) -> &DeviceLink<Device> {
         &self.link
@@ -281,7 +304,10 @@ impl Machine {
     pub fn guest_dma(&self) -> Box<dyn GuestDma + Send> {
         match &self.dma {
             None => Box::new(DirectDma),
-            Some(dma) => Box::new(DriverDma { dma: dma.clone(), batch: self.mode == Mode::Best }),
+            Some(dma) => {
+                let batch = self.mode.driver_mode().is_some_and(|m| m.batch());
+                Box::new(DriverDma { dma: dma.clone(), batch })
+            }
         }
     }
 
@@ -301,6 +327,9 @@ impl Machine {
             unmap_requests: req(RequestType::Unmap),
             requests: dev.requests.iter().sum(),
             kicks: link.kicks[0],
+            interrupts: link.interrupts[0],
+            wait_poll_ns: link.wait_poll_ns,
+            io_poll_ns: link.io_poll_ns,
             kicks_suppressed: drv.kicks_suppressed,
             syncs: drv.syncs,
             exit_injected_ns: self.link.exit_cost().injected().as_nanos() as u64,
@@ -317,20 +346,7 @@ impl Machine {
 
 /// The DMA layer's options for each mode; `None` where no DMA layer is used.
 pub fn dma_options(mode: Mode) -> Option<DmaOptions> {
-    let base = DmaOptions { coalesce_unmaps: false, ..DmaOptions::default() };
-    Some(match mode {
-        Mode::NoIommu => return None,
-        Mode::Identity => base,
-        Mode::StrictEverySync => {
-            DmaOptions { policy: Policy::Strict, sync_every_map: true, ..base }
-        }
-        Mode::Strict => DmaOptions { policy: Policy::Strict, ..base },
-        Mode::Lazy => DmaOptions { policy: Policy::Lazy, ..base },
-        Mode::LazySingle => DmaOptions { policy: Policy::LazySingle, ..base },
-        Mode::Best => DmaOptions { policy: Policy::Lazy, coalesce_unmaps: true, ..base },
-        Mode::LinuxLazy => DmaOptions { policy: Policy::Lazy, ..base },
-        Mode::LinuxStrict => DmaOptions { policy: Policy::Strict, ..base },
-    })
+    mode.driver_mode().map(|m| m.dma_options())
 }
 
 thread_local! {
@@ -393,6 +409,7 @@ impl DmaPlatform for VmPlatform {
 /// The guest kernel's flush-queue timer: ticks the DMA layer every 2 ms.
 struct Timer {
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    meter: Arc<OnceLock<ThreadMeter>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -400,7 +417,12 @@ impl Timer {
     fn start(dma: Arc<DmaDomain>) -> Self {
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let s = stop.clone();
+        let meter = Arc::new(OnceLock::new());
+        let m = meter.clone();
+        let (ready, started) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
+            let _ = m.set(ThreadMeter::here());
+            let _ = ready.send(());
             let (lock, cond) = &*s;
             let mut stopped = lock.lock().unwrap();
             while !*stopped {
@@ -413,7 +435,9 @@ impl Timer {
                 }
             }
         });
-        Self { stop, thread: Some(thread) }
+        // The meter exists before the first reading of it.
+        let _ = started.recv();
+        Self { stop, meter, thread: Some(thread) }
     }
 }
 

@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use viommu_driver::transport::status;
 use viommu_driver::{QueueAddrs, Transport, UsedWaiter};
 use vm_memory::GuestMemoryMmap;
 
+use crate::cpu::{MeterReading, ThreadMeter};
 use crate::notify::EventNotifier;
 use crate::ram::GuestRam;
 
@@ -71,15 +72,20 @@ struct Spin {
     io_polling: AtomicBool,
 }
 
-/// Polls `done` for up to `ns` nanoseconds; true once it holds.
-fn spin_until(ns: u64, mut done: impl FnMut() -> bool) -> bool {
+/// Polls `done` for up to `ns` nanoseconds; true once it holds. The time
+/// spent polling is added to `spent` (in ns).
+fn spin_until(ns: u64, spent: &AtomicU64, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let limit = Duration::from_nanos(ns);
+    let add = |t: Duration| spent.fetch_add(t.as_nanos() as u64, Ordering::Relaxed);
     loop {
         if done() {
+            add(start.elapsed());
             return true;
         }
-        if start.elapsed() >= limit {
+        let t = start.elapsed();
+        if t >= limit {
+            add(t);
             return false;
         }
         for _ in 0..16 {
@@ -161,6 +167,8 @@ pub struct LinkStats {
     wakeups: AtomicU64,
     wait_timeouts: AtomicU64,
     device_errors: AtomicU64,
+    wait_poll_ns: AtomicU64,
+    io_poll_ns: AtomicU64,
 }
 
 /// A snapshot of [`LinkStats`].
@@ -178,6 +186,11 @@ pub struct LinkCounts {
     pub wait_timeouts: u64,
     /// Queue-processing errors reported by the device.
     pub device_errors: u64,
+    /// Wall time completion waits spent polling before a completion came or
+    /// they blocked, in ns (see [`SpinBudget`]).
+    pub wait_poll_ns: u64,
+    /// Wall time the I/O thread spent polling for kicks, in ns.
+    pub io_poll_ns: u64,
 }
 
 impl LinkStats {
@@ -190,6 +203,8 @@ impl LinkStats {
             wakeups: self.wakeups.load(Ordering::Relaxed),
             wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
             device_errors: self.device_errors.load(Ordering::Relaxed),
+            wait_poll_ns: self.wait_poll_ns.load(Ordering::Relaxed),
+            io_poll_ns: self.io_poll_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -206,6 +221,8 @@ impl LinkCounts {
             wakeups: self.wakeups - earlier.wakeups,
             wait_timeouts: self.wait_timeouts - earlier.wait_timeouts,
             device_errors: self.device_errors - earlier.device_errors,
+            wait_poll_ns: self.wait_poll_ns - earlier.wait_poll_ns,
+            io_poll_ns: self.io_poll_ns - earlier.io_poll_ns,
         }
     }
 }
@@ -225,6 +242,8 @@ struct Shared<B> {
     stats: LinkStats,
     exit: ExitCost,
     spin: Spin,
+    /// The I/O thread's CPU meter, set as it starts.
+    io_meter: OnceLock<ThreadMeter>,
 }
 
 /// The device side of the link: owns the I/O thread. Dropping it stops the
@@ -260,6 +279,7 @@ impl<B: VirtioBackend> DeviceLink<B> {
             stats: LinkStats::default(),
             exit: ExitCost::default(),
             spin: Spin::default(),
+            io_meter: OnceLock::new(),
         });
         shared.set_spin(SpinBudget::default());
         let s = shared.clone();
@@ -282,6 +302,11 @@ impl<B: VirtioBackend> DeviceLink<B> {
     /// Transport counters.
     pub fn stats(&self) -> LinkCounts {
         self.shared.stats.snapshot()
+    }
+
+    /// CPU time and instructions the I/O thread has used so far.
+    pub fn io_thread_use(&self) -> MeterReading {
+        self.shared.io_meter.get().map(ThreadMeter::read).unwrap_or_default()
     }
 
     /// The VM-exit cost model applied to every kick.
@@ -367,11 +392,18 @@ impl Interrupts {
     /// yet, or after `timeout`; true if interrupted. Counting per thread means
     /// an interrupt taken by one thread is never lost to another. Polls for
     /// up to `spin_ns` first when no other thread is polling.
-    fn wait(&self, key: usize, q: usize, timeout: Duration, spin: &Spin) -> bool {
+    fn wait(
+        &self,
+        key: usize,
+        q: usize,
+        timeout: Duration,
+        spin: &Spin,
+        polled: &AtomicU64,
+    ) -> bool {
         let seen = SEEN.with(|s| s.borrow().get(&(key, q)).copied().unwrap_or(0));
         let spin_ns = spin.wait_ns.load(Ordering::Relaxed);
         if spin_ns > 0 && spin.spinners.fetch_add(1, Ordering::Relaxed) == 0 {
-            let hit = spin_until(spin_ns, || self.seq[q].load(Ordering::Acquire) != seen);
+            let hit = spin_until(spin_ns, polled, || self.seq[q].load(Ordering::Acquire) != seen);
             spin.spinners.fetch_sub(1, Ordering::Relaxed);
             if hit {
                 let now = self.seq[q].load(Ordering::Acquire);
@@ -400,12 +432,16 @@ fn poll_kicks<B>(s: &Shared<B>) -> bool {
     // Kickers skip the eventfd while this is set; SeqCst on both sides
     // makes the final look at `pending` see any kick that skipped it.
     s.spin.io_polling.store(true, Ordering::SeqCst);
-    spin_until(ns, || s.pending.load(Ordering::Relaxed) != 0 || s.stop.load(Ordering::Relaxed));
+    let polled = &s.stats.io_poll_ns;
+    spin_until(ns, polled, || {
+        s.pending.load(Ordering::Relaxed) != 0 || s.stop.load(Ordering::Relaxed)
+    });
     s.spin.io_polling.store(false, Ordering::SeqCst);
     s.pending.load(Ordering::SeqCst) != 0
 }
 
 fn io_thread<B: VirtioBackend>(s: &Shared<B>) {
+    let _ = s.io_meter.set(ThreadMeter::here());
     let mut polled = false;
     loop {
         if !polled {
@@ -547,7 +583,7 @@ impl<B: VirtioBackend> Transport for VmTransport<B> {
 /// came before the call counts), or for at most [`WAIT_LIMIT`].
 fn wait_for_interrupt<B>(shared: &Shared<B>, queue: u16) {
     let q = queue as usize % MAX_QUEUES;
-    if !shared.irq.wait(shared.id, q, WAIT_LIMIT, &shared.spin) {
+    if !shared.irq.wait(shared.id, q, WAIT_LIMIT, &shared.spin, &shared.stats.wait_poll_ns) {
         shared.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 }

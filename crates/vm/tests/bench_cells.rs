@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use viommu_vm::bench::{run_cell, CellResult, CellSpec, Mode, Workload};
+use viommu_vm::bench::{run_cell, CellResult, CellSpec, DriverMode, Mode, Workload};
 
 fn cell(mode: Mode, workload: Workload, io_size: usize, threads: usize) -> CellResult {
     let spec = CellSpec {
@@ -24,7 +24,7 @@ fn cell(mode: Mode, workload: Workload, io_size: usize, threads: usize) -> CellR
 
 #[test]
 fn no_iommu_and_identity_send_no_map_requests() {
-    for mode in [Mode::NoIommu, Mode::Identity] {
+    for mode in [Mode::NoIommu, Mode::Driver(DriverMode::Identity)] {
         for w in [Workload::Block, Workload::Net] {
             let size = if w == Workload::Block { 64 << 10 } else { 1500 };
             let r = cell(mode, w, size, 2);
@@ -33,7 +33,7 @@ fn no_iommu_and_identity_send_no_map_requests() {
     }
     let none = cell(Mode::NoIommu, Workload::Block, 4096, 1);
     assert_eq!(none.translations, 0);
-    let id = cell(Mode::Identity, Workload::Block, 4096, 1);
+    let id = cell(Mode::Driver(DriverMode::Identity), Workload::Block, 4096, 1);
     assert!(id.translations >= 3 * id.ios, "header, data and status are translated");
 }
 
@@ -42,13 +42,13 @@ fn every_mode_runs_both_workloads_with_checked_data() {
     for mode in Mode::ALL.into_iter().chain(Mode::EXTRA) {
         let b = cell(mode, Workload::Block, 4096, 2);
         let n = cell(mode, Workload::Net, 1500, 1);
-        if !matches!(mode, Mode::NoIommu | Mode::Identity) {
+        if !matches!(mode, Mode::NoIommu | Mode::Driver(DriverMode::Identity)) {
             // Every MAP gets its UNMAP by the end (the final flush included),
             // unless coalescing merged UNMAPs.
             assert!(b.map_requests > 0 && n.map_requests > 0, "{mode}");
             // Every kick belongs to a sync (a 4 KiB I/O never fills the ring).
             assert!(b.kicks <= b.syncs && n.kicks <= n.syncs, "{mode}: {b:?} {n:?}");
-            if mode == Mode::Best {
+            if mode == Mode::Driver(DriverMode::Best) {
                 assert!(b.unmap_requests < b.map_requests, "{mode}: coalesced");
                 // One batch per I/O: header+status page and data page.
                 assert_eq!(b.map_requests, 2 * b.ios, "{mode}");
@@ -58,4 +58,24 @@ fn every_mode_runs_both_workloads_with_checked_data() {
             assert!(b.translations >= 3 * b.ios, "{mode}");
         }
     }
+}
+
+#[test]
+fn cells_report_cpu_per_side_and_every_interrupt() {
+    let strict = cell(Mode::Driver(DriverMode::Strict), Workload::Block, 4096, 1);
+    // Guest threads and the I/O thread both ran; their CPU clocks say so.
+    assert!(strict.guest.cpu.unwrap() > Duration::ZERO, "{strict:?}");
+    assert!(strict.device.cpu.unwrap() > Duration::ZERO, "{strict:?}");
+    assert!(strict.cpu_ns_per_io().unwrap() > 0.0);
+    // Polling is part of each side's CPU time and is reported apart.
+    assert!(strict.guest_poll <= strict.guest.cpu.unwrap() + strict.elapsed);
+    // Every sync waits for one completion: at most one interrupt per kick.
+    assert!(strict.interrupts > 0 && strict.interrupts <= strict.kicks, "{strict:?}");
+    // Without an IOMMU there is no device side at all.
+    let none = cell(Mode::NoIommu, Workload::Block, 4096, 1);
+    assert_eq!(none.device.cpu, Some(Duration::ZERO));
+    assert_eq!((none.interrupts, none.device_poll), (0, Duration::ZERO));
+    assert!(none.guest.cpu.unwrap() > Duration::ZERO);
+    // Instructions are counted on both sides or on neither.
+    assert_eq!(strict.guest.instructions.is_some(), strict.device.instructions.is_some());
 }

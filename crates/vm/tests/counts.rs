@@ -12,7 +12,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use viommu_vm::bench::Mode;
+use viommu_vm::bench::{DriverMode, Mode};
 use viommu_vm::endpoint::block::{BlockDevice, BlockGuest, S_OK};
 use viommu_vm::endpoint::net::{NetDevice, NetGuest};
 use viommu_vm::endpoint::{DmaEngine, GuestDma};
@@ -103,19 +103,19 @@ fn block(mode: Mode, io_size: usize) -> (u64, u64, u64) {
 
 #[test]
 fn strict_every_sync_pays_a_kick_per_map_and_per_unmap() {
-    assert_eq!(block(Mode::StrictEverySync, 4096), (3 * N, 3 * N, 6 * N));
+    assert_eq!(block(Mode::Driver(DriverMode::StrictEverySync), 4096), (3 * N, 3 * N, 6 * N));
     // 64 KiB of scattered pages: 16 data MAPs, each synced on its own.
-    assert_eq!(block(Mode::StrictEverySync, 64 << 10), (18 * N, 3 * N, 21 * N));
+    assert_eq!(block(Mode::Driver(DriverMode::StrictEverySync), 64 << 10), (18 * N, 3 * N, 21 * N));
 }
 
 #[test]
 fn strict_syncs_once_per_map_call_and_per_unmap() {
-    assert_eq!(block(Mode::Strict, 64 << 10), (18 * N, 3 * N, 6 * N));
+    assert_eq!(block(Mode::Driver(DriverMode::Strict), 64 << 10), (18 * N, 3 * N, 6 * N));
 }
 
 #[test]
 fn lazy_defers_unmaps_until_a_timeout_and_they_ride_on_the_next_kick() {
-    for mode in [Mode::Lazy, Mode::LazySingle] {
+    for mode in [Mode::Driver(DriverMode::Lazy), Mode::Driver(DriverMode::LazySingle)] {
         let mut b = Block::new(mode, 4096);
         // One batch per map call; the UNMAPs wait in the flush queue.
         let c = b.io(N);
@@ -146,7 +146,7 @@ impl Block {
 
 #[test]
 fn best_pays_one_kick_per_io_and_coalesces_unmaps() {
-    let mut b = Block::new(Mode::Best, 4096);
+    let mut b = Block::new(Mode::Driver(DriverMode::Best), 4096);
     let mid = b.io(N);
     // Header and status share a page: one MAP for both, one for the data;
     // one batch (one kick at most) per I/O, UNMAPs deferred.
@@ -155,7 +155,7 @@ fn best_pays_one_kick_per_io_and_coalesces_unmaps() {
     // The final flush coalesces adjacent freed ranges: fewer UNMAPs than MAPs.
     assert!((1..2 * N).contains(&end.unmap_requests), "{end:?}");
     assert_eq!(end.batches(), N + 1);
-    let (maps, _, batches) = block(Mode::Best, 1 << 20);
+    let (maps, _, batches) = block(Mode::Driver(DriverMode::Best), 1 << 20);
     // 1 header/status page + 256 data pages, in one batch per I/O.
     assert_eq!((maps, batches), (257 * N, N + 1));
 }
@@ -171,13 +171,13 @@ fn linux_modes_reproduce_the_linux_guest_counts() {
 
 #[test]
 fn identity_sends_nothing_per_io() {
-    assert_eq!(block(Mode::Identity, 64 << 10), (0, 0, 0));
+    assert_eq!(block(Mode::Driver(DriverMode::Identity), 64 << 10), (0, 0, 0));
 }
 
 #[test]
 fn net_best_maps_two_buffers_per_page_and_kicks_twice_per_round() {
     let ram = GuestRam::new(16 << 20).unwrap();
-    let (m, _clock) = machine(ram.clone(), Mode::Best);
+    let (m, _clock) = machine(ram.clone(), Mode::Driver(DriverMode::Best));
     let errors = Arc::new(AtomicU64::new(0));
     let engine = Arc::new(DmaEngine::translated(ram.clone(), m.iommu(), EP));
     let mut dev = NetDevice::new(engine, errors.clone());
@@ -201,7 +201,11 @@ fn net_best_maps_two_buffers_per_page_and_kicks_twice_per_round() {
 
 #[test]
 fn four_guest_threads_share_the_domain_and_move_checked_data() {
-    for mode in [Mode::Strict, Mode::Lazy, Mode::Best] {
+    for mode in [
+        Mode::Driver(DriverMode::Strict),
+        Mode::Driver(DriverMode::Lazy),
+        Mode::Driver(DriverMode::Best),
+    ] {
         let ram = GuestRam::new(64 << 20).unwrap();
         let (m, _clock) = machine(ram.clone(), mode);
         let dev = BlockDevice::new(Arc::new(DmaEngine::translated(ram.clone(), m.iommu(), EP)));
@@ -226,7 +230,7 @@ fn four_guest_threads_share_the_domain_and_move_checked_data() {
         });
         let c = m.counts().since(&before);
         assert_eq!(dev.data_errors() + dev.dma().faults(), 0, "{mode}");
-        let per_io = if mode == Mode::Best { 5 } else { 6 };
+        let per_io = if mode == Mode::Driver(DriverMode::Best) { 5 } else { 6 };
         assert_eq!(c.map_requests, per_io * 4 * N, "{mode}: {c:?}");
         // Which thread's kick carries whose requests depends on the
         // interleaving; every batch is still made available by a sync.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use viommu_device::{Access, FaultKind};
 use viommu_driver::{FaultRecord, Prot, ResvKind, Transport};
-use viommu_vm::bench::Mode;
+use viommu_vm::bench::{DriverMode, Mode};
 use viommu_vm::machine::{device_config, Machine, MachineOptions, MSI_REGION};
 use viommu_vm::GuestRam;
 
@@ -32,7 +32,7 @@ fn probe_reports_the_msi_region() {
 
 #[test]
 fn map_translate_unmap_round_trip() {
-    let m = machine(Mode::Strict);
+    let m = machine(Mode::Driver(DriverMode::Strict));
     let d = m.domain().unwrap();
     let iommu = m.iommu();
     assert_eq!(iommu.endpoint_domain(EP), Some(d.id()));
@@ -63,7 +63,7 @@ fn map_translate_unmap_round_trip() {
 
 #[test]
 fn a_failed_translation_reaches_the_driver_as_a_fault_record() {
-    let m = machine(Mode::Strict);
+    let m = machine(Mode::Driver(DriverMode::Strict));
     let seen: Arc<Mutex<Vec<FaultRecord>>> = Arc::default();
     let sink = seen.clone();
     m.driver().set_fault_handler(Some(Box::new(move |r| sink.lock().unwrap().push(r))));
@@ -90,7 +90,7 @@ fn a_failed_translation_reaches_the_driver_as_a_fault_record() {
 
 #[test]
 fn identity_domain_translates_one_to_one_without_maps() {
-    let m = machine(Mode::Identity);
+    let m = machine(Mode::Driver(DriverMode::Identity));
     let c = m.counts();
     assert_eq!(c.map_requests, 0, "bypass ATTACH needs no MAP");
     let iommu = m.iommu();
@@ -100,7 +100,7 @@ fn identity_domain_translates_one_to_one_without_maps() {
 
 #[test]
 fn detach_blocks_dma_again() {
-    let m = machine(Mode::Strict);
+    let m = machine(Mode::Driver(DriverMode::Strict));
     let d = m.domain().unwrap();
     d.map_pages(0x4000, 0x8000, 0x1000, Prot::READ).unwrap();
     d.iotlb_sync_map(0x4000, 0x1000).unwrap();
@@ -119,7 +119,7 @@ fn detach_blocks_dma_again() {
 
 #[test]
 fn exit_cost_is_charged_per_kick_and_reported_apart() {
-    let m = machine(Mode::Strict);
+    let m = machine(Mode::Driver(DriverMode::Strict));
     m.exit_cost().set_per_kick(Duration::from_micros(200));
     let d = m.domain().unwrap();
     let before = m.counts();
