@@ -1,6 +1,6 @@
 //! Emulated DMA endpoints and the two sides of their DMA: the guest maps
 //! buffers ([`GuestDma`]), the VMM's device model reaches guest memory only
-//! through the IOMMU's `translate()` ([`DmaEngine`]).
+//! through the IOMMU's `translate()`, one leased chunk at a time ([`DmaEngine`]).
 
 pub mod block;
 pub mod net;
@@ -9,7 +9,7 @@ pub mod pattern;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use viommu_device::{Access, Fault, Iommu};
+use viommu_device::{Access, Fault, Iommu, Translation};
 
 use crate::ram::GuestRam;
 
@@ -111,12 +111,22 @@ pub enum DmaFault {
     OutsideRam(u64),
 }
 
+/// Bytes of one leased chunk by default: one page, so a long copy delays an UNMAP by at
+/// most one page's copy.
+pub const DEFAULT_CHUNK: usize = 4096;
+
 /// The VMM side of an endpoint's DMA: every access is translated (unless
 /// there is no IOMMU) and copied to or from guest RAM.
+///
+/// A translated access goes chunk by chunk (at most [`DEFAULT_CHUNK`] bytes, see
+/// [`Self::with_chunk`], split at chunk-aligned IOVAs): each chunk is translated, copied
+/// under the translation's lease and released, so an UNMAP waits for one chunk, never for
+/// the whole copy, and a chunk after it faults.
 #[derive(Debug)]
 pub struct DmaEngine {
     ram: Arc<GuestRam>,
     iommu: Option<(Arc<Iommu>, u32)>,
+    chunk: usize,
     translations: AtomicU64,
     faults: AtomicU64,
 }
@@ -124,20 +134,26 @@ pub struct DmaEngine {
 impl DmaEngine {
     /// DMA straight to guest-physical addresses (no IOMMU).
     pub fn direct(ram: Arc<GuestRam>) -> Self {
-        Self { ram, iommu: None, translations: AtomicU64::new(0), faults: AtomicU64::new(0) }
+        Self::new(ram, None)
     }
 
     /// DMA of `endpoint`, translated by `iommu`.
     pub fn translated(ram: Arc<GuestRam>, iommu: Arc<Iommu>, endpoint: u32) -> Self {
-        Self {
-            ram,
-            iommu: Some((iommu, endpoint)),
-            translations: AtomicU64::new(0),
-            faults: AtomicU64::new(0),
-        }
+        Self::new(ram, Some((iommu, endpoint)))
     }
 
-    /// Translations performed.
+    fn new(ram: Arc<GuestRam>, iommu: Option<(Arc<Iommu>, u32)>) -> Self {
+        let (translations, faults) = (AtomicU64::new(0), AtomicU64::new(0));
+        Self { ram, iommu, chunk: DEFAULT_CHUNK, translations, faults }
+    }
+
+    /// Leases chunks of at most `bytes` (at least 1).
+    pub fn with_chunk(mut self, bytes: usize) -> Self {
+        self.chunk = bytes.max(1);
+        self
+    }
+
+    /// Translations performed (one per chunk).
     pub fn translations(&self) -> u64 {
         self.translations.load(Ordering::Relaxed)
     }
@@ -147,41 +163,65 @@ impl DmaEngine {
         self.faults.load(Ordering::Relaxed)
     }
 
-    /// Calls `f(gpa, offset, len)` for each guest-physical piece of `[addr, addr+len)`.
-    fn each_piece(
+    /// The chunks `(offset, len)` of `[addr, addr + len)`, cut at multiples of the chunk size.
+    fn chunks(&self, addr: u64, len: usize) -> impl Iterator<Item = (usize, usize)> {
+        let chunk = self.chunk;
+        let mut off = 0;
+        std::iter::from_fn(move || {
+            let at = addr.wrapping_add(off as u64);
+            let room = chunk - (at % chunk as u64) as usize;
+            let n = room.min(len - off);
+            (n > 0).then(|| {
+                off += n;
+                (off - n, n)
+            })
+        })
+    }
+
+    /// Translates one chunk; its lease lasts as long as the result.
+    fn translate<'a>(
         &self,
+        iommu: &'a Iommu,
+        ep: u32,
         addr: u64,
         len: usize,
         access: Access,
-        mut f: impl FnMut(u64, usize, usize) -> Result<(), DmaFault>,
-    ) -> Result<(), DmaFault> {
-        let Some((iommu, ep)) = &self.iommu else {
-            return f(addr, 0, len);
-        };
+    ) -> Result<Translation<'a>, DmaFault> {
         self.translations.fetch_add(1, Ordering::Relaxed);
-        let t = iommu.translate(*ep, addr, len as u64, access).map_err(|e| {
+        iommu.translate(ep, addr, len as u64, access).map_err(|e| {
             self.faults.fetch_add(1, Ordering::Relaxed);
             DmaFault::Iommu(e)
-        })?;
-        let mut off = 0;
-        for seg in t.iter() {
-            f(seg.addr, off, seg.len as usize)?;
-            off += seg.len as usize;
-        }
-        Ok(())
+        })
     }
 
     /// Device reads guest memory at bus address `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
-        self.each_piece(addr, buf.len(), Access::Read, |gpa, off, len| {
-            self.ram.read(gpa, &mut buf[off..off + len]).map_err(|_| DmaFault::OutsideRam(gpa))
-        })
+        let Some((iommu, ep)) = &self.iommu else {
+            return self.ram.read(addr, buf).map_err(|_| DmaFault::OutsideRam(addr));
+        };
+        for (off, n) in self.chunks(addr, buf.len()) {
+            let t = self.translate(iommu, *ep, addr + off as u64, n, Access::Read)?;
+            let piece = &mut buf[off..off + n];
+            t.read_at(self.ram.memory(), 0, piece).map_err(|_| outside(&t))?;
+        }
+        Ok(())
     }
 
     /// Device writes guest memory at bus address `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
-        self.each_piece(addr, data.len(), Access::Write, |gpa, off, len| {
-            self.ram.write(gpa, &data[off..off + len]).map_err(|_| DmaFault::OutsideRam(gpa))
-        })
+        let Some((iommu, ep)) = &self.iommu else {
+            return self.ram.write(addr, data).map_err(|_| DmaFault::OutsideRam(addr));
+        };
+        for (off, n) in self.chunks(addr, data.len()) {
+            let t = self.translate(iommu, *ep, addr + off as u64, n, Access::Write)?;
+            let piece = &data[off..off + n];
+            t.write_at(self.ram.memory(), 0, piece).map_err(|_| outside(&t))?;
+        }
+        Ok(())
     }
+}
+
+/// The fault of a translated chunk that guest RAM does not hold.
+fn outside(t: &Translation<'_>) -> DmaFault {
+    DmaFault::OutsideRam(t.segments().first().map_or(0, |s| s.addr))
 }
