@@ -2,7 +2,6 @@
 //! permissions, segments, concurrency with request processing. Listeners: tests/listener.rs.
 
 mod common;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -126,33 +125,19 @@ fn translate_concurrently_with_map_unmap() {
     assert_eq!(exec(&i, attach(1, 2)), Status::Ok);
     // A stable mapping that must always translate.
     assert_eq!(exec(&i, map(1, 0x100_0000, 0x100_ffff, 0x700_0000, RW)), Status::Ok);
-    let stop = Arc::new(AtomicBool::new(false));
-    let readers: Vec<_> = (0..3)
-        .map(|t| {
-            let (i, stop) = (i.clone(), stop.clone());
-            thread::spawn(move || {
-                let mut hits = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let s = i.translate(1 + t % 2, 0x100_0010, 8, Access::Read).unwrap();
-                    assert_eq!(s.segments(), &[seg(0x700_0010, 8)]);
-                    // The churned page: either absent or exactly right.
-                    if let Ok(s) = i.translate(1, 0x5000, 8, Access::Read) {
-                        assert_eq!(s.segments(), &[seg(0x9000, 8)]);
-                        hits += 1;
-                    }
-                }
-                hits
-            })
-        })
-        .collect();
-    for _ in 0..2000 {
+    let churn = |_| {
         assert_eq!(exec(&i, map(1, 0x5000, 0x5fff, 0x9000, RW)), Status::Ok);
         assert_eq!(exec(&i, unmap(1, 0x5000, 0x5fff)), Status::Ok);
-    }
-    stop.store(true, Ordering::Relaxed);
-    for r in readers {
-        r.join().unwrap();
-    }
+    };
+    let read = |t: usize| {
+        let s = i.translate(1 + t as u32 % 2, 0x100_0010, 8, Access::Read).unwrap();
+        assert_eq!(s.segments(), &[seg(0x700_0010, 8)]);
+        // The churned page: either absent or exactly right.
+        if let Ok(s) = i.translate(1, 0x5000, 8, Access::Read) {
+            assert_eq!(s.segments(), &[seg(0x9000, 8)]);
+        }
+    };
+    concurrent::overlapped(3, 2000, 16, churn, read);
 }
 
 /// Cached translations: after UNMAP, DETACH, ATTACH elsewhere or a bypass change has
@@ -216,23 +201,10 @@ fn moving_endpoint_never_bypasses() {
     assert_eq!(exec(&i, attach(1, 2)), Status::Ok);
     assert_eq!(exec(&i, attach(2, 2)), Status::Ok);
     assert_eq!(exec(&i, attach(1, 1)), Status::Ok);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (i, stop) = (i.clone(), stop.clone());
-        thread::spawn(move || {
-            let mut tries = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                assert!(i.translate(1, 0x9000, 8, Access::Read).is_err(), "bypassed while moving");
-                tries += 1;
-            }
-            tries
-        })
-    };
-    for k in 0..4000u32 {
-        assert_eq!(exec(&i, attach(1 + k % 2, 1)), Status::Ok);
-    }
-    stop.store(true, Ordering::Relaxed);
-    assert!(reader.join().unwrap() > 0);
+    let step = |k: u64| assert_eq!(exec(&i, attach(1 + k as u32 % 2, 1)), Status::Ok);
+    let read = |_| assert!(i.translate(1, 0x9000, 8, Access::Read).is_err(), "bypassed");
+    // The reader saw the endpoint between at least 16 different pairs of moves.
+    concurrent::overlapped(1, 4000, 16, step, read);
 }
 
 /// Two IOMMU instances never share cached translations.

@@ -2,6 +2,7 @@
 //! request builders.
 #![allow(dead_code)]
 
+pub mod concurrent;
 pub mod rings;
 
 pub use rings::Rings;
