@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use viommu_device::FaultKind;
 use viommu_driver::{Prot, PAGE_SIZE};
-use viommu_vm::bench::Mode;
+use viommu_vm::bench::{DriverMode, Mode};
 use viommu_vm::endpoint::{DmaEngine, DmaFault};
 use viommu_vm::machine::{device_config, Machine, MachineOptions};
 use viommu_vm::GuestRam;
@@ -21,7 +21,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 fn machine(ram: Arc<GuestRam>) -> Machine {
     let opts = MachineOptions::deterministic();
-    Machine::with_options(ram, device_config(EP), EP, Mode::Strict, opts).unwrap()
+    Machine::with_options(ram, device_config(EP), EP, Mode::Driver(DriverMode::Strict), opts)
+        .unwrap()
 }
 
 /// A 256 MiB device write into guest memory; the guest unmaps the last page while it
