@@ -2,6 +2,7 @@
 //! policy and reports what each costs; `replay` feeds a recorded request
 //! stream through the device. See docs/cli.md.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 mod bench;
 mod cells;

@@ -13,6 +13,7 @@
 //! (rings and fault injection) around a device model the user plugs in.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 extern crate alloc;
 
@@ -38,7 +39,7 @@ extern crate self as viommu_driver;
 mod test_device;
 
 pub use dma::{DmaDirection, DmaDomain, DmaOptions, Policy};
-pub use hal::{DmaRegion, Hal, PAGE_SIZE};
+pub use hal::{DmaBuffer, DmaRegion, Hal, PAGE_SIZE};
 pub use iommu::{
     CounterSnapshot, DeviceInfo, Domain, DomainKind, DriverOptions, FaultRecord, Mapping, Prot,
     ResvKind, ResvRegion, VirtioIommu,

@@ -38,7 +38,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 
-use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::hal::{DmaBuffer, Hal, PAGE_SIZE};
 use crate::transport::{QueueAddrs, Transport};
 
 /// Descriptor flag: the chain continues in `next`.
@@ -164,10 +164,11 @@ impl QueueLayout {
 /// Callback for completions, see [`SplitQueue::set_callback`].
 pub type UsedCallback = Box<dyn FnMut(Used) + Send>;
 
-/// A split virtqueue in DMA memory from `H`.
+/// A split virtqueue in DMA memory from `H`. Its memory is freed on drop:
+/// the owner resets the device before dropping its queues.
 pub struct SplitQueue<H: Hal> {
     hal: Arc<H>,
-    region: DmaRegion,
+    region: DmaBuffer<Arc<H>>,
     layout: QueueLayout,
     index: u16,
     size: u16,
@@ -194,12 +195,12 @@ pub struct SplitQueue<H: Hal> {
     used_event: Option<u16>,
     bad_used: u64,
     callback: Option<UsedCallback>,
-    indirect: Option<Indirect>,
+    indirect: Option<Indirect<H>>,
 }
 
 /// One indirect table per ring descriptor, in one DMA region.
-struct Indirect {
-    region: DmaRegion,
+struct Indirect<H: Hal> {
+    region: DmaBuffer<Arc<H>>,
     /// Bus address of the region (its physical address unless replaced).
     bus: u64,
     /// Descriptors per table.
@@ -216,7 +217,8 @@ impl<H: Hal> SplitQueue<H> {
         }
         let layout = QueueLayout::new(size);
         let pages = layout.size.div_ceil(PAGE_SIZE);
-        let region = hal.dma_alloc(pages).ok_or(QueueError::NoMemory)?;
+        let region = DmaBuffer::new(hal.clone(), pages).ok_or(QueueError::NoMemory)?;
+        let bus = region.paddr();
         let next = (1..=size).map(|i| i % size).collect();
         let mut q = Self {
             hal,
@@ -241,7 +243,7 @@ impl<H: Hal> SplitQueue<H> {
             callback: None,
             indirect: None,
         };
-        q.bus = q.addrs_at(region.bus_addr);
+        q.bus = q.addrs_at(bus);
         Ok(q)
     }
 
@@ -256,8 +258,8 @@ impl<H: Hal> SplitQueue<H> {
     }
 
     /// The DMA region holding all three parts (to map it behind an IOMMU).
-    pub fn region(&self) -> DmaRegion {
-        self.region
+    pub fn region(&self) -> &DmaBuffer<Arc<H>> {
+        &self.region
     }
 
     /// Offsets of the parts inside [`Self::region`].
@@ -297,14 +299,15 @@ impl<H: Hal> SplitQueue<H> {
             return Ok(());
         }
         let bytes = self.size as usize * max_chain as usize * 16;
-        let region = self.hal.dma_alloc(bytes.div_ceil(PAGE_SIZE)).ok_or(QueueError::NoMemory)?;
-        self.indirect = Some(Indirect { region, bus: region.bus_addr, max: max_chain });
+        let pages = bytes.div_ceil(PAGE_SIZE);
+        let region = DmaBuffer::new(self.hal.clone(), pages).ok_or(QueueError::NoMemory)?;
+        self.indirect = Some(Indirect { bus: region.paddr(), region, max: max_chain });
         Ok(())
     }
 
     /// The DMA region of the indirect tables, if enabled (to map it behind an IOMMU).
-    pub fn indirect_region(&self) -> Option<DmaRegion> {
-        self.indirect.as_ref().map(|i| i.region)
+    pub fn indirect_region(&self) -> Option<&DmaBuffer<Arc<H>>> {
+        self.indirect.as_ref().map(|i| &i.region)
     }
 
     /// Replaces the bus address the device uses for [`Self::indirect_region`].
@@ -371,7 +374,8 @@ impl<H: Hal> SplitQueue<H> {
             let last = i + 1 == n;
             let next = self.next[idx as usize];
             let flags = desc_flags(b, !last);
-            self.write_desc(self.desc_ptr(idx), b.addr, b.len, flags, if last { 0 } else { next });
+            let at = self.desc_at(idx);
+            write_desc(&mut self.region, at, b.addr, b.len, flags, if last { 0 } else { next });
             if !last {
                 idx = next;
             } else {
@@ -388,29 +392,20 @@ impl<H: Hal> SplitQueue<H> {
     /// that one descriptor.
     #[inline(always)]
     fn add_indirect(&mut self, bufs: &[Buffer]) -> Result<u16, QueueError> {
-        let Some(ind) = self.indirect.as_ref() else { return Err(QueueError::TooLong) };
+        let Some(ind) = self.indirect.as_mut() else { return Err(QueueError::TooLong) };
         if self.num_free == 0 {
             return Err(QueueError::Full);
         }
         let head = self.free_head;
         let table = head as usize * ind.max as usize * 16;
-        // SAFETY: the table of `head` lies inside the region (size * max
-        // descriptors), which stays valid while we own it.
-        let base = unsafe { ind.region.vaddr.as_ptr().add(table) };
         let bus = ind.bus + table as u64;
         for (i, b) in bufs.iter().enumerate() {
             let more = i + 1 < bufs.len();
-            // SAFETY: i < max, so the descriptor lies inside the table of `head`.
-            let d = unsafe { base.add(16 * i) };
-            self.write_desc(
-                d,
-                b.addr,
-                b.len,
-                desc_flags(b, more),
-                if more { i as u16 + 1 } else { 0 },
-            );
+            let next = if more { i as u16 + 1 } else { 0 };
+            write_desc(&mut ind.region, table + 16 * i, b.addr, b.len, desc_flags(b, more), next);
         }
-        self.write_desc(self.desc_ptr(head), bus, 16 * bufs.len() as u32, DESC_F_INDIRECT, 0);
+        let at = self.desc_at(head);
+        write_desc(&mut self.region, at, bus, 16 * bufs.len() as u32, DESC_F_INDIRECT, 0);
         self.free_head = self.next[head as usize];
         self.num_free -= 1;
         self.chain_len[head as usize] = 1;
@@ -418,22 +413,9 @@ impl<H: Hal> SplitQueue<H> {
         Ok(head)
     }
 
-    fn desc_ptr(&self, idx: u16) -> *mut u8 {
-        self.ptr(self.layout.desc + 16 * idx as usize)
-    }
-
-    /// Writes one descriptor at `d` (16-byte aligned, inside our memory).
-    #[inline(always)]
-    fn write_desc(&self, d: *mut u8, addr: u64, len: u32, flags: u16, next: u16) {
-        let lo = addr.to_le();
-        let hi = (len as u64 | (flags as u64) << 32 | (next as u64) << 48).to_le();
-        // SAFETY: callers pass a 16-byte aligned descriptor inside the ring
-        // or an indirect table; the device reads it only once published, and
-        // not after it returned the chain, which is ours until reused.
-        unsafe {
-            d.cast::<u64>().write_volatile(lo);
-            d.add(8).cast::<u64>().write_volatile(hi);
-        }
+    /// Offset of descriptor `idx` in the region.
+    fn desc_at(&self, idx: u16) -> usize {
+        self.layout.desc + 16 * idx as usize
     }
 
     /// Puts `head` in the avail ring, not yet published.
@@ -594,41 +576,33 @@ impl<H: Hal> SplitQueue<H> {
         n
     }
 
-    fn ptr(&self, off: usize) -> *mut u8 {
-        debug_assert!(off < self.region.pages * PAGE_SIZE);
-        // SAFETY: every offset we use lies inside the layout, which fits in
-        // the region (checked at allocation), so the pointer stays in bounds.
-        unsafe { self.region.vaddr.as_ptr().add(off) }
-    }
-
-    fn write_u16(&self, off: usize, v: u16) {
-        // SAFETY: in bounds (see `ptr`), 2-aligned by the ring layout, and the
-        // region stays valid while we own it (Hal contract).
-        unsafe { self.ptr(off).cast::<u16>().write_volatile(v.to_le()) }
+    fn write_u16(&mut self, off: usize, v: u16) {
+        self.region.write_u16(off, v);
     }
 
     fn read_u16(&self, off: usize) -> u16 {
-        // SAFETY: as in write_u16; the device may write concurrently, hence volatile.
-        u16::from_le(unsafe { self.ptr(off).cast::<u16>().read_volatile() })
+        self.region.read_u16(off)
     }
 
     fn read_u32(&self, off: usize) -> u32 {
-        // SAFETY: as in write_u16, 4-aligned by the layout.
-        u32::from_le(unsafe { self.ptr(off).cast::<u32>().read_volatile() })
+        self.region.read_u32(off)
     }
 }
 
-impl<H: Hal> Drop for SplitQueue<H> {
-    fn drop(&mut self) {
-        // SAFETY: the regions came from this HAL and the queue is going away;
-        // the owner resets the device before dropping its queues.
-        unsafe {
-            if let Some(i) = self.indirect.take() {
-                self.hal.dma_dealloc(i.region);
-            }
-            self.hal.dma_dealloc(self.region)
-        }
-    }
+/// Writes one descriptor at offset `at` of a ring or indirect table. The
+/// device reads it only once published, and not after it returned the
+/// chain, which is ours until reused.
+#[inline(always)]
+fn write_desc<H: Hal>(
+    mem: &mut DmaBuffer<H>,
+    at: usize,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    mem.write_u64(at, addr);
+    mem.write_u64(at + 8, len as u64 | (flags as u64) << 32 | (next as u64) << 48);
 }
 
 impl<H: Hal> fmt::Debug for SplitQueue<H> {
@@ -669,16 +643,12 @@ mod ring_tests {
     use crate::fake::FakeMemory;
 
     /// Plays the device: returns `head` in the used ring and bumps its index.
-    fn complete(q: &SplitQueue<crate::fake::FakeHal>, head: u16) {
+    fn complete(q: &mut SplitQueue<crate::fake::FakeHal>, head: u16) {
         let used = q.layout().used;
         let idx = q.read_u16(used + 2);
         let slot = (idx % q.size()) as usize;
-        // SAFETY: the used ring lies in the queue's region (its layout).
-        unsafe {
-            let p = q.region().vaddr.as_ptr();
-            p.add(used + 4 + 8 * slot).cast::<u32>().write_volatile((head as u32).to_le());
-            p.add(used + 8 + 8 * slot).cast::<u32>().write_volatile(4u32.to_le());
-        }
+        q.region.write_u32(used + 4 + 8 * slot, head as u32);
+        q.region.write_u32(used + 8 + 8 * slot, 4);
         q.write_u16(used + 2, idx.wrapping_add(1));
     }
 
@@ -697,8 +667,8 @@ mod ring_tests {
         q.publish();
         assert_eq!(avail_idx(&q), 2);
         assert!(q.kick_prepare());
-        complete(&q, a);
-        complete(&q, b);
+        complete(&mut q, a);
+        complete(&mut q, b);
         assert_eq!(q.pop_used().map(|u| u.token), Some(a));
         assert_eq!(used_event(&q), 0, "entries remain: not written yet");
         assert_eq!(q.pop_used().map(|u| u.token), Some(b));
@@ -706,7 +676,7 @@ mod ring_tests {
         assert_eq!(used_event(&q), 2, "empty: interrupt at the next entry");
         // An entry that arrives after that is seen by the next pop.
         let c = q.add(&[Buffer::readable(0x3000, 16)]).expect("add");
-        complete(&q, c);
+        complete(&mut q, c);
         assert_eq!(q.pop_used().map(|u| u.token), Some(c));
         assert_eq!(q.pop_used(), None);
         assert_eq!(used_event(&q), 3);
@@ -727,7 +697,7 @@ mod ring_tests {
         for i in 0..u16::MAX {
             let head = q.add(&[Buffer::readable(0x1000, 16)]).expect("add");
             // The device takes it at once and waits for the next entry.
-            complete(&q, head);
+            complete(&mut q, head);
             q.write_u16(avail_event_off, i.wrapping_add(1));
             assert!(q.pop_used().is_some());
         }

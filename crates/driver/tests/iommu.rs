@@ -355,7 +355,7 @@ fn fake_device_walks_indirect_tables_and_rejects_bad_ones() {
     let mut q = SplitQueue::new(Arc::new(fake.hal()), 0, 8, false).unwrap();
     q.enable_indirect(2).unwrap();
     q.setup(&mut t);
-    let table = q.indirect_region().unwrap().bus_addr;
+    let table = q.indirect_region().unwrap().paddr();
     let desc = q.addrs().desc;
     // A MAP into a domain that does not exist: NOENT, 4 bytes written.
     let req = viommu_proto::Request::Map(viommu_proto::MapBody {
@@ -367,7 +367,8 @@ fn fake_device_walks_indirect_tables_and_rejects_bad_ones() {
     });
     let mut bytes = [0u8; 64];
     let len = req.encode(&mut bytes).unwrap();
-    let buf = viommu_driver::Hal::dma_alloc(&fake.hal(), 1).unwrap().bus_addr;
+    let dma = viommu_driver::hal::DmaBuffer::new(fake.hal(), 1).unwrap();
+    let buf = dma.paddr();
     mem.write(buf, &bytes[..len]);
     let add = |q: &mut SplitQueue<_>| {
         q.add(&[Buffer::readable(buf, len as u32), Buffer::writable(buf + 0x100, 4)]).unwrap()

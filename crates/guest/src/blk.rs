@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use viommu_driver::hal::{DmaRegion, Hal, PAGE_SIZE};
+use viommu_driver::hal::{DmaBuffer, DmaRegion, Hal, PAGE_SIZE};
 use viommu_driver::queue::{Buffer, SplitQueue};
 use viommu_driver::transport::{status, Transport};
 use viommu_proto::features::{bit, ACCESS_PLATFORM, VERSION_1};
@@ -67,9 +67,8 @@ pub struct Completion {
 /// ```
 pub struct VirtioBlk<T: Transport, H: Hal> {
     transport: T,
-    hal: Arc<H>,
     queue: SplitQueue<H>,
-    slots: DmaRegion,
+    slots: DmaBuffer<Arc<H>>,
     slots_iova: u64,
     free_slots: Vec<u16>,
     /// Slot of each in-flight chain, by queue token.
@@ -88,7 +87,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         mut transport: T,
         hal: Arc<H>,
         queue_size: u16,
-        mut map: impl FnMut(DmaRegion) -> Result<u64, Error>,
+        mut map: impl FnMut(&DmaRegion) -> Result<u64, Error>,
     ) -> Result<Self, Error> {
         transport.set_status(0);
         transport.set_status(status::ACKNOWLEDGE);
@@ -115,27 +114,18 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         }
         let mut queue = SplitQueue::new(hal.clone(), 0, size, false).map_err(Error::driver)?;
         queue.set_interrupts(false);
-        let ring_iova = map(queue.region())?;
+        let ring_iova = map(queue.region().region())?;
         queue.set_bus_addrs(queue.addrs_at(ring_iova));
         let slot_pages = (size as usize * SLOT).div_ceil(PAGE_SIZE);
-        let slots = hal
-            .dma_alloc(slot_pages)
+        let slots = DmaBuffer::new(hal, slot_pages)
             .ok_or_else(|| Error::Dma("no memory for virtio-blk headers".into()))?;
-        let slots_iova = match map(slots) {
-            Ok(iova) => iova,
-            Err(e) => {
-                // SAFETY: the region was never given to the device.
-                unsafe { hal.dma_dealloc(slots) };
-                return Err(e);
-            }
-        };
+        let slots_iova = map(slots.region())?;
         queue.setup(&mut transport);
         let mut cap = [0u8; 8];
         transport.read_config(0, &mut cap);
         transport.set_status(st | status::DRIVER_OK);
         Ok(Self {
             transport,
-            hal,
             queue,
             slots,
             slots_iova,
@@ -177,12 +167,6 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         &mut self.transport
     }
 
-    fn slot_ptr(&self, slot: u16) -> *mut u8 {
-        debug_assert!((slot as usize + 1) * SLOT <= self.slots.pages * PAGE_SIZE);
-        // SAFETY: slot < queue size and the region holds size * SLOT bytes.
-        unsafe { self.slots.vaddr.as_ptr().add(slot as usize * SLOT) }
-    }
-
     /// Queues one request (not yet notified): `op` at byte offset `offset`
     /// of the disk, data in `data` given as (IOVA, length) pairs. Returns a
     /// tag that [`Self::poll`] reports on completion.
@@ -192,7 +176,7 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         }
         let slot =
             self.free_slots.pop().ok_or_else(|| Error::Device("all request slots busy".into()))?;
-        let hdr = self.slot_ptr(slot);
+        let hdr = slot as usize * SLOT;
         let ty = match op {
             BlkOp::Read => T_IN,
             BlkOp::Write => T_OUT,
@@ -200,12 +184,9 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&ty.to_le_bytes());
         h[8..16].copy_from_slice(&(offset / SECTOR).to_le_bytes());
-        // SAFETY: the slot is ours until completion; 16 header bytes plus the
-        // status byte lie inside it. The 0xff status tells "never written".
-        unsafe {
-            hdr.copy_from_nonoverlapping(h.as_ptr(), 16);
-            hdr.add(16).write_volatile(0xff);
-        }
+        // The slot is ours until completion. The 0xff status tells "never written".
+        self.slots.write(hdr, &h);
+        self.slots.write(hdr + 16, &[0xff]);
         let iova = self.slots_iova + slot as u64 * SLOT as u64;
         let bufs = &mut self.chain;
         bufs.clear();
@@ -248,8 +229,10 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             else {
                 continue; // a token we never handed out: the queue counted it
             };
-            // SAFETY: the device is done with the slot (it returned the chain).
-            let status = unsafe { self.slot_ptr(slot).add(16).read_volatile() };
+            // The device is done with the slot (it returned the chain).
+            let mut status = [0u8];
+            self.slots.read(slot as usize * SLOT + 16, &mut status);
+            let status = status[0];
             self.free_slots.push(slot);
             return Some(Completion { tag: used.token, status });
         }
@@ -269,8 +252,8 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
 
 impl<T: Transport, H: Hal> Drop for VirtioBlk<T, H> {
     fn drop(&mut self) {
+        // The device is reset, so it no longer touches the headers, which
+        // are freed after this.
         self.transport.set_status(0);
-        // SAFETY: the device is reset, so it no longer touches the headers.
-        unsafe { self.hal.dma_dealloc(self.slots) };
     }
 }

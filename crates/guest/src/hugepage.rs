@@ -125,12 +125,11 @@ struct Pool {
 /// buffers can all draw from it.
 ///
 /// ```no_run
-/// use viommu_driver::Hal;
+/// use viommu_driver::hal::DmaBuffer;
 /// let hal = viommu_guest::hugepage::HugePageHal::new(16).unwrap();
-/// let r = hal.dma_alloc(4).unwrap();
-/// assert_eq!(r.bus_addr % 4096, 0);
-/// // SAFETY: nobody uses `r` any more.
-/// unsafe { hal.dma_dealloc(r) };
+/// let r = DmaBuffer::new(&hal, 4).unwrap();
+/// assert_eq!(r.paddr() % 4096, 0);
+/// drop(r); // back to the pool
 /// ```
 #[derive(Clone, Debug)]
 pub struct HugePageHal {

@@ -18,7 +18,7 @@ use std::os::unix::io::AsRawFd;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use viommu_driver::hal::{DmaRegion, Hal, PAGE_SIZE};
+use viommu_driver::hal::{DmaBuffer, PAGE_SIZE};
 
 use crate::hugepage::{pagemap_pfn, HugePageHal, HUGE_PAGE};
 use crate::{pattern, Error};
@@ -173,20 +173,17 @@ fn scattered(pagemap: &File, count: usize, size: usize) -> Result<Mapping, Error
 struct Buffers<'h> {
     ptrs: Vec<NonNull<u8>>,
     size: usize,
-    hal: &'h HugePageHal,
-    regions: Vec<DmaRegion>,
+    /// The hugetlb buffers behind `ptrs`, freed on drop: no I/O is in flight
+    /// then, as the AIO context (which waits for its I/Os when destroyed)
+    /// never outlives the buffers.
+    regions: Vec<DmaBuffer<&'h HugePageHal>>,
     _scattered: Option<Mapping>,
 }
 
 impl<'h> Buffers<'h> {
     fn new(hal: &'h HugePageHal, pagemap: &File, job: &Job) -> Result<Self, Error> {
-        let mut b = Buffers {
-            ptrs: Vec::new(),
-            size: job.size,
-            hal,
-            regions: Vec::new(),
-            _scattered: None,
-        };
+        let mut b =
+            Buffers { ptrs: Vec::new(), size: job.size, regions: Vec::new(), _scattered: None };
         if job.scattered {
             let m = scattered(pagemap, job.qd, job.size)?;
             // SAFETY: every offset lies inside the mapping.
@@ -195,10 +192,9 @@ impl<'h> Buffers<'h> {
         } else {
             for _ in 0..job.qd {
                 // Inside one 2 MiB hugetlb page: physically contiguous.
-                let r = hal
-                    .dma_alloc(job.size.div_ceil(PAGE_SIZE))
+                let r = DmaBuffer::new(hal, job.size.div_ceil(PAGE_SIZE))
                     .ok_or_else(|| Error::Dma("out of hugetlb memory".into()))?;
-                b.ptrs.push(r.vaddr);
+                b.ptrs.push(r.region().vaddr);
                 b.regions.push(r);
             }
         }
@@ -210,16 +206,6 @@ impl<'h> Buffers<'h> {
         // SAFETY: the buffer is ours, `size` bytes long, and the caller
         // touches it only between I/Os (`&mut self` keeps it unique).
         unsafe { std::slice::from_raw_parts_mut(self.ptrs[i].as_ptr(), self.size) }
-    }
-}
-
-impl Drop for Buffers<'_> {
-    fn drop(&mut self) {
-        for r in self.regions.drain(..) {
-            // SAFETY: no I/O is in flight: the AIO context (which waits for
-            // its I/Os when destroyed) never outlives the buffers.
-            unsafe { self.hal.dma_dealloc(r) };
-        }
     }
 }
 

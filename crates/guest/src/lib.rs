@@ -15,6 +15,7 @@
 //! Completion is by polling: nothing here takes interrupts. The guest test
 //! program is `src/bin/viommu-guest.rs`; `scripts/real-guest` boots it.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod blk;
 pub mod hugepage;

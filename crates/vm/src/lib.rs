@@ -2,6 +2,7 @@
 //! virtqueues in that RAM, the device on its own I/O thread, and emulated DMA
 //! endpoints whose every access is translated by the IOMMU.
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 mod backend;
 pub mod bench;

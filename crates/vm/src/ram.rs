@@ -233,6 +233,7 @@ unsafe impl Hal for GuestHal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use viommu_driver::hal::DmaBuffer;
 
     #[test]
     fn allocations_are_disjoint_zeroed_and_reusable() {
@@ -255,14 +256,12 @@ mod tests {
     fn hal_regions_alias_guest_ram() {
         let ram = GuestRam::new(8 * PAGE_SIZE).unwrap();
         let hal = GuestHal::new(ram.clone());
-        let region = hal.dma_alloc(2).unwrap();
-        // SAFETY: the region is ours, 2 pages long.
-        unsafe { region.vaddr.as_ptr().add(PAGE_SIZE).write(0x5a) };
+        let mut buf = DmaBuffer::new(&hal, 2).unwrap();
+        buf.write(PAGE_SIZE, &[0x5a]);
         let mut b = [0u8; 1];
-        ram.read(region.bus_addr + PAGE_SIZE as u64, &mut b).unwrap();
+        ram.read(buf.paddr() + PAGE_SIZE as u64, &mut b).unwrap();
         assert_eq!(b[0], 0x5a);
-        // SAFETY: nobody else uses it.
-        unsafe { hal.dma_dealloc(region) };
+        drop(buf);
         assert_eq!(ram.free_page_count(), 7);
     }
 

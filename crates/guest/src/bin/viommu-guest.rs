@@ -10,6 +10,7 @@
 //! Output lines for the host script, all starting with `VG `:
 //! `PASS name`, `FAIL name: why`, `MARK name cfgw=K` (the K-th traced config
 //! write starts workload `name`), `PERF name k=v...` (the guest's counters).
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 use std::collections::HashMap;
 use std::io::Write;
