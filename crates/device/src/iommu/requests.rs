@@ -249,11 +249,8 @@ impl Iommu {
         }
         let told = &ctl.listeners;
         let mut removed = Vec::new();
-        let result = write(&entry.domain.mappings).unmap(start, end, |m| {
-            if !told.is_empty() {
-                removed.push(m);
-            }
-        });
+        let want = (!told.is_empty()).then_some(&mut removed);
+        let result = write(&entry.domain.mappings).unmap(start, end, want);
         // "If a mapping affected by the range is not covered in its entirety by the range
         // (the UNMAP request would split the mapping), then the device SHOULD set the request
         // status to VIRTIO_IOMMU_S_RANGE, and SHOULD NOT remove any mapping."
