@@ -94,8 +94,9 @@ impl Hasher for PageHasher {
     }
 }
 
-/// Granules per chunk of the start bitmap.
-const CHUNK_SHIFT: u32 = 9;
+/// Granules per chunk of the start bitmap: one 64-bit word, so a mapping alone in its chunk
+/// costs a 16-byte B-tree entry (a 512-granule chunk cost 72 bytes, and more in its node).
+const CHUNK_SHIFT: u32 = 6;
 
 /// A range UNMAP sweeps the whole page index, rather than probing it per granule, once it
 /// removes at least one mapping per this many indexed granules.
@@ -108,18 +109,17 @@ fn small_mapping(shift: u32, page: u64, ix: &Indexed) -> Mapping {
     Mapping { start: first << shift, end, phys: ix.phys, flags: ix.flags }
 }
 
-/// The bits of chunk `chunk`'s bitmap that stand for granules in `[first, last]`.
-fn chunk_mask(chunk: u64, first: u64, last: u64) -> [u64; 8] {
+/// The bits of chunk `chunk`'s bitmap that stand for granules in `[first, last]` (the
+/// chunk holds some of them).
+fn chunk_mask(chunk: u64, first: u64, last: u64) -> u64 {
     let base = chunk << CHUNK_SHIFT;
-    let (lo, hi) = (first.max(base) - base, last.min(base + ((1 << CHUNK_SHIFT) - 1)) - base);
-    std::array::from_fn(|w| {
-        let (w_lo, w_hi) = (w as u64 * 64, w as u64 * 64 + 63);
-        if hi < w_lo || lo > w_hi {
-            return 0;
-        }
-        let (a, b) = (lo.max(w_lo) - w_lo, hi.min(w_hi) - w_lo);
-        (u64::MAX >> (63 - b)) & (u64::MAX << a)
-    })
+    let (lo, hi) = (first.max(base) - base, last.min(base + 63) - base);
+    (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
+}
+
+/// The chunk holding granule `g`, and `g`'s bit in it.
+fn chunk_bit(g: u64) -> (u64, u64) {
+    (g >> CHUNK_SHIFT, 1 << (g & 63))
 }
 
 /// The mappings of one domain.
@@ -127,15 +127,16 @@ fn chunk_mask(chunk: u64, first: u64, last: u64) -> [u64; 8] {
 /// Small mappings (at most [`INDEXED_GRANULES`] granules, the common DMA case) live in a hash
 /// index from granule number to mapping, so translate, MAP's overlap check and an exact
 /// UNMAP cost one or two cache misses whatever the number of mappings. Their first granules
-/// are also marked in a bitmap per chunk of 512 granules, kept in a B-tree of non-empty
+/// are also marked in a bitmap per chunk of 64 granules, kept in a B-tree of non-empty
 /// chunks: that gives UNMAP of a range, and the address order, without visiting unmapped
 /// space. Larger mappings live in a B-tree keyed by first IOVA. Every operation is
-/// O(log n), and an UNMAP that removes k mappings is O(k log n).
+/// O(log n). An UNMAP that removes k mappings is O(k log n), or, when k is a large share
+/// of the index, one sequential sweep of the index (see [`SWEEP_FACTOR`]).
 #[derive(Clone, Debug)]
 pub struct MappingTree {
     large: BTreeMap<u64, Entry>,
     pages: HashMap<u64, Indexed, PageHashKeys>,
-    starts: BTreeMap<u64, [u64; 8]>,
+    starts: BTreeMap<u64, u64>,
     shift: u32,
     small: usize,
 }
@@ -201,20 +202,13 @@ impl MappingTree {
     /// Calls `f` with each granule in `[first, last]` where a small mapping starts, in
     /// order, until `f` returns false. Visits only non-empty chunks.
     fn for_each_start(&self, first: u64, last: u64, mut f: impl FnMut(u64) -> bool) {
-        for (&chunk, bits) in self.starts.range(first >> CHUNK_SHIFT..=last >> CHUNK_SHIFT) {
-            let base = chunk << CHUNK_SHIFT;
-            for (w, &word) in bits.iter().enumerate() {
-                let mut word = word;
-                while word != 0 {
-                    let g = base + (w as u64) * 64 + u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    if g < first {
-                        continue;
-                    }
-                    if g > last || !f(g) {
-                        return;
-                    }
+        for (&chunk, &bits) in self.starts.range(first >> CHUNK_SHIFT..=last >> CHUNK_SHIFT) {
+            let mut word = bits & chunk_mask(chunk, first, last);
+            while word != 0 {
+                if !f((chunk << CHUNK_SHIFT) + u64::from(word.trailing_zeros())) {
+                    return;
                 }
+                word &= word - 1;
             }
         }
     }
@@ -252,9 +246,8 @@ impl MappingTree {
             let (offset, last) = ((p - first) as u8, (last - first) as u8);
             self.pages.insert(p, Indexed { phys: m.phys, flags: m.flags, offset, last });
         }
-        let bits = self.starts.entry(first >> CHUNK_SHIFT).or_insert([0; 8]);
-        let bit = first & ((1 << CHUNK_SHIFT) - 1);
-        bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        let (chunk, bit) = chunk_bit(first);
+        *self.starts.entry(chunk).or_insert(0) |= bit;
         self.small += 1;
     }
 
@@ -268,11 +261,10 @@ impl MappingTree {
         for p in pages {
             self.pages.remove(&p);
         }
-        let chunk = first >> CHUNK_SHIFT;
+        let (chunk, bit) = chunk_bit(first);
         if let Some(bits) = self.starts.get_mut(&chunk) {
-            let bit = first & ((1 << CHUNK_SHIFT) - 1);
-            bits[(bit / 64) as usize] &= !(1 << (bit % 64));
-            if bits.iter().all(|&w| w == 0) {
+            *bits &= !bit;
+            if *bits == 0 {
                 self.starts.remove(&chunk);
             }
         }
@@ -341,21 +333,15 @@ impl MappingTree {
     /// Number of small mappings starting in granules `[first, last]`.
     fn count_starts(&self, first: u64, last: u64) -> usize {
         let chunks = self.starts.range(first >> CHUNK_SHIFT..=last >> CHUNK_SHIFT);
-        chunks
-            .map(|(&c, bits)| {
-                let mask = chunk_mask(c, first, last);
-                (0..8).map(|w| (bits[w] & mask[w]).count_ones() as usize).sum::<usize>()
-            })
-            .sum()
+        chunks.map(|(&c, &bits)| (bits & chunk_mask(c, first, last)).count_ones() as usize).sum()
     }
 
     /// Unmarks the starts in granules `[first, last]`, dropping chunks left empty.
     fn clear_starts(&mut self, first: u64, last: u64) {
         let mut empty = Vec::new();
         for (&c, bits) in self.starts.range_mut(first >> CHUNK_SHIFT..=last >> CHUNK_SHIFT) {
-            let mask = chunk_mask(c, first, last);
-            (0..8).for_each(|w| bits[w] &= !mask[w]);
-            if bits.iter().all(|&w| w == 0) {
+            *bits &= !chunk_mask(c, first, last);
+            if *bits == 0 {
                 empty.push(c);
             }
         }
