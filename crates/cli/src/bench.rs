@@ -590,6 +590,7 @@ fn report_json(
                 "modes": s.none.iter().chain(&s.ranked).map(|c| json!({
                     "mode": c.mode.name(),
                     "cpu_ns_per_io": c.cpu_ns,
+                    "cpu_spread_ns": [c.cpu_spread.0, c.cpu_spread.1],
                     "kicks_per_io": c.kicks,
                     "interrupts_per_io": c.irqs,
                     "modelled_ns_per_io": run.host.map(|h| c.modelled_ns(h)),
