@@ -1,6 +1,7 @@
 //! The `viommu` command: `bench` runs the in-process VM under every IOMMU
 //! policy and reports what each costs; `replay` feeds a recorded request
-//! stream through the device. See docs/cli.md.
+//! stream through the device; `trace-report` checks and tabulates the
+//! real-guest suite's QEMU traces. See docs/cli.md and docs/real-guest.md.
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
@@ -8,11 +9,13 @@ mod bench;
 mod cells;
 mod chart;
 mod host;
+mod input;
 mod load;
 mod progress;
 mod reality;
 mod replay;
 mod summary;
+mod trace_report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +54,11 @@ enum Command {
         #[arg(long)]
         virtqueue: bool,
     },
+    /// Reports of the real-guest suite from QEMU traces: per boot, trace
+    /// counts per workload checked against the guest's counters; per run,
+    /// the median and same-run tables.
+    #[command(subcommand)]
+    TraceReport(trace_report::TraceReport),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +72,7 @@ fn main() -> ExitCode {
         Command::Replay { file, export, verbose, virtqueue } => {
             replay::run(&file, export.as_deref(), verbose, virtqueue)
         }
+        Command::TraceReport(cmd) => trace_report::run(&cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

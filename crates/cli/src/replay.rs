@@ -1,41 +1,11 @@
 //! `viommu replay FILE`: parse a stream, run it through the device, report.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 
 use viommu_proto::Status;
 use viommu_vm::replay::{self, Format, SENT_NAMES};
 
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-
-/// Reads the file (or stdin for `-`), decompressing zstd through the `zstd`
-/// program so that no compression library is built.
-fn read_input(path: &Path) -> Result<String, String> {
-    let bytes = if path == Path::new("-") {
-        let mut v = Vec::new();
-        std::io::stdin().read_to_end(&mut v).map_err(|e| format!("stdin: {e}"))?;
-        v
-    } else {
-        std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?
-    };
-    let bytes = if bytes.starts_with(&ZSTD_MAGIC) {
-        let out = Command::new("zstd").args(["-dc", "--"]).arg(path).output().map_err(|e| {
-            format!("{} is zstd-compressed and `zstd` could not run: {e}", path.display())
-        })?;
-        if !out.status.success() {
-            return Err(format!(
-                "zstd -dc {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        out.stdout
-    } else {
-        bytes
-    };
-    String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))
-}
+use crate::input;
 
 /// Runs the command.
 pub fn run(
@@ -44,7 +14,7 @@ pub fn run(
     verbose: bool,
     virtqueue: bool,
 ) -> Result<(), String> {
-    let text = read_input(path)?;
+    let text = input::read_to_string(path)?;
     let stream = replay::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     if let Some(out) = export {
         std::fs::write(out, replay::to_native(&stream.ops))

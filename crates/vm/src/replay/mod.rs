@@ -31,13 +31,15 @@
 //! ```
 
 mod run;
+pub mod trace;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 
 pub use run::{
     device_config, run, run_virtqueue, QueueReplayError, Report, MAX_FAILURES, SENT_NAMES,
 };
+use trace::{IommuVdev, TraceLine};
 
 use viommu_proto::{
     AttachBody, DetachBody, MapBody, ProbeBody, Request, UnmapBody, ATTACH_F_BYPASS, MAP_F_MMIO,
@@ -105,9 +107,7 @@ pub fn parse(text: &str) -> Result<Stream, ParseError> {
 }
 
 fn is_trace_line(l: &str) -> bool {
-    l.split_once(':').is_some_and(|(pre, _)| {
-        !pre.is_empty() && pre.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'@')
-    })
+    l.split_once(':').is_some_and(|(pre, _)| trace::is_timestamp(pre))
 }
 
 fn num<T: TryFrom<u64>>(tok: Option<&str>, what: &str) -> Result<T, String> {
@@ -288,50 +288,24 @@ pub fn to_native(ops: &[Op]) -> String {
     out
 }
 
-/// Arguments `key=value` or `key value` of one trace line.
-fn trace_args(args: &str) -> HashMap<&str, &str> {
-    let mut map = HashMap::new();
-    let mut toks = args.split_whitespace();
-    while let Some(tok) = toks.next() {
-        match tok.split_once('=') {
-            Some((k, v)) => map.insert(k, v),
-            None => map.insert(tok, toks.next().unwrap_or("")),
-        };
-    }
-    map
-}
-
 /// Parses QEMU trace lines.
 pub fn parse_qemu_trace(text: &str) -> Result<Stream, ParseError> {
-    // First pass: which vdev is the IOMMU? Credit the last notified vdev for
-    // each virtio_iommu_* line that follows it.
-    let mut credit: HashMap<&str, usize> = HashMap::new();
-    let mut last_vdev: Option<&str> = None;
-    for line in text.lines() {
-        let Some((event, args)) = trace_event(line) else { continue };
-        if event == "virtio_queue_notify" {
-            last_vdev = trace_args(args).get("vdev").copied();
-        } else if is_request_event(event) {
-            if let Some(v) = last_vdev.take() {
-                *credit.entry(v).or_default() += 1;
-            }
-        }
-    }
-    let iommu_vdev = credit.into_iter().max_by_key(|&(_, n)| n).map(|(v, _)| v);
+    let mut vdev = IommuVdev::default();
+    text.lines().filter_map(TraceLine::parse).for_each(|l| vdev.observe(&l));
+    let iommu_vdev = vdev.get();
 
     let mut ops = Vec::new();
     let mut skipped = 0;
     for (i, line) in text.lines().enumerate() {
         let err = |message: String| ParseError { line: i + 1, message };
-        let Some((event, args)) = trace_event(line) else {
+        let Some(t) = TraceLine::parse(line) else {
             if !line.trim().is_empty() {
                 skipped += 1;
             }
             continue;
         };
-        let a = trace_args(args);
-        let get = |k: &str| a.get(k).copied();
-        let op = match event {
+        let get = |k: &str| t.arg(k);
+        let op = match t.event {
             "virtio_queue_notify" if get("vdev") == iommu_vdev && get("n") == Some("0") => Op::Kick,
             "virtio_iommu_attach" => Op::Request(attach_request(
                 num(get("domain"), "domain").map_err(err)?,
@@ -362,23 +336,6 @@ pub fn parse_qemu_trace(text: &str) -> Result<Stream, ParseError> {
         ops.push(op);
     }
     Ok(finish(ops, Format::QemuTrace, skipped))
-}
-
-fn is_request_event(event: &str) -> bool {
-    matches!(
-        event,
-        "virtio_iommu_attach" | "virtio_iommu_detach" | "virtio_iommu_map" | "virtio_iommu_unmap"
-    )
-}
-
-/// Splits `[pid@]time:event args` into event and args.
-fn trace_event(line: &str) -> Option<(&str, &str)> {
-    let line = line.trim();
-    let (pre, rest) = line.split_once(':')?;
-    if pre.is_empty() || !pre.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'@') {
-        return None;
-    }
-    Some(rest.split_once(' ').unwrap_or((rest, "")))
 }
 
 #[cfg(test)]
