@@ -26,8 +26,6 @@ pub mod pattern;
 pub mod pci;
 pub mod virtio_pci;
 
-use std::fmt;
-
 /// Errors of the guest-side plumbing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,7 +45,7 @@ pub enum Error {
     Dma(String),
     /// The viommu driver reported an error.
     #[error("viommu driver: {0}")]
-    Driver(String),
+    Driver(#[from] viommu_driver::Error),
     /// The device did not complete in time.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -59,8 +57,8 @@ impl Error {
         Self::Io { what, source }
     }
 
-    /// Wraps any displayable driver error.
-    pub fn driver(e: impl fmt::Display) -> Self {
-        Self::Driver(e.to_string())
+    /// Wraps a driver error, or one the driver's error converts from.
+    pub fn driver(e: impl Into<viommu_driver::Error>) -> Self {
+        Self::Driver(e.into())
     }
 }

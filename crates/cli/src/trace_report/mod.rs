@@ -19,21 +19,20 @@ mod table;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use viommu_driver::Mode;
 
 use crate::input;
 
-/// The suite's boots in table order, with their short column headings:
-/// Linux's own drivers (without an IOMMU, lazy, strict), then ours.
-pub const POLICIES: [(&str, &str); 8] = [
-    ("linux-none", "l-none"),
-    ("linux-lazy", "l-lazy"),
-    ("linux-strict", "l-strict"),
-    ("identity", "identity"),
-    ("strict", "strict"),
-    ("lazy", "lazy"),
-    ("lazy-single", "lazy-single"),
-    ("best", "best"),
-];
+/// Linux's boots, with their short column headings: its own drivers
+/// without an IOMMU, lazy and strict.
+const LINUX: [(&str, &str); 3] =
+    [("linux-none", "l-none"), ("linux-lazy", "l-lazy"), ("linux-strict", "l-strict")];
+
+/// Every policy a boot can have, in table order, with its short column
+/// heading: Linux's, then our modes ([`Mode::ALL`]).
+pub fn policies() -> impl Iterator<Item = (&'static str, &'static str)> {
+    LINUX.into_iter().chain(Mode::ALL.map(|m| (m.name(), m.name())))
+}
 
 /// What a boot's trace can be checked against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,14 +46,14 @@ pub enum Boot {
 }
 
 impl Boot {
-    /// The kind of boot `policy` is, for a policy of [`POLICIES`].
+    /// The kind of boot `policy` is, for a policy of [`policies`].
     pub fn of(policy: &str) -> Result<Self, String> {
         match policy {
             "linux-none" => Ok(Self::LinuxUnmarked),
             "linux-lazy" | "linux-strict" => Ok(Self::LinuxMarked),
-            p if POLICIES.iter().any(|&(q, _)| q == p) => Ok(Self::Ours),
+            p if Mode::from_name(p).is_some() => Ok(Self::Ours),
             p => {
-                let known: Vec<&str> = POLICIES.iter().map(|(p, _)| *p).collect();
+                let known: Vec<&str> = policies().map(|(p, _)| p).collect();
                 Err(format!("unknown policy {p:?} (known: {})", known.join(", ")))
             }
         }

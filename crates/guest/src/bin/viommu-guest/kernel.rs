@@ -1,0 +1,133 @@
+//! The same workloads through Linux's own virtio-blk (and virtio-iommu)
+//! drivers on `/dev/vda`, for the same-run comparison.
+
+use std::time::{Duration, Instant};
+
+use viommu_guest::blk::BlkOp;
+use viommu_guest::hugepage::HugePageHal;
+use viommu_guest::kernel_boot::{self, BoundMarker};
+use viommu_guest::kernel_io::{Disk, Job};
+use viommu_proto::Config;
+
+use crate::opts::{LinuxBoot, Opts};
+use crate::outcome::{Outcome, Results};
+use crate::workload::{mbps, plan, Workload};
+use crate::{BLK_BDF, BLK_QUEUE_SIZE, DISK_MIB, HUGE_PAGES, IOMMU_BDF};
+
+/// Where `scripts/real-guest` puts the (decompressed) kernel modules.
+const MODULE_DIR: &str = "/lib/modules";
+/// The block device the kernel's virtio-blk creates.
+const KERNEL_DISK: &str = "/dev/vda";
+/// The block layer's merge switch for the disk.
+const NOMERGES: &str = "/sys/block/vda/queue/nomerges";
+/// How long after loading the modules the disk may take to appear.
+const DISK_WAIT: Duration = Duration::from_secs(60);
+/// Pause after each workload in a lazy Linux boot, so that the UNMAPs its
+/// flush queue sends up to ~10 ms later land before the next mark.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Loads Linux's virtio-iommu (when the boot has an IOMMU) and virtio-blk,
+/// and waits for the disk; checks the IOMMU domain type of the endpoint.
+fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<BoundMarker>)> {
+    let hal = HugePageHal::new(HUGE_PAGES)?;
+    let t0 = Instant::now();
+    if boot.has_iommu() {
+        kernel_boot::load_module(&format!("{MODULE_DIR}/virtio-iommu.ko"))?;
+    }
+    kernel_boot::load_module(&format!("{MODULE_DIR}/virtio_blk.ko"))?;
+    kernel_boot::wait_for(KERNEL_DISK, DISK_WAIT)?;
+    println!("VG INFO {KERNEL_DISK} up {:.2} s after loading modules", t0.elapsed().as_secs_f64());
+    if !o.merges {
+        // 2: no merging at all, so each I/O is one virtio-blk request.
+        std::fs::write(NOMERGES, "2").map_err(|e| format!("write {NOMERGES}: {e}"))?;
+    }
+    let blk_bdf = format!("0000:{BLK_BDF}");
+    let found = kernel_boot::iommu_domain_type(&blk_bdf);
+    let want = boot.domain_type();
+    res.check("iommu-domain-type", found.as_deref() == want, || {
+        format!("{blk_bdf}: domain type {found:?}, want {want:?}")
+    });
+    let marker = match boot.has_iommu() {
+        true => Some(BoundMarker::open(IOMMU_BDF, Config::BYPASS_OFFSET)?),
+        false => None,
+    };
+    Ok((Disk::open(KERNEL_DISK, hal)?, marker))
+}
+
+fn job(w: &Workload) -> Job {
+    Job {
+        write: w.op == BlkOp::Write,
+        size: w.size,
+        scattered: w.scattered,
+        qd: w.qd,
+        bytes: w.bytes,
+        base: w.base,
+        tag: w.tag,
+    }
+}
+
+/// Marks the trace (with an IOMMU to mark through) and lets lazy UNMAPs land.
+struct Marks(Option<BoundMarker>);
+
+impl Marks {
+    fn mark(&self, name: &str) {
+        if let Some(m) = &self.0 {
+            println!("VG MARK {name} cfgw={}", m.mark());
+        }
+    }
+
+    fn settle(&self) {
+        if self.0.is_some() {
+            std::thread::sleep(SETTLE);
+        }
+    }
+}
+
+/// One workload, then (writes) its read-back.
+fn run_one(disk: &Disk, marks: &Marks, w: &Workload) -> Outcome {
+    let p = disk.run(&job(w))?;
+    println!(
+        "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1}",
+        w.name,
+        p.ios,
+        p.ios,
+        w.bytes,
+        p.secs,
+        mbps(w.bytes, p.secs)
+    );
+    marks.settle();
+    if w.op == BlkOp::Write {
+        marks.mark(&format!("verify-{}", w.name));
+        let v = Job { write: false, size: 1 << 20, scattered: false, qd: 32, ..job(w) };
+        disk.run(&v).map_err(|e| format!("read-back: {e}"))?;
+        marks.settle();
+    }
+    Ok(())
+}
+
+/// The workload matrix through the kernel's drivers.
+pub fn run(boot: LinuxBoot, o: &Opts, res: &mut Results) {
+    let (disk, marker) = match setup(boot, o, res) {
+        Ok(v) => v,
+        Err(e) => {
+            res.record::<()>(&format!("{}-setup", o.policy), Err(e));
+            return;
+        }
+    };
+    let marks = Marks(marker);
+    let capacity = disk.capacity().map_err(Into::into).and_then(|c| {
+        if c == DISK_MIB << 20 {
+            Ok(())
+        } else {
+            Err(format!("capacity {c} bytes").into())
+        }
+    });
+    res.record("blk-capacity", capacity);
+    marks.settle();
+    for w in plan(o, BLK_QUEUE_SIZE as usize) {
+        marks.mark(&w.name);
+        let r = run_one(&disk, &marks, &w);
+        res.record(&format!("{}-{}", o.policy, w.name), r);
+    }
+    marks.mark("end");
+}

@@ -1,0 +1,239 @@
+//! Negative tests (strict boot): the device must not reach memory that is
+//! not mapped, or mapped read-only, or reachable only by an unattached
+//! endpoint. Each checks the fault records and the data, because the blk
+//! status alone claims success: QEMU completes a faulted transfer with OK.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use viommu_driver::hal::{DmaRegion, Hal};
+use viommu_driver::{FaultRecord, Prot};
+use viommu_guest::blk::{BlkOp, VirtioBlk, S_OK};
+use viommu_guest::mapper::{Mapper, RoundBuf};
+use viommu_guest::pattern;
+use viommu_guest::virtio_pci::PciTransport;
+use viommu_proto::fault;
+
+use crate::io::write_region;
+use crate::outcome::{Outcome, Results};
+use crate::rig::Rig;
+use crate::workload::{bytes_at, with_bytes_mut};
+use crate::{Blk, BLK_BDF, BLK_ENDPOINT, IO_TIMEOUT, READ_BASE, WRITE_BASE};
+
+/// IOVA for the read-only test: the DMA layer allocates top-down, far above.
+const NEG_RO_IOVA: u64 = 0x5000_0000;
+/// How long a negative test waits for faults to arrive.
+const FAULT_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs the three; the last leaves the endpoint detached and `blk` gone.
+pub fn run(rig: &Rig, mut blk: Blk, m: &mut dyn Mapper, res: &mut Results) {
+    res.record("neg-unmapped-iova", neg_unmapped(rig, &mut blk, m));
+    res.record("neg-read-only-mapping", neg_read_only(rig, &mut blk));
+    res.record("neg-unattached-endpoint", neg_unattached(rig, blk));
+}
+
+/// Waits for faults of `BLK_ENDPOINT`; also returns whether the request completed.
+fn collect_faults(
+    rig: &Rig,
+    blk: &mut Blk,
+    want_completion: bool,
+) -> (Vec<FaultRecord>, Option<u8>) {
+    let start = Instant::now();
+    let mut status = None;
+    let mut faults = Vec::new();
+    while start.elapsed() < FAULT_WAIT
+        || (want_completion && status.is_none() && start.elapsed() < IO_TIMEOUT)
+    {
+        rig.poll_events();
+        faults.extend(rig.take_faults());
+        if status.is_none() {
+            status = blk.poll().map(|c| c.status);
+        }
+        // Faults and completion both in: one more poll for stragglers, then stop.
+        if status.is_some() && !faults.is_empty() && start.elapsed() > Duration::from_millis(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    rig.poll_events();
+    faults.extend(rig.take_faults());
+    (faults, status)
+}
+
+fn describe(f: &[FaultRecord]) -> String {
+    let first = f.first().map(|r| format!("{r:?}")).unwrap_or_default();
+    format!("{} records, first {first}", f.len())
+}
+
+/// Checks that every fault of `BLK_ENDPOINT` in `faults` has reason
+/// MAPPING, the flags in `want`, and an address in `[iova, iova+len)`.
+fn check_mapping_faults(
+    faults: &[FaultRecord],
+    iova: u64,
+    len: u64,
+    want: u32,
+) -> Result<usize, String> {
+    let mine: Vec<_> = faults.iter().filter(|f| f.endpoint == BLK_ENDPOINT).collect();
+    if mine.is_empty() {
+        return Err(format!(
+            "no fault record for endpoint {BLK_ENDPOINT:#x} ({})",
+            describe(faults)
+        ));
+    }
+    for f in &mine {
+        let in_range = f.address.is_some_and(|a| (iova..iova + len).contains(&a));
+        if f.reason != fault::R_MAPPING || f.flags & want != want || !in_range {
+            return Err(format!("unexpected fault {f:?}"));
+        }
+    }
+    Ok(mine.len())
+}
+
+/// Device accesses through an IOVA nothing maps. The IOVA is chosen equal
+/// to the physical address of a buffer, so that a DMA which escaped
+/// translation would land in (or come from) that buffer.
+/// - blk READ (the device writes memory): faults MAPPING, the buffer
+///   keeps its poison;
+/// - blk WRITE (the device reads memory): faults MAPPING, and none of the
+///   buffer's data reaches the disk (QEMU writes zeros there).
+fn neg_unmapped(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper) -> Outcome {
+    let domain = rig.domain.clone().ok_or("no domain")?;
+    let len = 4096u64;
+    let b = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    let r = (|| -> Outcome {
+        let iova = b.bus_addr;
+        if domain.iova_to_phys(iova).is_some() {
+            return Err(format!("IOVA {iova:#x} is mapped: pick another").into());
+        }
+        // Device writes memory.
+        rig.take_faults();
+        with_bytes_mut(&b, 0, len as usize, |s| s.fill(0xa5));
+        blk.submit(BlkOp::Read, READ_BASE, &[(iova, len as u32)])?;
+        blk.kick();
+        let (faults, status) = collect_faults(rig, blk, true);
+        // QEMU reports a missing mapping with ADDRESS only, read or write.
+        let n = check_mapping_faults(&faults, iova, len, fault::F_ADDRESS)
+            .map_err(|e| format!("device write: {e}"))?;
+        if bytes_at(&b, 0, len as usize).iter().any(|&x| x != 0xa5) {
+            return Err("device write through an unmapped IOVA reached memory".into());
+        }
+        println!("VG INFO unmapped, device write: {n} fault records, blk status {status:?}");
+        // Device reads memory.
+        let off = WRITE_BASE + (60 << 20);
+        let old = pattern::DISK_TAG ^ 0x0eee;
+        let secret = pattern::DISK_TAG ^ 0x5ec7;
+        write_region(rig, blk, m, off, len as usize, old)?;
+        with_bytes_mut(&b, 0, len as usize, |s| pattern::fill(s, off, secret));
+        rig.take_faults();
+        blk.submit(BlkOp::Write, off, &[(iova, len as u32)])?;
+        blk.kick();
+        let (faults, status) = collect_faults(rig, blk, true);
+        let n = check_mapping_faults(&faults, iova, len, fault::F_ADDRESS)
+            .map_err(|e| format!("device read: {e}"))?;
+        println!("VG INFO unmapped, device read: {n} fault records, blk status {status:?}");
+        read_region_into(rig, blk, m, off, &b)?;
+        let leaked = bytes_at(&b, 0, len as usize).chunks_exact(8).enumerate().any(|(i, w)| {
+            u64::from_le_bytes(w.try_into().expect("8 bytes"))
+                == pattern::word(off + i as u64 * 8, secret)
+        });
+        if leaked {
+            return Err("data from memory behind an unmapped IOVA reached the disk".into());
+        }
+        Ok(())
+    })();
+    // SAFETY: the device never had a mapping of this buffer.
+    unsafe { rig.hal.dma_dealloc(b) };
+    r
+}
+
+/// Reads 4 KiB at `off` into `b` through a proper mapping.
+fn read_region_into(
+    rig: &Rig,
+    blk: &mut Blk,
+    m: &mut dyn Mapper,
+    off: u64,
+    b: &DmaRegion,
+) -> Outcome {
+    let mapped =
+        m.map_round(&[RoundBuf { segs: vec![(b.bus_addr, 4096)], device_writes: true }])?;
+    blk.submit(BlkOp::Read, off, &mapped[0].descs)?;
+    blk.kick();
+    let (_, status) = collect_faults(rig, blk, true);
+    m.complete(mapped[0].handle)?;
+    m.flush()?;
+    match status {
+        Some(S_OK) => Ok(()),
+        s => Err(format!("read-back status {s:?}").into()),
+    }
+}
+
+/// A blk READ into a buffer mapped read-only: faults MAPPING with WRITE,
+/// and the buffer keeps its poison.
+fn neg_read_only(rig: &Rig, blk: &mut Blk) -> Outcome {
+    rig.take_faults();
+    let domain = rig.domain.clone().ok_or("no domain")?;
+    let buf = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    with_bytes_mut(&buf, 0, 4096, |s| s.fill(0xa5));
+    let len = 4096u64;
+    domain.map_pages(NEG_RO_IOVA, buf.bus_addr, len, Prot::READ)?;
+    domain.iotlb_sync_map(NEG_RO_IOVA, len)?;
+    let r = (|| -> Outcome {
+        blk.submit(BlkOp::Read, READ_BASE, &[(NEG_RO_IOVA, len as u32)])?;
+        blk.kick();
+        let (faults, status) = collect_faults(rig, blk, true);
+        let n = check_mapping_faults(&faults, NEG_RO_IOVA, len, fault::F_ADDRESS | fault::F_WRITE)?;
+        if bytes_at(&buf, 0, 4096).iter().any(|&b| b != 0xa5) {
+            return Err("the device wrote through a read-only mapping".into());
+        }
+        println!("VG INFO read-only: {n} fault records, blk status {status:?}");
+        Ok(())
+    })();
+    let u = domain.unmap_pages(NEG_RO_IOVA, len).and_then(|_| domain.iotlb_sync());
+    // SAFETY: unmapped and no request in flight on it.
+    unsafe { rig.hal.dma_dealloc(buf) };
+    r?;
+    Ok(u?)
+}
+
+/// Detaches the endpoint (bypass is 0) and restarts virtio-blk with rings
+/// and buffer at IOVA = physical address, so that any DMA that escaped the
+/// IOMMU would work and move data. Nothing must complete, data must not
+/// move, and faults must arrive.
+fn neg_unattached(rig: &Rig, blk: Blk) -> Outcome {
+    let iommu = rig.iommu.as_ref().ok_or("no iommu")?;
+    drop(blk); // resets the device
+    iommu.detach(BLK_ENDPOINT)?;
+    rig.take_faults();
+    let t = PciTransport::open(BLK_BDF)?;
+    let hal = Arc::new(rig.hal.clone());
+    let mut blk = VirtioBlk::new(t, hal, 64, |r| Ok(r.bus_addr))?;
+    let buf = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    with_bytes_mut(&buf, 0, 4096, |s| s.fill(0xa5));
+    blk.submit(BlkOp::Read, READ_BASE, &[(buf.bus_addr, 4096)])?;
+    blk.kick();
+    let (faults, status) = collect_faults(rig, &mut blk, false);
+    let moved = bytes_at(&buf, 0, 4096).iter().any(|&b| b != 0xa5);
+    drop(blk);
+    // SAFETY: the device is reset and never saw a mapping of this buffer.
+    unsafe { rig.hal.dma_dealloc(buf) };
+    let mine: Vec<_> = faults.iter().filter(|f| f.endpoint == BLK_ENDPOINT).collect();
+    if status.is_some() {
+        return Err(format!(
+            "request completed (status {status:?}) though the endpoint is unattached"
+        )
+        .into());
+    }
+    if moved {
+        return Err("data moved to an unattached endpoint's buffer".into());
+    }
+    if mine.is_empty() {
+        return Err(format!("no fault record ({})", describe(&faults)).into());
+    }
+    if let Some(f) =
+        mine.iter().find(|f| f.reason != fault::R_UNKNOWN && f.reason != fault::R_DOMAIN)
+    {
+        return Err(format!("unexpected fault reason {f:?}").into());
+    }
+    println!("VG INFO unattached: {} fault records, first {:?}", mine.len(), mine[0]);
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The workload matrix and the buffers a workload moves data through.
+
+use viommu_driver::hal::{DmaRegion, PAGE_SIZE};
+use viommu_guest::blk::BlkOp;
+use viommu_guest::pattern;
+
+use crate::opts::Opts;
+use crate::{READ_BASE, WRITE_BASE};
+
+/// One workload: `op` of `bytes` at `base`, `size` bytes per request, up to `qd` in flight.
+#[derive(Debug)]
+pub struct Workload {
+    pub name: String,
+    pub op: BlkOp,
+    pub size: usize,
+    /// Every 4 KiB page of a request's buffer is physically apart (as in
+    /// the Linux baseline's "scattered"); otherwise buffers are contiguous.
+    pub scattered: bool,
+    pub qd: usize,
+    pub bytes: u64,
+    pub base: u64,
+    /// The data pattern's tag: reads check the disk's, each write its own.
+    pub tag: u64,
+}
+
+impl Workload {
+    /// A helper workload of one contiguous buffer size (verify, prepare).
+    pub fn plain(
+        name: &str,
+        op: BlkOp,
+        size: usize,
+        qd: usize,
+        base: u64,
+        bytes: u64,
+        tag: u64,
+    ) -> Self {
+        Workload { name: name.into(), op, size, scattered: false, qd, bytes, base, tag }
+    }
+
+    /// 4 KiB pages of one request's buffer (scattered: twice, every other used).
+    pub fn buffer_pages(&self) -> usize {
+        self.size.div_ceil(PAGE_SIZE) * if self.scattered { 2 } else { 1 }
+    }
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1 << 20 {
+        format!("{}m", size >> 20)
+    } else {
+        format!("{}k", size >> 10)
+    }
+}
+
+/// The workload matrix of a boot, in order: reads then writes; each size,
+/// then its scattered variant; each queue depth. Write workloads get a tag
+/// per boot and workload, so data left by an earlier boot never passes.
+/// `ring` is the virtio-blk ring size.
+pub fn plan(o: &Opts, ring: usize) -> Vec<Workload> {
+    let bytes = o.mib << 20;
+    let boot_tag = o
+        .policy
+        .name()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut out = Vec::new();
+    for op in [BlkOp::Read, BlkOp::Write] {
+        let variants = o.sizes.iter().flat_map(|&size| {
+            // Without an IOMMU a scattered buffer is one descriptor per page
+            // (we have no indirect descriptors): it must fit in the ring, and
+            // the queue depth is cut to what fits (3 at 1 MiB in 1024 entries).
+            let fits = !o.policy.unmapped() || size / PAGE_SIZE + 2 <= ring;
+            let sg = (o.sg && size > PAGE_SIZE && fits).then_some((size, true));
+            [Some((size, false)), sg].into_iter().flatten()
+        });
+        for (size, scattered) in variants {
+            for &qd in &o.qds {
+                let opn = if op == BlkOp::Read { "read" } else { "write" };
+                let sg = if scattered { "-sg" } else { "" };
+                let name = format!("{opn}-{}{sg}-qd{qd}", size_name(size));
+                let (base, tag) = match op {
+                    BlkOp::Read => (READ_BASE, pattern::DISK_TAG),
+                    BlkOp::Write => (WRITE_BASE, boot_tag ^ (out.len() as u64 + 1)),
+                };
+                out.push(Workload { name, op, size, scattered, qd, bytes, base, tag });
+            }
+        }
+    }
+    out
+}
+
+/// MiB/s.
+pub fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+}
+
+/// `len` bytes at offset `at` of a buffer, read while no request uses it.
+pub fn bytes_at(r: &DmaRegion, at: usize, len: usize) -> &[u8] {
+    assert!(at + len <= r.pages * PAGE_SIZE);
+    // SAFETY: the range lies in the region, which is ours (from the HAL);
+    // the device touches it only while a request is in flight, and we read
+    // it only when none is.
+    unsafe { std::slice::from_raw_parts(r.vaddr.as_ptr().add(at), len) }
+}
+
+/// Runs `f` on `len` bytes at offset `at` of a buffer no request uses.
+pub fn with_bytes_mut<R>(
+    r: &DmaRegion,
+    at: usize,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> R {
+    assert!(at + len <= r.pages * PAGE_SIZE);
+    // SAFETY: as in `bytes_at`; the slice does not outlive this call.
+    f(unsafe { std::slice::from_raw_parts_mut(r.vaddr.as_ptr().add(at), len) })
+}
+
+/// The physical segments of a workload buffer: one run, or (scattered)
+/// every other 4 KiB page.
+pub fn segments(r: &DmaRegion, w: &Workload) -> Vec<(u64, usize)> {
+    if !w.scattered {
+        return vec![(r.bus_addr, w.size)];
+    }
+    (0..w.size / PAGE_SIZE).map(|i| (r.bus_addr + (2 * i * PAGE_SIZE) as u64, PAGE_SIZE)).collect()
+}
+
+/// Byte offsets in the buffer of each segment, with the length.
+fn segment_offsets(r: &DmaRegion, w: &Workload) -> impl Iterator<Item = (usize, usize)> {
+    let base = r.bus_addr;
+    segments(r, w).into_iter().map(move |(p, l)| ((p - base) as usize, l))
+}
+
+/// Fills a buffer with the pattern of disk offset `off`.
+pub fn fill_buf(r: &DmaRegion, w: &Workload, off: u64) {
+    let mut disk = off;
+    for (at, len) in segment_offsets(r, w) {
+        with_bytes_mut(r, at, len, |s| pattern::fill(s, disk, w.tag));
+        disk += len as u64;
+    }
+}
+
+/// Checks a buffer against the pattern of disk offset `off`.
+pub fn check_buf(r: &DmaRegion, w: &Workload, off: u64) -> Result<(), String> {
+    let mut disk = off;
+    for (at, len) in segment_offsets(r, w) {
+        pattern::check(bytes_at(r, at, len), disk, w.tag)
+            .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
+        disk += len as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::opts::Opts;
+
+    #[test]
+    fn plan_is_the_same_matrix_for_every_policy_but_identity() {
+        let o = Opts::from_cmdline("vg.policy=linux-lazy vg.mib=16").unwrap();
+        let p = plan(&o, 1024);
+        let names: Vec<&str> = p.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names.len(), 20);
+        assert_eq!(
+            names[..5],
+            ["read-4k-qd1", "read-4k-qd32", "read-64k-qd1", "read-64k-qd32", "read-64k-sg-qd1"]
+        );
+        assert_eq!(names[19], "write-1m-sg-qd32");
+        // Reads check the host's pattern; each write its own tag (the 1-based
+        // index of the workload, mixed with the policy's hash).
+        assert!(p[..10].iter().all(|w| w.op == BlkOp::Read && w.tag == pattern::DISK_TAG));
+        assert_eq!(p[10].tag ^ p[11].tag, 11 ^ 12);
+        assert!(p.iter().all(|w| w.bytes == 16 << 20));
+        let other = plan(&Opts::from_cmdline("vg.policy=lazy vg.mib=16").unwrap(), 1024);
+        assert_eq!(other.len(), 20);
+        assert_ne!(other[10].tag, p[10].tag, "a tag per boot");
+        // Without an IOMMU, scattered 1 MiB (258 descriptors) needs a ring that holds it.
+        let b = plan(&Opts::from_cmdline("vg.policy=identity").unwrap(), 256);
+        assert_eq!(b.len(), 16);
+        assert!(!b.iter().any(|w| w.name.contains("1m-sg")));
+        assert_eq!(plan(&Opts::from_cmdline("vg.policy=strict").unwrap(), 256).len(), 20);
+    }
+
+    #[test]
+    fn scattered_buffers_use_every_other_page() {
+        let r = DmaRegion { bus_addr: 0x20_0000, vaddr: std::ptr::NonNull::dangling(), pages: 32 };
+        let mut w = Workload::plain("", BlkOp::Read, 64 << 10, 1, 0, 0, 0);
+        w.scattered = true;
+        assert_eq!(w.buffer_pages(), 32);
+        let segs = segments(&r, &w);
+        assert_eq!(segs.len(), 16);
+        assert_eq!(segs[1], (0x20_2000, 4096));
+        assert_eq!(segs[15].0 + 4096, 0x20_0000 + 32 * 4096 - 4096);
+        w.scattered = false;
+        assert_eq!(segments(&r, &w), [(0x20_0000, 64 << 10)]);
+        assert_eq!(w.buffer_pages(), 16);
+    }
+}
