@@ -173,15 +173,16 @@ mod tests {
         report(policy, Boot::of(policy).unwrap(), &c, &counter.finish())
     }
 
+    // As QEMU 10 logs it for scripts/real-guest: no timestamps.
     const TRACE: &str = "\
-1.0:virtio_iommu_set_config
-1.1:virtio_queue_notify vdev 0xa n 0 vq 0x1
-1.2:virtio_iommu_map domain=1 virt_start=0 virt_end=0xfff phys_start=0 flags=2
-1.3:virtio_queue_notify vdev 0xb n 0 vq 0x2
-1.4:virtio_blk_req_complete vdev 0xb req 0x1 status 0
-1.5:virtio_queue_notify vdev 0xa n 0 vq 0x1
-1.6:virtio_iommu_unmap domain=1 virt_start=0 virt_end=0xfff
-2.0:virtio_iommu_set_config
+virtio_iommu_set_config
+virtio_queue_notify vdev 0xa n 0 vq 0x1
+virtio_iommu_map domain=1 virt_start=0 virt_end=0xfff phys_start=0 flags=2
+virtio_queue_notify vdev 0xb n 0 vq 0x2
+virtio_blk_req_complete vdev 0xb req 0x1 status 0
+virtio_queue_notify vdev 0xa n 0 vq 0x1
+virtio_iommu_unmap domain=1 virt_start=0 virt_end=0xfff
+virtio_iommu_set_config
 ";
     const PERF: &str = "VG PERF read-4k-qd1 ios=1 reqs=1 bytes=4096 mbps=3.9";
 
@@ -234,7 +235,7 @@ mod tests {
 
     #[test]
     fn linux_boots_check_their_marks_and_count_requests_from_the_trace() {
-        let trace = TRACE.replace("2.0:virtio_iommu_set_config\n", "");
+        let trace = TRACE.strip_suffix("virtio_iommu_set_config\n").unwrap().to_string();
         let console = format!("VG MARK read-4k-qd1 cfgw=1\n{PERF}\n");
         let r = boot(&console, &trace, "linux-lazy");
         assert_eq!(r.lines[0], "CHECK PASS trace-linux-lazy-marks");

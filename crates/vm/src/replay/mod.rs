@@ -16,7 +16,8 @@
 //! `virt_end` is inclusive, as on the wire.
 //!
 //! # QEMU trace
-//! Lines `[pid@]time:event args` from `-trace virtio_iommu_*,virtio_queue_notify`.
+//! Lines `[pid@]time:event args` or `event args` from
+//! `-trace virtio_iommu_*,virtio_queue_notify`.
 //! `virtio_iommu_{attach,detach,map,unmap}` become requests. The IOMMU's
 //! request-queue notifications (`virtio_queue_notify ... n 0`) become kicks:
 //! the IOMMU's `vdev` is the one whose notifications are followed by
@@ -101,13 +102,9 @@ impl std::error::Error for ParseError {}
 pub fn parse(text: &str) -> Result<Stream, ParseError> {
     let first = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'));
     match first {
-        Some(l) if is_trace_line(l) => parse_qemu_trace(text),
+        Some(l) if TraceLine::looks_like_trace(l) => parse_qemu_trace(text),
         _ => parse_native(text),
     }
-}
-
-fn is_trace_line(l: &str) -> bool {
-    l.split_once(':').is_some_and(|(pre, _)| trace::is_timestamp(pre))
 }
 
 fn num<T: TryFrom<u64>>(tok: Option<&str>, what: &str) -> Result<T, String> {

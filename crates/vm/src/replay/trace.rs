@@ -1,4 +1,6 @@
-//! QEMU trace lines, one at a time: `[pid@]time:event args`.
+//! QEMU trace lines, one at a time: `event args`, or with a timestamp
+//! prefix, `[pid@]time:event args` (QEMU's `log` backend writes either,
+//! depending on its options).
 //!
 //! [`parse_qemu_trace`](super::parse_qemu_trace) builds request streams from
 //! them; `viommu trace-report` counts them per workload. Both find the
@@ -25,15 +27,25 @@ pub struct TraceLine<'a> {
 }
 
 impl<'a> TraceLine<'a> {
-    /// Splits a line; `None` when it does not start with `[pid@]time:`
-    /// (QEMU's own messages in the log, a truncated last line).
+    /// Splits a line; `None` when it is no trace event (QEMU's own messages
+    /// in the log, a truncated last line): event names are letters, digits
+    /// and `_`.
     pub fn parse(line: &'a str) -> Option<Self> {
-        let (pre, rest) = line.trim().split_once(':')?;
-        if !is_timestamp(pre) {
-            return None;
-        }
+        let line = line.trim();
+        let rest = match line.split_once(':') {
+            Some((pre, rest)) if is_timestamp(pre) => rest,
+            _ => line,
+        };
         let (event, args) = rest.split_once(' ').unwrap_or((rest, ""));
-        Some(Self { event, args })
+        let name_ok = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        (!event.is_empty() && event.bytes().all(name_ok)).then_some(Self { event, args })
+    }
+
+    /// Whether `line` looks like QEMU trace output rather than the native
+    /// format: a timestamp prefix, or a `virtio_` event.
+    pub fn looks_like_trace(line: &str) -> bool {
+        let has_prefix = line.trim().split_once(':').is_some_and(|(pre, _)| is_timestamp(pre));
+        has_prefix || TraceLine::parse(line).is_some_and(|t| t.event.starts_with("virtio_"))
     }
 
     /// The arguments as `key=value` or `key value` pairs, in order.
@@ -126,6 +138,18 @@ mod tests {
         assert_eq!(m.notify(), None);
         assert_eq!(TraceLine::parse("1.0:virtio_iommu_set_config").unwrap().args, "");
         assert_eq!(TraceLine::parse("qemu-system-x86_64: terminating on signal"), None);
+        // QEMU 10's log backend without timestamps, as scripts/real-guest gets it.
+        let bare = TraceLine::parse("virtio_queue_notify vdev 0x564b n 0 vq 0x564c").unwrap();
+        assert_eq!((bare.event, bare.notify()), ("virtio_queue_notify", Some(("0x564b", "0"))));
+        let colon = TraceLine::parse("virtio_iommu_switch_address_space Device 00:00.0 x").unwrap();
+        assert_eq!(colon.event, "virtio_iommu_switch_address_space");
+        assert_eq!(
+            TraceLine::parse("1795499970.6:virtio_iommu_set_config").unwrap().event,
+            "virtio_iommu_set_config"
+        );
+        assert!(TraceLine::looks_like_trace("virtio_iommu_set_config"));
+        assert!(TraceLine::looks_like_trace("1.0:anything"));
+        assert!(!TraceLine::looks_like_trace("map 1 0x1000 0x1fff 0x5000 rw"));
         assert_eq!(TraceLine::parse(""), None);
     }
 
