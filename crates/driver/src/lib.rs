@@ -27,7 +27,6 @@ pub mod queue;
 mod sync;
 pub mod topology;
 pub mod transport;
-mod tree;
 
 // The unit tests' device model: the integration tests' adapter over
 // `viommu-device` (a dev-dependency), which names this crate `viommu_driver`.

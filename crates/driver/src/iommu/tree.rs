@@ -11,7 +11,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::iommu::Mapping;
+use super::Mapping;
 use crate::Error;
 
 /// Mappings in IOVA order, each touching the next. Never empty.
@@ -123,7 +123,7 @@ impl Runs {
     }
 
     /// Adds a run under a key that is not in use.
-    fn insert(&mut self, key: u64, run: Run) {
+    pub(in crate::iommu) fn insert(&mut self, key: u64, run: Run) {
         match self {
             Self::Small(v) if v.len() < SMALL_RUNS => {
                 let i = v.partition_point(|e| e.0 < key);
@@ -140,7 +140,7 @@ impl Runs {
         }
     }
 
-    fn remove(&mut self, key: u64) {
+    pub(in crate::iommu) fn remove(&mut self, key: u64) {
         match self {
             Self::Small(v) => {
                 if let Ok(i) = v.binary_search_by_key(&key, |e| e.0) {

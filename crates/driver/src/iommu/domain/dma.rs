@@ -1,0 +1,232 @@
+//! The operations the DMA layer uses.
+
+use core::sync::atomic::Ordering;
+
+use smallvec::SmallVec;
+
+use crate::iommu::domain::state::{PendingOp, Stale, StaleStep};
+use crate::iommu::domain::{Domain, DomainInner};
+use crate::iommu::encode::Reqs;
+use crate::iommu::types::{DomainKind, Mapping};
+use crate::iommu::{Counters, Port, Replies, Seqs, Tickets};
+use crate::{Error, Result};
+
+impl Domain {
+    pub(crate) fn port(&self) -> &dyn Port {
+        &*self.inner.port
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        self.inner.port.counters()
+    }
+
+    /// Records and queues several mappings under one lock. Validation is
+    /// all-or-nothing. Returns tickets `(seq, iova, last)` to sync with
+    /// [`Self::finish_maps`], one per MAP (none when not attached).
+    ///
+    /// `maps[i]` for each `i` in `breaks` (sorted: where the DMA layer's
+    /// allocations begin) starts a new tree run even if it touches the
+    /// previous mapping, so that freeing one allocation never splits a run.
+    pub(crate) fn map_many(&self, maps: &[Mapping], breaks: &[usize]) -> Result<Seqs> {
+        let d = &self.inner;
+        if d.kind != DomainKind::Paging {
+            return Err(Error::NotPaging);
+        }
+        for m in maps {
+            d.check(m, m.last.wrapping_sub(m.iova).wrapping_add(1))?;
+        }
+        // Touching maps (a scatter-gather list laid out back to back) form
+        // one run: one overlap check and one tree node instead of one per
+        // MAP. `runs` holds `(first IOVA, last IOVA, end index)` in input
+        // order; sorted copies are checked for overlapping one another.
+        let mut runs: SmallVec<[(u64, u64, usize); 4]> = SmallVec::new();
+        if let Some(m) = maps.first() {
+            let mut cur = (m.iova, m.last, 1);
+            let mut k = 0;
+            for (i, m) in maps.iter().enumerate().skip(1) {
+                while breaks.get(k).is_some_and(|&b| b < i) {
+                    k += 1;
+                }
+                if cur.1.checked_add(1) == Some(m.iova) && breaks.get(k) != Some(&i) {
+                    (cur.1, cur.2) = (m.last, i + 1);
+                } else {
+                    runs.push(cur);
+                    cur = (m.iova, m.last, i + 1);
+                }
+            }
+            runs.push(cur);
+        }
+        let mut merged: SmallVec<[(u64, u64); 4]> = SmallVec::with_capacity(runs.len());
+        for r in &runs {
+            merged.push((r.0, r.1));
+        }
+        if merged.len() > 1 {
+            merged.sort_unstable();
+            let mut out: SmallVec<[(u64, u64); 4]> = SmallVec::with_capacity(merged.len());
+            for &(s, e) in &merged {
+                match out.last_mut() {
+                    Some(prev) if s <= prev.1 => return Err(Error::Overlap { iova: s }),
+                    Some(prev) if s == prev.1 + 1 => prev.1 = e,
+                    _ => out.push((s, e)),
+                }
+            }
+            merged = out;
+        }
+        let mut st = d.lock_after(&merged, true)?;
+        for &(s, e) in &merged {
+            if let Some(iova) = st.overlap(s, e) {
+                return Err(Error::Overlap { iova });
+            }
+        }
+        let mut from = 0;
+        for &(_, _, end) in &runs {
+            st.tree.insert_run(&maps[from..end]);
+            from = end;
+        }
+        if !DomainInner::attached(&st, d.kind) {
+            return Ok(Seqs::new());
+        }
+        match d.port.submit_all(Reqs::Maps(d.id, maps)) {
+            Ok(seqs) => Ok(seqs),
+            Err((seqs, e)) => {
+                // All leave the tree (the caller rolls back). Queued ones
+                // may still land: stale, like a MAP whose sync timed out,
+                // so that their ranges wait for the device's answer (and a
+                // cleanup UNMAP). Not pending: no sync of this domain
+                // would take their replies, and an old failure settled
+                // there would remove a new mapping at the same IOVA.
+                for m in maps {
+                    st.tree.remove_exact(m.iova, m.last);
+                }
+                for (seq, m) in seqs.into_iter().zip(maps) {
+                    let step = StaleStep::Map(seq);
+                    st.stale.push(Stale { step, iova: m.iova, last: m.last });
+                }
+                d.stale_any.store(!st.stale.is_empty(), Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// See [`DomainInner::drain_stale`].
+    pub(crate) fn drain_stale(&self) -> Result<()> {
+        self.inner.drain_stale()
+    }
+
+    /// See [`DomainInner::is_stale`].
+    pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
+        self.inner.is_stale(start, last)
+    }
+
+    /// Whether any stale MAP range is left (after taking in the replies
+    /// that have come).
+    pub(crate) fn has_stale(&self) -> bool {
+        if !self.inner.stale_any.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut st = self.inner.state.lock();
+        self.inner.settle_stale(&mut st);
+        !st.stale.is_empty()
+    }
+
+    /// Syncs the tickets of [`Self::map_many`] (`seqs[i]` for `maps[i]`):
+    /// one sync; failed MAPs leave the tree.
+    pub(crate) fn finish_maps(&self, seqs: &[u64], maps: &[Mapping]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let replies = self.inner.port.wait(seqs);
+        if replies.as_ref().is_ok_and(Replies::all_ok) {
+            // The common case: nothing to roll back.
+            if self.inner.stale_any.load(Ordering::Relaxed) {
+                self.inner.settle_stale(&mut self.inner.state.lock());
+            }
+            return Ok(());
+        }
+        let ops = seqs
+            .iter()
+            .zip(maps)
+            .map(|(&seq, m)| PendingOp::Map { seq, iova: m.iova, last: m.last })
+            .collect();
+        self.inner.settle_ops(ops, replies)
+    }
+
+    /// Removes whole mappings from the tree without sending UNMAP (the DMA
+    /// layer sends it at flush time). All ranges are checked first.
+    pub(crate) fn take_ranges(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        for &(s, e) in ranges {
+            st.tree.check_whole(s, e)?;
+        }
+        // Checked: every mapping in a range lies wholly inside it.
+        for &(s, e) in ranges {
+            st.tree.remove_inside(s, e);
+        }
+        Ok(())
+    }
+
+    /// Queues UNMAPs for freed ranges (sorted here). With `coalesce`, ranges
+    /// with no live mapping between them go out as one UNMAP. Nothing is
+    /// queued when the domain is not attached (the device has no mappings).
+    /// Returns `(seq, first, last)` per UNMAP.
+    pub(crate) fn queue_unmaps(
+        &self,
+        ranges: &[(u64, u64)],
+        coalesce: bool,
+        span_gaps: bool,
+    ) -> Result<Tickets> {
+        let d = &self.inner;
+        let mut sorted: SmallVec<[(u64, u64); 4]> = SmallVec::from_slice(ranges);
+        sorted.sort_unstable();
+        let mut st = d.lock_after(&sorted, false)?;
+        if !DomainInner::attached(&st, d.kind) {
+            return Ok(Tickets::new());
+        }
+        // (first, last, spans a gap)
+        let mut merged: SmallVec<[(u64, u64, bool); 4]> = SmallVec::with_capacity(sorted.len());
+        for (s, e) in sorted {
+            if let Some(prev) = merged.last_mut() {
+                let touching = s <= prev.1.saturating_add(1);
+                let gap_free =
+                    touching || (span_gaps && st.tree.first_in(prev.1 + 1, s - 1).is_none());
+                if coalesce && gap_free {
+                    prev.1 = prev.1.max(e);
+                    prev.2 |= !touching;
+                    continue;
+                }
+            }
+            merged.push((s, e, false));
+        }
+        let reqs: SmallVec<[(u64, u64); 4]> = merged.iter().map(|&(s, e, _)| (s, e)).collect();
+        let (seqs, err) = match d.port.submit_all(Reqs::Unmaps(d.id, &reqs)) {
+            Ok(seqs) => (seqs, None),
+            Err((seqs, e)) => (seqs, Some(e)),
+        };
+        let tickets: Tickets =
+            seqs.iter().zip(&merged).map(|(&seq, &(s, e, _))| (seq, s, e)).collect();
+        match err {
+            None => {
+                let gaps = tickets.iter().zip(&merged).filter(|(_, m)| m.2).map(|(t, _)| *t);
+                st.unmapping.extend(gaps);
+                Ok(tickets)
+            }
+            Some(err) => {
+                // The caller retries the whole list later and takes no
+                // reply: new MAPs of these ranges wait for the queued ones
+                // (as for a gap), whose replies are dropped on arrival.
+                // Not pending: a sync of the domain would report their
+                // failures as its own.
+                st.unmapping.extend(tickets.iter().copied());
+                let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
+                d.port.abandon(&seqs);
+                Err(err)
+            }
+        }
+    }
+
+    /// Number of runs in the mapping tree.
+    #[cfg(test)]
+    pub(crate) fn tree_runs(&self) -> usize {
+        self.inner.state.lock().tree.runs()
+    }
+}

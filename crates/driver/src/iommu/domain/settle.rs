@@ -1,0 +1,205 @@
+//! Ordering a domain's requests against those on the ring, and settling
+//! their replies (rollback, stale MAPs).
+
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+use crate::iommu::domain::state::{DomainState, PendingOp, Stale, StaleStep};
+use crate::iommu::domain::DomainInner;
+use crate::iommu::encode::unmap_req;
+use crate::iommu::replies::may_have_applied;
+use crate::iommu::Replies;
+use crate::sync::MutexGuard;
+use crate::Result;
+
+impl DomainInner {
+    /// Locks the state once no request on the ring conflicts with new
+    /// requests on `ranges`. The device may execute requests in any order,
+    /// so a MAP must not overtake an UNMAP of its range (`new_maps`), nor an
+    /// UNMAP a MAP (`!new_maps`): such a request is waited for first. New
+    /// MAPs also wait for the cleanup UNMAPs of stale ranges they overlap.
+    pub(in crate::iommu) fn lock_after(
+        &self,
+        ranges: &[(u64, u64)],
+        new_maps: bool,
+    ) -> Result<MutexGuard<'_, DomainState>> {
+        loop {
+            let mut st = self.state.lock();
+            if new_maps {
+                self.settle_stale(&mut st);
+            }
+            let hit = |s: u64, e: u64| ranges.iter().any(|&(a, b)| s <= b && a <= e);
+            if new_maps && !st.unmapping.is_empty() {
+                let seqs: Vec<u64> = st.unmapping.iter().map(|t| t.0).collect();
+                let live = self.port.outstanding(&seqs);
+                st.unmapping.retain(|t| live.contains(&t.0));
+            }
+            let mut wait: Vec<u64> = st
+                .pending
+                .iter()
+                .filter_map(|op| match *op {
+                    PendingOp::Unmap { seq, range: (s, e), .. } if new_maps && hit(s, e) => {
+                        Some(seq)
+                    }
+                    PendingOp::Map { seq, iova, last } if !new_maps && hit(iova, last) => Some(seq),
+                    _ => None,
+                })
+                .collect();
+            if new_maps {
+                wait.extend(st.unmapping.iter().filter(|t| hit(t.1, t.2)).map(|t| t.0));
+                wait.extend(st.stale.iter().filter(|s| hit(s.iova, s.last)).filter_map(|s| {
+                    match s.step {
+                        StaleStep::Unmap(Some(seq)) => Some(seq),
+                        _ => None,
+                    }
+                }));
+            }
+            if !wait.is_empty() {
+                wait = self.port.outstanding(&wait);
+            }
+            if wait.is_empty() {
+                return Ok(st);
+            }
+            drop(st);
+            self.port.wait_complete(&wait)?;
+        }
+    }
+
+    /// Moves stale MAPs on with the replies that are in: a failed MAP is
+    /// done; a successful one needs a cleanup UNMAP (queued here, not
+    /// kicked) while the domain is attached. Only this takes their replies.
+    pub(in crate::iommu) fn settle_stale(&self, st: &mut DomainState) {
+        if st.stale.is_empty() {
+            return;
+        }
+        let attached = Self::attached(st, self.kind);
+        let reply = |seq: u64| self.port.try_take(&[seq]).map(|r| r.result(0));
+        let mut keep = Vec::new();
+        for mut s in core::mem::take(&mut st.stale) {
+            if let StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) = s.step {
+                match reply(seq) {
+                    None => {
+                        keep.push(s);
+                        continue;
+                    }
+                    Some(Ok(())) if matches!(s.step, StaleStep::Map(_)) => {
+                        s.step = StaleStep::Unmap(None)
+                    }
+                    Some(Ok(())) => continue,
+                    Some(Err(_)) if matches!(s.step, StaleStep::Map(_)) => continue,
+                    Some(Err(_)) => {
+                        // The cleanup failed: count it and send it again.
+                        self.port.counters().sync_error();
+                        s.step = StaleStep::Unmap(None);
+                    }
+                }
+            }
+            if !attached {
+                // The device forgot the domain with its last endpoint.
+                continue;
+            }
+            if let Ok(seq) = self.port.submit(&unmap_req(self.id, s.iova, s.last), 0) {
+                s.step = StaleStep::Unmap(Some(seq));
+            }
+            keep.push(s);
+        }
+        st.stale = keep;
+        self.stale_any.store(!st.stale.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Sends the cleanup UNMAPs of stale MAPs and waits for them once.
+    pub(in crate::iommu) fn drain_stale(&self) -> Result<()> {
+        let seqs: Vec<u64> = {
+            let mut st = self.state.lock();
+            self.settle_stale(&mut st);
+            st.stale
+                .iter()
+                .filter_map(|s| match s.step {
+                    StaleStep::Unmap(Some(seq)) => Some(seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.port.wait_complete(&seqs)?;
+        self.settle_stale(&mut self.state.lock());
+        Ok(())
+    }
+
+    /// Whether `[start, last]` touches a stale MAP's range (after taking
+    /// in the replies that have come).
+    pub(crate) fn is_stale(&self, start: u64, last: u64) -> bool {
+        let mut st = self.state.lock();
+        self.settle_stale(&mut st);
+        st.stale.iter().any(|s| s.iova <= last && start <= s.last)
+    }
+
+    /// Waits for ops and rolls back failures in the tree; first error wins.
+    pub(in crate::iommu) fn finish(&self, ops: Vec<PendingOp>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<u64> = ops.iter().map(PendingOp::seq).collect();
+        let replies = self.port.wait(&seqs);
+        self.settle_ops(ops, replies)
+    }
+
+    /// Rolls back the failures among `ops` (by their replies) in the tree;
+    /// first error wins.
+    pub(in crate::iommu) fn settle_ops(
+        &self,
+        ops: Vec<PendingOp>,
+        replies: Result<Replies>,
+    ) -> Result<()> {
+        let mut st = self.state.lock();
+        let replies = match replies {
+            Ok(r) => r,
+            Err(e) => {
+                // No answer (timeout, reset): roll back as for a failure,
+                // but a MAP's range stays blocked until the device answers.
+                for op in ops {
+                    match op {
+                        PendingOp::Map { seq, iova, last } => {
+                            st.undo_map(iova, last);
+                            st.stale.push(Stale { step: StaleStep::Map(seq), iova, last });
+                            self.stale_any.store(true, Ordering::Relaxed);
+                        }
+                        PendingOp::Unmap { seq, removed, .. } => {
+                            self.port.abandon(&[seq]);
+                            st.undo_unmap(removed);
+                        }
+                    }
+                }
+                self.port.counters().sync_error();
+                return Err(e);
+            }
+        };
+        let mut first = None;
+        let ops = if replies.all_ok() { Vec::new() } else { ops };
+        for (i, op) in ops.into_iter().enumerate() {
+            let Err(e) = replies.result(i) else { continue };
+            match op {
+                PendingOp::Map { iova, last, .. } => {
+                    st.undo_map(iova, last);
+                    if may_have_applied(&e) {
+                        // Unmap it to be sure; the range waits for that.
+                        st.stale.push(Stale { step: StaleStep::Unmap(None), iova, last });
+                        self.stale_any.store(true, Ordering::Relaxed);
+                    }
+                }
+                PendingOp::Unmap { removed, .. } => st.undo_unmap(removed),
+            }
+            first.get_or_insert(e);
+        }
+        self.settle_stale(&mut st);
+        match first {
+            Some(e) => {
+                self.port.counters().sync_error();
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}

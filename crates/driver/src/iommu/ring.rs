@@ -1,0 +1,336 @@
+//! The request queue: requests in 64-byte slots (or a buffer of their own),
+//! tickets, reaping completions.
+
+use alloc::collections::BTreeSet;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use smallvec::SmallVec;
+use viommu_proto::{RequestType, Status, REQUEST_QUEUE};
+
+use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::iommu::encode::Reqs;
+use crate::iommu::replies::SeqSet;
+use crate::iommu::{Replies, Reply, Seqs};
+use crate::queue::{Buffer, QueueError, SplitQueue};
+use crate::{Error, Result};
+
+/// Request buffers are 64-byte slots: head + body (at most 36 bytes) at 0,
+/// the device-writable tail at `TAIL_OFF`.
+const SLOT_SIZE: usize = 64;
+const TAIL_OFF: usize = 48;
+const TAIL_LEN: usize = 4;
+
+pub(in crate::iommu) fn dma_write(region: &DmaRegion, off: usize, bytes: &[u8]) {
+    assert!(off + bytes.len() <= region.pages * PAGE_SIZE);
+    // SAFETY: in bounds (checked above) of a region the HAL keeps valid until
+    // we free it; the device reads it only after the ring publishes it.
+    unsafe {
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), region.vaddr.as_ptr().add(off), bytes.len())
+    }
+}
+
+pub(in crate::iommu) fn dma_read(region: &DmaRegion, off: usize, out: &mut [u8]) {
+    assert!(off + out.len() <= region.pages * PAGE_SIZE);
+    // SAFETY: in bounds (checked above); the device finished writing before it
+    // returned the chain, and pop_used fenced after seeing it.
+    unsafe {
+        core::ptr::copy_nonoverlapping(region.vaddr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+    }
+}
+
+/// `Inflight::slot` of a request with a buffer of its own (PROBE).
+const OWN_BUF: u16 = u16::MAX;
+
+struct Inflight {
+    seq: u64,
+    request: RequestType,
+    /// Its request slot, or [`OWN_BUF`].
+    slot: u16,
+}
+
+/// The buffer of a request too big for a slot (PROBE), while in flight.
+struct OwnBuf {
+    head: u16,
+    region: DmaRegion,
+    readable: usize,
+    props: usize,
+}
+
+fn reply_result(request: RequestType, used_len: u32, status_byte: u8) -> Result<()> {
+    if (used_len as usize) < TAIL_LEN {
+        return Err(Error::NoResponse { request, used_len });
+    }
+    match Status::from_u8(status_byte) {
+        Some(Status::Ok) => Ok(()),
+        Some(status) => Err(Error::Device { request, status }),
+        None => Err(Error::BadStatus { request, value: status_byte }),
+    }
+}
+
+pub(in crate::iommu) struct ReqQueue<H: Hal> {
+    hal: Arc<H>,
+    pub(in crate::iommu) vq: SplitQueue<H>,
+    slots: DmaRegion,
+    free_slots: Vec<u16>,
+    inflight: Vec<Option<Inflight>>,
+    /// Buffers of PROBEs in flight.
+    own: Vec<OwnBuf>,
+    /// Tickets that succeeded with nothing to hand over, until their owner
+    /// takes them: one range for a batch, instead of one record each.
+    ok: SeqSet,
+    /// Other replies (failures, PROBE properties) by ticket, sorted.
+    replies: Vec<(u64, Reply)>,
+    /// Tickets whose waiter gave up: their replies are dropped on arrival.
+    pub(in crate::iommu) abandoned: BTreeSet<u64>,
+    pub(in crate::iommu) next_seq: u64,
+    /// Requests made available but not yet covered by a notify.
+    pub(in crate::iommu) unkicked: u64,
+}
+
+impl<H: Hal> ReqQueue<H> {
+    pub(in crate::iommu) fn new(
+        hal: Arc<H>,
+        size: u16,
+        event_idx: bool,
+        indirect: bool,
+    ) -> Result<Self> {
+        let mut vq = SplitQueue::new(hal.clone(), REQUEST_QUEUE, size, event_idx)?;
+        // A request is 2 buffers: 2 descriptors, or 1 pointing to its table.
+        let nslots = if indirect {
+            vq.enable_indirect(2)?;
+            size
+        } else {
+            (size / 2).max(1)
+        };
+        let pages = (nslots as usize * SLOT_SIZE).div_ceil(PAGE_SIZE);
+        let slots = hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
+        let mut inflight = Vec::new();
+        inflight.resize_with(size as usize, || None);
+        Ok(Self {
+            hal,
+            vq,
+            slots,
+            free_slots: (0..nslots).rev().collect(),
+            inflight,
+            own: Vec::new(),
+            ok: SeqSet::default(),
+            replies: Vec::new(),
+            abandoned: BTreeSet::new(),
+            next_seq: 0,
+            unkicked: 0,
+        })
+    }
+
+    /// Adds `reqs[seqs.len()..]` in order, without publishing them, until
+    /// the ring or the slots are full. Tickets go to `seqs`.
+    pub(in crate::iommu) fn add_from(
+        &mut self,
+        reqs: &Reqs<'_>,
+        props: usize,
+        seqs: &mut Seqs,
+    ) -> Result<()> {
+        // Tickets of one lock hold are consecutive: appended in one go.
+        let (first, start) = (self.next_seq, seqs.len());
+        let mut i = start;
+        let mut result = Ok(());
+        while i < reqs.len() {
+            let added = if props == 0 && reqs.encoded_len(i) <= TAIL_OFF {
+                self.add_slot(reqs, i)
+            } else {
+                match self.add_own(reqs, i, props) {
+                    Ok(added) => added,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            };
+            if added.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        debug_assert_eq!(self.next_seq - first, (i - start) as u64);
+        seqs.extend(first..self.next_seq);
+        result
+    }
+
+    /// Adds request `i` in a slot; `None` when the ring or the slots are full.
+    fn add_slot(&mut self, reqs: &Reqs<'_>, i: usize) -> Option<u64> {
+        let &slot = self.free_slots.last()?;
+        let off = slot as usize * SLOT_SIZE;
+        debug_assert!(off + SLOT_SIZE <= self.slots.pages * PAGE_SIZE);
+        let len = reqs.encoded_len(i);
+        // SAFETY: the slot lies inside the slot region (one per index below
+        // `nslots`), is free (the device does not own it) and holds the
+        // request (at most TAIL_OFF bytes, checked by the caller) and the tail.
+        unsafe {
+            let p = self.slots.vaddr.as_ptr().add(off);
+            reqs.encode(i, p);
+            p.add(TAIL_OFF).cast::<u32>().write_unaligned(0);
+        }
+        let bus = self.slots.bus_addr + off as u64;
+        let bufs = [
+            Buffer::readable(bus, len as u32),
+            Buffer::writable(bus + TAIL_OFF as u64, TAIL_LEN as u32),
+        ];
+        let head = self.vq.add_unpublished(&bufs).ok()?;
+        self.free_slots.pop();
+        Some(self.track(head, reqs.request_type(i), slot))
+    }
+
+    /// Adds request `i` (a PROBE, or too big for a slot) with a buffer of
+    /// its own; `Ok(None)` when the ring is full.
+    fn add_own(&mut self, reqs: &Reqs<'_>, i: usize, props: usize) -> Result<Option<u64>> {
+        let len = reqs.encoded_len(i);
+        let pages = (len + props + TAIL_LEN).div_ceil(PAGE_SIZE);
+        let region = self.hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
+        // SAFETY: the region is ours and holds at least `len` bytes.
+        unsafe { reqs.encode(i, region.vaddr.as_ptr()) };
+        let bufs = [
+            Buffer::readable(region.bus_addr, len as u32),
+            Buffer::writable(region.bus_addr + len as u64, (props + TAIL_LEN) as u32),
+        ];
+        match self.vq.add_unpublished(&bufs) {
+            Ok(head) => {
+                self.own.push(OwnBuf { head, region, readable: len, props });
+                Ok(Some(self.track(head, reqs.request_type(i), OWN_BUF)))
+            }
+            Err(e) => {
+                // SAFETY: the device never saw this buffer.
+                unsafe { self.hal.dma_dealloc(region) };
+                match e {
+                    QueueError::Full => Ok(None),
+                    e => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    fn track(&mut self, head: u16, request: RequestType, slot: u16) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight[head as usize] = Some(Inflight { seq, request, slot });
+        seq
+    }
+
+    /// Pops every completion and records its reply under its ticket.
+    pub(in crate::iommu) fn reap(&mut self) {
+        while let Some(used) = self.vq.pop_used() {
+            let Some(inf) = self.inflight[used.token as usize].take() else { continue };
+            let mut props = Vec::new();
+            let status = if inf.slot != OWN_BUF {
+                let off = inf.slot as usize * SLOT_SIZE + TAIL_OFF;
+                debug_assert!(off < self.slots.pages * PAGE_SIZE);
+                self.free_slots.push(inf.slot);
+                // SAFETY: in the slot region (see add_slot); the device
+                // finished writing before it returned the chain, and
+                // pop_used fenced after seeing it.
+                unsafe { self.slots.vaddr.as_ptr().add(off).read_volatile() }
+            } else {
+                let Some(k) = self.own.iter().position(|o| o.head == used.token) else { continue };
+                let own = self.own.swap_remove(k);
+                let mut tail = [0u8; TAIL_LEN];
+                props.resize(own.props, 0);
+                dma_read(&own.region, own.readable, &mut props);
+                dma_read(&own.region, own.readable + own.props, &mut tail);
+                // SAFETY: the device has returned this buffer.
+                unsafe { self.hal.dma_dealloc(own.region) };
+                tail[0]
+            };
+            let result = reply_result(inf.request, used.len, status);
+            if !self.abandoned.is_empty() && self.abandoned.remove(&inf.seq) {
+                continue;
+            }
+            if result.is_ok() && props.is_empty() {
+                self.ok.insert(inf.seq);
+                continue;
+            }
+            let reply = (inf.seq, Reply { result, props });
+            match self.replies.last() {
+                Some(&(last, _)) if last > inf.seq => {
+                    let at = self.replies.partition_point(|(s, _)| *s < inf.seq);
+                    self.replies.insert(at, reply);
+                }
+                _ => self.replies.push(reply),
+            }
+        }
+    }
+
+    /// Tickets on the ring (not yet returned by the device), sorted. Found
+    /// from the descriptors rather than kept in a set: only the rare waits
+    /// for completion need it, and a set costs every request an insert and
+    /// a remove.
+    pub(in crate::iommu) fn outstanding(&self) -> Vec<u64> {
+        let mut live: Vec<u64> = self.inflight.iter().flatten().map(|i| i.seq).collect();
+        live.sort_unstable();
+        live
+    }
+
+    fn find_reply(&self, seq: u64) -> Option<usize> {
+        self.replies.binary_search_by_key(&seq, |r| r.0).ok()
+    }
+
+    /// Takes the replies of `seqs` if all are in. A run of consecutive
+    /// successful tickets is checked and taken in one step.
+    pub(in crate::iommu) fn take(&mut self, seqs: &[u64]) -> Option<Replies> {
+        let n = self.ok.run_len(seqs);
+        if n > 0 && n == seqs.len() {
+            // The usual case: one run of consecutive successes.
+            self.ok.remove(seqs[0], seqs[n - 1] + 1);
+            return Some(Replies { len: n, others: Vec::new() });
+        }
+        // Steps: the length of each run of successes found, 0 for a reply
+        // kept as a record. Found first, taken only if all are in.
+        let mut steps: SmallVec<[usize; 4]> = SmallVec::new();
+        let mut i = 0;
+        while i < seqs.len() {
+            match self.ok.run_len(&seqs[i..]) {
+                0 if self.find_reply(seqs[i]).is_some() => i += 1,
+                0 => return None,
+                n => i += n,
+            }
+            steps.push(i);
+        }
+        let mut out = Replies { len: seqs.len(), others: Vec::new() };
+        let mut i = 0;
+        for end in steps {
+            if end - i == 1 && self.ok.end_of(seqs[i]).is_none() {
+                if let Some(k) = self.find_reply(seqs[i]) {
+                    out.others.push((i, self.replies.remove(k).1));
+                }
+            } else {
+                self.ok.remove(seqs[i], seqs[end - 1] + 1);
+            }
+            i = end;
+        }
+        Some(out)
+    }
+
+    /// Drops the reply of `seq` if it is in; false if it is not.
+    pub(in crate::iommu) fn forget(&mut self, seq: u64) -> bool {
+        if self.ok.end_of(seq).is_some() {
+            self.ok.remove(seq, seq + 1);
+            return true;
+        }
+        match self.find_reply(seq) {
+            Some(k) => {
+                self.replies.remove(k);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<H: Hal> Drop for ReqQueue<H> {
+    fn drop(&mut self) {
+        for own in self.own.drain(..) {
+            // SAFETY: the device was reset before the queue is dropped.
+            unsafe { self.hal.dma_dealloc(own.region) };
+        }
+        // SAFETY: as above.
+        unsafe { self.hal.dma_dealloc(self.slots) };
+    }
+}

@@ -1,0 +1,263 @@
+//! The state one IOMMU shares between its handles and domains, and the
+//! request path: submit, kick, wait.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use viommu_proto::{Request, RequestType, REQUEST_QUEUE};
+
+use crate::hal::Hal;
+use crate::iommu::counters::bump;
+use crate::iommu::domain::DomainInner;
+use crate::iommu::encode::{detach_req, Reqs};
+use crate::iommu::events::EventQueue;
+use crate::iommu::ring::ReqQueue;
+use crate::iommu::types::{DeviceInfo, DriverOptions, ResvRegion};
+use crate::iommu::{Counters, FaultHandler, Port, Replies, Seqs};
+use crate::sync::{relax, Mutex, Waiter};
+use crate::transport::{status, Transport, UsedWaiter};
+use crate::{Error, Result};
+
+pub(in crate::iommu) static NEXT_IOMMU_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Default)]
+pub(in crate::iommu) struct EndpointState {
+    /// Domain ID and domain, while attached.
+    pub(in crate::iommu) domain: Option<(u32, Weak<DomainInner>)>,
+    /// Reserved regions once probed.
+    pub(in crate::iommu) resv: Option<Vec<ResvRegion>>,
+    /// Regions given by the platform.
+    pub(in crate::iommu) extra: Vec<ResvRegion>,
+}
+
+pub(in crate::iommu) struct Shared<T: Transport, H: Hal> {
+    pub(in crate::iommu) id: u64,
+    pub(in crate::iommu) info: DeviceInfo,
+    pub(in crate::iommu) opts: DriverOptions,
+    pub(in crate::iommu) transport: Mutex<T>,
+    /// Waits for completions without the transport lock, if the transport has one.
+    pub(in crate::iommu) used_waiter: Option<Box<dyn UsedWaiter>>,
+    pub(in crate::iommu) req: Mutex<ReqQueue<H>>,
+    pub(in crate::iommu) events: Mutex<EventQueue<H>>,
+    pub(in crate::iommu) fault_handler: Mutex<Option<FaultHandler>>,
+    pub(in crate::iommu) domain_ids: Mutex<BTreeSet<u32>>,
+    /// Per-endpoint state, each behind its own lock: the table lock is held
+    /// only to find an entry, never across a request.
+    pub(in crate::iommu) endpoints: Mutex<BTreeMap<u32, Arc<Mutex<EndpointState>>>>,
+    pub(in crate::iommu) counters: Counters,
+}
+
+impl<T: Transport, H: Hal> Shared<T, H> {
+    /// The lock of one endpoint's state, created on first use.
+    pub(in crate::iommu) fn endpoint(&self, endpoint: u32) -> Arc<Mutex<EndpointState>> {
+        self.endpoints.lock().entry(endpoint).or_default().clone()
+    }
+
+    pub(in crate::iommu) fn notify(&self, queue: u16) {
+        self.transport.lock().notify(queue);
+    }
+
+    /// Decides on a notify for what was added since the last one, and counts it.
+    fn prepare_kick(&self, q: &mut ReqQueue<H>) -> bool {
+        let pending = q.vq.pending() as u64;
+        q.unkicked += pending;
+        let need = q.vq.kick_prepare();
+        if need {
+            self.counters.kick(q.unkicked);
+            q.unkicked = 0;
+        } else if pending > 0 {
+            bump(&self.counters.kicks_suppressed);
+        }
+        need
+    }
+
+    /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
+    /// notifies, waits for the device and goes on. Tickets go to `seqs`.
+    fn submit_into(&self, reqs: &Reqs<'_>, props: usize, seqs: &mut Seqs) -> Result<()> {
+        // Started at the first wait: most calls never wait (reading the clock is not free).
+        let mut waiter = None;
+        seqs.reserve(reqs.len());
+        loop {
+            let need = {
+                let mut q = self.req.lock();
+                q.reap();
+                let before = seqs.len();
+                let added = q.add_from(reqs, props, seqs);
+                // One index write for the whole batch.
+                q.vq.publish();
+                self.count_requests(reqs, before, seqs.len());
+                added?;
+                if seqs.len() == reqs.len() {
+                    return Ok(());
+                }
+                // Full ring: make sure the device sees what is there, then retry.
+                self.prepare_kick(&mut q)
+            };
+            if need {
+                self.notify(REQUEST_QUEUE);
+            }
+            self.wait_device(waiter.get_or_insert_with(|| self.waiter()))?;
+        }
+    }
+
+    /// Counts requests `from..to` of `reqs`: one atomic add per batch of MAPs or UNMAPs.
+    fn count_requests(&self, reqs: &Reqs<'_>, from: usize, to: usize) {
+        if from == to {
+            return;
+        }
+        let counter = |t: RequestType| &self.counters.requests[t as usize - 1];
+        match reqs {
+            Reqs::Any(_) => (from..to).for_each(|i| bump(counter(reqs.request_type(i)))),
+            _ => {
+                counter(reqs.request_type(from)).fetch_add((to - from) as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn waiter(&self) -> Waiter {
+        Waiter::new(self.opts.spin_limit, self.opts.timeout)
+    }
+
+    /// Waits a little for the device, without holding the request-queue lock
+    /// (nor, with a [`UsedWaiter`], the transport lock).
+    fn wait_device(&self, waiter: &mut Waiter) -> Result<()> {
+        let Some(spins) = waiter.poll() else {
+            bump(&self.counters.timeouts);
+            return Err(Error::Timeout);
+        };
+        if let Some(w) = &self.used_waiter {
+            // Each return is an interrupt or a slice of the transport's
+            // choosing, so the status is worth a look more often than when spinning.
+            if spins % 16 == 0 && self.transport.lock().status() & status::DEVICE_NEEDS_RESET != 0 {
+                return Err(Error::DeviceNeedsReset);
+            }
+            w.wait_for_used(REQUEST_QUEUE);
+            return Ok(());
+        }
+        match self.transport.try_lock() {
+            Some(mut t) => {
+                if spins % 1024 == 0 && t.status() & status::DEVICE_NEEDS_RESET != 0 {
+                    return Err(Error::DeviceNeedsReset);
+                }
+                t.wait_for_used(REQUEST_QUEUE);
+            }
+            None => relax(),
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
+    /// One sync: kicks, then reaps until `done` gives an answer.
+    fn sync_until<R>(&self, mut done: impl FnMut(&mut ReqQueue<H>) -> Option<R>) -> Result<R> {
+        bump(&self.counters.syncs);
+        self.kick();
+        // Started at the first wait: the answer is often in already.
+        let mut waiter = None;
+        loop {
+            {
+                let mut q = self.req.lock();
+                q.reap();
+                if let Some(r) = done(&mut q) {
+                    return Ok(r);
+                }
+            }
+            self.wait_device(waiter.get_or_insert_with(|| self.waiter()))?;
+        }
+    }
+}
+
+impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
+    fn submit(&self, req: &Request, props: usize) -> Result<u64> {
+        let mut seqs = Seqs::new();
+        self.submit_into(&Reqs::Any(core::slice::from_ref(req)), props, &mut seqs)?;
+        seqs.pop().ok_or(Error::Timeout)
+    }
+
+    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Seqs, (Seqs, Error)> {
+        let mut seqs = Seqs::new();
+        match self.submit_into(&reqs, 0, &mut seqs) {
+            Ok(()) => Ok(seqs),
+            Err(e) => Err((seqs, e)),
+        }
+    }
+
+    fn kick(&self) {
+        let need = self.prepare_kick(&mut self.req.lock());
+        if need {
+            self.notify(REQUEST_QUEUE);
+        }
+    }
+
+    fn wait(&self, seqs: &[u64]) -> Result<Replies> {
+        self.sync_until(|q| q.take(seqs))
+    }
+
+    fn wait_complete(&self, seqs: &[u64]) -> Result<()> {
+        self.sync_until(|q| {
+            let live = q.outstanding();
+            seqs.iter().all(|s| live.binary_search(s).is_err()).then_some(())
+        })
+    }
+
+    fn outstanding(&self, seqs: &[u64]) -> Vec<u64> {
+        let mut q = self.req.lock();
+        q.reap();
+        let live = q.outstanding();
+        seqs.iter().copied().filter(|s| live.binary_search(s).is_ok()).collect()
+    }
+
+    fn abandon(&self, seqs: &[u64]) {
+        let mut q = self.req.lock();
+        for &seq in seqs {
+            if !q.forget(seq) && seq < q.next_seq {
+                q.abandoned.insert(seq);
+            }
+        }
+    }
+
+    fn try_take(&self, seqs: &[u64]) -> Option<Replies> {
+        let mut q = self.req.lock();
+        q.reap();
+        q.take(seqs)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn domain_dropped(&self, id: u32, mut pending: Vec<u64>) {
+        {
+            let all: Vec<(u32, Arc<Mutex<EndpointState>>)> =
+                self.endpoints.lock().iter().map(|(&ep, st)| (ep, st.clone())).collect();
+            // The endpoints of this domain stay locked until their DETACH is
+            // done (in ID order, the only place that takes several).
+            let mut held = Vec::new();
+            for (ep, lock) in &all {
+                let mut st = lock.lock();
+                if matches!(st.domain, Some((d, _)) if d == id) {
+                    st.domain = None;
+                    if let Ok(seq) = self.submit(&detach_req(id, *ep), 0) {
+                        pending.push(seq);
+                    }
+                    held.push(st);
+                }
+            }
+            // Best effort: the handle is gone, nobody can take an error.
+            if !pending.is_empty() && self.wait_or_abandon(&pending).is_err() {
+                self.counters.sync_error();
+            }
+        }
+        self.domain_ids.lock().remove(&id);
+    }
+}
+
+impl<T: Transport, H: Hal> Drop for Shared<T, H> {
+    fn drop(&mut self) {
+        // Reset the device before the rings and buffers are freed.
+        self.transport.lock().set_status(0);
+    }
+}
