@@ -305,13 +305,15 @@ impl MappingTree {
         let (first, last) = (start >> self.shift, end >> self.shift);
         let at = removed.as_ref().map_or(0, |r| r.len());
         let small = self.count_starts(first, last);
-        if small * SWEEP_FACTOR >= self.pages.len() {
-            self.sweep_pages(first, last, removed.as_deref_mut());
-        } else {
-            self.remove_pages(first, last, removed.as_deref_mut());
+        if small > 0 {
+            if small * SWEEP_FACTOR >= self.pages.len() {
+                self.sweep_pages(first, last, removed.as_deref_mut());
+            } else {
+                self.remove_pages(first, last, removed.as_deref_mut());
+            }
+            self.clear_starts(first, last);
+            self.small -= small;
         }
-        self.clear_starts(first, last);
-        self.small -= small;
         let large: Vec<Mapping> = self
             .large
             .range(start..=end)
