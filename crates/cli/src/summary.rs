@@ -201,11 +201,12 @@ pub fn render(summaries: &[GroupSummary], host: Option<HostCosts>, threads: &[us
         }
         None => "CPU per I/O (pass --host or --exit-cost-ns to add exits)".into(),
     };
-    let threads: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
+    let names: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
     let _ = writeln!(
         out,
-        "\nsummary: ranked by {by}; medians, mean over {} threads; ties (≈) within {:.0}%",
-        threads.join("/"),
+        "\nsummary: ranked by {by}; medians, mean over {} thread{}; ties (≈) within {:.0}%",
+        names.join("/"),
+        if threads == [1] { "" } else { "s" },
         TIE * 100.0
     );
     for s in summaries {
