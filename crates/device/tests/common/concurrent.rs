@@ -38,6 +38,10 @@ pub fn overlapped(
                         }
                         read(t);
                         reads += 1;
+                        if now == steps.load(Ordering::Acquire) {
+                            // The writer made no step meanwhile: let it have the CPU.
+                            thread::yield_now();
+                        }
                     }
                     reads
                 })
