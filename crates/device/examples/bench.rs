@@ -255,7 +255,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// UNMAP over sparse address space: `k` mappings, each alone in its 512-granule chunk
+/// UNMAP over sparse address space: `k` mappings, each alone in its 64-granule chunk
 /// (2 MiB apart), removed by one UNMAP [0, u64::MAX]; and UNMAPs of the empty 2 MiB gaps
 /// between them. Shows that cost follows the removed mappings, not the range's size.
 fn sparse_unmap() {

@@ -76,9 +76,10 @@ impl EndpointConfig {
 /// ("If it cannot do so, the device MUST reject the request and set status to
 /// VIRTIO_IOMMU_S_UNSUPP").
 ///
-/// A live mapping costs at most about 300 bytes (page index entries for up to four
-/// granules, and in the sparsest case a start bitmap of its own); packed mappings cost far
-/// less. The default limits bound a guest to roughly 150 MiB of device memory.
+/// A live mapping costs page index entries for up to four granules and, in the sparsest
+/// case, a start bitmap of its own; packed mappings cost far less. What the default limits
+/// let a guest make the device hold is measured by `examples/memory.rs` (docs/device.md,
+/// "Memory a guest can cause").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Domains that may exist at once.
