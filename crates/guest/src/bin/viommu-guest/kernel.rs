@@ -47,9 +47,10 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
     res.check("iommu-domain-type", found.as_deref() == want, || {
         format!("{blk_bdf}: domain type {found:?}, want {want:?}")
     });
-    let marker = match boot.has_iommu() {
-        true => Some(BoundMarker::open(IOMMU_BDF, Config::BYPASS_OFFSET)?),
-        false => None,
+    let marker = if boot.has_iommu() {
+        Some(BoundMarker::open(IOMMU_BDF, Config::BYPASS_OFFSET)?)
+    } else {
+        None
     };
     Ok((Disk::open(KERNEL_DISK, hal)?, marker))
 }
