@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use viommu_driver::hal::{DmaRegion, Hal};
+use viommu_driver::hal::{DmaBuffer, Hal};
 use viommu_driver::CounterSnapshot;
 use viommu_guest::blk::{BlkOp, S_OK};
 use viommu_guest::mapper::{Mapper, RoundBuf};
@@ -29,17 +29,15 @@ pub struct Perf {
 pub fn run_workload(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, w: &Workload) -> Outcome<Perf> {
     let mut bufs = Vec::with_capacity(w.qd);
     for _ in 0..w.qd {
-        bufs.push(rig.hal.dma_alloc(w.buffer_pages()).ok_or("out of hugetlb memory for buffers")?);
+        let b = DmaBuffer::new(&rig.hal, w.buffer_pages());
+        bufs.push(b.ok_or("out of hugetlb memory for buffers")?);
     }
-    let result = run_on(rig, blk, m, w, &bufs);
+    let result = run_on(rig, blk, m, w, &mut bufs);
     if result.is_err() {
         drain(blk);
     }
-    for b in bufs {
-        // SAFETY: no request is in flight (the run finished or the device is
-        // wedged, in which case the suite ends right after).
-        unsafe { rig.hal.dma_dealloc(b) };
-    }
+    // The buffers are freed here: no request is in flight (the run finished
+    // or the device is wedged, in which case the suite ends right after).
     result
 }
 
@@ -59,12 +57,12 @@ fn drain(blk: &mut Blk) {
 type Inflight = (usize, u64, u64);
 
 /// The I/O loop of a workload over buffers `bufs`.
-fn run_on(
+fn run_on<H: Hal>(
     rig: &Rig,
     blk: &mut Blk,
     m: &mut dyn Mapper,
     w: &Workload,
-    bufs: &[DmaRegion],
+    bufs: &mut [DmaBuffer<H>],
 ) -> Outcome<Perf> {
     let n = w.bytes / w.size as u64;
     let write = w.op == BlkOp::Write;
@@ -103,7 +101,7 @@ fn run_on(
         in_dma += t.elapsed();
         round.clear();
         // Header + status + the data descriptors.
-        let per_req = m.max_descs(segments(&bufs[0], w).len()) + 2;
+        let per_req = m.max_descs(segments(bufs[0].region(), w).len()) + 2;
         let mut descs = blk.free_descriptors() as usize;
         while next + (round.len() as u64) < n && descs >= per_req {
             let Some(b) = free.pop() else { break };
@@ -114,13 +112,13 @@ fn run_on(
             if write {
                 let t = Instant::now();
                 for (i, &b) in round.iter().enumerate() {
-                    fill_buf(&bufs[b], w, w.base + (next + i as u64) * w.size as u64);
+                    fill_buf(&mut bufs[b], w, w.base + (next + i as u64) * w.size as u64);
                 }
                 untimed += t.elapsed();
             }
             let rb: Vec<_> = round
                 .iter()
-                .map(|&b| RoundBuf { segs: segments(&bufs[b], w), device_writes: !write })
+                .map(|&b| RoundBuf { segs: segments(bufs[b].region(), w), device_writes: !write })
                 .collect();
             let t = Instant::now();
             let mapped = m.map_round(&rb)?;

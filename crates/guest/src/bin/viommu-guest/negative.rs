@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use viommu_driver::hal::{DmaRegion, Hal};
+use viommu_driver::hal::{DmaBuffer, DmaRegion};
 use viommu_driver::{FaultRecord, Prot};
 use viommu_guest::blk::{BlkOp, VirtioBlk, S_OK};
 use viommu_guest::mapper::{Mapper, RoundBuf};
@@ -99,15 +99,16 @@ fn check_mapping_faults(
 fn neg_unmapped(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper) -> Outcome {
     let domain = rig.domain.clone().ok_or("no domain")?;
     let len = 4096u64;
-    let b = rig.hal.dma_alloc(1).ok_or("no memory")?;
+    // Freed on return: the device never had a mapping of it.
+    let mut b = DmaBuffer::new(&rig.hal, 1).ok_or("no memory")?;
     let r = (|| -> Outcome {
-        let iova = b.bus_addr;
+        let iova = b.paddr();
         if domain.iova_to_phys(iova).is_some() {
             return Err(format!("IOVA {iova:#x} is mapped: pick another").into());
         }
         // Device writes memory.
         rig.take_faults();
-        with_bytes_mut(&b, 0, len as usize, |s| s.fill(0xa5));
+        with_bytes_mut(&mut b, 0, len as usize, |s| s.fill(0xa5));
         blk.submit(BlkOp::Read, READ_BASE, &[(iova, len as u32)])?;
         blk.kick();
         let (faults, status) = collect_faults(rig, blk, true);
@@ -123,7 +124,7 @@ fn neg_unmapped(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper) -> Outcome {
         let old = pattern::DISK_TAG ^ 0x0eee;
         let secret = pattern::DISK_TAG ^ 0x5ec7;
         write_region(rig, blk, m, off, len as usize, old)?;
-        with_bytes_mut(&b, 0, len as usize, |s| pattern::fill(s, off, secret));
+        with_bytes_mut(&mut b, 0, len as usize, |s| pattern::fill(s, off, secret));
         rig.take_faults();
         blk.submit(BlkOp::Write, off, &[(iova, len as u32)])?;
         blk.kick();
@@ -131,7 +132,7 @@ fn neg_unmapped(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper) -> Outcome {
         let n = check_mapping_faults(&faults, iova, len, fault::F_ADDRESS)
             .map_err(|e| format!("device read: {e}"))?;
         println!("VG INFO unmapped, device read: {n} fault records, blk status {status:?}");
-        read_region_into(rig, blk, m, off, &b)?;
+        read_region_into(rig, blk, m, off, b.region())?;
         let leaked = bytes_at(&b, 0, len as usize).chunks_exact(8).enumerate().any(|(i, w)| {
             u64::from_le_bytes(w.try_into().expect("8 bytes"))
                 == pattern::word(off + i as u64 * 8, secret)
@@ -141,8 +142,6 @@ fn neg_unmapped(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper) -> Outcome {
         }
         Ok(())
     })();
-    // SAFETY: the device never had a mapping of this buffer.
-    unsafe { rig.hal.dma_dealloc(b) };
     r
 }
 
@@ -172,10 +171,11 @@ fn read_region_into(
 fn neg_read_only(rig: &Rig, blk: &mut Blk) -> Outcome {
     rig.take_faults();
     let domain = rig.domain.clone().ok_or("no domain")?;
-    let buf = rig.hal.dma_alloc(1).ok_or("no memory")?;
-    with_bytes_mut(&buf, 0, 4096, |s| s.fill(0xa5));
+    // Freed on return, after the unmap below.
+    let mut buf = DmaBuffer::new(&rig.hal, 1).ok_or("no memory")?;
+    with_bytes_mut(&mut buf, 0, 4096, |s| s.fill(0xa5));
     let len = 4096u64;
-    domain.map_pages(NEG_RO_IOVA, buf.bus_addr, len, Prot::READ)?;
+    domain.map_pages(NEG_RO_IOVA, buf.paddr(), len, Prot::READ)?;
     domain.iotlb_sync_map(NEG_RO_IOVA, len)?;
     let r = (|| -> Outcome {
         blk.submit(BlkOp::Read, READ_BASE, &[(NEG_RO_IOVA, len as u32)])?;
@@ -189,8 +189,6 @@ fn neg_read_only(rig: &Rig, blk: &mut Blk) -> Outcome {
         Ok(())
     })();
     let u = domain.unmap_pages(NEG_RO_IOVA, len).and_then(|_| domain.iotlb_sync());
-    // SAFETY: unmapped and no request in flight on it.
-    unsafe { rig.hal.dma_dealloc(buf) };
     r?;
     Ok(u?)
 }
@@ -204,18 +202,17 @@ fn neg_unattached(rig: &Rig, blk: Blk) -> Outcome {
     drop(blk); // resets the device
     iommu.detach(BLK_ENDPOINT)?;
     rig.take_faults();
+    // Allocated before the device and so freed after its reset, on every path.
+    let mut buf = DmaBuffer::new(&rig.hal, 1).ok_or("no memory")?;
     let t = PciTransport::open(BLK_BDF)?;
     let hal = Arc::new(rig.hal.clone());
     let mut blk = VirtioBlk::new(t, hal, 64, |r| Ok(r.bus_addr))?;
-    let buf = rig.hal.dma_alloc(1).ok_or("no memory")?;
-    with_bytes_mut(&buf, 0, 4096, |s| s.fill(0xa5));
-    blk.submit(BlkOp::Read, READ_BASE, &[(buf.bus_addr, 4096)])?;
+    with_bytes_mut(&mut buf, 0, 4096, |s| s.fill(0xa5));
+    blk.submit(BlkOp::Read, READ_BASE, &[(buf.paddr(), 4096)])?;
     blk.kick();
     let (faults, status) = collect_faults(rig, &mut blk, false);
     let moved = bytes_at(&buf, 0, 4096).iter().any(|&b| b != 0xa5);
-    drop(blk);
-    // SAFETY: the device is reset and never saw a mapping of this buffer.
-    unsafe { rig.hal.dma_dealloc(buf) };
+    drop(blk); // resets the device
     let mine: Vec<_> = faults.iter().filter(|f| f.endpoint == BLK_ENDPOINT).collect();
     if status.is_some() {
         return Err(format!(

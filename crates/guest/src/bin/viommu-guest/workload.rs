@@ -1,6 +1,6 @@
 //! The workload matrix and the buffers a workload moves data through.
 
-use viommu_driver::hal::{DmaRegion, PAGE_SIZE};
+use viommu_driver::hal::{DmaBuffer, DmaRegion, Hal, PAGE_SIZE};
 use viommu_guest::blk::BlkOp;
 use viommu_guest::pattern;
 
@@ -94,24 +94,21 @@ pub fn mbps(bytes: u64, secs: f64) -> f64 {
 }
 
 /// `len` bytes at offset `at` of a buffer, read while no request uses it.
-pub fn bytes_at(r: &DmaRegion, at: usize, len: usize) -> &[u8] {
-    assert!(at + len <= r.pages * PAGE_SIZE);
-    // SAFETY: the range lies in the region, which is ours (from the HAL);
-    // the device touches it only while a request is in flight, and we read
-    // it only when none is.
-    unsafe { std::slice::from_raw_parts(r.vaddr.as_ptr().add(at), len) }
+pub fn bytes_at<H: Hal>(r: &DmaBuffer<H>, at: usize, len: usize) -> &[u8] {
+    // SAFETY: the device touches the buffer only while a request is in
+    // flight, and we read it only when none is.
+    unsafe { r.as_slice(at, len) }
 }
 
 /// Runs `f` on `len` bytes at offset `at` of a buffer no request uses.
-pub fn with_bytes_mut<R>(
-    r: &DmaRegion,
+pub fn with_bytes_mut<H: Hal, R>(
+    r: &mut DmaBuffer<H>,
     at: usize,
     len: usize,
     f: impl FnOnce(&mut [u8]) -> R,
 ) -> R {
-    assert!(at + len <= r.pages * PAGE_SIZE);
     // SAFETY: as in `bytes_at`; the slice does not outlive this call.
-    f(unsafe { std::slice::from_raw_parts_mut(r.vaddr.as_ptr().add(at), len) })
+    f(unsafe { r.as_mut_slice(at, len) })
 }
 
 /// The physical segments of a workload buffer: one run, or (scattered)
@@ -130,18 +127,18 @@ fn segment_offsets(r: &DmaRegion, w: &Workload) -> impl Iterator<Item = (usize, 
 }
 
 /// Fills a buffer with the pattern of disk offset `off`.
-pub fn fill_buf(r: &DmaRegion, w: &Workload, off: u64) {
+pub fn fill_buf<H: Hal>(r: &mut DmaBuffer<H>, w: &Workload, off: u64) {
     let mut disk = off;
-    for (at, len) in segment_offsets(r, w) {
+    for (at, len) in segment_offsets(r.region(), w) {
         with_bytes_mut(r, at, len, |s| pattern::fill(s, disk, w.tag));
         disk += len as u64;
     }
 }
 
 /// Checks a buffer against the pattern of disk offset `off`.
-pub fn check_buf(r: &DmaRegion, w: &Workload, off: u64) -> Result<(), String> {
+pub fn check_buf<H: Hal>(r: &DmaBuffer<H>, w: &Workload, off: u64) -> Result<(), String> {
     let mut disk = off;
-    for (at, len) in segment_offsets(r, w) {
+    for (at, len) in segment_offsets(r.region(), w) {
         pattern::check(bytes_at(r, at, len), disk, w.tag)
             .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
         disk += len as u64;
