@@ -15,9 +15,8 @@ use core::ptr::NonNull;
 pub const PAGE_SIZE: usize = 4096;
 
 /// A physically contiguous DMA allocation, as a [`Hal`] hands it out and
-/// takes it back.
-// TODO(drvmodel): drop Copy once the driver's iommu code holds DmaBuffers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// takes it back. Not `Copy`: whoever holds it owns the memory.
+#[derive(Debug, PartialEq, Eq)]
 pub struct DmaRegion {
     /// Address the device uses.
     pub bus_addr: u64,

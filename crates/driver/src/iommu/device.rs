@@ -7,7 +7,7 @@ use core::sync::atomic::Ordering;
 
 use viommu_proto::{features as f, Config, EVENT_QUEUE, REQUEST_QUEUE};
 
-use crate::hal::{Hal, PAGE_SIZE};
+use crate::hal::{DmaBuffer, Hal, PAGE_SIZE};
 use crate::iommu::counters::CounterSnapshot;
 use crate::iommu::events::{EventQueue, EVENT_BUF};
 use crate::iommu::ring::ReqQueue;
@@ -170,10 +170,9 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
             let req = ReqQueue::new(hal.clone(), info.queue_sizes.0, event_idx, indirect)?;
             let n = info.queue_sizes.1;
             let vq = SplitQueue::new(hal.clone(), EVENT_QUEUE, n, event_idx)?;
-            let bufs = hal
-                .dma_alloc((n as usize * EVENT_BUF).div_ceil(PAGE_SIZE))
-                .ok_or(Error::NoMemory)?;
-            let mut ev = EventQueue { vq, bufs, buf_of: vec![0; n as usize], hal: hal.clone() };
+            let pages = (n as usize * EVENT_BUF).div_ceil(PAGE_SIZE);
+            let bufs = DmaBuffer::new(hal.clone(), pages).ok_or(Error::NoMemory)?;
+            let mut ev = EventQueue { vq, bufs, buf_of: vec![0; n as usize] };
             for b in 0..n {
                 ev.post(b)?;
             }

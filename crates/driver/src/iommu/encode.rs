@@ -43,41 +43,34 @@ impl Reqs<'_> {
         }
     }
 
-    /// Writes request `i` (head + body) at `p`.
-    ///
-    /// # Safety
-    /// `p` must be valid for writes of [`Self::encoded_len`] bytes.
-    pub(in crate::iommu) unsafe fn encode(&self, i: usize, p: *mut u8) {
-        // SAFETY: the caller gives room for the request; all writes are unaligned.
-        unsafe {
-            let put32 = |off: usize, v: u32| p.add(off).cast::<u32>().write_unaligned(v.to_le());
-            let put64 = |off: usize, v: u64| p.add(off).cast::<u64>().write_unaligned(v.to_le());
-            match self {
-                Self::Any(r) => {
-                    let body = r[i].body_bytes();
-                    put32(0, r[i].request_type() as u32);
-                    core::ptr::copy_nonoverlapping(body.as_ptr(), p.add(4), body.len());
-                }
-                Self::Maps(domain, maps) => {
-                    // Layout of virtio_iommu_req_map: head, domain, virt_start,
-                    // virt_end, phys_start, flags.
-                    let m = &maps[i];
-                    put32(0, RequestType::Map as u32);
-                    put32(4, *domain);
-                    put64(8, m.iova);
-                    put64(16, m.last);
-                    put64(24, m.paddr);
-                    put32(32, m.prot.0);
-                }
-                Self::Unmaps(domain, ranges) => {
-                    // virtio_iommu_req_unmap: head, domain, virt_start, virt_end, reserved.
-                    let (first, last) = ranges[i];
-                    put32(0, RequestType::Unmap as u32);
-                    put32(4, *domain);
-                    put64(8, first);
-                    put64(16, last);
-                    put32(24, 0);
-                }
+    /// Writes request `i` (head + body) at the start of `out`, which
+    /// holds at least [`Self::encoded_len`] bytes.
+    pub(in crate::iommu) fn encode(&self, i: usize, out: &mut [u8]) {
+        let mut put = |off: usize, b: &[u8]| out[off..off + b.len()].copy_from_slice(b);
+        match self {
+            Self::Any(r) => {
+                put(0, &(r[i].request_type() as u32).to_le_bytes());
+                put(4, r[i].body_bytes());
+            }
+            Self::Maps(domain, maps) => {
+                // Layout of virtio_iommu_req_map: head, domain, virt_start,
+                // virt_end, phys_start, flags.
+                let m = &maps[i];
+                put(0, &(RequestType::Map as u32).to_le_bytes());
+                put(4, &domain.to_le_bytes());
+                put(8, &m.iova.to_le_bytes());
+                put(16, &m.last.to_le_bytes());
+                put(24, &m.paddr.to_le_bytes());
+                put(32, &m.prot.0.to_le_bytes());
+            }
+            Self::Unmaps(domain, ranges) => {
+                // virtio_iommu_req_unmap: head, domain, virt_start, virt_end, reserved.
+                let (first, last) = ranges[i];
+                put(0, &(RequestType::Unmap as u32).to_le_bytes());
+                put(4, &domain.to_le_bytes());
+                put(8, &first.to_le_bytes());
+                put(16, &last.to_le_bytes());
+                put(24, &[0; 4]);
             }
         }
     }
@@ -144,13 +137,11 @@ mod tests {
             let n = req.encode(&mut want).expect("fits");
             let mut got = [0xaau8; 64];
             assert_eq!(fast.encoded_len(0), n);
-            // SAFETY: 64 bytes are room for any request with a body of at most 36.
-            unsafe { fast.encode(0, got.as_mut_ptr()) };
+            fast.encode(0, &mut got);
             assert_eq!(got[..n], want[..n]);
             let any = [req];
             let mut again = [0xaau8; 64];
-            // SAFETY: as above.
-            unsafe { Reqs::Any(&any).encode(0, again.as_mut_ptr()) };
+            Reqs::Any(&any).encode(0, &mut again);
             assert_eq!(again[..n], want[..n]);
         };
         check(Reqs::Maps(7, core::slice::from_ref(&m)), map_req(7, &m));

@@ -6,10 +6,9 @@ use alloc::vec::Vec;
 use viommu_proto::{FaultEvent, EVENT_QUEUE};
 use zerocopy::FromBytes;
 
-use crate::hal::{DmaRegion, Hal};
+use crate::hal::{DmaBuffer, Hal};
 use crate::iommu::counters::bump;
 use crate::iommu::device::VirtioIommu;
-use crate::iommu::ring::{dma_read, dma_write};
 use crate::iommu::shared::Shared;
 use crate::iommu::types::FaultRecord;
 use crate::iommu::FaultHandler;
@@ -19,27 +18,20 @@ use crate::Result;
 
 pub(in crate::iommu) struct EventQueue<H: Hal> {
     pub(in crate::iommu) vq: SplitQueue<H>,
-    pub(in crate::iommu) bufs: DmaRegion,
+    /// The event buffers, freed after the device is reset.
+    pub(in crate::iommu) bufs: DmaBuffer<Arc<H>>,
     /// Event buffer index by head token.
     pub(in crate::iommu) buf_of: Vec<u16>,
-    pub(in crate::iommu) hal: Arc<H>,
 }
 
 pub(in crate::iommu) const EVENT_BUF: usize = 64;
 
 impl<H: Hal> EventQueue<H> {
     pub(in crate::iommu) fn post(&mut self, buf: u16) -> Result<()> {
-        let bus = self.bufs.bus_addr + (buf as usize * EVENT_BUF) as u64;
+        let bus = self.bufs.paddr() + (buf as usize * EVENT_BUF) as u64;
         let head = self.vq.add(&[Buffer::writable(bus, EVENT_BUF as u32)])?;
         self.buf_of[head as usize] = buf;
         Ok(())
-    }
-}
-
-impl<H: Hal> Drop for EventQueue<H> {
-    fn drop(&mut self) {
-        // SAFETY: the device was reset before the queue is dropped.
-        unsafe { self.hal.dma_dealloc(self.bufs) };
     }
 }
 
@@ -52,7 +44,7 @@ impl<T: Transport, H: Hal> Shared<T, H> {
         let Some(used) = ev.vq.pop_used() else { return Ok(None) };
         let buf = ev.buf_of[used.token as usize];
         let mut bytes = [0u8; EVENT_BUF];
-        dma_read(&ev.bufs, buf as usize * EVENT_BUF, &mut bytes);
+        ev.bufs.read(buf as usize * EVENT_BUF, &mut bytes);
         let record = match FaultEvent::read_from_prefix(&bytes) {
             Ok((e, _)) if used.len as usize >= size_of::<FaultEvent>() => Some(FaultRecord {
                 reason: e.reason,
@@ -66,7 +58,7 @@ impl<T: Transport, H: Hal> Shared<T, H> {
                 None
             }
         };
-        dma_write(&ev.bufs, buf as usize * EVENT_BUF, &[0; EVENT_BUF]);
+        ev.bufs.fill(buf as usize * EVENT_BUF, EVENT_BUF, 0);
         ev.post(buf)?;
         Ok(Some(record))
     }

@@ -3,12 +3,13 @@
 
 use alloc::collections::BTreeSet;
 use alloc::sync::Arc;
+use alloc::vec;
 use alloc::vec::Vec;
 
 use smallvec::SmallVec;
 use viommu_proto::{RequestType, Status, REQUEST_QUEUE};
 
-use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::hal::{DmaBuffer, Hal, PAGE_SIZE};
 use crate::iommu::encode::Reqs;
 use crate::iommu::replies::SeqSet;
 use crate::iommu::{Replies, Reply, Seqs};
@@ -21,24 +22,6 @@ const SLOT_SIZE: usize = 64;
 const TAIL_OFF: usize = 48;
 const TAIL_LEN: usize = 4;
 
-pub(in crate::iommu) fn dma_write(region: &DmaRegion, off: usize, bytes: &[u8]) {
-    assert!(off + bytes.len() <= region.pages * PAGE_SIZE);
-    // SAFETY: in bounds (checked above) of a region the HAL keeps valid until
-    // we free it; the device reads it only after the ring publishes it.
-    unsafe {
-        core::ptr::copy_nonoverlapping(bytes.as_ptr(), region.vaddr.as_ptr().add(off), bytes.len())
-    }
-}
-
-pub(in crate::iommu) fn dma_read(region: &DmaRegion, off: usize, out: &mut [u8]) {
-    assert!(off + out.len() <= region.pages * PAGE_SIZE);
-    // SAFETY: in bounds (checked above); the device finished writing before it
-    // returned the chain, and pop_used fenced after seeing it.
-    unsafe {
-        core::ptr::copy_nonoverlapping(region.vaddr.as_ptr().add(off), out.as_mut_ptr(), out.len())
-    }
-}
-
 /// `Inflight::slot` of a request with a buffer of its own (PROBE).
 const OWN_BUF: u16 = u16::MAX;
 
@@ -50,9 +33,9 @@ struct Inflight {
 }
 
 /// The buffer of a request too big for a slot (PROBE), while in flight.
-struct OwnBuf {
+struct OwnBuf<H: Hal> {
     head: u16,
-    region: DmaRegion,
+    region: DmaBuffer<Arc<H>>,
     readable: usize,
     props: usize,
 }
@@ -71,11 +54,11 @@ fn reply_result(request: RequestType, used_len: u32, status_byte: u8) -> Result<
 pub(in crate::iommu) struct ReqQueue<H: Hal> {
     hal: Arc<H>,
     pub(in crate::iommu) vq: SplitQueue<H>,
-    slots: DmaRegion,
+    slots: DmaBuffer<Arc<H>>,
     free_slots: Vec<u16>,
     inflight: Vec<Option<Inflight>>,
     /// Buffers of PROBEs in flight.
-    own: Vec<OwnBuf>,
+    own: Vec<OwnBuf<H>>,
     /// Tickets that succeeded with nothing to hand over, until their owner
     /// takes them: one range for a batch, instead of one record each.
     ok: SeqSet,
@@ -104,7 +87,7 @@ impl<H: Hal> ReqQueue<H> {
             (size / 2).max(1)
         };
         let pages = (nslots as usize * SLOT_SIZE).div_ceil(PAGE_SIZE);
-        let slots = hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
+        let slots = DmaBuffer::new(hal.clone(), pages).ok_or(Error::NoMemory)?;
         let mut inflight = Vec::new();
         inflight.resize_with(size as usize, || None);
         Ok(Self {
@@ -160,17 +143,14 @@ impl<H: Hal> ReqQueue<H> {
     fn add_slot(&mut self, reqs: &Reqs<'_>, i: usize) -> Option<u64> {
         let &slot = self.free_slots.last()?;
         let off = slot as usize * SLOT_SIZE;
-        debug_assert!(off + SLOT_SIZE <= self.slots.pages * PAGE_SIZE);
         let len = reqs.encoded_len(i);
-        // SAFETY: the slot lies inside the slot region (one per index below
-        // `nslots`), is free (the device does not own it) and holds the
-        // request (at most TAIL_OFF bytes, checked by the caller) and the tail.
-        unsafe {
-            let p = self.slots.vaddr.as_ptr().add(off);
-            reqs.encode(i, p);
-            p.add(TAIL_OFF).cast::<u32>().write_unaligned(0);
-        }
-        let bus = self.slots.bus_addr + off as u64;
+        // The slot is free: the device does not own it. The request takes at
+        // most TAIL_OFF bytes (checked by the caller).
+        let mut req = [0u8; TAIL_OFF];
+        reqs.encode(i, &mut req);
+        self.slots.write(off, &req[..len]);
+        self.slots.write(off + TAIL_OFF, &[0; TAIL_LEN]);
+        let bus = self.slots.paddr() + off as u64;
         let bufs = [
             Buffer::readable(bus, len as u32),
             Buffer::writable(bus + TAIL_OFF as u64, TAIL_LEN as u32),
@@ -185,26 +165,23 @@ impl<H: Hal> ReqQueue<H> {
     fn add_own(&mut self, reqs: &Reqs<'_>, i: usize, props: usize) -> Result<Option<u64>> {
         let len = reqs.encoded_len(i);
         let pages = (len + props + TAIL_LEN).div_ceil(PAGE_SIZE);
-        let region = self.hal.dma_alloc(pages).ok_or(Error::NoMemory)?;
-        // SAFETY: the region is ours and holds at least `len` bytes.
-        unsafe { reqs.encode(i, region.vaddr.as_ptr()) };
+        let mut region = DmaBuffer::new(self.hal.clone(), pages).ok_or(Error::NoMemory)?;
+        let mut req = vec![0u8; len];
+        reqs.encode(i, &mut req);
+        region.write(0, &req);
+        let bus = region.paddr();
         let bufs = [
-            Buffer::readable(region.bus_addr, len as u32),
-            Buffer::writable(region.bus_addr + len as u64, (props + TAIL_LEN) as u32),
+            Buffer::readable(bus, len as u32),
+            Buffer::writable(bus + len as u64, (props + TAIL_LEN) as u32),
         ];
         match self.vq.add_unpublished(&bufs) {
             Ok(head) => {
                 self.own.push(OwnBuf { head, region, readable: len, props });
                 Ok(Some(self.track(head, reqs.request_type(i), OWN_BUF)))
             }
-            Err(e) => {
-                // SAFETY: the device never saw this buffer.
-                unsafe { self.hal.dma_dealloc(region) };
-                match e {
-                    QueueError::Full => Ok(None),
-                    e => Err(e.into()),
-                }
-            }
+            // The device never saw the buffer, which goes with `region`.
+            Err(QueueError::Full) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -221,22 +198,20 @@ impl<H: Hal> ReqQueue<H> {
             let Some(inf) = self.inflight[used.token as usize].take() else { continue };
             let mut props = Vec::new();
             let status = if inf.slot != OWN_BUF {
-                let off = inf.slot as usize * SLOT_SIZE + TAIL_OFF;
-                debug_assert!(off < self.slots.pages * PAGE_SIZE);
+                // The device finished writing before it returned the chain,
+                // and pop_used fenced after seeing it.
+                let mut status = [0u8];
+                self.slots.read(inf.slot as usize * SLOT_SIZE + TAIL_OFF, &mut status);
                 self.free_slots.push(inf.slot);
-                // SAFETY: in the slot region (see add_slot); the device
-                // finished writing before it returned the chain, and
-                // pop_used fenced after seeing it.
-                unsafe { self.slots.vaddr.as_ptr().add(off).read_volatile() }
+                status[0]
             } else {
                 let Some(k) = self.own.iter().position(|o| o.head == used.token) else { continue };
                 let own = self.own.swap_remove(k);
                 let mut tail = [0u8; TAIL_LEN];
                 props.resize(own.props, 0);
-                dma_read(&own.region, own.readable, &mut props);
-                dma_read(&own.region, own.readable + own.props, &mut tail);
-                // SAFETY: the device has returned this buffer.
-                unsafe { self.hal.dma_dealloc(own.region) };
+                // The device has returned the buffer, freed at the end of this arm.
+                own.region.read(own.readable, &mut props);
+                own.region.read(own.readable + own.props, &mut tail);
                 tail[0]
             };
             let result = reply_result(inf.request, used.len, status);
@@ -321,16 +296,5 @@ impl<H: Hal> ReqQueue<H> {
             }
             None => false,
         }
-    }
-}
-
-impl<H: Hal> Drop for ReqQueue<H> {
-    fn drop(&mut self) {
-        for own in self.own.drain(..) {
-            // SAFETY: the device was reset before the queue is dropped.
-            unsafe { self.hal.dma_dealloc(own.region) };
-        }
-        // SAFETY: as above.
-        unsafe { self.hal.dma_dealloc(self.slots) };
     }
 }
