@@ -1,9 +1,11 @@
 //! Prints the per-operation cost of MAP, UNMAP and translate (hit and miss) at 1k, 16k and
 //! 256k live mappings, through the full virtqueue path (128 requests per kick) and directly,
-//! and the request rate through the queue.
+//! and the request rate through the queue; then the cost of a lease on the hit path (plain
+//! translate, translate + lease + release, and with a 16-byte access) from 1, 2 and 4
+//! threads.
 //!
 //! ```text
-//! cargo run --release -p viommu-device --example bench [-- --quick | --sparse | --bulk]
+//! cargo run --release -p viommu-device --example bench [-- --quick | --sparse | --bulk | --leases]
 //! ```
 
 use std::collections::BTreeMap;
@@ -402,6 +404,134 @@ fn bulk_unmap() {
     );
 }
 
+/// The three hit-path variants timed per thread.
+#[derive(Clone, Copy)]
+enum HitPath {
+    /// The lookup alone, no lease (what translate cost before leases).
+    Plain,
+    /// translate(): lookup under a lease, released at once.
+    Leased,
+    /// translate(), a 16-byte read through the translation, release.
+    LeasedAccess,
+}
+
+/// CPU time the calling thread has used, in seconds: on a loaded host (more runnable
+/// threads than cores) wall-clock time would count the time others ran.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock ID is a constant Linux knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// CPU nanoseconds per operation per thread (median over batches of 10k, averaged over
+/// threads), `threads` threads each doing `per_thread` hits on random live pages; started
+/// together at a barrier.
+fn time_hits(
+    iommu: &Iommu,
+    mem: &Mem,
+    addrs: &[u64],
+    threads: usize,
+    per_thread: usize,
+    path: HitPath,
+) -> f64 {
+    let start = std::sync::Barrier::new(threads);
+    let per: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                s.spawn(move || {
+                    let mut buf = [0u8; 16];
+                    let off = t * 997;
+                    start.wait();
+                    let mut batches = vec![];
+                    for b in 0..per_thread / 10_000 {
+                        let t0 = thread_cpu_secs();
+                        for k in b * 10_000..(b + 1) * 10_000 {
+                            let a = addrs[(off + k) % addrs.len()];
+                            match path {
+                                HitPath::Plain => {
+                                    black_box(
+                                        iommu
+                                            .bench_translate_unleased(1, a, 16, Access::Read)
+                                            .unwrap(),
+                                    );
+                                }
+                                HitPath::Leased => {
+                                    black_box(iommu.translate(1, a, 16, Access::Read).unwrap());
+                                }
+                                HitPath::LeasedAccess => {
+                                    let tr = iommu.translate(1, a, 16, Access::Read).unwrap();
+                                    tr.read_at(mem, 0, &mut buf).unwrap();
+                                    black_box(&buf);
+                                }
+                            }
+                        }
+                        batches.push((thread_cpu_secs() - t0) / 10_000.0 * 1e9);
+                    }
+                    median(batches)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    per.iter().sum::<f64>() / per.len() as f64
+}
+
+/// The lowest of three runs of [`time_hits`]: the figure least disturbed by other load.
+fn best_of_3(
+    iommu: &Iommu,
+    mem: &Mem,
+    addrs: &[u64],
+    threads: usize,
+    per: usize,
+    path: HitPath,
+) -> f64 {
+    (0..3).map(|_| time_hits(iommu, mem, addrs, threads, per, path)).fold(f64::MAX, f64::min)
+}
+
+/// The lease rows: `n` live 4 KiB mappings onto 1 MiB of guest RAM; hits on 4096 random
+/// live pages (mostly missing the per-thread cache) and on 16 hot pages (cache hits).
+fn lease_rows(lookups: usize) {
+    println!("| live mappings | threads | random: translate, no lease | random: translate + lease + release | random: + 16-byte read | hot: translate, no lease | hot: translate + lease + release | lease overhead, hot / random |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [1u64 << 10, 1 << 14, 1 << 18] {
+        let cfg = DeviceConfig {
+            input_range: (0, u64::MAX),
+            limits: Limits { max_mappings_per_domain: 1 << 22, ..Limits::default() },
+            endpoints: vec![EndpointConfig::new(1)],
+            ..Default::default()
+        };
+        let iommu = Iommu::new(cfg).unwrap();
+        let attach =
+            AttachBody { domain: U32::new(1), endpoint: U32::new(1), ..Default::default() };
+        assert_eq!(iommu.execute(&Request::Attach(attach), &mut []), Status::Ok);
+        for i in 0..n {
+            assert_eq!(iommu.execute(&map(live(i), (i % 256) * PAGE), &mut []), Status::Ok);
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut rng = Rng(n ^ 0x1ea5e);
+        let addrs: Vec<u64> =
+            (0..4096).map(|_| live(rng.next() % n) + (rng.next() & 0xff0)).collect();
+        for threads in [1, 2, 4] {
+            let per = lookups / threads;
+            let run = |a: &[u64], path| best_of_3(&iommu, &mem, a, threads, per, path);
+            let plain = run(&addrs, HitPath::Plain);
+            let leased = run(&addrs, HitPath::Leased);
+            let access = run(&addrs, HitPath::LeasedAccess);
+            let hot_plain = run(&addrs[..16], HitPath::Plain);
+            let hot_leased = run(&addrs[..16], HitPath::Leased);
+            println!(
+                "| {}k | {threads} | {plain:.0} ns | {leased:.0} ns | {access:.0} ns | {hot_plain:.0} ns | {hot_leased:.0} ns | {:.0} / {:.0} ns |",
+                n >> 10,
+                hot_leased - hot_plain,
+                leased - plain
+            );
+        }
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--sparse") {
         sparse_unmap();
@@ -412,6 +542,10 @@ fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--leases") {
+        lease_rows(if quick { 100_000 } else { 1_000_000 });
+        return;
+    }
     let (mut batches, lookups) = if quick { (20, 200_000) } else { (200, 4_000_000) };
     if let Some(b) = std::env::var("BENCH_BATCHES").ok().and_then(|b| b.parse().ok()) {
         batches = b;
@@ -448,4 +582,6 @@ fn main() {
     sparse_unmap();
     println!();
     bulk_unmap();
+    println!();
+    lease_rows(lookups / 4);
 }

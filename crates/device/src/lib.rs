@@ -52,6 +52,11 @@ pub use translate::{
     Access, AccessError, Fault, FaultKind, Permissions, Segment, Translation, Window,
 };
 
+/// The Rust snippets of docs/device.md ("Embedding it"), compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/device.md")]
+struct DeviceMd;
+
 // The state is shared with other device models' threads; the device moves to its own.
 const _: () = {
     const fn shared<T: Send + Sync>() {}

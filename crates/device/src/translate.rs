@@ -70,6 +70,11 @@ impl Segments {
         t
     }
 
+    /// Number of segments.
+    pub(crate) fn count(&self) -> usize {
+        self.0.len()
+    }
+
     /// Appends a segment, merging it into the previous one when physically contiguous.
     pub(crate) fn push(&mut self, s: Segment) {
         if let Some(last) = self.0.last_mut() {
