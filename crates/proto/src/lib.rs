@@ -117,6 +117,17 @@ pub enum RequestType {
 }
 
 impl RequestType {
+    /// Every request type, in the order of their values.
+    pub const ALL: [Self; 5] = [Self::Attach, Self::Detach, Self::Map, Self::Unmap, Self::Probe];
+
+    /// Number of request types: the size of a table with one entry per type.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Position in [`Self::ALL`], to index a table with one entry per type.
+    pub const fn index(self) -> usize {
+        self as usize - 1
+    }
+
     /// Decodes a request type byte.
     pub const fn from_u8(v: u8) -> Option<Self> {
         Some(match v {

@@ -18,7 +18,7 @@ use smallvec::SmallVec;
 
 use crate::sync::{Mutex, MutexGuard};
 
-use crate::iommu::{Replies, Tickets};
+use crate::iommu::{Replies, UnmapTicket, UnmapTickets};
 
 /// Size and timeout of one flush queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +38,7 @@ impl FlushQueueConfig {
 
 /// UNMAPs on the ring for a batch of entries.
 pub(crate) struct InflightFlush {
-    pub(crate) tickets: Tickets,
+    pub(crate) tickets: UnmapTickets,
     pub(crate) entries: Vec<(u64, u64)>,
     pub(crate) since_ns: u64,
 }
@@ -186,7 +186,7 @@ pub(crate) struct Outcome {
 /// gives an entry's inclusive IOVA range. Entries no ticket covers (the
 /// domain was detached: the device holds no mapping) are freed.
 pub(crate) fn settle(
-    tickets: &[crate::iommu::Ticket],
+    tickets: &[UnmapTicket],
     replies: &Replies,
     entries: &[(u64, u64)],
     range_of: impl Fn(&(u64, u64)) -> (u64, u64),
@@ -194,14 +194,14 @@ pub(crate) fn settle(
     let mut out = Outcome::default();
     // Tickets of one flush are sorted and disjoint: a binary search per
     // entry instead of a scan (a flush holds up to hundreds of each).
-    let sorted = tickets.windows(2).all(|w| w[0].2 < w[1].1);
+    let sorted = tickets.windows(2).all(|w| w[0].last < w[1].first);
     for &e in entries {
         let (s, l) = range_of(&e);
         let covering = if sorted {
-            let i = tickets.partition_point(|t| t.2 < l);
-            tickets.get(i).filter(|&&(_, ts, tl)| ts <= s && l <= tl).map(|_| i)
+            let i = tickets.partition_point(|t| t.last < l);
+            tickets.get(i).filter(|t| t.first <= s && l <= t.last).map(|_| i)
         } else {
-            tickets.iter().position(|&(_, ts, tl)| ts <= s && l <= tl)
+            tickets.iter().position(|t| t.first <= s && l <= t.last)
         };
         match covering.filter(|&i| i < replies.len()).map(|i| replies.result(i)) {
             Some(Err(err)) => {
@@ -227,7 +227,8 @@ mod tests {
 
     #[test]
     fn settle_frees_covered_ok_and_retries_failed() {
-        let tickets = [(1, 0x1000, 0x4fff), (2, 0x8000, 0x8fff)];
+        let tickets =
+            [UnmapTicket::for_test(1, 0x1000, 0x4fff), UnmapTicket::for_test(2, 0x8000, 0x8fff)];
         let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
         let replies = Replies::from_vec(vec![reply(Ok(())), reply(Err(err.clone()))]);
         let entries = vec![(0x1000, 0x1000), (0x3000, 0x2000), (0x8000, 0x1000), (0x9000, 0x1000)];
@@ -242,8 +243,9 @@ mod tests {
     #[test]
     fn settle_finds_the_covering_ticket_in_any_order() {
         let err = Error::Device { request: RequestType::Unmap, status: Status::Range };
-        let tickets: Vec<crate::iommu::Ticket> =
-            (0..40).map(|i| (i, i * 0x10_000, i * 0x10_000 + 0x7fff)).collect();
+        let tickets: Vec<UnmapTicket> = (0..40)
+            .map(|i| UnmapTicket::for_test(i, i * 0x10_000, i * 0x10_000 + 0x7fff))
+            .collect();
         let results: Vec<_> =
             (0..40).map(|i| if i % 3 == 0 { Err(err.clone()) } else { Ok(()) }).collect();
         let replies = |order: &[usize]| {
@@ -254,7 +256,7 @@ mod tests {
         let order: Vec<usize> = (0..40).collect();
         let sorted = settle(&tickets, &replies(&order), &entries, range);
         let shuffled: Vec<usize> = (0..40).map(|i| (i * 7) % 40).collect();
-        let t2: Vec<crate::iommu::Ticket> = shuffled.iter().map(|&i| tickets[i]).collect();
+        let t2: Vec<UnmapTicket> = shuffled.iter().map(|&i| tickets[i]).collect();
         let other = settle(&t2, &replies(&shuffled), &entries, range);
         assert_eq!(sorted, other);
         // Entries in a ticket's range are settled by it; those between tickets are freed.
@@ -273,7 +275,11 @@ mod tests {
         assert!(slot.due(110, &cfg));
         let entries = core::mem::take(&mut slot.lock().entries);
         assert!(!slot.due(1000, &cfg), "no entry left");
-        slot.lock().inflight.push(InflightFlush { tickets: Tickets::new(), entries, since_ns: 0 });
+        slot.lock().inflight.push(InflightFlush {
+            tickets: UnmapTickets::new(),
+            entries,
+            since_ns: 0,
+        });
         assert!(slot.due(0, &cfg), "a flush in flight is always worth a look");
         slot.lock().inflight.clear();
         assert!(!slot.due(1000, &cfg));

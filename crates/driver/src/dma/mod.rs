@@ -53,9 +53,7 @@ use smallvec::SmallVec;
 pub use flush::FlushQueueConfig;
 pub use iova::{IovaAllocator, IovaOptions};
 
-use crate::iommu::{
-    merge_regions, Domain, DomainKind, FlushCause, Mapping, Prot, ResvRegion, Seqs,
-};
+use crate::iommu::{merge_regions, Domain, DomainKind, FlushCause, Mapping, Prot, ResvRegion};
 use crate::sync::Mutex;
 use crate::{Error, Result};
 use flush::{settle, Allocs, FlushSlot, InflightFlush, Outcome};
@@ -388,13 +386,9 @@ impl DmaDomain {
     /// for a single allocation).
     fn map_synced(&self, maps: &[Mapping], allocs: &[(u64, u64)], breaks: &[usize]) -> Result<()> {
         let result = if self.sync_every_map.load(Ordering::Relaxed) {
-            maps.iter().try_for_each(|m| {
-                let one = core::slice::from_ref(m);
-                let t = self.domain.map_many(one, &[])?;
-                self.domain.finish_maps(&t, one)
-            })
+            maps.iter().try_for_each(|m| self.domain.map_synced(core::slice::from_ref(m), &[]))
         } else {
-            self.domain.map_many(maps, breaks).and_then(|t| self.domain.finish_maps(&t, maps))
+            self.domain.map_synced(maps, breaks)
         };
         if let Err(e) = &result {
             self.rollback(allocs, e);
@@ -417,7 +411,7 @@ impl DmaDomain {
         }
         match self.unmap_now(allocs, false) {
             Ok(()) => {}
-            Err(_) => self.domain.counters().sync_error(),
+            Err(_) => self.domain.count_sync_error(),
         }
     }
 
@@ -558,8 +552,7 @@ impl DmaDomain {
         let replies = if tickets.is_empty() {
             Default::default()
         } else {
-            let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
-            match self.domain.port().wait_or_abandon(&seqs) {
+            match self.domain.wait_unmaps_or_abandon(&tickets) {
                 Ok(r) => r,
                 Err(e) => {
                     self.retry.lock().extend_from_slice(allocs);
@@ -588,7 +581,7 @@ impl DmaDomain {
         }
         match out.error {
             Some(e) => {
-                self.domain.counters().sync_error();
+                self.domain.count_sync_error();
                 Err(e)
             }
             None => Ok(()),
@@ -638,7 +631,7 @@ impl DmaDomain {
         if entries.is_empty() {
             return Ok(());
         }
-        self.domain.counters().flush(cause);
+        self.domain.count_flush(cause);
         let ranges: Vec<(u64, u64)> = entries.iter().map(|a| self.range_of(a)).collect();
         let coalesce = self.coalesce.load(Ordering::Relaxed);
         let tickets = match self.domain.queue_unmaps(&ranges, coalesce, wait) {
@@ -653,8 +646,7 @@ impl DmaDomain {
             return Ok(());
         }
         if wait {
-            let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
-            let replies = match self.domain.port().wait(&seqs) {
+            let replies = match self.domain.wait_unmaps(&tickets) {
                 Ok(r) => r,
                 Err(e) => {
                     let since_ns = self.platform.now_ns();
@@ -678,16 +670,14 @@ impl DmaDomain {
             return Ok(());
         }
         let now = self.platform.now_ns();
-        let port = self.domain.port();
         let mut first = Ok(());
         let mut keep = Vec::new();
         for f in inflight {
-            let seqs: Seqs = f.tickets.iter().map(|t| t.0).collect();
             let must_wait =
                 wait_older_than.is_some_and(|age| now.saturating_sub(f.since_ns) >= age);
-            let replies = match port.try_take(&seqs) {
+            let replies = match self.domain.try_take_unmaps(&f.tickets) {
                 Some(r) => r,
-                None if must_wait => match port.wait(&seqs) {
+                None if must_wait => match self.domain.wait_unmaps(&f.tickets) {
                     Ok(r) => r,
                     Err(e) => {
                         keep.push(f);
@@ -929,14 +919,13 @@ mod tests {
         // A scatter-gather list (64 touching pages) plus a lone page, out of order.
         let mut maps: Vec<Mapping> = (0..64).map(|i| page(0x10_0000 + i * 0x1000)).collect();
         maps.insert(0, page(0x40_0000));
-        let t = d.map_many(&maps, &[]).expect("map");
-        d.finish_maps(&t, &maps).expect("sync");
+        d.map_synced(&maps, &[]).expect("map");
         assert_eq!(fake.stats().maps(), 65);
         // Overlapping the run, or each other: refused, nothing recorded or sent.
         let inside = [page(0x20_0000), page(0x10_8000)];
-        assert!(matches!(d.map_many(&inside, &[]), Err(Error::Overlap { iova: 0x10_8000 })));
+        assert!(matches!(d.map_synced(&inside, &[]), Err(Error::Overlap { iova: 0x10_8000 })));
         let twice = [page(0x30_0000), page(0x30_0000)];
-        assert!(matches!(d.map_many(&twice, &[]), Err(Error::Overlap { iova: 0x30_0000 })));
+        assert!(matches!(d.map_synced(&twice, &[]), Err(Error::Overlap { iova: 0x30_0000 })));
         assert_eq!((d.mappings().len(), fake.stats().maps()), (65, 65));
         // A small range among many: per-key removal; a range that is most
         // of the tree: cut out whole. Splitting is refused either way.
@@ -958,12 +947,10 @@ mod tests {
     fn runs_break_where_allocations_begin() {
         let (_fake, _iommu, d) = attached();
         let maps: Vec<Mapping> = (0..4).map(|i| page(0x10_0000 + i * 0x1000)).collect();
-        let t = d.map_many(&maps, &[]).expect("map");
-        d.finish_maps(&t, &maps).expect("sync");
+        d.map_synced(&maps, &[]).expect("map");
         assert_eq!(d.tree_runs(), 1);
         let more: Vec<Mapping> = (0..4).map(|i| page(0x20_0000 + i * 0x1000)).collect();
-        let t = d.map_many(&more, &[0, 2, 3]).expect("map");
-        d.finish_maps(&t, &more).expect("sync");
+        d.map_synced(&more, &[0, 2, 3]).expect("map");
         assert_eq!(d.tree_runs(), 4, "one run, then three: 0..2, 2, 3");
         d.take_ranges(&[(0x20_0000, 0x20_1fff)]).expect("first allocation");
         assert_eq!(d.tree_runs(), 3);

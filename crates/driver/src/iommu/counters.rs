@@ -2,6 +2,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use viommu_proto::RequestType;
+
 use crate::iommu::FlushCause;
 
 /// Number of buckets of the batch-size histogram: bucket `i` counts kicks
@@ -10,7 +12,8 @@ pub const BATCH_BUCKETS: usize = 10;
 
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub(in crate::iommu) requests: [AtomicU64; 5],
+    /// By [`RequestType::index`].
+    requests: [AtomicU64; RequestType::COUNT],
     kicks: AtomicU64,
     pub(in crate::iommu) kicks_suppressed: AtomicU64,
     pub(in crate::iommu) event_kicks: AtomicU64,
@@ -18,7 +21,7 @@ pub(crate) struct Counters {
     sync_errors: AtomicU64,
     pub(in crate::iommu) timeouts: AtomicU64,
     batch: [AtomicU64; BATCH_BUCKETS],
-    flushes: [AtomicU64; 3],
+    flushes: [AtomicU64; FlushCause::COUNT],
     pub(in crate::iommu) faults: AtomicU64,
     pub(in crate::iommu) faults_unhandled: AtomicU64,
     pub(in crate::iommu) bad_events: AtomicU64,
@@ -37,6 +40,11 @@ impl Counters {
         bump(&self.sync_errors);
     }
 
+    /// Counts `n` requests of type `t`.
+    pub(in crate::iommu) fn requests(&self, t: RequestType, n: u64) {
+        self.requests[t.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(in crate::iommu) fn kick(&self, batch: u64) {
         bump(&self.kicks);
         let bucket = (63 - batch.max(1).leading_zeros() as usize).min(BATCH_BUCKETS - 1);
@@ -45,12 +53,14 @@ impl Counters {
 
     pub(in crate::iommu) fn snapshot(&self) -> CounterSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let request = |t: RequestType| g(&self.requests[t.index()]);
+        let flushes = |c: FlushCause| g(&self.flushes[c as usize]);
         CounterSnapshot {
-            attach: g(&self.requests[0]),
-            detach: g(&self.requests[1]),
-            map: g(&self.requests[2]),
-            unmap: g(&self.requests[3]),
-            probe: g(&self.requests[4]),
+            attach: request(RequestType::Attach),
+            detach: request(RequestType::Detach),
+            map: request(RequestType::Map),
+            unmap: request(RequestType::Unmap),
+            probe: request(RequestType::Probe),
             kicks: g(&self.kicks),
             kicks_suppressed: g(&self.kicks_suppressed),
             event_kicks: g(&self.event_kicks),
@@ -58,9 +68,9 @@ impl Counters {
             sync_errors: g(&self.sync_errors),
             timeouts: g(&self.timeouts),
             batch_sizes: core::array::from_fn(|i| g(&self.batch[i])),
-            flushes_full: g(&self.flushes[0]),
-            flushes_timeout: g(&self.flushes[1]),
-            flushes_explicit: g(&self.flushes[2]),
+            flushes_full: flushes(FlushCause::Full),
+            flushes_timeout: flushes(FlushCause::Timeout),
+            flushes_explicit: flushes(FlushCause::Explicit),
             faults: g(&self.faults),
             faults_unhandled: g(&self.faults_unhandled),
             bad_events: g(&self.bad_events),

@@ -81,5 +81,5 @@ pub use types::{
 
 pub(crate) use counters::Counters;
 pub(crate) use endpoints::merge_regions;
-pub(crate) use port::{Port, Seqs, Ticket, Tickets};
+pub(crate) use port::{Port, Ticket, Tickets, UnmapTicket, UnmapTickets};
 pub(crate) use replies::{Replies, Reply};

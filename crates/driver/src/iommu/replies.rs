@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 
 use viommu_proto::Status;
 
-use crate::iommu::Counters;
+use crate::iommu::{Counters, Ticket};
 use crate::{Error, Result};
 
 /// The device's answer to one request.
@@ -70,11 +70,12 @@ impl Replies {
 /// Tickets as sorted, disjoint half-open ranges. Requests complete mostly
 /// in ticket order, so a whole batch of successes is one range.
 #[derive(Default)]
-pub(in crate::iommu) struct SeqSet(Vec<(u64, u64)>);
+pub(in crate::iommu) struct TicketSet(Vec<(u64, u64)>);
 
-impl SeqSet {
+impl TicketSet {
     #[inline]
-    pub(in crate::iommu) fn insert(&mut self, s: u64) {
+    pub(in crate::iommu) fn insert(&mut self, t: Ticket) {
+        let s = t.0;
         match self.0.last_mut() {
             Some(r) if r.1 == s => r.1 += 1,
             _ => self.insert_slow(s),
@@ -104,14 +105,24 @@ impl SeqSet {
         }
     }
 
+    /// Whether `t` is in the set.
+    pub(in crate::iommu) fn contains(&self, t: Ticket) -> bool {
+        self.end_of(t.0).is_some()
+    }
+
     /// The end of the range that holds `s`, if one does.
-    pub(in crate::iommu) fn end_of(&self, s: u64) -> Option<u64> {
+    fn end_of(&self, s: u64) -> Option<u64> {
         let i = self.0.partition_point(|r| r.1 <= s);
         self.0.get(i).filter(|r| r.0 <= s).map(|r| r.1)
     }
 
+    /// Removes the `n` consecutive tickets from `first` on, which lie in one range.
+    pub(in crate::iommu) fn remove_run(&mut self, first: Ticket, n: usize) {
+        self.remove(first.0, first.0 + n as u64);
+    }
+
     /// Removes `[start, end)`, which lies inside one range.
-    pub(in crate::iommu) fn remove(&mut self, start: u64, end: u64) {
+    fn remove(&mut self, start: u64, end: u64) {
         let i = self.0.partition_point(|r| r.1 <= start);
         let Some(&(s, e)) = self.0.get(i).filter(|r| r.0 <= start && end <= r.1) else { return };
         match (s == start, e == end) {
@@ -127,14 +138,14 @@ impl SeqSet {
         }
     }
 
-    /// Length of the run of consecutive tickets at the start of `seqs`
-    /// that lie in one range (0 if `seqs[0]` is not in the set).
-    pub(in crate::iommu) fn run_len(&self, seqs: &[u64]) -> usize {
-        let Some(&first) = seqs.first() else { return 0 };
+    /// Length of the run of consecutive tickets at the start of `tickets`
+    /// that lie in one range (0 if `tickets[0]` is not in the set).
+    pub(in crate::iommu) fn run_len(&self, tickets: &[Ticket]) -> usize {
+        let Some(&Ticket(first)) = tickets.first() else { return 0 };
         let Some(end) = self.end_of(first) else { return 0 };
         let max = (end - first) as usize;
         let mut n = 1;
-        while n < seqs.len() && n < max && seqs[n] == first + n as u64 {
+        while n < tickets.len() && n < max && tickets[n].0 == first + n as u64 {
             n += 1;
         }
         n
@@ -174,14 +185,14 @@ mod tests {
     use super::*;
     use alloc::collections::BTreeSet;
 
-    fn ranges(s: &SeqSet) -> Vec<(u64, u64)> {
+    fn ranges(s: &TicketSet) -> Vec<(u64, u64)> {
         s.0.clone()
     }
 
     /// The set of completed tickets against a plain model, with tickets
     /// arriving out of order and taken in runs.
     #[test]
-    fn seq_set_matches_a_model() {
+    fn ticket_set_matches_a_model() {
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             rng ^= rng << 13;
@@ -190,24 +201,25 @@ mod tests {
             rng
         };
         for _ in 0..200 {
-            let mut set = SeqSet::default();
+            let mut set = TicketSet::default();
             let mut model = BTreeSet::new();
             for _ in 0..60 {
                 let s = next() % 40;
                 if next() % 3 == 0 {
                     // Take a run starting at s, as long as it is in the set.
                     let seqs: Vec<u64> = (s..s + next() % 6 + 1).collect();
-                    let n = set.run_len(&seqs);
+                    let tickets: Vec<Ticket> = seqs.iter().map(|&x| Ticket(x)).collect();
+                    let n = set.run_len(&tickets);
                     let want = seqs.iter().take_while(|x| model.contains(*x)).count();
                     assert_eq!(n, want, "{seqs:?} in {:?}", ranges(&set));
                     if n > 0 {
-                        set.remove(s, s + n as u64);
+                        set.remove_run(Ticket(s), n);
                         for x in &seqs[..n] {
                             model.remove(x);
                         }
                     }
                 } else if !model.contains(&s) {
-                    set.insert(s);
+                    set.insert(Ticket(s));
                     model.insert(s);
                 }
                 // Disjoint, sorted, non-touching, and holding exactly the model.
@@ -217,7 +229,7 @@ mod tests {
                 let flat: Vec<u64> = r.iter().flat_map(|&(a, b)| a..b).collect();
                 assert_eq!(flat, model.iter().copied().collect::<Vec<_>>());
                 for x in 0..45 {
-                    assert_eq!(set.end_of(x).is_some(), model.contains(&x));
+                    assert_eq!(set.contains(Ticket(x)), model.contains(&x));
                 }
             }
         }

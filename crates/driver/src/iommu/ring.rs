@@ -7,26 +7,40 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use smallvec::SmallVec;
-use viommu_proto::{RequestType, Status, REQUEST_QUEUE};
+use viommu_proto::{ReqHead, ReqTail, RequestType, Status, REQUEST_QUEUE};
 
 use crate::hal::{DmaBuffer, Hal, PAGE_SIZE};
 use crate::iommu::encode::Reqs;
-use crate::iommu::replies::SeqSet;
-use crate::iommu::{Replies, Reply, Seqs};
+use crate::iommu::replies::TicketSet;
+use crate::iommu::{Replies, Reply, Ticket, Tickets};
 use crate::queue::{Buffer, QueueError, SplitQueue};
 use crate::{Error, Result};
 
-/// Request buffers are 64-byte slots: head + body (at most 36 bytes) at 0,
-/// the device-writable tail at `TAIL_OFF`.
+/// Request buffers are 64-byte slots: head + body at 0, the
+/// device-writable tail at [`TAIL_OFF`].
 const SLOT_SIZE: usize = 64;
+/// Where the tail starts in a slot, and so the most bytes of head + body a
+/// slot holds. Every request but PROBE fits (checked below); a PROBE, whose
+/// properties follow its body, gets a buffer of its own.
 const TAIL_OFF: usize = 48;
-const TAIL_LEN: usize = 4;
+/// The tail (status + reserved bytes) of every request.
+const TAIL_LEN: usize = size_of::<ReqTail>();
+
+const _: () = {
+    assert!(TAIL_OFF + TAIL_LEN <= SLOT_SIZE);
+    let mut i = 0;
+    while i < RequestType::COUNT {
+        let t = RequestType::ALL[i];
+        assert!(matches!(t, RequestType::Probe) || size_of::<ReqHead>() + t.body_len() <= TAIL_OFF);
+        i += 1;
+    }
+};
 
 /// `Inflight::slot` of a request with a buffer of its own (PROBE).
 const OWN_BUF: u16 = u16::MAX;
 
 struct Inflight {
-    seq: u64,
+    ticket: Ticket,
     request: RequestType,
     /// Its request slot, or [`OWN_BUF`].
     slot: u16,
@@ -61,11 +75,11 @@ pub(in crate::iommu) struct ReqQueue<H: Hal> {
     own: Vec<OwnBuf<H>>,
     /// Tickets that succeeded with nothing to hand over, until their owner
     /// takes them: one range for a batch, instead of one record each.
-    ok: SeqSet,
+    ok: TicketSet,
     /// Other replies (failures, PROBE properties) by ticket, sorted.
-    replies: Vec<(u64, Reply)>,
+    replies: Vec<(Ticket, Reply)>,
     /// Tickets whose waiter gave up: their replies are dropped on arrival.
-    pub(in crate::iommu) abandoned: BTreeSet<u64>,
+    pub(in crate::iommu) abandoned: BTreeSet<Ticket>,
     pub(in crate::iommu) next_seq: u64,
     /// Requests made available but not yet covered by a notify.
     pub(in crate::iommu) unkicked: u64,
@@ -97,7 +111,7 @@ impl<H: Hal> ReqQueue<H> {
             free_slots: (0..nslots).rev().collect(),
             inflight,
             own: Vec::new(),
-            ok: SeqSet::default(),
+            ok: TicketSet::default(),
             replies: Vec::new(),
             abandoned: BTreeSet::new(),
             next_seq: 0,
@@ -105,16 +119,16 @@ impl<H: Hal> ReqQueue<H> {
         })
     }
 
-    /// Adds `reqs[seqs.len()..]` in order, without publishing them, until
-    /// the ring or the slots are full. Tickets go to `seqs`.
+    /// Adds `reqs[tickets.len()..]` in order, without publishing them, until
+    /// the ring or the slots are full. Tickets go to `tickets`.
     pub(in crate::iommu) fn add_from(
         &mut self,
         reqs: &Reqs<'_>,
         props: usize,
-        seqs: &mut Seqs,
+        tickets: &mut Tickets,
     ) -> Result<()> {
         // Tickets of one lock hold are consecutive: appended in one go.
-        let (first, start) = (self.next_seq, seqs.len());
+        let (first, start) = (self.next_seq, tickets.len());
         let mut i = start;
         let mut result = Ok(());
         while i < reqs.len() {
@@ -135,12 +149,12 @@ impl<H: Hal> ReqQueue<H> {
             i += 1;
         }
         debug_assert_eq!(self.next_seq - first, (i - start) as u64);
-        seqs.extend(first..self.next_seq);
+        tickets.extend((first..self.next_seq).map(Ticket));
         result
     }
 
     /// Adds request `i` in a slot; `None` when the ring or the slots are full.
-    fn add_slot(&mut self, reqs: &Reqs<'_>, i: usize) -> Option<u64> {
+    fn add_slot(&mut self, reqs: &Reqs<'_>, i: usize) -> Option<Ticket> {
         let &slot = self.free_slots.last()?;
         let off = slot as usize * SLOT_SIZE;
         let len = reqs.encoded_len(i);
@@ -162,7 +176,7 @@ impl<H: Hal> ReqQueue<H> {
 
     /// Adds request `i` (a PROBE, or too big for a slot) with a buffer of
     /// its own; `Ok(None)` when the ring is full.
-    fn add_own(&mut self, reqs: &Reqs<'_>, i: usize, props: usize) -> Result<Option<u64>> {
+    fn add_own(&mut self, reqs: &Reqs<'_>, i: usize, props: usize) -> Result<Option<Ticket>> {
         let len = reqs.encoded_len(i);
         let pages = (len + props + TAIL_LEN).div_ceil(PAGE_SIZE);
         let mut region = DmaBuffer::new(self.hal.clone(), pages).ok_or(Error::NoMemory)?;
@@ -185,11 +199,11 @@ impl<H: Hal> ReqQueue<H> {
         }
     }
 
-    fn track(&mut self, head: u16, request: RequestType, slot: u16) -> u64 {
-        let seq = self.next_seq;
+    fn track(&mut self, head: u16, request: RequestType, slot: u16) -> Ticket {
+        let ticket = Ticket(self.next_seq);
         self.next_seq += 1;
-        self.inflight[head as usize] = Some(Inflight { seq, request, slot });
-        seq
+        self.inflight[head as usize] = Some(Inflight { ticket, request, slot });
+        ticket
     }
 
     /// Pops every completion and records its reply under its ticket.
@@ -215,17 +229,17 @@ impl<H: Hal> ReqQueue<H> {
                 tail[0]
             };
             let result = reply_result(inf.request, used.len, status);
-            if !self.abandoned.is_empty() && self.abandoned.remove(&inf.seq) {
+            if !self.abandoned.is_empty() && self.abandoned.remove(&inf.ticket) {
                 continue;
             }
             if result.is_ok() && props.is_empty() {
-                self.ok.insert(inf.seq);
+                self.ok.insert(inf.ticket);
                 continue;
             }
-            let reply = (inf.seq, Reply { result, props });
+            let reply = (inf.ticket, Reply { result, props });
             match self.replies.last() {
-                Some(&(last, _)) if last > inf.seq => {
-                    let at = self.replies.partition_point(|(s, _)| *s < inf.seq);
+                Some(&(last, _)) if last > inf.ticket => {
+                    let at = self.replies.partition_point(|(t, _)| *t < inf.ticket);
                     self.replies.insert(at, reply);
                 }
                 _ => self.replies.push(reply),
@@ -237,59 +251,59 @@ impl<H: Hal> ReqQueue<H> {
     /// from the descriptors rather than kept in a set: only the rare waits
     /// for completion need it, and a set costs every request an insert and
     /// a remove.
-    pub(in crate::iommu) fn outstanding(&self) -> Vec<u64> {
-        let mut live: Vec<u64> = self.inflight.iter().flatten().map(|i| i.seq).collect();
+    pub(in crate::iommu) fn outstanding(&self) -> Vec<Ticket> {
+        let mut live: Vec<Ticket> = self.inflight.iter().flatten().map(|i| i.ticket).collect();
         live.sort_unstable();
         live
     }
 
-    fn find_reply(&self, seq: u64) -> Option<usize> {
-        self.replies.binary_search_by_key(&seq, |r| r.0).ok()
+    fn find_reply(&self, ticket: Ticket) -> Option<usize> {
+        self.replies.binary_search_by_key(&ticket, |r| r.0).ok()
     }
 
-    /// Takes the replies of `seqs` if all are in. A run of consecutive
+    /// Takes the replies of `tickets` if all are in. A run of consecutive
     /// successful tickets is checked and taken in one step.
-    pub(in crate::iommu) fn take(&mut self, seqs: &[u64]) -> Option<Replies> {
-        let n = self.ok.run_len(seqs);
-        if n > 0 && n == seqs.len() {
+    pub(in crate::iommu) fn take(&mut self, tickets: &[Ticket]) -> Option<Replies> {
+        let n = self.ok.run_len(tickets);
+        if n > 0 && n == tickets.len() {
             // The usual case: one run of consecutive successes.
-            self.ok.remove(seqs[0], seqs[n - 1] + 1);
+            self.ok.remove_run(tickets[0], n);
             return Some(Replies { len: n, others: Vec::new() });
         }
         // Steps: the length of each run of successes found, 0 for a reply
         // kept as a record. Found first, taken only if all are in.
         let mut steps: SmallVec<[usize; 4]> = SmallVec::new();
         let mut i = 0;
-        while i < seqs.len() {
-            match self.ok.run_len(&seqs[i..]) {
-                0 if self.find_reply(seqs[i]).is_some() => i += 1,
+        while i < tickets.len() {
+            match self.ok.run_len(&tickets[i..]) {
+                0 if self.find_reply(tickets[i]).is_some() => i += 1,
                 0 => return None,
                 n => i += n,
             }
             steps.push(i);
         }
-        let mut out = Replies { len: seqs.len(), others: Vec::new() };
+        let mut out = Replies { len: tickets.len(), others: Vec::new() };
         let mut i = 0;
         for end in steps {
-            if end - i == 1 && self.ok.end_of(seqs[i]).is_none() {
-                if let Some(k) = self.find_reply(seqs[i]) {
+            if end - i == 1 && !self.ok.contains(tickets[i]) {
+                if let Some(k) = self.find_reply(tickets[i]) {
                     out.others.push((i, self.replies.remove(k).1));
                 }
             } else {
-                self.ok.remove(seqs[i], seqs[end - 1] + 1);
+                self.ok.remove_run(tickets[i], end - i);
             }
             i = end;
         }
         Some(out)
     }
 
-    /// Drops the reply of `seq` if it is in; false if it is not.
-    pub(in crate::iommu) fn forget(&mut self, seq: u64) -> bool {
-        if self.ok.end_of(seq).is_some() {
-            self.ok.remove(seq, seq + 1);
+    /// Drops the reply of `ticket` if it is in; false if it is not.
+    pub(in crate::iommu) fn forget(&mut self, ticket: Ticket) -> bool {
+        if self.ok.contains(ticket) {
+            self.ok.remove_run(ticket, 1);
             return true;
         }
-        match self.find_reply(seq) {
+        match self.find_reply(ticket) {
             Some(k) => {
                 self.replies.remove(k);
                 true

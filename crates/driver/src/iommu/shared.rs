@@ -5,9 +5,9 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::AtomicU64;
 
-use viommu_proto::{Request, RequestType, REQUEST_QUEUE};
+use viommu_proto::{Request, REQUEST_QUEUE};
 
 use crate::hal::Hal;
 use crate::iommu::counters::bump;
@@ -16,7 +16,7 @@ use crate::iommu::encode::{detach_req, Reqs};
 use crate::iommu::events::EventQueue;
 use crate::iommu::ring::ReqQueue;
 use crate::iommu::types::{DeviceInfo, DriverOptions, ResvRegion};
-use crate::iommu::{Counters, FaultHandler, Port, Replies, Seqs};
+use crate::iommu::{Counters, FaultHandler, Port, Replies, Ticket, Tickets};
 use crate::sync::{relax, Mutex, Waiter};
 use crate::transport::{status, Transport, UsedWaiter};
 use crate::{Error, Result};
@@ -75,22 +75,22 @@ impl<T: Transport, H: Hal> Shared<T, H> {
     }
 
     /// Adds `reqs` in order, as many per lock hold as fit; on a full ring,
-    /// notifies, waits for the device and goes on. Tickets go to `seqs`.
-    fn submit_into(&self, reqs: &Reqs<'_>, props: usize, seqs: &mut Seqs) -> Result<()> {
+    /// notifies, waits for the device and goes on. Tickets go to `tickets`.
+    fn submit_into(&self, reqs: &Reqs<'_>, props: usize, tickets: &mut Tickets) -> Result<()> {
         // Started at the first wait: most calls never wait (reading the clock is not free).
         let mut waiter = None;
-        seqs.reserve(reqs.len());
+        tickets.reserve(reqs.len());
         loop {
             let need = {
                 let mut q = self.req.lock();
                 q.reap();
-                let before = seqs.len();
-                let added = q.add_from(reqs, props, seqs);
+                let before = tickets.len();
+                let added = q.add_from(reqs, props, tickets);
                 // One index write for the whole batch.
                 q.vq.publish();
-                self.count_requests(reqs, before, seqs.len());
+                self.count_requests(reqs, before, tickets.len());
                 added?;
-                if seqs.len() == reqs.len() {
+                if tickets.len() == reqs.len() {
                     return Ok(());
                 }
                 // Full ring: make sure the device sees what is there, then retry.
@@ -108,12 +108,10 @@ impl<T: Transport, H: Hal> Shared<T, H> {
         if from == to {
             return;
         }
-        let counter = |t: RequestType| &self.counters.requests[t as usize - 1];
+        let c = &self.counters;
         match reqs {
-            Reqs::Any(_) => (from..to).for_each(|i| bump(counter(reqs.request_type(i)))),
-            _ => {
-                counter(reqs.request_type(from)).fetch_add((to - from) as u64, Ordering::Relaxed);
-            }
+            Reqs::Any(_) => (from..to).for_each(|i| c.requests(reqs.request_type(i), 1)),
+            _ => c.requests(reqs.request_type(from), (to - from) as u64),
         }
     }
 
@@ -171,17 +169,17 @@ impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
 }
 
 impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
-    fn submit(&self, req: &Request, props: usize) -> Result<u64> {
-        let mut seqs = Seqs::new();
-        self.submit_into(&Reqs::Any(core::slice::from_ref(req)), props, &mut seqs)?;
-        seqs.pop().ok_or(Error::Timeout)
+    fn submit(&self, req: &Request, props: usize) -> Result<Ticket> {
+        let mut tickets = Tickets::new();
+        self.submit_into(&Reqs::Any(core::slice::from_ref(req)), props, &mut tickets)?;
+        tickets.pop().ok_or(Error::Timeout)
     }
 
-    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Seqs, (Seqs, Error)> {
-        let mut seqs = Seqs::new();
-        match self.submit_into(&reqs, 0, &mut seqs) {
-            Ok(()) => Ok(seqs),
-            Err(e) => Err((seqs, e)),
+    fn submit_all(&self, reqs: Reqs<'_>) -> Result<Tickets, (Tickets, Error)> {
+        let mut tickets = Tickets::new();
+        match self.submit_into(&reqs, 0, &mut tickets) {
+            Ok(()) => Ok(tickets),
+            Err(e) => Err((tickets, e)),
         }
     }
 
@@ -192,44 +190,44 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
         }
     }
 
-    fn wait(&self, seqs: &[u64]) -> Result<Replies> {
-        self.sync_until(|q| q.take(seqs))
+    fn wait(&self, tickets: &[Ticket]) -> Result<Replies> {
+        self.sync_until(|q| q.take(tickets))
     }
 
-    fn wait_complete(&self, seqs: &[u64]) -> Result<()> {
+    fn wait_complete(&self, tickets: &[Ticket]) -> Result<()> {
         self.sync_until(|q| {
             let live = q.outstanding();
-            seqs.iter().all(|s| live.binary_search(s).is_err()).then_some(())
+            tickets.iter().all(|s| live.binary_search(s).is_err()).then_some(())
         })
     }
 
-    fn outstanding(&self, seqs: &[u64]) -> Vec<u64> {
+    fn outstanding(&self, tickets: &[Ticket]) -> Vec<Ticket> {
         let mut q = self.req.lock();
         q.reap();
         let live = q.outstanding();
-        seqs.iter().copied().filter(|s| live.binary_search(s).is_ok()).collect()
+        tickets.iter().copied().filter(|s| live.binary_search(s).is_ok()).collect()
     }
 
-    fn abandon(&self, seqs: &[u64]) {
+    fn abandon(&self, tickets: &[Ticket]) {
         let mut q = self.req.lock();
-        for &seq in seqs {
-            if !q.forget(seq) && seq < q.next_seq {
-                q.abandoned.insert(seq);
+        for &ticket in tickets {
+            if !q.forget(ticket) && ticket.0 < q.next_seq {
+                q.abandoned.insert(ticket);
             }
         }
     }
 
-    fn try_take(&self, seqs: &[u64]) -> Option<Replies> {
+    fn try_take(&self, tickets: &[Ticket]) -> Option<Replies> {
         let mut q = self.req.lock();
         q.reap();
-        q.take(seqs)
+        q.take(tickets)
     }
 
     fn counters(&self) -> &Counters {
         &self.counters
     }
 
-    fn domain_dropped(&self, id: u32, mut pending: Vec<u64>) {
+    fn domain_dropped(&self, id: u32, mut pending: Vec<Ticket>) {
         {
             let all: Vec<(u32, Arc<Mutex<EndpointState>>)> =
                 self.endpoints.lock().iter().map(|(&ep, st)| (ep, st.clone())).collect();
@@ -240,8 +238,8 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
                 let mut st = lock.lock();
                 if matches!(st.domain, Some((d, _)) if d == id) {
                     st.domain = None;
-                    if let Ok(seq) = self.submit(&detach_req(id, *ep), 0) {
-                        pending.push(seq);
+                    if let Ok(ticket) = self.submit(&detach_req(id, *ep), 0) {
+                        pending.push(ticket);
                     }
                     held.push(st);
                 }

@@ -196,3 +196,11 @@ pub enum FlushCause {
     /// Someone asked (policy switch, explicit flush, IOVA shortage).
     Explicit,
 }
+
+impl FlushCause {
+    /// Every cause, in the order of their values.
+    pub const ALL: [Self; 3] = [Self::Full, Self::Timeout, Self::Explicit];
+
+    /// Number of causes: the size of a table with one entry per cause.
+    pub const COUNT: usize = Self::ALL.len();
+}

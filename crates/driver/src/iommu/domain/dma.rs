@@ -1,4 +1,14 @@
-//! The operations the DMA layer uses.
+//! The interface the DMA layer ([`crate::dma`]) uses, and all it uses of a
+//! [`Domain`] besides the public API:
+//! - mapping: [`Domain::map_synced`] (record, queue and sync a list of MAPs);
+//! - unmapping in two steps: [`Domain::take_ranges`] (out of the tree, no
+//!   request), later [`Domain::queue_unmaps`] (UNMAPs on the ring, one
+//!   [`UnmapTicket`] each), then their replies by position with
+//!   [`Domain::wait_unmaps`], [`Domain::wait_unmaps_or_abandon`] or
+//!   [`Domain::try_take_unmaps`];
+//! - stale MAPs (see `state::Stale`), whose ranges are not reused:
+//!   [`Domain::has_stale`], [`Domain::is_stale`], [`Domain::drain_stale`];
+//! - counting: [`Domain::count_sync_error`], [`Domain::count_flush`].
 
 use core::sync::atomic::Ordering;
 
@@ -7,27 +17,56 @@ use smallvec::SmallVec;
 use crate::iommu::domain::state::{PendingOp, Stale, StaleStep};
 use crate::iommu::domain::{Domain, DomainInner};
 use crate::iommu::encode::Reqs;
-use crate::iommu::types::{DomainKind, Mapping};
-use crate::iommu::{Counters, Port, Replies, Seqs, Tickets};
+use crate::iommu::types::{DomainKind, FlushCause, Mapping};
+use crate::iommu::{Replies, Ticket, Tickets, UnmapTicket, UnmapTickets};
 use crate::{Error, Result};
 
 impl Domain {
-    pub(crate) fn port(&self) -> &dyn Port {
-        &*self.inner.port
+    /// Records `maps` in the tree, queues their MAPs and syncs once; failed
+    /// MAPs leave the tree again. Validation is all-or-nothing. See
+    /// [`Self::map_many`] for `breaks`.
+    pub(crate) fn map_synced(&self, maps: &[Mapping], breaks: &[usize]) -> Result<()> {
+        self.map_many(maps, breaks).and_then(|t| self.finish_maps(&t, maps))
     }
 
-    pub(crate) fn counters(&self) -> &Counters {
-        self.inner.port.counters()
+    /// The tickets of `unmaps`, in order.
+    fn unmap_tickets(unmaps: &[UnmapTicket]) -> Tickets {
+        unmaps.iter().map(|u| u.ticket).collect()
+    }
+
+    /// One sync: kicks, then waits for the replies of `unmaps`.
+    pub(crate) fn wait_unmaps(&self, unmaps: &[UnmapTicket]) -> Result<Replies> {
+        self.inner.port.wait(&Self::unmap_tickets(unmaps))
+    }
+
+    /// [`Self::wait_unmaps`]; if it gives up, their replies are dropped on arrival.
+    pub(crate) fn wait_unmaps_or_abandon(&self, unmaps: &[UnmapTicket]) -> Result<Replies> {
+        self.inner.port.wait_or_abandon(&Self::unmap_tickets(unmaps))
+    }
+
+    /// The replies of `unmaps` if all are in, without kicking or waiting.
+    pub(crate) fn try_take_unmaps(&self, unmaps: &[UnmapTicket]) -> Option<Replies> {
+        self.inner.port.try_take(&Self::unmap_tickets(unmaps))
+    }
+
+    /// Counts a sync that returned a failed request.
+    pub(crate) fn count_sync_error(&self) {
+        self.inner.port.counters().sync_error();
+    }
+
+    /// Counts a DMA-layer flush and why it ran.
+    pub(crate) fn count_flush(&self, cause: FlushCause) {
+        self.inner.port.counters().flush(cause);
     }
 
     /// Records and queues several mappings under one lock. Validation is
-    /// all-or-nothing. Returns tickets `(seq, iova, last)` to sync with
+    /// all-or-nothing. Returns the tickets to sync with
     /// [`Self::finish_maps`], one per MAP (none when not attached).
     ///
     /// `maps[i]` for each `i` in `breaks` (sorted: where the DMA layer's
     /// allocations begin) starts a new tree run even if it touches the
     /// previous mapping, so that freeing one allocation never splits a run.
-    pub(crate) fn map_many(&self, maps: &[Mapping], breaks: &[usize]) -> Result<Seqs> {
+    fn map_many(&self, maps: &[Mapping], breaks: &[usize]) -> Result<Tickets> {
         let d = &self.inner;
         if d.kind != DomainKind::Paging {
             return Err(Error::NotPaging);
@@ -84,11 +123,11 @@ impl Domain {
             from = end;
         }
         if !DomainInner::attached(&st, d.kind) {
-            return Ok(Seqs::new());
+            return Ok(Tickets::new());
         }
         match d.port.submit_all(Reqs::Maps(d.id, maps)) {
-            Ok(seqs) => Ok(seqs),
-            Err((seqs, e)) => {
+            Ok(tickets) => Ok(tickets),
+            Err((tickets, e)) => {
                 // All leave the tree (the caller rolls back). Queued ones
                 // may still land: stale, like a MAP whose sync timed out,
                 // so that their ranges wait for the device's answer (and a
@@ -98,8 +137,8 @@ impl Domain {
                 for m in maps {
                     st.tree.remove_exact(m.iova, m.last);
                 }
-                for (seq, m) in seqs.into_iter().zip(maps) {
-                    let step = StaleStep::Map(seq);
+                for (ticket, m) in tickets.into_iter().zip(maps) {
+                    let step = StaleStep::Map(ticket);
                     st.stale.push(Stale { step, iova: m.iova, last: m.last });
                 }
                 d.stale_any.store(!st.stale.is_empty(), Ordering::Relaxed);
@@ -129,13 +168,13 @@ impl Domain {
         !st.stale.is_empty()
     }
 
-    /// Syncs the tickets of [`Self::map_many`] (`seqs[i]` for `maps[i]`):
+    /// Syncs the tickets of [`Self::map_many`] (`tickets[i]` for `maps[i]`):
     /// one sync; failed MAPs leave the tree.
-    pub(crate) fn finish_maps(&self, seqs: &[u64], maps: &[Mapping]) -> Result<()> {
-        if seqs.is_empty() {
+    fn finish_maps(&self, tickets: &[Ticket], maps: &[Mapping]) -> Result<()> {
+        if tickets.is_empty() {
             return Ok(());
         }
-        let replies = self.inner.port.wait(seqs);
+        let replies = self.inner.port.wait(tickets);
         if replies.as_ref().is_ok_and(Replies::all_ok) {
             // The common case: nothing to roll back.
             if self.inner.stale_any.load(Ordering::Relaxed) {
@@ -143,10 +182,10 @@ impl Domain {
             }
             return Ok(());
         }
-        let ops = seqs
+        let ops = tickets
             .iter()
             .zip(maps)
-            .map(|(&seq, m)| PendingOp::Map { seq, iova: m.iova, last: m.last })
+            .map(|(&ticket, m)| PendingOp::Map { ticket, iova: m.iova, last: m.last })
             .collect();
         self.inner.settle_ops(ops, replies)
     }
@@ -168,19 +207,19 @@ impl Domain {
     /// Queues UNMAPs for freed ranges (sorted here). With `coalesce`, ranges
     /// with no live mapping between them go out as one UNMAP. Nothing is
     /// queued when the domain is not attached (the device has no mappings).
-    /// Returns `(seq, first, last)` per UNMAP.
+    /// Returns one [`UnmapTicket`] per UNMAP.
     pub(crate) fn queue_unmaps(
         &self,
         ranges: &[(u64, u64)],
         coalesce: bool,
         span_gaps: bool,
-    ) -> Result<Tickets> {
+    ) -> Result<UnmapTickets> {
         let d = &self.inner;
         let mut sorted: SmallVec<[(u64, u64); 4]> = SmallVec::from_slice(ranges);
         sorted.sort_unstable();
         let mut st = d.lock_after(&sorted, false)?;
         if !DomainInner::attached(&st, d.kind) {
-            return Ok(Tickets::new());
+            return Ok(UnmapTickets::new());
         }
         // (first, last, spans a gap)
         let mut merged: SmallVec<[(u64, u64, bool); 4]> = SmallVec::with_capacity(sorted.len());
@@ -198,17 +237,20 @@ impl Domain {
             merged.push((s, e, false));
         }
         let reqs: SmallVec<[(u64, u64); 4]> = merged.iter().map(|&(s, e, _)| (s, e)).collect();
-        let (seqs, err) = match d.port.submit_all(Reqs::Unmaps(d.id, &reqs)) {
-            Ok(seqs) => (seqs, None),
-            Err((seqs, e)) => (seqs, Some(e)),
+        let (tickets, err) = match d.port.submit_all(Reqs::Unmaps(d.id, &reqs)) {
+            Ok(tickets) => (tickets, None),
+            Err((tickets, e)) => (tickets, Some(e)),
         };
-        let tickets: Tickets =
-            seqs.iter().zip(&merged).map(|(&seq, &(s, e, _))| (seq, s, e)).collect();
+        let unmaps: UnmapTickets = tickets
+            .iter()
+            .zip(&merged)
+            .map(|(&ticket, &(first, last, _))| UnmapTicket { ticket, first, last })
+            .collect();
         match err {
             None => {
-                let gaps = tickets.iter().zip(&merged).filter(|(_, m)| m.2).map(|(t, _)| *t);
+                let gaps = unmaps.iter().zip(&merged).filter(|(_, m)| m.2).map(|(u, _)| *u);
                 st.unmapping.extend(gaps);
-                Ok(tickets)
+                Ok(unmaps)
             }
             Some(err) => {
                 // The caller retries the whole list later and takes no
@@ -216,9 +258,8 @@ impl Domain {
                 // (as for a gap), whose replies are dropped on arrival.
                 // Not pending: a sync of the domain would report their
                 // failures as its own.
-                st.unmapping.extend(tickets.iter().copied());
-                let seqs: Seqs = tickets.iter().map(|t| t.0).collect();
-                d.port.abandon(&seqs);
+                st.unmapping.extend(unmaps.iter().copied());
+                d.port.abandon(&tickets);
                 Err(err)
             }
         }

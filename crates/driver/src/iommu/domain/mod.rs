@@ -9,7 +9,7 @@ use viommu_proto::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
 use crate::iommu::domain::state::{DomainState, PendingOp, StaleStep};
 use crate::iommu::encode::{map_req, unmap_req};
 use crate::iommu::types::{DomainKind, Mapping, Prot};
-use crate::iommu::Port;
+use crate::iommu::{Port, Ticket};
 use crate::sync::Mutex;
 use crate::{Error, Result};
 
@@ -67,16 +67,16 @@ impl DomainInner {
 impl Drop for DomainInner {
     fn drop(&mut self) {
         let mut st = self.state.lock();
-        let stale: Vec<u64> = st
+        let stale: Vec<Ticket> = st
             .stale
             .iter()
             .filter_map(|s| match s.step {
-                StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) => Some(seq),
+                StaleStep::Map(ticket) | StaleStep::Unmap(Some(ticket)) => Some(ticket),
                 StaleStep::Unmap(None) => None,
             })
             .collect();
         self.port.abandon(&stale);
-        let pending = st.pending.drain(..).map(|p| p.seq()).collect();
+        let pending = st.pending.drain(..).map(|p| p.ticket()).collect();
         self.port.domain_dropped(self.id, pending);
     }
 }
@@ -137,7 +137,7 @@ impl Domain {
         st.tree.insert(m);
         if DomainInner::attached(&st, d.kind) {
             match d.port.submit(&map_req(d.id, &m), 0) {
-                Ok(seq) => st.pending.push(PendingOp::Map { seq, iova, last }),
+                Ok(ticket) => st.pending.push(PendingOp::Map { ticket, iova, last }),
                 Err(e) => {
                     st.tree.remove_exact(iova, last);
                     return Err(e);
@@ -163,7 +163,9 @@ impl Domain {
             return Ok(bytes);
         }
         match d.port.submit(&unmap_req(d.id, iova, last), 0) {
-            Ok(seq) => st.pending.push(PendingOp::Unmap { seq, range: (iova, last), removed }),
+            Ok(ticket) => {
+                st.pending.push(PendingOp::Unmap { ticket, range: (iova, last), removed })
+            }
             Err(e) => {
                 for m in removed {
                     st.tree.insert(m);

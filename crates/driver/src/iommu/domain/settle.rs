@@ -8,7 +8,7 @@ use crate::iommu::domain::state::{DomainState, PendingOp, Stale, StaleStep};
 use crate::iommu::domain::DomainInner;
 use crate::iommu::encode::unmap_req;
 use crate::iommu::replies::may_have_applied;
-use crate::iommu::Replies;
+use crate::iommu::{Replies, Ticket};
 use crate::sync::MutexGuard;
 use crate::Result;
 
@@ -30,26 +30,28 @@ impl DomainInner {
             }
             let hit = |s: u64, e: u64| ranges.iter().any(|&(a, b)| s <= b && a <= e);
             if new_maps && !st.unmapping.is_empty() {
-                let seqs: Vec<u64> = st.unmapping.iter().map(|t| t.0).collect();
-                let live = self.port.outstanding(&seqs);
-                st.unmapping.retain(|t| live.contains(&t.0));
+                let tickets: Vec<Ticket> = st.unmapping.iter().map(|t| t.ticket).collect();
+                let live = self.port.outstanding(&tickets);
+                st.unmapping.retain(|t| live.contains(&t.ticket));
             }
-            let mut wait: Vec<u64> = st
+            let mut wait: Vec<Ticket> = st
                 .pending
                 .iter()
                 .filter_map(|op| match *op {
-                    PendingOp::Unmap { seq, range: (s, e), .. } if new_maps && hit(s, e) => {
-                        Some(seq)
+                    PendingOp::Unmap { ticket, range: (s, e), .. } if new_maps && hit(s, e) => {
+                        Some(ticket)
                     }
-                    PendingOp::Map { seq, iova, last } if !new_maps && hit(iova, last) => Some(seq),
+                    PendingOp::Map { ticket, iova, last } if !new_maps && hit(iova, last) => {
+                        Some(ticket)
+                    }
                     _ => None,
                 })
                 .collect();
             if new_maps {
-                wait.extend(st.unmapping.iter().filter(|t| hit(t.1, t.2)).map(|t| t.0));
+                wait.extend(st.unmapping.iter().filter(|t| hit(t.first, t.last)).map(|t| t.ticket));
                 wait.extend(st.stale.iter().filter(|s| hit(s.iova, s.last)).filter_map(|s| {
                     match s.step {
-                        StaleStep::Unmap(Some(seq)) => Some(seq),
+                        StaleStep::Unmap(Some(ticket)) => Some(ticket),
                         _ => None,
                     }
                 }));
@@ -73,11 +75,11 @@ impl DomainInner {
             return;
         }
         let attached = Self::attached(st, self.kind);
-        let reply = |seq: u64| self.port.try_take(&[seq]).map(|r| r.result(0));
+        let reply = |ticket: Ticket| self.port.try_take(&[ticket]).map(|r| r.result(0));
         let mut keep = Vec::new();
         for mut s in core::mem::take(&mut st.stale) {
-            if let StaleStep::Map(seq) | StaleStep::Unmap(Some(seq)) = s.step {
-                match reply(seq) {
+            if let StaleStep::Map(ticket) | StaleStep::Unmap(Some(ticket)) = s.step {
+                match reply(ticket) {
                     None => {
                         keep.push(s);
                         continue;
@@ -98,8 +100,8 @@ impl DomainInner {
                 // The device forgot the domain with its last endpoint.
                 continue;
             }
-            if let Ok(seq) = self.port.submit(&unmap_req(self.id, s.iova, s.last), 0) {
-                s.step = StaleStep::Unmap(Some(seq));
+            if let Ok(ticket) = self.port.submit(&unmap_req(self.id, s.iova, s.last), 0) {
+                s.step = StaleStep::Unmap(Some(ticket));
             }
             keep.push(s);
         }
@@ -109,21 +111,21 @@ impl DomainInner {
 
     /// Sends the cleanup UNMAPs of stale MAPs and waits for them once.
     pub(in crate::iommu) fn drain_stale(&self) -> Result<()> {
-        let seqs: Vec<u64> = {
+        let tickets: Vec<Ticket> = {
             let mut st = self.state.lock();
             self.settle_stale(&mut st);
             st.stale
                 .iter()
                 .filter_map(|s| match s.step {
-                    StaleStep::Unmap(Some(seq)) => Some(seq),
+                    StaleStep::Unmap(Some(ticket)) => Some(ticket),
                     _ => None,
                 })
                 .collect()
         };
-        if seqs.is_empty() {
+        if tickets.is_empty() {
             return Ok(());
         }
-        self.port.wait_complete(&seqs)?;
+        self.port.wait_complete(&tickets)?;
         self.settle_stale(&mut self.state.lock());
         Ok(())
     }
@@ -141,8 +143,8 @@ impl DomainInner {
         if ops.is_empty() {
             return Ok(());
         }
-        let seqs: Vec<u64> = ops.iter().map(PendingOp::seq).collect();
-        let replies = self.port.wait(&seqs);
+        let tickets: Vec<Ticket> = ops.iter().map(PendingOp::ticket).collect();
+        let replies = self.port.wait(&tickets);
         self.settle_ops(ops, replies)
     }
 
@@ -161,13 +163,13 @@ impl DomainInner {
                 // but a MAP's range stays blocked until the device answers.
                 for op in ops {
                     match op {
-                        PendingOp::Map { seq, iova, last } => {
+                        PendingOp::Map { ticket, iova, last } => {
                             st.undo_map(iova, last);
-                            st.stale.push(Stale { step: StaleStep::Map(seq), iova, last });
+                            st.stale.push(Stale { step: StaleStep::Map(ticket), iova, last });
                             self.stale_any.store(true, Ordering::Relaxed);
                         }
-                        PendingOp::Unmap { seq, removed, .. } => {
-                            self.port.abandon(&[seq]);
+                        PendingOp::Unmap { ticket, removed, .. } => {
+                            self.port.abandon(&[ticket]);
                             st.undo_unmap(removed);
                         }
                     }

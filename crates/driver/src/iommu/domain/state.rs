@@ -6,26 +6,26 @@ use alloc::vec::Vec;
 
 use crate::iommu::tree::MapTree;
 use crate::iommu::types::Mapping;
-use crate::iommu::Ticket;
+use crate::iommu::{Ticket, UnmapTicket};
 
 pub(in crate::iommu) enum PendingOp {
     Map {
-        seq: u64,
+        ticket: Ticket,
         iova: u64,
         last: u64,
     },
     /// `range` is the UNMAP's `(first, last)`; `removed` what left the tree.
     Unmap {
-        seq: u64,
+        ticket: Ticket,
         range: (u64, u64),
         removed: Vec<Mapping>,
     },
 }
 
 impl PendingOp {
-    pub(in crate::iommu) fn seq(&self) -> u64 {
+    pub(in crate::iommu) fn ticket(&self) -> Ticket {
         match self {
-            Self::Map { seq, .. } | Self::Unmap { seq, .. } => *seq,
+            Self::Map { ticket, .. } | Self::Unmap { ticket, .. } => *ticket,
         }
     }
 }
@@ -34,9 +34,9 @@ impl PendingOp {
 #[derive(Clone, Copy)]
 pub(in crate::iommu) enum StaleStep {
     /// Its reply is not in yet.
-    Map(u64),
+    Map(Ticket),
     /// It succeeded late: a cleanup UNMAP is to be queued (`None`) or on the ring.
-    Unmap(Option<u64>),
+    Unmap(Option<Ticket>),
 }
 
 /// A MAP whose sync timed out, or that failed in a way that may have left a
@@ -61,7 +61,7 @@ pub(in crate::iommu) struct DomainState {
     pub(in crate::iommu) stale: Vec<Stale>,
     /// DMA-layer UNMAPs on the ring whose range spans a gap between freed
     /// ranges: IOVAs in the gap may be mapped again before they complete.
-    pub(in crate::iommu) unmapping: Vec<Ticket>,
+    pub(in crate::iommu) unmapping: Vec<UnmapTicket>,
 }
 
 impl DomainState {
