@@ -1,0 +1,51 @@
+//! The device's request path: raw request bytes into `Iommu::handle_request`, mixed with
+//! well-formed requests (to reach deep states) and translations, against one device.
+//!
+//! Input: a configuration (see `device::config`), then operations until the input ends.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use viommu_device::Iommu;
+use viommu_fuzz::device::{self, check_answer, check_counters, FILL};
+use viommu_fuzz::input::Input;
+use viommu_proto::RequestType;
+
+/// Writable buffers up to this size: beyond any PROBE reply the configurations allow.
+const MAX_WRITABLE: u16 = 1100;
+
+fuzz_target!(|data: &[u8]| {
+    let mut inp = Input::new(data);
+    let Ok(iommu) = Iommu::new(device::config(&mut inp)) else { return };
+    while !inp.is_empty() {
+        match inp.u8() % 3 {
+            // Raw bytes: readable part, then the writable length.
+            0 => {
+                let readable = inp.string();
+                let wlen = inp.u16() % MAX_WRITABLE;
+                request(&iommu, readable, usize::from(wlen));
+            }
+            1 => {
+                let req = device::good_request(&mut inp);
+                let cfg = iommu.config();
+                let (wlen, full) = match req.request_type() {
+                    RequestType::Probe => (cfg.probe_size as usize + 4, cfg.features.probe),
+                    _ => (4, true),
+                };
+                let used = request(&iommu, &device::encode(&req), wlen);
+                // §5.13.6.8: without the PROBE feature the buffer is returned unwritten.
+                let want = if full { wlen } else { 0 };
+                assert_eq!(used as usize, want, "a well-formed request is answered in full");
+            }
+            _ => device::translate(&iommu, &mut inp),
+        }
+        check_counters(&iommu);
+    }
+});
+
+/// Sends one request and checks its answer.
+fn request(iommu: &Iommu, readable: &[u8], wlen: usize) -> u32 {
+    let mut writable = vec![FILL; wlen];
+    let used = iommu.handle_request(readable, &mut writable);
+    check_answer(&writable, used);
+    used
+}
