@@ -18,6 +18,11 @@ impl<'a> Input<'a> {
         self.0.is_empty()
     }
 
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.0.len()
+    }
+
     /// One byte (0 when exhausted).
     pub fn u8(&mut self) -> u8 {
         self.0.arbitrary().unwrap_or(0)
