@@ -13,6 +13,7 @@ use viommu_fuzz::guest::{self, write_desc_at, Guest, F_INDIRECT, F_WRITE, HIGH_S
 use viommu_fuzz::input::Input;
 use viommu_proto::features::{bit, RING_EVENT_IDX, RING_INDIRECT_DESC};
 use viommu_proto::{Request, RequestType};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 fuzz_target!(|data: &[u8]| {
@@ -86,15 +87,20 @@ fn op(g: &mut Guest, inp: &mut Input) {
 /// Processes queue `q`. An error means the queue is broken (the VMM would set
 /// DEVICE_NEEDS_RESET); the device must still refuse cleanly afterwards.
 fn kick(g: &mut Guest, q: u16) {
-    let before = g.used_idx(q);
+    let before = next_used(g, q);
     let r = match q {
         0 => g.dev.process_request_queue(&g.mem),
         _ => g.dev.process_event_queue(&g.mem),
     };
     if r.is_ok() {
-        let added = g.used_idx(q).wrapping_sub(before);
+        let added = next_used(g, q).wrapping_sub(before);
         assert!(added <= g.qsize, "one kick used {added} entries of a {}-entry queue", g.qsize);
     }
+}
+
+/// The device's own used index (the one in guest memory is the guest's to clobber).
+fn next_used(g: &mut Guest, q: u16) -> u16 {
+    g.dev.queue_mut(q).map_or(0, |q| q.next_used())
 }
 
 /// A well-formed request (see `device::good_request`) in one of four chain layouts.

@@ -20,8 +20,6 @@ use viommu_driver::{Domain, DriverOptions, Prot, VirtioIommu};
 use viommu_fuzz::hostile::{HostileTransport, Pool, PoolHal, Script};
 use viommu_fuzz::input::Input;
 
-/// DMA pool per input: rings, request slots and PROBE buffers of the small queues used.
-const POOL_PAGES: usize = 256;
 /// Endpoint IDs the workload names.
 const ENDPOINTS: u8 = 4;
 
@@ -35,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let (workload, device) = rest.split_at(n.min(rest.len()));
     let mut work = Input::new(workload);
     let (opts, fail_after) = options(&mut work);
-    let pool = Pool::new(POOL_PAGES, fail_after);
+    let pool = Pool::fresh(fail_after);
     let transport = HostileTransport::new(Script::new(device), pool.clone());
     let Ok(drv) = note("new", VirtioIommu::new(transport, PoolHal(pool), opts)) else { return };
     let mut domains: Vec<Domain> = Vec::new();

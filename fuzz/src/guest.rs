@@ -111,12 +111,6 @@ impl Guest {
         let _ = self.mem.write_obj(v, GuestAddress(at));
     }
 
-    /// The used ring's `idx` of queue `q`.
-    pub fn used_idx(&self, q: u16) -> u16 {
-        let (_, _, used) = self.ring(q);
-        self.mem.read_obj(GuestAddress(used + 2)).unwrap_or(0)
-    }
-
     /// A chain of sequential descriptors (`NEXT` added) of queue `q`, made available.
     pub fn push_chain(&mut self, q: u16, bufs: &[(u64, u32, u16)]) {
         let head = self.next_desc[usize::from(q)];

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::input::Input;
 
-pub use memory::{Pool, PoolHal};
+pub use memory::{Pool, PoolHal, POOL_PAGES};
 pub use transport::{Hostile, HostileTransport};
 
 /// The input, read in turn by the workload and by the device as events happen.
