@@ -231,3 +231,15 @@ fn driver() -> Vec<(&'static str, Seed)> {
         ("raw-config", driver_input(&work, &raw)),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_corpus_is_current() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+        for (target, name, bytes) in super::all() {
+            let on_disk = std::fs::read(root.join(target).join(name)).unwrap_or_default();
+            assert_eq!(on_disk, bytes, "{target}/{name}: rerun `cargo run --bin seeds`");
+        }
+    }
+}

@@ -46,7 +46,7 @@ impl Ring {
 
     fn desc(pool: &Pool, table: u64, i: u16) -> (u64, u32, u16, u16) {
         let mut raw = [0u8; 16];
-        pool.read(table + 16 * u64::from(i), &mut raw);
+        pool.read(table.wrapping_add(16 * u64::from(i)), &mut raw);
         let addr = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
         let flags = u16::from_le_bytes([raw[12], raw[13]]);
