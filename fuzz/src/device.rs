@@ -56,6 +56,7 @@ pub fn config(inp: &mut Input) -> DeviceConfig {
             max_pending_faults: usize::from(limits.0 / 32),
         },
         endpoints,
+        ..DeviceConfig::default()
     }
 }
 
