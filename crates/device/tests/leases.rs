@@ -182,16 +182,18 @@ fn a_lease_taken_after_the_change_is_not_waited_for() {
             thread::sleep(Duration::from_millis(50));
             let t = iommu.translate(1, 0x8000, 4, Access::Read).unwrap();
             late_tx.send(()).unwrap();
-            done_rx.recv().unwrap();
+            // Held until the UNMAP has completed; a timeout means the UNMAP waited for it.
+            let waited_for_me = done_rx.recv_timeout(Duration::from_secs(20)).is_err();
             drop(t);
+            waited_for_me
         });
         let (status, written_first) =
             request_watched(&mut d, &mut dev, &unmap(1, IOVA, IOVA + 0xfff), &h);
         assert_eq!(status, Status::Ok);
         assert!(written_first);
         late_rx.recv().unwrap();
-        done_tx.send(()).unwrap();
-        late.join().unwrap();
+        let _ = done_tx.send(());
+        assert!(!late.join().unwrap(), "the UNMAP waited for a lease taken after it");
         h.guest_reuses_page(&mem);
     });
 }
