@@ -260,3 +260,43 @@ impl<H: Hal> core::fmt::Debug for DmaBuffer<H> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(all(test, feature = "test-utils"))]
+mod tests {
+    use super::*;
+    use crate::fake::FakeMemory;
+
+    /// Copies and ring words land where they say, in little-endian order;
+    /// dropping the buffer gives its pages back.
+    #[test]
+    fn accessors_reach_the_bytes_and_drop_frees() {
+        let mem = FakeMemory::new(4);
+        let mut b = DmaBuffer::new(mem.hal(), 2).expect("2 pages");
+        assert_eq!((b.len(), b.pages(), mem.live_pages()), (2 * PAGE_SIZE, 2, 2));
+        b.write_u16(PAGE_SIZE, 0x1234);
+        b.write_u64(8, 0x0102_0304_0506_0708);
+        let mut out = [0u8; 2];
+        mem.read(b.paddr() + PAGE_SIZE as u64, &mut out);
+        assert_eq!(out, [0x34, 0x12]);
+        assert_eq!(b.read_u32(8), 0x0506_0708);
+        b.fill(8, 4, 0);
+        assert_eq!(b.read_u32(8), 0);
+        drop(b);
+        assert_eq!(mem.live_pages(), 0);
+    }
+
+    /// An access that ends past the buffer, or whose end overflows, panics
+    /// instead of touching the memory after it.
+    #[test]
+    fn out_of_bounds_accesses_panic() {
+        let mem = FakeMemory::new(2);
+        let b = DmaBuffer::new(mem.hal(), 1).expect("1 page");
+        let past = std::panic::catch_unwind(|| b.read(PAGE_SIZE - 2, &mut [0u8; 4]));
+        assert!(past.is_err());
+        let overflow = std::panic::catch_unwind(|| b.read(usize::MAX, &mut [0u8; 2]));
+        assert!(overflow.is_err());
+        let misaligned = std::panic::catch_unwind(|| b.read_u16(1));
+        assert!(misaligned.is_err());
+        assert_eq!(b.read_u16(PAGE_SIZE - 2), 0, "the last word is inside");
+    }
+}
