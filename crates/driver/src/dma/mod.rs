@@ -41,8 +41,10 @@
 //! # let _ = data; }
 //! ```
 
+mod batch;
 pub mod flush;
 pub mod iova;
+mod unmap;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -50,13 +52,15 @@ use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use smallvec::SmallVec;
 
+pub use batch::DmaBatch;
 pub use flush::FlushQueueConfig;
 pub use iova::{IovaAllocator, IovaOptions};
 
-use crate::iommu::{merge_regions, Domain, DomainKind, FlushCause, Mapping, Prot, ResvRegion};
+use crate::iommu::{merge_regions, Domain, DomainKind, Mapping, Prot, ResvRegion};
 use crate::sync::Mutex;
 use crate::{Error, Result};
-use flush::{settle, Allocs, FlushSlot, InflightFlush, Outcome};
+use batch::{shift, PushMap};
+use flush::{Allocs, FlushSlot};
 
 /// Direction of a DMA transfer, seen from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -504,17 +508,6 @@ impl DmaDomain {
         self.release(&[(m.iova, m.size)])
     }
 
-    /// Starts a batch: map all buffers of one I/O, then one sync at commit.
-    pub fn begin(&self) -> DmaBatch<'_> {
-        DmaBatch {
-            dma: self,
-            maps: SmallVec::new(),
-            allocs: SmallVec::new(),
-            breaks: SmallVec::new(),
-            pages: SmallVec::new(),
-        }
-    }
-
     /// Unmaps everything a committed batch mapped, as one operation: under
     /// Strict one sync (with coalescing, often one UNMAP), under the lazy
     /// policies one flush-queue insertion.
@@ -524,366 +517,12 @@ impl DmaDomain {
         }
         self.release(&m.allocs)
     }
-
-    /// Takes allocations out of the tree and unmaps them under the policy.
-    fn release(&self, allocs: &[(u64, u64)]) -> Result<()> {
-        let ranges = self.ranges_of(allocs);
-        self.domain.take_ranges(&ranges)?;
-        match self.policy() {
-            Policy::Strict => self.unmap_now(allocs, self.coalesce.load(Ordering::Relaxed)),
-            Policy::Lazy => {
-                let q = &self.percpu[self.cpu() % self.percpu.len()];
-                self.enqueue(q, &self.lazy, allocs)
-            }
-            Policy::LazySingle => self.enqueue(&self.single, &self.lazy_single, allocs),
-        }
-    }
-
-    /// Queues UNMAPs for allocations already out of the tree, waits, frees.
-    fn unmap_now(&self, allocs: &[(u64, u64)], coalesce: bool) -> Result<()> {
-        let ranges = self.ranges_of(allocs);
-        let tickets = match self.domain.queue_unmaps(&ranges, coalesce, true) {
-            Ok(t) => t,
-            Err(e) => {
-                self.retry.lock().extend_from_slice(allocs);
-                return Err(e);
-            }
-        };
-        let replies = if tickets.is_empty() {
-            Default::default()
-        } else {
-            match self.domain.wait_unmaps_or_abandon(&tickets) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.retry.lock().extend_from_slice(allocs);
-                    return Err(e);
-                }
-            }
-        };
-        self.apply(settle(&tickets, &replies, allocs, |a| self.range_of(a)))
-    }
-
-    fn apply(&self, mut out: Outcome) -> Result<()> {
-        // A range a timed-out MAP may still create is not reused before its
-        // cleanup. Usually there is none: one look, not one per entry.
-        if self.domain.has_stale() {
-            let (stale, free): (Allocs, Allocs) = out.free.into_iter().partition(|a| {
-                let (s, l) = self.range_of(a);
-                self.domain.is_stale(s, l)
-            });
-            out.retry.extend(stale);
-            self.free_allocs(&free);
-        } else {
-            self.free_allocs(&out.free);
-        }
-        if !out.retry.is_empty() {
-            self.retry.lock().extend(out.retry);
-        }
-        match out.error {
-            Some(e) => {
-                self.domain.count_sync_error();
-                Err(e)
-            }
-            None => Ok(()),
-        }
-    }
-
-    fn enqueue(&self, q: &FlushSlot, cfg: &FlushQueueConfig, allocs: &[(u64, u64)]) -> Result<()> {
-        let now = self.platform.now_ns();
-        let (cause, inflight) = {
-            let mut g = q.lock();
-            g.push(now, allocs);
-            let cause = if g.entries.len() >= cfg.entries {
-                Some(FlushCause::Full)
-            } else if g.expired(now, cfg) {
-                Some(FlushCause::Timeout)
-            } else {
-                None
-            };
-            (cause, !g.inflight.is_empty())
-        };
-        if inflight {
-            // A previous flush's failure is not this unmap's: it is counted and retried.
-            let _ = self.reap(q);
-        }
-        match cause {
-            Some(cause) => self.flush_queue(q, cause, false, true),
-            None => Ok(()),
-        }
-    }
-
-    /// Sends the queue's UNMAPs (and the retry list's, `with_retry`). With `wait`, syncs
-    /// now; otherwise they ride on the next kick and complete in `reap`.
-    fn flush_queue(
-        &self,
-        q: &FlushSlot,
-        cause: FlushCause,
-        wait: bool,
-        with_retry: bool,
-    ) -> Result<()> {
-        // Held until this flush is done with the entries (freed, failed
-        // back to the retry list, or left in flight), so that an explicit
-        // flush on another CPU waits for them.
-        let (mut entries, _taken) = q.take_entries();
-        if with_retry {
-            entries.append(&mut self.retry.lock());
-        }
-        if entries.is_empty() {
-            return Ok(());
-        }
-        self.domain.count_flush(cause);
-        let ranges: Vec<(u64, u64)> = entries.iter().map(|a| self.range_of(a)).collect();
-        let coalesce = self.coalesce.load(Ordering::Relaxed);
-        let tickets = match self.domain.queue_unmaps(&ranges, coalesce, wait) {
-            Ok(t) => t,
-            Err(e) => {
-                self.retry.lock().extend(entries);
-                return Err(e);
-            }
-        };
-        if tickets.is_empty() {
-            self.free_allocs(&entries);
-            return Ok(());
-        }
-        if wait {
-            let replies = match self.domain.wait_unmaps(&tickets) {
-                Ok(r) => r,
-                Err(e) => {
-                    let since_ns = self.platform.now_ns();
-                    q.lock().inflight.push(InflightFlush { tickets, entries, since_ns });
-                    return Err(e);
-                }
-            };
-            return self.apply(settle(&tickets, &replies, &entries, |a| self.range_of(a)));
-        }
-        let since_ns = self.platform.now_ns();
-        q.lock().inflight.push(InflightFlush { tickets, entries, since_ns });
-        Ok(())
-    }
-
-    /// Completes in-flight flushes whose UNMAPs are done; with `wait_older_than`,
-    /// syncs those older than that many nanoseconds.
-    fn reap_inner(&self, q: &FlushSlot, wait_older_than: Option<u64>) -> Result<()> {
-        // Held until what is kept is back in the queue (see `flush`).
-        let (inflight, _taken) = q.take_inflight();
-        if inflight.is_empty() {
-            return Ok(());
-        }
-        let now = self.platform.now_ns();
-        let mut first = Ok(());
-        let mut keep = Vec::new();
-        for f in inflight {
-            let must_wait =
-                wait_older_than.is_some_and(|age| now.saturating_sub(f.since_ns) >= age);
-            let replies = match self.domain.try_take_unmaps(&f.tickets) {
-                Some(r) => r,
-                None if must_wait => match self.domain.wait_unmaps(&f.tickets) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        keep.push(f);
-                        first = first.and(Err(e));
-                        continue;
-                    }
-                },
-                None => {
-                    keep.push(f);
-                    continue;
-                }
-            };
-            let r = self.apply(settle(&f.tickets, &replies, &f.entries, |a| self.range_of(a)));
-            first = first.and(r);
-        }
-        if !keep.is_empty() {
-            q.lock().inflight.extend(keep);
-        }
-        first
-    }
-
-    fn reap(&self, q: &FlushSlot) -> Result<()> {
-        self.reap_inner(q, None)
-    }
-
-    fn queues(&self) -> impl Iterator<Item = (&FlushSlot, &FlushQueueConfig)> {
-        self.percpu.iter().map(|q| (q, &self.lazy)).chain([(&self.single, &self.lazy_single)])
-    }
-
-    /// The timer's job: flushes queues whose oldest entry has timed out and
-    /// syncs flushes in flight for longer than the timeout, retrying failed
-    /// UNMAPs. Call it periodically (e.g. every few ms). Returns the first error.
-    pub fn tick(&self) -> Result<()> {
-        let now = self.platform.now_ns();
-        let mut first = Ok(());
-        for (q, cfg) in self.queues() {
-            // Nothing due (the usual case): not even the lock.
-            if !q.due(now, cfg) {
-                continue;
-            }
-            let (inflight, expired) = {
-                let g = q.lock();
-                (!g.inflight.is_empty(), g.expired(now, cfg))
-            };
-            if inflight {
-                first = first.and(self.reap_inner(q, Some(cfg.timeout_ns)));
-            }
-            if expired {
-                first = first.and(self.flush_queue(q, FlushCause::Timeout, true, false));
-            }
-        }
-        if !self.retry.lock().is_empty() {
-            first = first.and(self.domain.drain_stale());
-            first = first.and(self.flush_queue(&self.single, FlushCause::Timeout, true, true));
-        }
-        first
-    }
-
-    /// Flushes every queue now and waits for every UNMAP in flight; retries
-    /// failed ones. Afterwards all unmapped IOVAs are back in the allocator
-    /// (unless the device keeps failing UNMAPs).
-    pub fn flush(&self) -> Result<()> {
-        // Retries first: what fails during this flush waits for the next one.
-        let mut first = Ok(());
-        if !self.retry.lock().is_empty() {
-            first = self.domain.drain_stale();
-            first = first.and(self.flush_queue(&self.single, FlushCause::Explicit, true, true));
-        }
-        for (q, _) in self.queues() {
-            let has = !q.lock().entries.is_empty();
-            if has {
-                first = first.and(self.flush_queue(q, FlushCause::Explicit, true, false));
-            }
-            // A flush or reap another CPU started (a `tick`, a full queue)
-            // has taken its entries already: wait until it has sent and
-            // settled them, or left them in flight for the reap below. It is
-            // bounded by that CPU's own wait bound.
-            while q.taken() {
-                core::hint::spin_loop();
-            }
-            first = first.and(self.reap_inner(q, Some(0)));
-        }
-        first
-    }
 }
 
 impl Drop for DmaDomain {
     fn drop(&mut self) {
         // Leave the device with no stale mappings of ours.
         let _ = self.flush();
-    }
-}
-
-/// Where [`DmaDomain::sg_layout`] puts its MAPs.
-trait PushMap {
-    fn push_map(&mut self, m: Mapping);
-}
-
-impl PushMap for Vec<Mapping> {
-    fn push_map(&mut self, m: Mapping) {
-        self.push(m);
-    }
-}
-
-impl<A: smallvec::Array<Item = Mapping>> PushMap for SmallVec<A> {
-    fn push_map(&mut self, m: Mapping) {
-        self.push(m);
-    }
-}
-
-/// Moves MAPs and segments laid out from IOVA 0 to `iova`.
-fn shift(iova: u64, maps: &mut [Mapping], segs: &mut [DmaSegment]) {
-    for m in maps {
-        m.iova += iova;
-        m.last += iova;
-    }
-    for s in segs {
-        s.addr += iova;
-    }
-}
-
-/// The buffers of one I/O, mapped with one sync at [`Self::commit`].
-/// Dropping it without committing frees its IOVAs; nothing was sent.
-pub struct DmaBatch<'a> {
-    dma: &'a DmaDomain,
-    maps: SmallVec<[Mapping; 3]>,
-    allocs: Allocs,
-    /// Where in `maps` each allocation's MAPs begin.
-    breaks: SmallVec<[usize; 2]>,
-    /// Single-page maps `(physical page, index in maps)`, sorted, to map a
-    /// shared page once.
-    pages: SmallVec<[(u64, usize); 2]>,
-}
-
-impl DmaBatch<'_> {
-    /// Reserves an IOVA for one buffer; the MAP goes out at commit. A buffer
-    /// inside a page this batch already maps reuses that mapping (its rights
-    /// widen to cover both buffers).
-    pub fn map(&mut self, paddr: u64, len: usize, dir: DmaDirection) -> Result<u64> {
-        let dma = self.dma;
-        if dma.passthrough {
-            return Ok(paddr);
-        }
-        let (base, off, size) = dma.span(paddr, len)?;
-        let page = self.pages.binary_search_by_key(&base, |p| p.0);
-        if size == dma.granule {
-            if let Ok(k) = page {
-                let m = &mut self.maps[self.pages[k].1];
-                m.prot = m.prot | dir.prot();
-                return Ok(m.iova + off);
-            }
-        }
-        let iova = dma.alloc(size)?;
-        self.allocs.push((iova, size));
-        self.breaks.push(self.maps.len());
-        if let (true, Err(k)) = (size == dma.granule, page) {
-            self.pages.insert(k, (base, self.maps.len()));
-        }
-        self.maps.push(Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() });
-        Ok(iova + off)
-    }
-
-    /// Adds a scatter-gather list in one IOVA range, contiguous runs merged.
-    pub fn map_sg(&mut self, segs: &[(u64, usize)], dir: DmaDirection) -> Result<Vec<DmaSegment>> {
-        let dma = self.dma;
-        if dma.passthrough {
-            return Ok(merge_segments(segs)
-                .into_iter()
-                .map(|(addr, len)| DmaSegment { addr, len })
-                .collect());
-        }
-        let from = self.maps.len();
-        self.maps.reserve(segs.len());
-        let mut segments = Vec::with_capacity(segs.len());
-        let laid = dma.sg_layout(segs, dir.prot(), &mut self.maps, &mut segments);
-        let iova = match laid.and_then(|total| Ok((dma.alloc(total)?, total))) {
-            Ok((iova, total)) => {
-                self.allocs.push((iova, total));
-                self.breaks.push(from);
-                iova
-            }
-            Err(e) => {
-                self.maps.truncate(from);
-                return Err(e);
-            }
-        };
-        shift(iova, &mut self.maps[from..], &mut segments);
-        Ok(segments)
-    }
-
-    /// Sends every MAP of the batch and syncs once. On failure everything
-    /// is rolled back and the IOVAs freed.
-    pub fn commit(mut self) -> Result<DmaMapping> {
-        let allocs = core::mem::take(&mut self.allocs);
-        let maps = core::mem::take(&mut self.maps);
-        if maps.is_empty() {
-            return Ok(DmaMapping { allocs });
-        }
-        self.dma.map_synced(&maps, &allocs, &self.breaks)?;
-        Ok(DmaMapping { allocs })
-    }
-}
-
-impl Drop for DmaBatch<'_> {
-    fn drop(&mut self) {
-        self.dma.free_allocs(&self.allocs);
     }
 }
 
