@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use viommu_device::Iommu;
 use viommu_fuzz::device::{self, check_answer, check_counters, FILL};
 use viommu_fuzz::input::Input;
-use viommu_proto::RequestType;
+use viommu_proto::{Request, RequestType};
 
 /// Writable buffers up to this size: beyond any PROBE reply the configurations allow.
 const MAX_WRITABLE: u16 = 1100;
@@ -42,8 +42,11 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// Sends one request and checks its answer.
+/// Sends one request and checks its answer; a request that parses encodes back to itself.
 fn request(iommu: &Iommu, readable: &[u8], wlen: usize) -> u32 {
+    if let Ok(req) = Request::parse(readable) {
+        assert_eq!(Request::parse(&device::encode(&req)), Ok(req), "encode inverts parse");
+    }
     let mut writable = vec![FILL; wlen];
     let used = iommu.handle_request(readable, &mut writable);
     check_answer(&writable, used);
