@@ -18,26 +18,33 @@
 //!   interface of the DMA layer); `tree` (the mapping tree).
 //!
 //! # Locks
-//! - `endpoints` (one per IOMMU): endpoint → domain table. Held across attach
-//!   and detach, which are rare, so that two attaches of one endpoint cannot
-//!   interleave.
+//! - `endpoints` (one per IOMMU): endpoint ID → that endpoint's lock. Held
+//!   only to find an entry, never across a request.
+//! - endpoint (one per endpoint): its domain and reserved regions. Held
+//!   across its own attach and detach, so that two attaches of one endpoint
+//!   cannot interleave; endpoints never wait on each other. Only the drop of
+//!   a domain's last handle holds several (its endpoints, in ID order).
 //! - `Domain::state` (one per domain): the endpoint set **and** the mapping
 //!   tree. A MAP is queued under it, so an attach's replay and a concurrent
 //!   map can neither miss nor double a mapping; a DETACH is queued and
 //!   completed under it, so no MAP slips in behind the last DETACH.
 //! - `req` (one per IOMMU): the request virtqueue and its buffers. Held only to
 //!   add requests or reap completions, never across a notify or a wait.
+//! - `fault_handler` (one per IOMMU): held for one `poll_events` call, while
+//!   the handler runs; `events` (the event queue) only while one buffer is
+//!   taken and posted again, never while the handler runs.
 //! - `transport`: taken alone, for a notify or a register access. Never held
 //!   across a wait when the transport gives a [`UsedWaiter`](crate::transport::UsedWaiter): waiting threads
 //!   block on it with no lock held, so a kick never queues behind a wait.
 //!   (Without one, a waiting thread only *tries* the lock to call
 //!   `wait_for_used`, and yields when it is busy.)
 //!
-//! Order: endpoints → domain state → req; transport is never taken with req
-//! held. A sync waits for its own tickets: it kicks, then reaps completions
-//! (whoever reaps records every reply by ticket) until its tickets are done,
-//! so no thread holds a lock while another thread's sync waits on the device.
-//! Only attach/detach wait under a domain lock, because correctness needs it.
+//! Order: endpoint → domain state → req; fault_handler → events; transport
+//! is never taken with req or events held. A sync waits for its own
+//! tickets: it kicks, then reaps completions (whoever reaps records every
+//! reply by ticket) until its tickets are done, so no thread holds a lock
+//! while another thread's sync waits on the device. Only attach/detach wait
+//! under an endpoint's and a domain's lock, because correctness needs it.
 //!
 //! ```
 //! # #[cfg(feature = "test-utils")] {
