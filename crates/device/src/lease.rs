@@ -168,8 +168,9 @@ impl Leases {
                 let t0 = *start.get_or_insert_with(Instant::now);
                 backoff(round);
                 round = round.saturating_add(1);
-                // The clock is read every 16 rounds while spinning, every round once sleeping.
-                let check = round % 16 == 0 || round > SPIN_ROUNDS + YIELD_ROUNDS;
+                // The clock is read every 16 rounds while spinning, every round once yielding
+                // (a yield on a loaded host can last a time slice).
+                let check = round % 16 == 0 || round > SPIN_ROUNDS;
                 if waited.slow == 0 && check && t0.elapsed() >= slow_after {
                     waited.slow = self.held(old).max(1);
                 }
