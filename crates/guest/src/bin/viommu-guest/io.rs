@@ -27,8 +27,8 @@ pub struct Perf {
 /// Runs a workload; data is filled (writes) and checked (reads) outside
 /// the timed part.
 pub fn run_workload(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, w: &Workload) -> Outcome<Perf> {
-    let mut bufs = Vec::with_capacity(w.qd);
-    for _ in 0..w.qd {
+    let mut bufs = Vec::with_capacity(w.job.qd);
+    for _ in 0..w.job.qd {
         let b = DmaBuffer::new(&rig.hal, w.buffer_pages());
         bufs.push(b.ok_or("out of hugetlb memory for buffers")?);
     }
@@ -64,8 +64,8 @@ fn run_on<H: Hal>(
     w: &Workload,
     bufs: &mut [DmaBuffer<H>],
 ) -> Outcome<Perf> {
-    let n = w.bytes / w.size as u64;
-    let write = w.op == BlkOp::Write;
+    let n = w.job.bytes / w.job.size as u64;
+    let write = w.op() == BlkOp::Write;
     let mut free: Vec<usize> = (0..bufs.len()).rev().collect();
     let mut inflight: HashMap<u16, Inflight> = HashMap::new();
     let (mut next, mut done) = (0u64, 0u64);
@@ -76,7 +76,7 @@ fn run_on<H: Hal>(
     rig.mark(&w.name);
     let before = m.counts();
     let t0 = Instant::now();
-    let mut round = Vec::with_capacity(w.qd);
+    let mut round = Vec::with_capacity(w.job.qd);
     while done < n {
         // Completions first, then one round of new requests and one kick.
         while let Some(c) = blk.poll() {
@@ -112,7 +112,7 @@ fn run_on<H: Hal>(
             if write {
                 let t = Instant::now();
                 for (i, &b) in round.iter().enumerate() {
-                    fill_buf(&mut bufs[b], w, w.base + (next + i as u64) * w.size as u64);
+                    fill_buf(&mut bufs[b], w, w.job.base + (next + i as u64) * w.job.size as u64);
                 }
                 untimed += t.elapsed();
             }
@@ -124,8 +124,8 @@ fn run_on<H: Hal>(
             let mapped = m.map_round(&rb)?;
             in_dma += t.elapsed();
             for (&b, mp) in round.iter().zip(mapped) {
-                let off = w.base + next * w.size as u64;
-                let tag = blk.submit(w.op, off, &mp.descs)?;
+                let off = w.job.base + next * w.job.size as u64;
+                let tag = blk.submit(w.op(), off, &mp.descs)?;
                 inflight.insert(tag, (b, mp.handle, off));
                 next += 1;
             }
@@ -197,11 +197,11 @@ pub fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res
             let c = p.counts;
             println!(
                 "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
-                w.name, p.ios, p.ios, w.bytes, p.secs, p.dma_secs, mbps(w.bytes, p.secs), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
+                w.name, p.ios, p.ios, w.job.bytes, p.secs, p.dma_secs, mbps(w.job.bytes, p.secs), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
             );
-            if w.op == BlkOp::Write {
+            if w.op() == BlkOp::Write {
                 rig.mark(&format!("verify-{}", w.name));
-                verify_region(rig, blk, m, w.base, w.bytes, w.tag)?;
+                verify_region(rig, blk, m, w.job.base, w.job.bytes, w.job.tag)?;
             }
             Ok(())
         });

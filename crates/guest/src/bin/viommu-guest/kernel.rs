@@ -55,18 +55,6 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
     Ok((Disk::open(KERNEL_DISK, hal)?, marker))
 }
 
-fn job(w: &Workload) -> Job {
-    Job {
-        write: w.op == BlkOp::Write,
-        size: w.size,
-        scattered: w.scattered,
-        qd: w.qd,
-        bytes: w.bytes,
-        base: w.base,
-        tag: w.tag,
-    }
-}
-
 /// Marks the trace (with an IOMMU to mark through) and lets lazy UNMAPs land.
 struct Marks(Option<BoundMarker>);
 
@@ -86,20 +74,20 @@ impl Marks {
 
 /// One workload, then (writes) its read-back.
 fn run_one(disk: &Disk, marks: &Marks, w: &Workload) -> Outcome {
-    let p = disk.run(&job(w))?;
+    let p = disk.run(&w.job)?;
     println!(
         "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1}",
         w.name,
         p.ios,
         p.ios,
-        w.bytes,
+        w.job.bytes,
         p.secs,
-        mbps(w.bytes, p.secs)
+        mbps(w.job.bytes, p.secs)
     );
     marks.settle();
-    if w.op == BlkOp::Write {
+    if w.op() == BlkOp::Write {
         marks.mark(&format!("verify-{}", w.name));
-        let v = Job { write: false, size: 1 << 20, scattered: false, qd: 32, ..job(w) };
+        let v = Job { write: false, size: 1 << 20, scattered: false, qd: 32, ..w.job.clone() };
         disk.run(&v).map_err(|e| format!("read-back: {e}"))?;
         marks.settle();
     }

@@ -2,25 +2,20 @@
 
 use viommu_driver::hal::{DmaBuffer, DmaRegion, Hal, PAGE_SIZE};
 use viommu_guest::blk::BlkOp;
+use viommu_guest::kernel_io::Job;
 use viommu_guest::pattern;
 
 use crate::opts::Opts;
 use crate::{READ_BASE, WRITE_BASE};
 
-/// One workload: `op` of `bytes` at `base`, `size` bytes per request, up to `qd` in flight.
+/// One workload: a named [`Job`], the same for our drivers and Linux's.
 #[derive(Debug)]
 pub struct Workload {
     pub name: String,
-    pub op: BlkOp,
-    pub size: usize,
-    /// Every 4 KiB page of a request's buffer is physically apart (as in
-    /// the Linux baseline's "scattered"); otherwise buffers are contiguous.
-    pub scattered: bool,
-    pub qd: usize,
-    pub bytes: u64,
-    pub base: u64,
-    /// The data pattern's tag: reads check the disk's, each write its own.
-    pub tag: u64,
+    /// What it moves: read or write, sizes, queue depth, place and pattern.
+    /// Scattered: every 4 KiB page of a request's buffer is physically apart
+    /// (as in the Linux baseline); otherwise buffers are contiguous.
+    pub job: Job,
 }
 
 impl Workload {
@@ -34,12 +29,23 @@ impl Workload {
         bytes: u64,
         tag: u64,
     ) -> Self {
-        Workload { name: name.into(), op, size, scattered: false, qd, bytes, base, tag }
+        let write = op == BlkOp::Write;
+        let job = Job { write, size, scattered: false, qd, bytes, base, tag };
+        Workload { name: name.into(), job }
+    }
+
+    /// Read or write.
+    pub fn op(&self) -> BlkOp {
+        if self.job.write {
+            BlkOp::Write
+        } else {
+            BlkOp::Read
+        }
     }
 
     /// 4 KiB pages of one request's buffer (scattered: twice, every other used).
     pub fn buffer_pages(&self) -> usize {
-        self.size.div_ceil(PAGE_SIZE) * if self.scattered { 2 } else { 1 }
+        self.job.size.div_ceil(PAGE_SIZE) * if self.job.scattered { 2 } else { 1 }
     }
 }
 
@@ -81,7 +87,9 @@ pub fn plan(o: &Opts, ring: usize) -> Vec<Workload> {
                     BlkOp::Read => (READ_BASE, pattern::DISK_TAG),
                     BlkOp::Write => (WRITE_BASE, boot_tag ^ (out.len() as u64 + 1)),
                 };
-                out.push(Workload { name, op, size, scattered, qd, bytes, base, tag });
+                let write = op == BlkOp::Write;
+                let job = Job { write, size, scattered, qd, bytes, base, tag };
+                out.push(Workload { name, job });
             }
         }
     }
@@ -114,10 +122,12 @@ pub fn with_bytes_mut<H: Hal, R>(
 /// The physical segments of a workload buffer: one run, or (scattered)
 /// every other 4 KiB page.
 pub fn segments(r: &DmaRegion, w: &Workload) -> Vec<(u64, usize)> {
-    if !w.scattered {
-        return vec![(r.bus_addr, w.size)];
+    if !w.job.scattered {
+        return vec![(r.bus_addr, w.job.size)];
     }
-    (0..w.size / PAGE_SIZE).map(|i| (r.bus_addr + (2 * i * PAGE_SIZE) as u64, PAGE_SIZE)).collect()
+    (0..w.job.size / PAGE_SIZE)
+        .map(|i| (r.bus_addr + (2 * i * PAGE_SIZE) as u64, PAGE_SIZE))
+        .collect()
 }
 
 /// Byte offsets in the buffer of each segment, with the length.
@@ -130,7 +140,7 @@ fn segment_offsets(r: &DmaRegion, w: &Workload) -> impl Iterator<Item = (usize, 
 pub fn fill_buf<H: Hal>(r: &mut DmaBuffer<H>, w: &Workload, off: u64) {
     let mut disk = off;
     for (at, len) in segment_offsets(r.region(), w) {
-        with_bytes_mut(r, at, len, |s| pattern::fill(s, disk, w.tag));
+        with_bytes_mut(r, at, len, |s| pattern::fill(s, disk, w.job.tag));
         disk += len as u64;
     }
 }
@@ -139,7 +149,7 @@ pub fn fill_buf<H: Hal>(r: &mut DmaBuffer<H>, w: &Workload, off: u64) {
 pub fn check_buf<H: Hal>(r: &DmaBuffer<H>, w: &Workload, off: u64) -> Result<(), String> {
     let mut disk = off;
     for (at, len) in segment_offsets(r.region(), w) {
-        pattern::check(bytes_at(r, at, len), disk, w.tag)
+        pattern::check(bytes_at(r, at, len), disk, w.job.tag)
             .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
         disk += len as u64;
     }
@@ -164,12 +174,12 @@ mod tests {
         assert_eq!(names[19], "write-1m-sg-qd32");
         // Reads check the host's pattern; each write its own tag (the 1-based
         // index of the workload, mixed with the policy's hash).
-        assert!(p[..10].iter().all(|w| w.op == BlkOp::Read && w.tag == pattern::DISK_TAG));
-        assert_eq!(p[10].tag ^ p[11].tag, 11 ^ 12);
-        assert!(p.iter().all(|w| w.bytes == 16 << 20));
+        assert!(p[..10].iter().all(|w| w.op() == BlkOp::Read && w.job.tag == pattern::DISK_TAG));
+        assert_eq!(p[10].job.tag ^ p[11].job.tag, 11 ^ 12);
+        assert!(p.iter().all(|w| w.job.bytes == 16 << 20));
         let other = plan(&Opts::from_cmdline("vg.policy=lazy vg.mib=16").unwrap(), 1024);
         assert_eq!(other.len(), 20);
-        assert_ne!(other[10].tag, p[10].tag, "a tag per boot");
+        assert_ne!(other[10].job.tag, p[10].job.tag, "a tag per boot");
         // Without an IOMMU, scattered 1 MiB (258 descriptors) needs a ring that holds it.
         let b = plan(&Opts::from_cmdline("vg.policy=identity").unwrap(), 256);
         assert_eq!(b.len(), 16);
@@ -181,13 +191,13 @@ mod tests {
     fn scattered_buffers_use_every_other_page() {
         let r = DmaRegion { bus_addr: 0x20_0000, vaddr: std::ptr::NonNull::dangling(), pages: 32 };
         let mut w = Workload::plain("", BlkOp::Read, 64 << 10, 1, 0, 0, 0);
-        w.scattered = true;
+        w.job.scattered = true;
         assert_eq!(w.buffer_pages(), 32);
         let segs = segments(&r, &w);
         assert_eq!(segs.len(), 16);
         assert_eq!(segs[1], (0x20_2000, 4096));
         assert_eq!(segs[15].0 + 4096, 0x20_0000 + 32 * 4096 - 4096);
-        w.scattered = false;
+        w.job.scattered = false;
         assert_eq!(segments(&r, &w), [(0x20_0000, 64 << 10)]);
         assert_eq!(w.buffer_pages(), 16);
     }
