@@ -55,9 +55,25 @@ fn collect_faults(
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    rig.poll_events();
-    faults.extend(rig.take_faults());
+    faults.extend(drain_faults(rig));
     (faults, status)
+}
+
+/// Polls until the event queue gives nothing for a few polls in a row (at
+/// most [`FAULT_WAIT`]): poll_events takes a bounded budget of records per
+/// call, and the records one test leaves must not land in the next.
+fn drain_faults(rig: &Rig) -> Vec<FaultRecord> {
+    let start = Instant::now();
+    let mut faults = Vec::new();
+    let mut quiet = 0;
+    while quiet < 3 && start.elapsed() < FAULT_WAIT {
+        rig.poll_events();
+        let got = rig.take_faults();
+        quiet = if got.is_empty() { quiet + 1 } else { 0 };
+        faults.extend(got);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    faults
 }
 
 fn describe(f: &[FaultRecord]) -> String {
