@@ -47,7 +47,7 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
     res.check("iommu-domain-type", found.as_deref() == want, || {
         format!("{blk_bdf}: domain type {found:?}, want {want:?}")
     });
-    let marker = if boot.has_iommu() {
+    let marker = if boot.has_iommu() && o.marks {
         Some(BoundMarker::open(IOMMU_BDF, Config::BYPASS_OFFSET)?)
     } else {
         None
@@ -55,18 +55,22 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
     Ok((Disk::open(KERNEL_DISK, hal)?, marker))
 }
 
-/// Marks the trace (with an IOMMU to mark through) and lets lazy UNMAPs land.
-struct Marks(Option<BoundMarker>);
+/// Marks the trace (with an IOMMU to mark through, unless `vg.marks=0`)
+/// and, with an IOMMU, lets lazy UNMAPs land: the pauses stay without marks.
+struct Marks {
+    marker: Option<BoundMarker>,
+    iommu: bool,
+}
 
 impl Marks {
     fn mark(&self, name: &str) {
-        if let Some(m) = &self.0 {
+        if let Some(m) = &self.marker {
             println!("VG MARK {name} cfgw={}", m.mark());
         }
     }
 
     fn settle(&self) {
-        if self.0.is_some() {
+        if self.iommu {
             std::thread::sleep(SETTLE);
         }
     }
@@ -103,7 +107,7 @@ pub fn run(boot: LinuxBoot, o: &Opts, res: &mut Results) {
             return;
         }
     };
-    let marks = Marks(marker);
+    let marks = Marks { marker, iommu: boot.has_iommu() };
     let capacity = disk.capacity().map_err(Into::into).and_then(|c| {
         if c == DISK_MIB << 20 {
             Ok(())

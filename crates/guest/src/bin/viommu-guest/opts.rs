@@ -99,6 +99,10 @@ pub struct Opts {
     /// linux-* boots: let the block layer merge adjacent I/Os into one
     /// request (Linux's default). Off, every I/O is one request, as in ours.
     pub merges: bool,
+    /// linux-* boots: mark the trace through a sysfs mapping of the
+    /// virtio-iommu's config (needs `iomem=relaxed`). Off only to rule the
+    /// marks out while debugging; the trace report needs them.
+    pub marks: bool,
 }
 
 /// `4k`, `1m` or a byte count.
@@ -126,6 +130,7 @@ impl Opts {
             sizes: vec![4 << 10, 64 << 10, 1 << 20],
             qds: vec![1, 32],
             merges: false,
+            marks: true,
         };
         for kv in cmdline.split_whitespace() {
             let Some((k, v)) = kv.split_once('=') else { continue };
@@ -140,6 +145,7 @@ impl Opts {
                 "vg.neg" => o.neg = v == "1",
                 "vg.sg" => o.sg = v == "1",
                 "vg.merges" => o.merges = v == "1",
+                "vg.marks" => o.marks = v != "0",
                 "vg.sizes" => o.sizes = list(kv, v, parse_size)?,
                 "vg.qds" => o.qds = list(kv, v, |q| q.parse().ok())?,
                 _ => {}
@@ -165,6 +171,8 @@ mod tests {
         assert_eq!((o.policy, o.mib, o.neg, o.sg), (Policy::Ours(Mode::Best), 8, false, true));
         assert_eq!((o.sizes, o.qds, o.merges), (vec![4096, 1 << 20], vec![32], true));
         assert!(!Opts::from_cmdline("").unwrap().merges);
+        assert!(Opts::from_cmdline("").unwrap().marks);
+        assert!(!Opts::from_cmdline("vg.marks=0").unwrap().marks);
         assert!(Opts::from_cmdline("vg.mib=65").is_err(), "the write region is 64 MiB");
         assert!(Opts::from_cmdline("vg.sizes=4x").is_err());
         assert_eq!(parse_size("64k"), Some(65536));
