@@ -38,6 +38,8 @@ pub mod request;
 mod snapshot;
 mod sync;
 mod translate;
+#[cfg(feature = "vm-memory-iommu")]
+mod vm_memory_iommu;
 
 pub use config::{DeviceConfig, EndpointConfig, Limits, OfferedFeatures, ResvKind, ResvRegion};
 pub use counters::CounterSnapshot;
@@ -51,6 +53,8 @@ pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
 pub use translate::{
     Access, AccessError, Fault, FaultKind, Permissions, Segment, Translation, Window,
 };
+#[cfg(feature = "vm-memory-iommu")]
+pub use vm_memory_iommu::{EndpointIommu, IotlbGuard};
 
 /// The Rust snippets of docs/device.md ("Embedding it"), compiled as doctests.
 #[cfg(doctest)]

@@ -191,6 +191,14 @@ impl Iommu {
         }
     }
 
+    /// Takes a lease (see `lease`): for adapters that access memory under a translation of
+    /// their own, such as the vm-memory mirror.
+    #[cfg(feature = "vm-memory-iommu")]
+    #[inline]
+    pub(crate) fn lease(&self) -> crate::lease::Lease<'_> {
+        self.leases.acquire()
+    }
+
     /// Waits until every lease taken before this call is dropped (see `lease`); call it
     /// after a change that took access away, before the change is reported complete.
     pub(crate) fn grace_period(&self) {
