@@ -232,8 +232,11 @@ impl Fdt {
         self
     }
     fn begin(&mut self, name: &str) -> &mut Self {
+        self.begin_raw(name.as_bytes())
+    }
+    fn begin_raw(&mut self, name: &[u8]) -> &mut Self {
         self.token(1);
-        self.structs.extend_from_slice(name.as_bytes());
+        self.structs.extend_from_slice(name);
         self.structs.push(0);
         while self.structs.len() % 4 != 0 {
             self.structs.push(0);
@@ -328,6 +331,24 @@ fn lying_trees_are_refused() {
     let strings_size = u32::from_be_bytes(b[32..36].try_into().unwrap());
     b[32..36].copy_from_slice(&(strings_size - 4).to_be_bytes());
     assert!(DeviceTree::parse(&b).is_err());
+}
+
+/// Found by the topology fuzz target: a host bridge whose name is not UTF-8 was shown as
+/// "/?" and looked up as whatever node printed the same.
+#[test]
+fn a_name_that_is_not_utf8_never_matches_a_path() {
+    let mut f = Fdt::default();
+    f.begin("").begin("iommu").prop("phandle", &[1]).prop("#iommu-cells", &[1]).end();
+    f.begin("?").end();
+    f.begin_raw(b"\xff").prop("iommu-map", &[0, 1, 0, 0x10]).end().end();
+    let b = f.blob();
+    let dt = DeviceTree::parse(&b).unwrap();
+    let host = dt.iommu_maps()[0].node;
+    assert_eq!(dt.path(host), "/\u{fffd}");
+    assert_eq!(dt.node("/\u{fffd}"), None);
+    assert_eq!(dt.node("/?"), Some(host - 1));
+    assert_eq!(dt.pci_endpoint("/?", 0), None, "another node's name");
+    assert_eq!(dt.node("/iommu"), Some(1));
 }
 
 #[test]

@@ -316,34 +316,43 @@ impl<'a> DeviceTree<'a> {
         &self.devices
     }
 
-    /// The full path of node `index` (`/` for the root).
+    /// The full path of node `index` (`/` for the root), with any bytes of a
+    /// name that are not UTF-8 shown as U+FFFD.
     pub fn path(&self, index: usize) -> String {
+        String::from_utf8_lossy(&self.raw_path(index)).into_owned()
+    }
+
+    /// The path of node `index` as the blob spells it.
+    fn raw_path(&self, index: usize) -> Vec<u8> {
         let mut parts = Vec::new();
         let mut at = Some(index);
+        // A parent always comes before its child, so this walk ends.
         while let Some(i) = at.filter(|&i| i < self.nodes.len()) {
             let (s, e) = self.nodes[i].name;
             parts.push(&self.blob[s..e]);
             at = self.nodes[i].parent;
         }
-        let mut path = String::new();
+        let mut path = Vec::new();
         for part in parts.iter().rev().filter(|p| !p.is_empty()) {
-            path.push('/');
-            path.push_str(core::str::from_utf8(part).unwrap_or("?"));
+            path.push(b'/');
+            path.extend_from_slice(part);
         }
         if path.is_empty() {
-            path.push('/');
+            path.push(b'/');
         }
         path
     }
 
-    fn node_at(&self, path: &str) -> Option<usize> {
-        (0..self.nodes.len()).find(|&i| self.path(i) == path)
+    /// The first node whose path is exactly `path`; a name that is not UTF-8
+    /// never matches.
+    pub fn node(&self, path: &str) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| self.raw_path(i) == path.as_bytes())
     }
 
     /// The IOMMU phandle and endpoint ID of requester ID `rid` below the host
     /// bridge at `host` (a full path), through its `iommu-map`.
     pub fn pci_endpoint(&self, host: &str, rid: u32) -> Option<(u32, u32)> {
-        let node = self.node_at(host)?;
+        let node = self.node(host)?;
         self.maps.iter().filter(|m| m.node == node).find_map(|m| {
             let offset = (rid & m.mask).checked_sub(m.rid_base)?;
             (offset < m.length).then(|| (m.iommu, m.id_base + offset))
@@ -353,7 +362,7 @@ impl<'a> DeviceTree<'a> {
     /// The IOMMU phandle and endpoint ID of the device at `path`, through its
     /// `iommus` (the first one if it names several).
     pub fn device_endpoint(&self, path: &str) -> Option<(u32, u32)> {
-        let node = self.node_at(path)?;
+        let node = self.node(path)?;
         self.devices.iter().find(|d| d.node == node).map(|d| (d.iommu, d.endpoint))
     }
 }
