@@ -180,9 +180,7 @@ impl ViotEndpoint {
             } if (segment_start..=segment_end).contains(&segment)
                 && (bdf_start..=bdf_end).contains(&bdf) =>
             {
-                let offset =
-                    (u32::from(segment - segment_start) << 16) | u32::from(bdf - bdf_start);
-                Some(endpoint_start + offset)
+                Some(endpoint_start + range_offset((segment_start, bdf_start), (segment, bdf)))
             }
             _ => None,
         }
@@ -205,13 +203,17 @@ impl ViotEndpoint {
                 bdf_end,
                 ..
             } => {
-                let last =
-                    (u32::from(segment_end - segment_start) << 16) | u32::from(bdf_end - bdf_start);
+                let last = range_offset((segment_start, bdf_start), (segment_end, bdf_end));
                 (endpoint_start, endpoint_start + last)
             }
             Self::Mmio { endpoint, .. } => (endpoint, endpoint),
         }
     }
+}
+
+/// How far function `at` (segment, BDF) is from the first one of its range, in endpoint IDs.
+fn range_offset(first: (u16, u16), at: (u16, u16)) -> u32 {
+    (u32::from(at.0 - first.0) << 16) | u32::from(at.1 - first.1)
 }
 
 /// A checked VIOT table.
