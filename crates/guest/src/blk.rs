@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use viommu_driver::hal::{DmaBuffer, DmaRegion, Hal, PAGE_SIZE};
-use viommu_driver::queue::{Buffer, SplitQueue};
+use viommu_driver::queue::{Buffer, QueueLayout, SplitQueue};
 use viommu_driver::transport::{status, Transport};
 use viommu_proto::features::{bit, ACCESS_PLATFORM, VERSION_1};
 
@@ -135,6 +135,17 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
             kicks: 0,
             chain: Vec::new(),
         })
+    }
+
+    /// The ring's DMA region (descriptor table, avail and used rings), as
+    /// the driver sees it.
+    pub fn ring(&self) -> &DmaBuffer<Arc<H>> {
+        self.queue.region()
+    }
+
+    /// Offsets of the ring's parts inside [`Self::ring`].
+    pub fn ring_layout(&self) -> QueueLayout {
+        self.queue.layout()
     }
 
     /// Disk size in bytes.

@@ -20,6 +20,11 @@ const MODULE_DIR: &str = "/lib/modules";
 const KERNEL_DISK: &str = "/dev/vda";
 /// The block layer's merge switch for the disk.
 const NOMERGES: &str = "/sys/block/vda/queue/nomerges";
+/// The disk's virtio features as Linux negotiated them: one '0' or '1' per
+/// bit, bit 0 first.
+const DISK_FEATURES: &str = "/sys/block/vda/device/features";
+/// VIRTIO_F_RING_PACKED.
+const RING_PACKED: usize = 34;
 /// How long after loading the modules the disk may take to appear.
 const DISK_WAIT: Duration = Duration::from_secs(60);
 /// Pause after each workload in a lazy Linux boot, so that the UNMAPs its
@@ -41,6 +46,12 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
         // 2: no merging at all, so each I/O is one virtio-blk request.
         std::fs::write(NOMERGES, "2").map_err(|e| format!("write {NOMERGES}: {e}"))?;
     }
+    // The packed ring keeps Linux's I/O clear of QEMU's ring-crossing bug
+    // (docs/real-guest.md); with a split ring the boot would corrupt memory.
+    let features = std::fs::read_to_string(DISK_FEATURES).unwrap_or_default();
+    res.check("linux-packed-ring", features.as_bytes().get(RING_PACKED) == Some(&b'1'), || {
+        format!("{DISK_FEATURES}: {:?} lacks bit {RING_PACKED}", features.trim())
+    });
     let blk_bdf = format!("0000:{BLK_BDF}");
     let found = kernel_boot::iommu_domain_type(&blk_bdf);
     let want = boot.domain_type();
