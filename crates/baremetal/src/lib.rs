@@ -10,6 +10,12 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod blk;
+/// The disk pattern of the real-guest suite: the same file as
+/// `viommu-guest`'s (crates/guest/src/pattern.rs), so that both guests
+/// check one definition against the one disk image.
+#[path = "../../guest/src/pattern.rs"]
+pub mod pattern;
 pub mod pci;
 pub mod pvh;
 pub mod virtio_pci;

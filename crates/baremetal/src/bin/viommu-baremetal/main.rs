@@ -11,13 +11,22 @@
 extern crate alloc;
 
 mod arch;
+mod batch;
 mod boot;
+mod clock;
+mod iommu;
 mod memory;
 mod platform;
 mod rt;
 mod serial;
+mod workload;
 
 use alloc::string::String;
+use alloc::sync::Arc;
+
+use viommu_driver::Mode;
+
+use crate::workload::{boot_tag, Workload};
 
 /// `isa-debug-exit` codes: QEMU exits with `code << 1 | 1`, so 33 and 35.
 const EXIT_PASS: u8 = 0x10;
@@ -52,13 +61,34 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     memory::init();
     println!("VG BOOTED baremetal heap={} MiB", memory::HEAP_BYTES >> 20);
     let mut res = Results::default();
-    match platform::discover(start_info as u64, &mut res) {
-        Ok(_p) => {}
-        Err(e) => res.record("discover", Err(e)),
+    if let Err(e) = run(start_info as u64, &mut res) {
+        res.record("setup", Err(e));
     }
     println!("VG INFO heap_used={}", memory::heap_used());
     println!("VG DONE passed={} failed={}", res.passed, res.failed);
     arch::exit(if res.failed == 0 && res.passed > 0 { EXIT_PASS } else { EXIT_FAIL })
+}
+
+/// Finds the devices, brings up the IOMMU driver, runs the block paths.
+fn run(start_info: u64, res: &mut Results) -> Result<(), String> {
+    let p = platform::discover(start_info, res)?;
+    let clock = Arc::new(clock::Clock::new(p.timer));
+    let rig = iommu::bring_up(p.iommu.transport, p.blk_endpoint, clock, res)?;
+    let tag = boot_tag();
+    let workloads = [
+        Workload::read("batch-read-4k", 4096, 256),
+        Workload::read("batch-read-64k", 64 << 10, 64),
+        Workload::write("batch-write-4k", 4096, 64, tag ^ 1),
+    ];
+    let r = batch::run(&rig, p.blk.transport, Mode::Best, &workloads, res);
+    rig.mark("end");
+    r?;
+    let faults = rig.faults();
+    res.record(
+        "no-faults",
+        if faults == 0 { Ok(()) } else { Err(alloc::format!("{faults} fault events")) },
+    );
+    Ok(())
 }
 
 #[panic_handler]

@@ -24,18 +24,12 @@ pub const BLK_DEVICE: u16 = 0x1040 + 2;
 
 /// A virtio-pci function, ready to drive.
 pub struct VirtioFunction {
-    /// Where it is.
-    pub bdf: Bdf,
     /// Its transport.
     pub transport: PciTransport<PhysMmio>,
 }
 
 /// Everything the tests need from the firmware and the bus.
 pub struct Platform {
-    /// The start info.
-    pub start: StartInfo,
-    /// The parsed VIOT.
-    pub viot: Viot,
     /// The PM timer, the clock.
     pub timer: Option<PmTimer>,
     /// The virtio-iommu.
@@ -116,7 +110,7 @@ pub fn discover(start_info: u64, res: &mut crate::Results) -> Result<Platform, S
 
     let iommu = open(&mut cs, iommu_fn.bdf)?;
     let blk = open(&mut cs, blk_fn.bdf)?;
-    Ok(Platform { start, viot, timer, iommu, blk, blk_endpoint })
+    Ok(Platform { timer, iommu, blk, blk_endpoint })
 }
 
 /// Enables a function (memory space, bus mastering, INTx off), maps its
@@ -140,5 +134,5 @@ fn open(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Result<VirtioFunction, String> {
     let bars: Vec<String> =
         bars.iter().enumerate().filter_map(|(i, b)| b.map(|a| format!("{i}:{a:#x}"))).collect();
     println!("VG INFO {bdf} bars {} queues={}", bars.join(" "), transport.num_queues());
-    Ok(VirtioFunction { bdf, transport })
+    Ok(VirtioFunction { transport })
 }
