@@ -17,6 +17,8 @@
 
 extern crate alloc;
 
+#[cfg(feature = "virtio-drivers")]
+pub mod adapter;
 pub mod dma;
 #[cfg(feature = "test-utils")]
 pub mod fake;

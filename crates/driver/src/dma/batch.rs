@@ -12,13 +12,86 @@ use crate::Result;
 impl DmaDomain {
     /// Starts a batch: map all buffers of one I/O, then one sync at commit.
     pub fn begin(&self) -> DmaBatch<'_> {
-        DmaBatch {
-            dma: self,
-            maps: SmallVec::new(),
-            allocs: SmallVec::new(),
-            breaks: SmallVec::new(),
-            pages: SmallVec::new(),
+        DmaBatch { dma: self, pending: Pending::default() }
+    }
+
+    /// Reserves an IOVA for one buffer of `p`; see [`DmaBatch::map`].
+    pub(crate) fn pending_map(
+        &self,
+        p: &mut Pending,
+        paddr: u64,
+        len: usize,
+        dir: DmaDirection,
+    ) -> Result<u64> {
+        if self.passthrough {
+            return Ok(paddr);
         }
+        let (base, off, size) = self.span(paddr, len)?;
+        let page = p.pages.binary_search_by_key(&base, |p| p.0);
+        if size == self.granule {
+            if let Ok(k) = page {
+                let m = &mut p.maps[p.pages[k].1];
+                m.prot = m.prot | dir.prot();
+                return Ok(m.iova + off);
+            }
+        }
+        let iova = self.alloc(size)?;
+        p.allocs.push((iova, size));
+        p.breaks.push(p.maps.len());
+        if let (true, Err(k)) = (size == self.granule, page) {
+            p.pages.insert(k, (base, p.maps.len()));
+        }
+        p.maps.push(Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() });
+        Ok(iova + off)
+    }
+
+    /// Sends the MAPs of `p` and syncs once, leaving `p` empty; returns its
+    /// allocations and the outcome. On failure nothing of `p` stays in the
+    /// tree and its IOVAs stay reserved: the caller hands them to
+    /// [`Self::retire`] once no descriptor names them.
+    pub(crate) fn pending_commit_keep(&self, p: &mut Pending) -> (Allocs, Result<()>) {
+        let allocs = core::mem::take(&mut p.allocs);
+        let maps = core::mem::take(&mut p.maps);
+        let breaks = core::mem::take(&mut p.breaks);
+        p.pages.clear();
+        if maps.is_empty() {
+            return (allocs, Ok(()));
+        }
+        let result = self.domain.map_synced(&maps, &breaks);
+        if result.is_err() {
+            for r in self.ranges_of(&allocs) {
+                let _ = self.domain.take_ranges(core::slice::from_ref(&r));
+            }
+        }
+        (allocs, result)
+    }
+
+    /// Allocations whose MAP failed and that nothing uses any more: the
+    /// next flush sends an UNMAP over them (a MAP whose reply was lost may
+    /// have taken effect) and frees them once it completed.
+    pub(crate) fn retire(&self, allocs: &[(u64, u64)]) {
+        self.retry.lock().extend_from_slice(allocs);
+    }
+}
+
+/// The MAPs of one I/O before they are sent: what a [`DmaBatch`] holds,
+/// without the borrow of its domain (the virtio-drivers adapter keeps one
+/// between `share` and `notify`).
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    maps: SmallVec<[Mapping; 3]>,
+    allocs: Allocs,
+    /// Where in `maps` each allocation's MAPs begin.
+    breaks: SmallVec<[usize; 2]>,
+    /// Single-page maps `(physical page, index in maps)`, sorted, to map a
+    /// shared page once.
+    pages: SmallVec<[(u64, usize); 2]>,
+}
+
+impl Pending {
+    /// True when no buffer waits for its MAP.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.allocs.is_empty()
     }
 }
 
@@ -54,13 +127,7 @@ pub(super) fn shift(iova: u64, maps: &mut [Mapping], segs: &mut [DmaSegment]) {
 /// Dropping it without committing frees its IOVAs; nothing was sent.
 pub struct DmaBatch<'a> {
     dma: &'a DmaDomain,
-    maps: SmallVec<[Mapping; 3]>,
-    allocs: Allocs,
-    /// Where in `maps` each allocation's MAPs begin.
-    breaks: SmallVec<[usize; 2]>,
-    /// Single-page maps `(physical page, index in maps)`, sorted, to map a
-    /// shared page once.
-    pages: SmallVec<[(u64, usize); 2]>,
+    pending: Pending,
 }
 
 impl DmaBatch<'_> {
@@ -68,27 +135,7 @@ impl DmaBatch<'_> {
     /// inside a page this batch already maps reuses that mapping (its rights
     /// widen to cover both buffers).
     pub fn map(&mut self, paddr: u64, len: usize, dir: DmaDirection) -> Result<u64> {
-        let dma = self.dma;
-        if dma.passthrough {
-            return Ok(paddr);
-        }
-        let (base, off, size) = dma.span(paddr, len)?;
-        let page = self.pages.binary_search_by_key(&base, |p| p.0);
-        if size == dma.granule {
-            if let Ok(k) = page {
-                let m = &mut self.maps[self.pages[k].1];
-                m.prot = m.prot | dir.prot();
-                return Ok(m.iova + off);
-            }
-        }
-        let iova = dma.alloc(size)?;
-        self.allocs.push((iova, size));
-        self.breaks.push(self.maps.len());
-        if let (true, Err(k)) = (size == dma.granule, page) {
-            self.pages.insert(k, (base, self.maps.len()));
-        }
-        self.maps.push(Mapping { iova, last: iova + (size - 1), paddr: base, prot: dir.prot() });
-        Ok(iova + off)
+        self.dma.pending_map(&mut self.pending, paddr, len, dir)
     }
 
     /// Adds a scatter-gather list in one IOVA range, contiguous runs merged.
@@ -100,40 +147,41 @@ impl DmaBatch<'_> {
                 .map(|(addr, len)| DmaSegment { addr, len })
                 .collect());
         }
-        let from = self.maps.len();
-        self.maps.reserve(segs.len());
+        let p = &mut self.pending;
+        let from = p.maps.len();
+        p.maps.reserve(segs.len());
         let mut segments = Vec::with_capacity(segs.len());
-        let laid = dma.sg_layout(segs, dir.prot(), &mut self.maps, &mut segments);
+        let laid = dma.sg_layout(segs, dir.prot(), &mut p.maps, &mut segments);
         let iova = match laid.and_then(|total| Ok((dma.alloc(total)?, total))) {
             Ok((iova, total)) => {
-                self.allocs.push((iova, total));
-                self.breaks.push(from);
+                p.allocs.push((iova, total));
+                p.breaks.push(from);
                 iova
             }
             Err(e) => {
-                self.maps.truncate(from);
+                p.maps.truncate(from);
                 return Err(e);
             }
         };
-        shift(iova, &mut self.maps[from..], &mut segments);
+        shift(iova, &mut p.maps[from..], &mut segments);
         Ok(segments)
     }
 
     /// Sends every MAP of the batch and syncs once. On failure everything
     /// is rolled back and the IOVAs freed.
     pub fn commit(mut self) -> Result<DmaMapping> {
-        let allocs = core::mem::take(&mut self.allocs);
-        let maps = core::mem::take(&mut self.maps);
+        let allocs = core::mem::take(&mut self.pending.allocs);
+        let maps = core::mem::take(&mut self.pending.maps);
         if maps.is_empty() {
             return Ok(DmaMapping { allocs });
         }
-        self.dma.map_synced(&maps, &allocs, &self.breaks)?;
+        self.dma.map_synced(&maps, &allocs, &self.pending.breaks)?;
         Ok(DmaMapping { allocs })
     }
 }
 
 impl Drop for DmaBatch<'_> {
     fn drop(&mut self) {
-        self.dma.free_allocs(&self.allocs);
+        self.dma.free_allocs(&self.pending.allocs);
     }
 }

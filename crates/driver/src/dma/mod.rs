@@ -53,6 +53,8 @@ use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use smallvec::SmallVec;
 
 pub use batch::DmaBatch;
+#[cfg(feature = "virtio-drivers")]
+pub(crate) use batch::Pending;
 pub use flush::FlushQueueConfig;
 pub use iova::{IovaAllocator, IovaOptions};
 

@@ -101,6 +101,11 @@ impl FakeDevice {
         self.iommu.endpoint_domain(endpoint)
     }
 
+    /// The device model's shared state, for `translate()`.
+    pub fn model(&self) -> std::sync::Arc<viommu_device::Iommu> {
+        self.iommu.clone()
+    }
+
     /// The `bypass` config field.
     pub fn bypass(&self) -> u8 {
         u8::from(self.iommu.bypass())

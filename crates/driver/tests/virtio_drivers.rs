@@ -1,0 +1,416 @@
+//! The virtio-drivers adapters (feature `virtio-drivers`) with
+//! virtio-drivers' own `VirtIOBlk` and `VirtQueue`, against the fake
+//! virtio-iommu (the device crate's model) and a virtio-blk device whose
+//! every access is translated by it: data checked, and MAPs, UNMAPs and
+//! kicks per I/O counted exactly.
+//!
+//! The OS here is the test process: its virtio-drivers `Hal` ([`HostHal`])
+//! hands out host memory with physical address = host address, so the
+//! IOMMU maps IOVAs to host addresses and the device reaches the bytes
+//! through them.
+
+#[path = "common/blk.rs"]
+mod blk;
+mod common;
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use viommu_device::Access;
+use viommu_driver::adapter::{
+    DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma, ACCESS_PLATFORM,
+};
+use viommu_driver::dma::{DmaOptions, Policy};
+use viommu_driver::{CounterSnapshot, DmaDomain, PAGE_SIZE};
+use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::{DeviceStatus, Transport as _};
+use virtio_drivers::{BufferDirection, Hal as VdHalTrait, PhysAddr};
+
+use blk::{BlkDevice, BusDma, F_INDIRECT_DESC, SECTOR, SECTORS};
+use common::{attached, FakeDevice, Iommu};
+
+const EP: u32 = 3;
+
+thread_local! {
+    /// `(address, length)` of every buffer shared on this thread.
+    static SHARED: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The OS's virtio-drivers HAL: host memory, physical = host address.
+struct HostHal;
+
+// SAFETY: `dma_alloc` returns zeroed, page-aligned memory of its own, freed
+// only by `dma_dealloc` with the same layout; `share` hands out the buffer's
+// own address, valid while the caller keeps it.
+unsafe impl VdHalTrait for HostHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = std::alloc::Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: a non-zero size.
+        let p = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).unwrap();
+        (p.as_ptr() as u64, p)
+    }
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let layout = std::alloc::Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: allocated in `dma_alloc` with this layout (the caller's promise).
+        unsafe { std::alloc::dealloc(vaddr.as_ptr(), layout) };
+        0
+    }
+    unsafe fn mmio_phys_to_virt(_paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        unreachable!("no MMIO here")
+    }
+    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
+        let addr = buffer.as_ptr().cast::<u8>() as u64;
+        SHARED.with(|s| s.borrow_mut().push((addr, buffer.len())));
+        addr
+    }
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
+}
+
+/// The blk device's DMA: translated by the IOMMU model, then host memory.
+struct HostDma {
+    iommu: Arc<viommu_device::Iommu>,
+    ep: u32,
+}
+
+impl BusDma for HostDma {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        let Ok(t) = self.iommu.translate(self.ep, addr, buf.len() as u64, Access::Read) else {
+            return false;
+        };
+        let mut at = 0;
+        for seg in t.iter() {
+            // SAFETY: the IOMMU maps only host memory this test shared or
+            // allocated and keeps alive while the device holds it.
+            unsafe {
+                let src = seg.addr as *const u8;
+                std::ptr::copy_nonoverlapping(src, buf[at..].as_mut_ptr(), seg.len as usize)
+            };
+            at += seg.len as usize;
+        }
+        true
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> bool {
+        let Ok(t) = self.iommu.translate(self.ep, addr, data.len() as u64, Access::Write) else {
+            return false;
+        };
+        let mut at = 0;
+        for seg in t.iter() {
+            // SAFETY: as in `read`.
+            unsafe {
+                let dst = seg.addr as *mut u8;
+                std::ptr::copy_nonoverlapping(data[at..].as_ptr(), dst, seg.len as usize)
+            };
+            at += seg.len as usize;
+        }
+        true
+    }
+}
+
+/// The byte at disk offset `off`.
+fn pattern(off: usize) -> u8 {
+    (off as u64).wrapping_mul(0x9e37_79b9).rotate_right(13) as u8 ^ (off >> 9) as u8
+}
+
+fn disk() -> Vec<u8> {
+    (0..SECTORS as usize * SECTOR).map(pattern).collect()
+}
+
+/// A type naming its own static [`DmaSlot`] (one per test: they run in parallel).
+macro_rules! slot {
+    ($name:ident) => {
+        struct $name;
+        impl $name {
+            fn slot() -> &'static DmaSlot {
+                static SLOT: DmaSlot = DmaSlot::new();
+                &SLOT
+            }
+        }
+        impl StaticDma for $name {
+            fn get() -> &'static SharedDma {
+                Self::slot().get().expect("installed")
+            }
+        }
+    };
+}
+
+type Blk<D> = VirtIOBlk<IommuHal<HostHal, D>, IommuTransport<BlkDevice<HostDma>>>;
+
+/// The IOMMU with `EP` attached to a paging domain under `policy`, and a
+/// virtio-drivers `VirtIOBlk` behind it.
+struct Rig<D: StaticDma> {
+    fake: FakeDevice,
+    iommu: Iommu,
+    dma: &'static SharedDma,
+    dev: Arc<blk::BlkCounts>,
+    blk: Blk<D>,
+}
+
+/// `EP` attached to a new paging domain, its DMA layer under `policy` in `slot`.
+fn dma_for(iommu: &Iommu, policy: Policy, slot: &DmaSlot) -> &'static SharedDma {
+    let domain = attached(iommu, EP);
+    let resv = iommu.reserved_regions(EP).unwrap();
+    let opts = DmaOptions { policy, ..Default::default() };
+    let dma = DmaDomain::with_std(domain, &resv, opts).unwrap();
+    slot.install(SharedDma::new(dma)).unwrap()
+}
+
+impl<D: StaticDma> Rig<D> {
+    fn new(slot: &DmaSlot, policy: Policy, extra: u64) -> Self {
+        let (fake, iommu) = common::setup(common::device_config());
+        Self::with(fake, iommu, slot, policy, extra)
+    }
+
+    fn with(fake: FakeDevice, iommu: Iommu, slot: &DmaSlot, policy: Policy, extra: u64) -> Self {
+        let dma = dma_for(&iommu, policy, slot);
+        let dev = BlkDevice::new(HostDma { iommu: fake.model(), ep: EP }, disk(), extra);
+        let counts = dev.counts();
+        let blk = VirtIOBlk::new(IommuTransport::new(dev, dma)).expect("VirtIOBlk::new");
+        Self { fake, iommu, dma, dev: counts, blk }
+    }
+
+    /// Runs `io` and returns what it cost: the driver's counters, the
+    /// buffers shared, and the blk device's kicks.
+    fn measure<R>(
+        &mut self,
+        io: impl FnOnce(&mut Blk<D>) -> R,
+    ) -> (R, CounterSnapshot, Vec<(u64, usize)>, u64) {
+        SHARED.with(|s| s.borrow_mut().clear());
+        let before = self.iommu.counters();
+        let kicks = self.dev.get().0;
+        let r = io(&mut self.blk);
+        let used = self.iommu.counters().since(&before);
+        (r, used, SHARED.with(|s| s.take()), self.dev.get().0 - kicks)
+    }
+}
+
+/// MAPs one batch of `shares` needs: one per distinct page of the buffers
+/// that fit in one page (they share its mapping), one per larger buffer.
+fn expected_maps(shares: &[(u64, usize)]) -> u64 {
+    let g = PAGE_SIZE as u64;
+    let mut pages = BTreeSet::new();
+    let mut big = 0;
+    for &(addr, len) in shares {
+        let first = addr / g;
+        let last = (addr + len as u64 - 1) / g;
+        if first == last {
+            pages.insert(first);
+        } else {
+            big += 1;
+        }
+    }
+    pages.len() as u64 + big
+}
+
+/// A page-aligned I/O buffer, so that data never shares a page with a header.
+#[repr(align(4096))]
+struct Page([u8; PAGE_SIZE]);
+
+fn page() -> Box<Page> {
+    Box::new(Page([0; PAGE_SIZE]))
+}
+
+/// Strict: each read and write costs its MAPs (header and status byte
+/// share one when they share a page) and **one** sync for all of them,
+/// then one UNMAP and sync per allocation; one kick of the blk device.
+/// Every byte read matches the disk, and a write reads back.
+#[test]
+fn virtio_blk_through_the_iommu_strict() {
+    slot!(StrictBlk);
+    let mut rig = Rig::<StrictBlk>::new(StrictBlk::slot(), Policy::Strict, 0);
+    assert_eq!(rig.blk.capacity(), SECTORS);
+    let rings = rig.dma.counts().allocs;
+    let domain = rig.dma.dma().domain().id();
+    assert_eq!(rig.fake.mappings(domain).len() as u64, rings, "only the rings are mapped");
+    let mut buf = page();
+    for sector in 0..8usize {
+        let len = SECTOR * (1 + sector % 8);
+        let (r, used, shares, kicks) = rig.measure(|b| b.read_blocks(sector, &mut buf.0[..len]));
+        r.expect("read");
+        assert!(buf.0[..len].iter().enumerate().all(|(i, &b)| b == pattern(sector * SECTOR + i)));
+        assert_eq!(shares.len(), 3, "header, data, status");
+        let maps = expected_maps(&shares);
+        assert_eq!((used.map, used.unmap), (maps, maps));
+        assert_eq!((used.kicks, used.syncs), (1 + maps, 1 + maps), "one sync for the MAPs");
+        assert_eq!(kicks, 1);
+    }
+    buf.0[..SECTOR].iter_mut().enumerate().for_each(|(i, b)| *b = !pattern(i));
+    let (r, used, shares, _) = rig.measure(|b| b.write_blocks(0, &buf.0[..SECTOR]));
+    r.expect("write");
+    let maps = expected_maps(&shares);
+    assert_eq!((used.map, used.unmap, used.syncs), (maps, maps, 1 + maps));
+    let mut back = page();
+    rig.blk.read_blocks(0, &mut back.0[..2 * SECTOR]).expect("read back");
+    assert!(back.0[..SECTOR].iter().enumerate().all(|(i, &b)| b == !pattern(i)));
+    assert!(back.0[SECTOR..2 * SECTOR].iter().enumerate().all(|(i, &b)| b == pattern(SECTOR + i)));
+    assert_eq!(rig.dev.get().2, 0, "no DMA fault");
+    assert_eq!(rig.fake.mappings(domain).len() as u64, rings, "every buffer unmapped");
+    let c = rig.dma.counts();
+    assert_eq!((c.shares, c.unshares, c.failures), (30, 30, 0));
+}
+
+/// Lazy: one sync per I/O and no UNMAP until the flush queue is flushed;
+/// then one (coalesced) UNMAP covers them and the IOVAs come back.
+#[test]
+fn virtio_blk_through_the_iommu_lazy() {
+    slot!(LazyBlk);
+    let mut rig = Rig::<LazyBlk>::new(LazyBlk::slot(), Policy::Lazy, 0);
+    let in_use = rig.dma.dma().iova_in_use();
+    let mut buf = page();
+    let mut total_maps = 0;
+    for sector in 0..16usize {
+        let (r, used, shares, kicks) = rig.measure(|b| b.read_blocks(sector, &mut buf.0[..SECTOR]));
+        r.expect("read");
+        assert!(buf.0[..SECTOR]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(sector * SECTOR + i)));
+        let maps = expected_maps(&shares);
+        assert_eq!((used.map, used.unmap, used.kicks, used.syncs), (maps, 0, 1, 1));
+        assert_eq!(kicks, 1);
+        total_maps += maps;
+    }
+    assert!(rig.dma.dma().pending_unmaps() as u64 == total_maps);
+    let before = rig.iommu.counters();
+    rig.dma.dma().flush().expect("flush");
+    let used = rig.iommu.counters().since(&before);
+    assert!(used.unmap >= 1 && used.unmap <= total_maps, "{} UNMAPs", used.unmap);
+    assert_eq!(rig.dma.dma().iova_in_use(), in_use, "IOVAs back after the flush");
+}
+
+/// With indirect descriptors the descriptor table is one more shared
+/// buffer; it rides in the same sync.
+#[test]
+fn virtio_blk_with_indirect_descriptors() {
+    slot!(IndirectBlk);
+    let mut rig = Rig::<IndirectBlk>::new(IndirectBlk::slot(), Policy::Strict, F_INDIRECT_DESC);
+    let mut buf = page();
+    for sector in [0usize, 5, 200] {
+        let (r, used, shares, _) = rig.measure(|b| b.read_blocks(sector, &mut buf.0[..SECTOR]));
+        r.expect("read");
+        assert!(buf.0[..SECTOR]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(sector * SECTOR + i)));
+        assert_eq!(shares.len(), 4, "header, data, status, indirect table");
+        let maps = expected_maps(&shares);
+        assert_eq!((used.map, used.unmap, used.syncs), (maps, maps, 1 + maps));
+    }
+}
+
+/// virtio-drivers' `VirtQueue` with two requests added before one notify:
+/// both requests' MAPs go out in that notify's one sync.
+#[test]
+fn virtqueue_two_requests_one_notify_one_sync() {
+    slot!(QueueBlk);
+    let fake = FakeDevice::default();
+    let iommu = Iommu::new(fake.transport(), fake.hal(), Default::default()).unwrap();
+    let dma = dma_for(&iommu, Policy::Lazy, QueueBlk::slot());
+    let dev = BlkDevice::new(HostDma { iommu: fake.model(), ep: EP }, disk(), 0);
+    let counts = dev.counts();
+    let mut t = IommuTransport::new(dev, dma);
+    t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+    t.write_driver_features(blk::F_VERSION_1);
+    let mut q = VirtQueue::<IommuHal<HostHal, QueueBlk>, 16>::new(&mut t, 0, false, false).unwrap();
+    t.finish_init();
+    assert!(t.get_status().contains(DeviceStatus::DRIVER_OK));
+    let hdr = |sector: u64| {
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        h
+    };
+    let (h0, h1) = (hdr(3), hdr(9));
+    let (mut d0, mut d1) = (page(), page());
+    let (mut s0, mut s1) = ([0xffu8], [0xffu8]);
+    SHARED.with(|s| s.borrow_mut().clear());
+    let before = iommu.counters();
+    let (t0, t1);
+    {
+        let (i0, i1) = ([&h0[..]], [&h1[..]]);
+        let mut o0 = [&mut d0.0[..SECTOR], &mut s0[..]];
+        let mut o1 = [&mut d1.0[..SECTOR], &mut s1[..]];
+        // SAFETY: the buffers outlive the requests, popped below before use.
+        t0 = unsafe { q.add(&i0, &mut o0) }.unwrap();
+        // SAFETY: as above.
+        t1 = unsafe { q.add(&i1, &mut o1) }.unwrap();
+        let maps = expected_maps(&SHARED.with(|s| s.borrow().clone()));
+        assert_eq!(dma.queued() as u64, maps, "the six buffers' MAPs wait for the notify");
+        assert_eq!(iommu.counters().since(&before).map, 0, "nothing sent before the notify");
+        assert!(q.should_notify());
+        t.notify(0);
+        assert_eq!(counts.get().1, 2, "the device served both");
+        // SAFETY: the same buffers as added.
+        unsafe { q.pop_used(t0, &i0, &mut o0) }.unwrap();
+        // SAFETY: as above.
+        unsafe { q.pop_used(t1, &i1, &mut o1) }.unwrap();
+    }
+    let used = iommu.counters().since(&before);
+    let shares = SHARED.with(|s| s.take());
+    assert_eq!(shares.len(), 6);
+    assert_eq!((used.map, used.kicks, used.syncs), (expected_maps(&shares), 1, 1));
+    assert_eq!((s0, s1), ([0], [0]));
+    assert!(d0.0[..SECTOR].iter().enumerate().all(|(i, &b)| b == pattern(3 * SECTOR + i)));
+    assert!(d1.0[..SECTOR].iter().enumerate().all(|(i, &b)| b == pattern(9 * SECTOR + i)));
+}
+
+/// virtio-drivers' drivers do not accept ACCESS_PLATFORM, so a device that
+/// needs it refuses FEATURES_OK (as QEMU's iommu_platform=on does); behind
+/// `IommuTransport` the feature is accepted and the device starts.
+#[test]
+fn the_wrapper_accepts_access_platform() {
+    slot!(FeatureBlk);
+    let fake = FakeDevice::default();
+    let iommu = Iommu::new(fake.transport(), fake.hal(), Default::default()).unwrap();
+    let dma = dma_for(&iommu, Policy::Strict, FeatureBlk::slot());
+    let ok = DeviceStatus::FEATURES_OK | DeviceStatus::DRIVER_OK;
+
+    let bare = BlkDevice::new(HostDma { iommu: fake.model(), ep: EP }, disk(), 0);
+    let counts = bare.counts();
+    // virtio-drivers does not read FEATURES_OK back: `new` succeeds on a
+    // device that refused it (and an I/O would then wait forever).
+    let blk = VirtIOBlk::<IommuHal<HostHal, FeatureBlk>, _>::new(bare).expect("new");
+    assert_eq!(counts.features.load(Relaxed) & ACCESS_PLATFORM, 0);
+    assert!(!DeviceStatus::from_bits_retain(counts.status.load(Relaxed) as u32).intersects(ok));
+    drop(blk);
+
+    let dev = BlkDevice::new(HostDma { iommu: fake.model(), ep: EP }, disk(), 0);
+    let counts = dev.counts();
+    let blk = VirtIOBlk::<IommuHal<HostHal, FeatureBlk>, _>::new(IommuTransport::new(dev, dma));
+    let mut blk = blk.expect("starts");
+    assert_ne!(counts.features.load(Relaxed) & ACCESS_PLATFORM, 0);
+    assert!(DeviceStatus::from_bits_retain(counts.status.load(Relaxed) as u32).contains(ok));
+    let mut buf = page();
+    blk.read_blocks(1, &mut buf.0[..SECTOR]).expect("read");
+    assert!(buf.0[..SECTOR].iter().enumerate().all(|(i, &b)| b == pattern(SECTOR + i)));
+}
+
+/// A MAP the device fails: the request reaches the device with IOVAs that
+/// map nothing, so its accesses fault and the read fails with an error,
+/// not wrong data; the next read works, and the failed I/O's IOVAs are
+/// unmapped and freed by the next flush.
+#[test]
+fn a_failed_map_fails_the_request_and_recovers() {
+    use viommu_driver::fake::{InjectReply, Injection};
+    use viommu_proto::{RequestType, Status};
+    slot!(FailBlk);
+    let mut rig = Rig::<FailBlk>::new(FailBlk::slot(), Policy::Strict, 0);
+    let in_use = rig.dma.dma().iova_in_use();
+    let mut buf = page();
+    rig.fake.inject(Injection {
+        request: Some(RequestType::Map),
+        reply: InjectReply::Status(Status::NoMem),
+    });
+    let (r, used, _, kicks) = rig.measure(|b| b.read_blocks(4, &mut buf.0[..SECTOR]));
+    assert!(r.is_err(), "the read failed");
+    assert_eq!((used.syncs, kicks), (1, 1), "one failed sync, the notify still went out");
+    assert!(rig.dev.get().2 >= 1, "the device faulted");
+    assert!(buf.0[..SECTOR].iter().all(|&b| b == 0), "nothing reached the buffer");
+    assert_eq!(rig.dma.counts().failures, 1);
+    rig.blk.read_blocks(4, &mut buf.0[..SECTOR]).expect("the next read works");
+    assert!(buf.0[..SECTOR].iter().enumerate().all(|(i, &b)| b == pattern(4 * SECTOR + i)));
+    rig.dma.dma().flush().expect("flush");
+    assert_eq!(rig.dma.dma().iova_in_use(), in_use);
+}
