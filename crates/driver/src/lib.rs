@@ -1,5 +1,15 @@
 //! virtio-iommu guest driver and DMA-mapping layer.
 //!
+//! **In a Rust OS on rcore's virtio-drivers** (feature `virtio-drivers`,
+//! `no_std`): drive the virtio-iommu through the OS's own virtio-drivers
+//! transport and HAL ([`adapter::VdTransport`], [`adapter::VdHal`]), then
+//! put virtio-drivers' device drivers (`VirtIOBlk`, `VirtIONet`, ...)
+//! behind it with [`adapter::IommuHal`] and [`adapter::IommuTransport`]:
+//! every address the device sees is an IOVA, and each notify costs one
+//! sync for all the buffers shared since the last one. The
+//! [`adapter`] module shows the whole bring-up; docs/driver.md, "Using it
+//! in a Rust OS", covers locks, topology and the timer.
+//!
 //! - [`queue`]: a split virtqueue any virtio driver can use (batched adds, one
 //!   notify, wrap-safe EVENT_IDX, polling or callback completion).
 //! - [`iommu`]: the virtio-iommu device driver [`VirtioIommu`]: requests,

@@ -49,6 +49,7 @@ impl DmaDomain {
     /// allocations and the outcome. On failure nothing of `p` stays in the
     /// tree and its IOVAs stay reserved: the caller hands them to
     /// [`Self::retire`] once no descriptor names them.
+    #[cfg(feature = "virtio-drivers")]
     pub(crate) fn pending_commit_keep(&self, p: &mut Pending) -> (Allocs, Result<()>) {
         let allocs = core::mem::take(&mut p.allocs);
         let maps = core::mem::take(&mut p.maps);
@@ -69,6 +70,7 @@ impl DmaDomain {
     /// Allocations whose MAP failed and that nothing uses any more: the
     /// next flush sends an UNMAP over them (a MAP whose reply was lost may
     /// have taken effect) and frees them once it completed.
+    #[cfg(feature = "virtio-drivers")]
     pub(crate) fn retire(&self, allocs: &[(u64, u64)]) {
         self.retry.lock().extend_from_slice(allocs);
     }
@@ -90,6 +92,7 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// True when no buffer waits for its MAP.
+    #[cfg(feature = "virtio-drivers")]
     pub(crate) fn is_empty(&self) -> bool {
         self.allocs.is_empty()
     }
