@@ -4,6 +4,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
@@ -137,7 +138,7 @@ struct ShareState {
 /// (virtio-drivers' `pop_used`) may run in an interrupt handler only if the
 /// driver's locks mask interrupts (see the crate's lock docs).
 pub struct SharedDma {
-    dma: DmaDomain,
+    dma: Arc<DmaDomain>,
     state: Mutex<ShareState>,
     shares: AtomicU64,
     unshares: AtomicU64,
@@ -151,11 +152,11 @@ fn bump(c: &AtomicU64) {
 }
 
 impl SharedDma {
-    /// Shares through `dma`. An identity domain maps nothing: IOVA =
-    /// physical address.
-    pub fn new(dma: DmaDomain) -> Self {
+    /// Shares through `dma` (a `DmaDomain`, or an `Arc` of one the OS
+    /// also uses). An identity domain maps nothing: IOVA = physical address.
+    pub fn new(dma: impl Into<Arc<DmaDomain>>) -> Self {
         Self {
-            dma,
+            dma: dma.into(),
             state: Mutex::new(ShareState::default()),
             shares: AtomicU64::new(0),
             unshares: AtomicU64::new(0),
