@@ -34,8 +34,12 @@ pub fn run(
 ) -> Result<(), String> {
     let dma = rig.dma(mode)?;
     // The ring is mapped once, for the device's lifetime.
+    let mut ring = None;
     let mut blk = BlkQueue::new(transport, Arc::new(HeapHal), QUEUE_SIZE, |r| {
-        dma.map_single(r.bus_addr, r.pages * PAGE_SIZE, DmaDirection::Bidirectional).ok()
+        let len = r.pages * PAGE_SIZE;
+        let iova = dma.map_single(r.bus_addr, len, DmaDirection::Bidirectional).ok()?;
+        ring = Some((iova, len));
+        Some(iova)
     })
     .map_err(|e| format!("virtio-blk: {e:?}"))?;
     crate::println!("VG INFO batch blk capacity={} MiB mode={}", blk.capacity() >> 20, mode.name());
@@ -50,6 +54,18 @@ pub fn run(
         });
         res.record(&format!("{}-{}", mode.name(), w.name), r);
     }
+    // Its own trace segment, with no PERF line: the teardown's UNMAPs are
+    // no workload's.
+    rig.mark("batch-teardown");
+    // The device is reset first (the drop), so it no longer reads the
+    // ring; then the ring's mapping goes, and the domain is left as found
+    // for the next DMA layer on it.
+    drop(blk);
+    if let Some((iova, len)) = ring {
+        dma.unmap_single(iova, len, DmaDirection::Bidirectional)
+            .map_err(|e| format!("unmap ring: {e}"))?;
+    }
+    dma.flush().map_err(|e| format!("flush: {e}"))?;
     Ok(())
 }
 
@@ -118,5 +134,9 @@ fn run_one(
     }
     dma.flush().map_err(|e| format!("flush: {e}"))?;
     let secs = clock.now_ns().saturating_sub(t0 + untimed) as f64 / 1e9;
-    Ok(Perf { secs, counts: rig.counters().since(&before), blk_kicks: blk.kicks() - blk_kicks0 })
+    Ok(Perf {
+        secs,
+        counts: rig.counters().since(&before),
+        blk_kicks: Some(blk.kicks() - blk_kicks0),
+    })
 }

@@ -19,6 +19,7 @@ mod memory;
 mod platform;
 mod rt;
 mod serial;
+mod vdrivers;
 mod workload;
 
 use alloc::string::String;
@@ -81,6 +82,13 @@ fn run(start_info: u64, res: &mut Results) -> Result<(), String> {
         Workload::write("batch-write-4k", 4096, 64, tag ^ 1),
     ];
     let r = batch::run(&rig, p.blk.transport, Mode::Best, &workloads, res);
+    // virtio-drivers' VirtIOBlk on the same device and domain, through the adapters.
+    let vd = [
+        Workload::read("read-4k", 4096, 128),
+        Workload::read("read-64k", 64 << 10, 32),
+        Workload::write("write-4k", 4096, 32, tag ^ 2),
+    ];
+    let r = r.and_then(|()| vdrivers::run(&rig, p.blk_bdf, &vd, res));
     rig.mark("end");
     r?;
     let faults = rig.faults();

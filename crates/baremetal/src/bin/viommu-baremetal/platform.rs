@@ -36,6 +36,8 @@ pub struct Platform {
     pub iommu: VirtioFunction,
     /// The virtio-blk endpoint.
     pub blk: VirtioFunction,
+    /// Where the virtio-blk function is.
+    pub blk_bdf: Bdf,
     /// The endpoint ID of the virtio-blk function, from the VIOT.
     pub blk_endpoint: u32,
 }
@@ -110,7 +112,7 @@ pub fn discover(start_info: u64, res: &mut crate::Results) -> Result<Platform, S
 
     let iommu = open(&mut cs, iommu_fn.bdf)?;
     let blk = open(&mut cs, blk_fn.bdf)?;
-    Ok(Platform { timer, iommu, blk, blk_endpoint })
+    Ok(Platform { timer, iommu, blk, blk_bdf: blk_fn.bdf, blk_endpoint })
 }
 
 /// Enables a function (memory space, bus mastering, INTx off), maps its

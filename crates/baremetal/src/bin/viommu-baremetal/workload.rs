@@ -79,8 +79,8 @@ pub struct Perf {
     pub secs: f64,
     /// The IOMMU driver's counters over the workload.
     pub counts: CounterSnapshot,
-    /// Notifications of the block device.
-    pub blk_kicks: u64,
+    /// Notifications of the block device, where the path counts them.
+    pub blk_kicks: Option<u64>,
 }
 
 /// Prints the workload's `VG PERF` line.
@@ -88,8 +88,19 @@ pub fn print_perf(w: &Workload, p: &Perf) {
     let c = &p.counts;
     let mbps = if p.secs > 0.0 { w.bytes() as f64 / p.secs / 1e6 } else { 0.0 };
     println!(
-        "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
-        w.name, w.count, w.count, w.bytes(), p.secs, mbps, c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
+        "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={}{}",
+        w.name,
+        w.count,
+        w.count,
+        w.bytes(),
+        p.secs,
+        mbps,
+        c.map,
+        c.unmap,
+        c.attach,
+        c.kicks,
+        c.syncs,
+        p.blk_kicks.map(|k| format!(" blk_kicks={k}")).unwrap_or_default()
     );
     let per = |n: u64| n as f64 / w.count as f64;
     println!(
