@@ -16,7 +16,92 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     for (name, s) in driver() {
         v.push(("driver", name, s.0));
     }
+    for (name, bytes) in vhost_user() {
+        v.push(("vhost_user", name, bytes));
+    }
     v
+}
+
+/// vhost-user records as the `vhost_user` target reads them: fd count, header, payload.
+fn vhost_user() -> Vec<(&'static str, Vec<u8>)> {
+    use viommu_vhost_user::wire::{req, Header, IotlbMsg, IotlbPerm, FLAG_NEED_REPLY};
+    fn rec(out: &mut Vec<u8>, fds: u8, request: u32, flags: u32, body: &[u8]) {
+        out.push(fds);
+        out.extend_from_slice(&Header::new(request, flags, body.len()).to_bytes());
+        out.extend_from_slice(body);
+    }
+    let u64b = |v: u64| v.to_ne_bytes().to_vec();
+    let state = |a: u32, b: u32| [a.to_ne_bytes(), b.to_ne_bytes()].concat();
+    let mut session = Vec::new();
+    rec(&mut session, 0, req::GET_FEATURES, 0, &[]);
+    rec(&mut session, 0, req::GET_PROTOCOL_FEATURES, 0, &[]);
+    rec(&mut session, 0, req::SET_PROTOCOL_FEATURES, 0, &u64b(0x228));
+    rec(&mut session, 1, req::SET_BACKEND_REQ_FD, FLAG_NEED_REPLY, &[]);
+    rec(&mut session, 0, req::SET_OWNER, 0, &[]);
+    rec(
+        &mut session,
+        0,
+        req::GET_CONFIG,
+        0,
+        &[[0u8; 4], 60u32.to_ne_bytes(), [0; 4]]
+            .concat()
+            .into_iter()
+            .chain([0u8; 60])
+            .collect::<Vec<_>>(),
+    );
+    rec(
+        &mut session,
+        0,
+        req::SET_FEATURES,
+        FLAG_NEED_REPLY,
+        &u64b((1 << 32) | (1 << 33) | (1 << 30)),
+    );
+    let mut table = vec![0u8; 8 + 32];
+    table[0] = 1;
+    table[8 + 8..8 + 16].copy_from_slice(&(1u64 << 30).to_ne_bytes());
+    table[8 + 16..8 + 24].copy_from_slice(&0x7f00_0000_0000u64.to_ne_bytes());
+    rec(&mut session, 1, req::SET_MEM_TABLE, FLAG_NEED_REPLY, &table);
+    rec(&mut session, 0, req::SET_VRING_NUM, 0, &state(0, 256));
+    rec(&mut session, 0, req::SET_VRING_BASE, 0, &state(0, 0));
+    let mut addr = vec![0u8; 40];
+    addr[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
+    rec(&mut session, 0, req::SET_VRING_ADDR, 0, &addr);
+    rec(&mut session, 1, req::SET_VRING_KICK, 0, &u64b(0));
+    rec(&mut session, 0, req::SET_VRING_CALL, 0, &u64b(0x100));
+    rec(&mut session, 0, req::SET_VRING_ENABLE, 0, &state(0, 1));
+    rec(&mut session, 0, req::GET_VRING_BASE, 0, &state(0, 0));
+
+    let mut iotlb = Vec::new();
+    let up = IotlbMsg::update(0xfffff000, 0x2000, 0x7f00_0000_1000, IotlbPerm::RW);
+    rec(&mut iotlb, 0, req::IOTLB_MSG, FLAG_NEED_REPLY, &up.to_bytes());
+    let ro = IotlbMsg::update(0x1_0000_0000, 0x1000, 0x7f00_0000_4000, IotlbPerm::RO);
+    rec(&mut iotlb, 0, req::IOTLB_MSG, 0, &ro.to_bytes());
+    rec(
+        &mut iotlb,
+        0,
+        req::IOTLB_MSG,
+        FLAG_NEED_REPLY,
+        &IotlbMsg::invalidate(0x1_0000_0000, 0x800).to_bytes(),
+    );
+    let top = IotlbMsg::update(u64::MAX - 0xfff, 0x1000, 0, IotlbPerm::WO);
+    rec(&mut iotlb, 0, req::IOTLB_MSG, 0, &top.to_bytes());
+    rec(
+        &mut iotlb,
+        0,
+        req::IOTLB_MSG,
+        FLAG_NEED_REPLY,
+        &IotlbMsg::invalidate(0, u64::MAX).to_bytes(),
+    );
+
+    let mut bad = Vec::new();
+    rec(&mut bad, 0, req::SET_FEATURES, 0, &[1, 2, 3]);
+    rec(&mut bad, 2, req::SET_VRING_KICK, 0, &u64b(0x100));
+    rec(&mut bad, 0, 99, 0, &[]);
+    let mut wrong_type = up.to_bytes();
+    wrong_type[25] = 7;
+    rec(&mut bad, 0, req::IOTLB_MSG, 0, &wrong_type);
+    rec(&mut bad, 0, 1, 4, &u64b(0)); // a reply on the back-end channel
+    vec![("session", session), ("iotlb", iotlb), ("malformed", bad)]
 }
 
 /// Request kinds of `device::good_request`.

@@ -3,13 +3,15 @@
 //! Guest-physical addresses double as bus addresses: that is what a guest
 //! without an IOMMU (or with the IOMMU in bypass) hands its devices.
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 use viommu_driver::{DmaRegion, Hal, PAGE_SIZE};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress,
 };
 
 /// Errors from guest RAM.
@@ -41,6 +43,8 @@ pub enum RamError {
 /// ```
 pub struct GuestRam {
     mem: GuestMemoryMmap,
+    /// The memfd behind the RAM, when it is shared ([`GuestRam::new_shared`]).
+    shared: Option<File>,
     host_base: NonNull<u8>,
     size: usize,
     pages: Mutex<PageMap>,
@@ -128,11 +132,34 @@ impl PageMap {
 impl GuestRam {
     /// Maps `size` bytes of guest RAM at guest-physical address 0.
     pub fn new(size: usize) -> Result<Arc<Self>, RamError> {
+        Self::build(size, None)
+    }
+
+    /// As [`GuestRam::new`], backed by a memfd mapped shared, so that another process (a
+    /// vhost-user back-end) can map the same RAM from [`GuestRam::shared_file`].
+    pub fn new_shared(size: usize) -> Result<Arc<Self>, RamError> {
+        // SAFETY: the name is a NUL-terminated string; the call takes no other pointer.
+        let fd = unsafe { libc::memfd_create(c"viommu-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(RamError::Map(std::io::Error::last_os_error().to_string()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64).map_err(|e| RamError::Map(e.to_string()))?;
+        Self::build(size, Some(file))
+    }
+
+    fn build(size: usize, shared: Option<File>) -> Result<Arc<Self>, RamError> {
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(RamError::BadSize(size));
         }
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
-            .map_err(|e| RamError::Map(e.to_string()))?;
+        let map = |e: &dyn std::fmt::Display| RamError::Map(e.to_string());
+        let offset = match &shared {
+            Some(f) => Some(FileOffset::new(f.try_clone().map_err(|e| map(&e))?, 0)),
+            None => None,
+        };
+        let mem = GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), size, offset)])
+            .map_err(|e| map(&e))?;
         let region = mem.find_region(GuestAddress(0)).ok_or(RamError::BadSize(size))?;
         let host = region.get_host_address(MemoryRegionAddress(0))?;
         let host_base = NonNull::new(host).ok_or(RamError::BadSize(size))?;
@@ -141,7 +168,18 @@ impl GuestRam {
         let mut used = vec![false; npages];
         used[0] = true;
         let pages = Mutex::new(PageMap { used, hint: 1, free: npages - 1 });
-        Ok(Arc::new(Self { mem, host_base, size, pages }))
+        Ok(Arc::new(Self { mem, shared, host_base, size, pages }))
+    }
+
+    /// The memfd behind the RAM, if it was made by [`GuestRam::new_shared`].
+    pub fn shared_file(&self) -> Option<&File> {
+        self.shared.as_ref()
+    }
+
+    /// Where this process mapped guest-physical address 0 (a vhost-user memory table's
+    /// "user address").
+    pub fn host_address(&self) -> u64 {
+        self.host_base.as_ptr() as u64
     }
 
     /// The vm-memory view, for the device model.

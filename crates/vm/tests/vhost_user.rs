@@ -1,0 +1,377 @@
+//! A block endpoint served by a vhost-user back-end (viommu-vhost-user's vhost-user-blk) in
+//! another thread, over a unix socket, on guest RAM shared through a memfd. Our driver
+//! programs our device; the front-end listener turns the endpoint's MAP / UNMAP into IOTLB
+//! UPDATE / INVALIDATE; the back-end reaches the ring and the buffers only through its IOTLB.
+//! Data is checked on the disk and in guest memory; IOTLB messages are counted per I/O.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use viommu_driver::{DmaDirection, DmaDomain};
+use viommu_vhost_user::backend::{Backend, BackendError, BackendStats};
+use viommu_vhost_user::blk::{self, BlockDevice};
+use viommu_vhost_user::frontend::{Frontend, FrontendCounts, FrontendOptions, SharedRegion};
+use viommu_vm::bench::{DriverMode, Mode};
+use viommu_vm::machine::Machine;
+use viommu_vm::GuestRam;
+
+const EP: u32 = 8;
+const QSIZE: u16 = 16;
+const RAM: usize = 16 << 20;
+const DISK: u64 = 1 << 20;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+fn memfd(name: &std::ffi::CStr, len: u64) -> File {
+    // SAFETY: a NUL-terminated name, no other pointer.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: just created, owned here only.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+fn eventfd() -> File {
+    // SAFETY: no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: just created, owned here only.
+    unsafe { File::from_raw_fd(fd) }
+}
+
+/// The disk's initial byte at `offset`.
+fn disk_byte(offset: u64) -> u8 {
+    (offset.wrapping_mul(31) >> 3) as u8 ^ 0x5a
+}
+
+struct Rig {
+    m: Machine,
+    fe: Frontend,
+    backend: Option<JoinHandle<Result<(), BackendError>>>,
+    stats: Arc<BackendStats>,
+    disk: File,
+    ring_gpa: u64,
+    avail_idx: u16,
+    used_idx: u16,
+    call: File,
+    kick: File,
+}
+
+impl Rig {
+    fn new(options: FrontendOptions) -> Self {
+        let ram = GuestRam::new_shared(RAM).unwrap();
+        let m = Machine::new(ram.clone(), EP, Mode::Driver(DriverMode::Strict)).unwrap();
+        let disk = memfd(c"disk", DISK);
+        let init: Vec<u8> = (0..DISK).map(disk_byte).collect();
+        disk.write_all_at(&init, 0).unwrap();
+
+        let (fe_sock, be_sock) = UnixStream::pair().unwrap();
+        let dev = BlockDevice::new(disk.try_clone().unwrap(), "viommu-vhost-test").unwrap();
+        let mut backend = Backend::new(dev, be_sock);
+        let stats = backend.stats();
+        let backend = std::thread::spawn(move || backend.run());
+
+        let iommu = m.iommu();
+        let region = SharedRegion {
+            gpa: 0,
+            size: RAM as u64,
+            host: ram.host_address(),
+            file: ram.shared_file().unwrap().try_clone().unwrap(),
+            offset: 0,
+        };
+        let features = blk::F_FLUSH | blk::F_SEG_MAX | blk::F_BLK_SIZE;
+        let mut fe = Frontend::connect(fe_sock, &iommu, EP, features, &[region], options).unwrap();
+        fe.iotlb_listener(&iommu);
+
+        // desc (16 x 16 bytes) at 0, avail at 0x100, used at 0x200, in one page.
+        let ring = ram.alloc_pages(1).unwrap();
+        let ring_iova = dma(&m).map_single(ring.gpa, 4096, DmaDirection::Bidirectional).unwrap();
+        let (kick, call) = (eventfd(), eventfd());
+        fe.set_vring(QSIZE, ring_iova, ring_iova + 0x100, ring_iova + 0x200, &kick, &call).unwrap();
+        Self {
+            m,
+            fe,
+            backend: Some(backend),
+            stats,
+            disk,
+            ring_gpa: ring.gpa,
+            avail_idx: 0,
+            used_idx: 0,
+            call,
+            kick,
+        }
+    }
+
+    fn ram(&self) -> &GuestRam {
+        self.m.ram()
+    }
+
+    /// Puts a chain of (iova, len, flags) at descriptor 0.., makes it available, kicks, and
+    /// waits for its used entry. Returns the used length.
+    fn submit(&mut self, descs: &[(u64, u32, u16)]) -> u32 {
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            let more = if i + 1 < descs.len() { F_NEXT } else { 0 };
+            d[12..14].copy_from_slice(&(flags | more).to_le_bytes());
+            d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+            self.ram().write(self.ring_gpa + 16 * i as u64, &d).unwrap();
+        }
+        let slot = self.ring_gpa + 0x104 + 2 * u64::from(self.avail_idx % QSIZE);
+        self.ram().write(slot, &0u16.to_le_bytes()).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.ram().write(self.ring_gpa + 0x102, &self.avail_idx.to_le_bytes()).unwrap();
+        (&self.kick).write_all_at_eventfd();
+        self.wait_used()
+    }
+
+    fn wait_used(&mut self) -> u32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let mut idx = [0u8; 2];
+            self.ram().read(self.ring_gpa + 0x202, &mut idx).unwrap();
+            if u16::from_le_bytes(idx) != self.used_idx {
+                let elem = self.ring_gpa + 0x204 + 8 * u64::from(self.used_idx % QSIZE);
+                let mut e = [0u8; 8];
+                self.ram().read(elem, &mut e).unwrap();
+                self.used_idx = self.used_idx.wrapping_add(1);
+                return u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            }
+            let mut p =
+                libc::pollfd { fd: self.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, 100) };
+            let mut b = [0u8; 8];
+            if p.revents != 0 {
+                let _ = std::io::Read::read(&mut &self.call, &mut b);
+            }
+            if self.backend.as_ref().is_some_and(|b| b.is_finished()) {
+                let r = self.backend.take().unwrap().join();
+                panic!("the back-end ended: {r:?}");
+            }
+            assert!(std::time::Instant::now() < deadline, "no used entry within 20 s");
+        }
+    }
+
+    /// One block request as Linux's virtio-blk lays it out: header (16 bytes, readable),
+    /// data, status (1 byte, writable), each mapped on its own with the DMA API and
+    /// unmapped after completion. Returns (status, used length).
+    fn io(&mut self, kind: u32, sector: u64, data_gpa: u64, len: u32) -> (u8, u32) {
+        let hdr = self.ram().alloc_pages(1).unwrap();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.ram().write(hdr.gpa, &h).unwrap();
+        self.ram().write(hdr.gpa + 512, &[0xff]).unwrap();
+        let d = dma(&self.m).clone();
+        let hdr_iova = d.map_single(hdr.gpa, 16, DmaDirection::ToDevice).unwrap();
+        let (dir, flag) = match kind {
+            blk::T_OUT => (DmaDirection::ToDevice, 0),
+            _ => (DmaDirection::FromDevice, F_WRITE),
+        };
+        let data_iova = (len > 0).then(|| d.map_single(data_gpa, len as usize, dir).unwrap());
+        let st_iova = d.map_single(hdr.gpa + 512, 1, DmaDirection::FromDevice).unwrap();
+        let mut chain = vec![(hdr_iova, 16, 0)];
+        chain.extend(data_iova.map(|a| (a, len, flag)));
+        chain.push((st_iova, 1, F_WRITE));
+        let used = self.submit(&chain);
+        d.unmap_single(st_iova, 1, DmaDirection::FromDevice).unwrap();
+        if let Some(a) = data_iova {
+            d.unmap_single(a, len as usize, dir).unwrap();
+        }
+        d.unmap_single(hdr_iova, 16, DmaDirection::ToDevice).unwrap();
+        let mut st = [0u8];
+        self.ram().read(hdr.gpa + 512, &mut st).unwrap();
+        self.ram().free_pages(hdr);
+        (st[0], used)
+    }
+
+    fn counts(&self) -> FrontendCounts {
+        self.fe.counts()
+    }
+
+    /// Stops the ring (its base is where the guest got to), closes the connection and
+    /// checks the back-end ended cleanly.
+    fn finish(self) {
+        let Rig { fe, backend, avail_idx, m, .. } = self;
+        assert_eq!(fe.stop().unwrap(), avail_idx);
+        assert_eq!(fe.counts().errors, 0);
+        drop(fe);
+        backend.unwrap().join().unwrap().unwrap();
+        drop(m);
+    }
+}
+
+fn dma(m: &Machine) -> &Arc<DmaDomain> {
+    m.dma().expect("strict mode has a DMA layer")
+}
+
+trait Kick {
+    fn write_all_at_eventfd(self);
+}
+
+impl Kick for &File {
+    fn write_all_at_eventfd(self) {
+        std::io::Write::write_all(&mut &*self, &1u64.to_ne_bytes()).unwrap();
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+}
+
+/// Writes and reads through the back-end with data checked, and counts the IOTLB messages
+/// of each I/O: with UPDATE on MAP, one UPDATE per MAP and one acknowledged INVALIDATE per
+/// UNMAP, no MISS.
+#[test]
+fn block_io_through_vhost_user_with_iotlb() {
+    let mut rig = Rig::new(FrontendOptions { update_on_map: true });
+    let buf = rig.ram().alloc_pages(16).unwrap();
+
+    // GET_ID.
+    let (st, used) = rig.io(blk::T_GET_ID, 0, buf.gpa, 20);
+    assert_eq!((st, used), (blk::S_OK, 21));
+    let mut id = [0u8; 17];
+    rig.ram().read(buf.gpa, &mut id).unwrap();
+    assert_eq!(&id, b"viommu-vhost-test");
+
+    // Reads see the disk's contents.
+    let (st, used) = rig.io(blk::T_IN, 8, buf.gpa, 8192);
+    assert_eq!((st, used), (blk::S_OK, 8193));
+    let mut got = vec![0u8; 8192];
+    rig.ram().read(buf.gpa, &mut got).unwrap();
+    let want: Vec<u8> = (4096..4096 + 8192).map(disk_byte).collect();
+    assert!(got == want, "IN data differs from the disk");
+
+    // A write lands on the disk; reading it back into other pages returns it.
+    let before = rig.counts();
+    let data = pattern(0x33, 65536);
+    rig.ram().write(buf.gpa, &data).unwrap();
+    let n = 4;
+    for k in 0..n {
+        let (st, _) = rig.io(blk::T_OUT, 128 + 128 * k, buf.gpa, 65536);
+        assert_eq!(st, blk::S_OK);
+    }
+    let per = rig.counts();
+    let mut disk = vec![0u8; 65536];
+    rig.disk.read_exact_at(&mut disk, (128 + 128) * 512).unwrap();
+    assert!(disk == data, "OUT data not on the disk");
+    let (st, _) = rig.io(blk::T_IN, 128, rig.ram().alloc_pages(16).unwrap().gpa, 65536);
+    assert_eq!(st, blk::S_OK);
+    let (st, _) = rig.io(blk::T_FLUSH, 0, buf.gpa, 0);
+    assert_eq!(st, blk::S_OK);
+
+    // IOTLB messages per I/O (header, data, status each mapped and unmapped on their own).
+    let d = |a: u64, b: u64| (a - b) as f64 / n as f64;
+    let (up, inv, miss) = (
+        d(per.updates, before.updates),
+        d(per.invalidates, before.invalidates),
+        d(per.misses, before.misses),
+    );
+    eprintln!(
+        "vhost-user, UPDATE on MAP: per 64 KiB OUT: {up} UPDATE, {inv} INVALIDATE, {miss} MISS"
+    );
+    assert_eq!((up, inv, miss), (3.0, 3.0, 0.0));
+    let b = rig.stats.snapshot();
+    assert_eq!((b.misses, b.access_fails, b.refused_updates), (0, 0, 0));
+    assert_eq!(rig.counts().errors, 0);
+    rig.finish();
+}
+
+/// Without UPDATE on MAP the back-end asks: one MISS per mapped buffer, answered through the
+/// device's non-faulting lookup, and the data is the same.
+#[test]
+fn misses_fill_the_back_end_iotlb() {
+    let mut rig = Rig::new(FrontendOptions { update_on_map: false });
+    let buf = rig.ram().alloc_pages(16).unwrap();
+    let data = pattern(0x11, 16384);
+    rig.ram().write(buf.gpa, &data).unwrap();
+    // The first I/O also misses on the ring page.
+    let (st, _) = rig.io(blk::T_OUT, 64, buf.gpa, 16384);
+    assert_eq!(st, blk::S_OK);
+    let before = rig.counts();
+    let n = 4;
+    for _ in 0..n {
+        let (st, _) = rig.io(blk::T_OUT, 64, buf.gpa, 16384);
+        assert_eq!(st, blk::S_OK);
+    }
+    let c = rig.counts();
+    let d = |a: u64, b: u64| (a - b) as f64 / n as f64;
+    let (up, inv, miss) = (
+        d(c.updates, before.updates),
+        d(c.invalidates, before.invalidates),
+        d(c.misses, before.misses),
+    );
+    eprintln!(
+        "vhost-user, UPDATE on MISS: per 16 KiB OUT: {up} UPDATE, {inv} INVALIDATE, {miss} MISS"
+    );
+    assert_eq!((up, inv, miss), (3.0, 3.0, 3.0));
+    let mut disk = vec![0u8; 16384];
+    rig.disk.read_exact_at(&mut disk, 64 * 512).unwrap();
+    assert!(disk == data);
+    assert_eq!(c.misses_refused, 0);
+    rig.finish();
+}
+
+/// The guest unmaps a buffer that the back-end's IOTLB held (UPDATE on MAP) before the
+/// request runs: the INVALIDATE was acknowledged before the UNMAP completed, so the access
+/// misses, the front-end finds nothing to send, the back-end refuses the access
+/// (ACCESS_FAIL) and fails the request, and no data moves either way.
+#[test]
+fn access_after_unmap_fails_and_moves_no_data() {
+    let mut rig = Rig::new(FrontendOptions { update_on_map: true });
+    let buf = rig.ram().alloc_pages(4).unwrap();
+    let hdr = rig.ram().alloc_pages(1).unwrap();
+    let d = dma(&rig.m).clone();
+    for (kind, seed) in [(blk::T_OUT, 0x77u8), (blk::T_IN, 0x99)] {
+        let guest = pattern(seed, 8192);
+        rig.ram().write(buf.gpa, &guest).unwrap();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&16u64.to_le_bytes());
+        rig.ram().write(hdr.gpa, &h).unwrap();
+        rig.ram().write(hdr.gpa + 512, &[0xff]).unwrap();
+        let (dir, flag) = if kind == blk::T_OUT {
+            (DmaDirection::ToDevice, 0)
+        } else {
+            (DmaDirection::FromDevice, F_WRITE)
+        };
+        let hdr_iova = d.map_single(hdr.gpa, 16, DmaDirection::ToDevice).unwrap();
+        let data_iova = d.map_single(buf.gpa, 8192, dir).unwrap();
+        let st_iova = d.map_single(hdr.gpa + 512, 1, DmaDirection::FromDevice).unwrap();
+        let before = (rig.stats.snapshot(), rig.counts());
+        // The UNMAP completes only after the back-end acknowledged the INVALIDATE.
+        d.unmap_single(data_iova, 8192, dir).unwrap();
+        assert_eq!(rig.counts().invalidates, before.1.invalidates + 1);
+        let used = rig.submit(&[(hdr_iova, 16, 0), (data_iova, 8192, flag), (st_iova, 1, F_WRITE)]);
+        let mut st = [0u8];
+        rig.ram().read(hdr.gpa + 512, &mut st).unwrap();
+        assert_eq!((st[0], used), (blk::S_IOERR, 1), "request {kind} must fail");
+        let after = (rig.stats.snapshot(), rig.counts());
+        assert_eq!(after.0.misses - before.0.misses, 1, "one MISS for the unmapped buffer");
+        assert_eq!(after.1.misses_refused - before.1.misses_refused, 1);
+        assert_eq!(after.0.access_fails - before.0.access_fails, 1);
+        // No data moved: the disk keeps its contents, the guest buffer its own.
+        let mut disk = vec![0u8; 8192];
+        rig.disk.read_exact_at(&mut disk, 16 * 512).unwrap();
+        let init: Vec<u8> = (16 * 512..16 * 512 + 8192).map(disk_byte).collect();
+        assert!(disk == init, "the disk changed after UNMAP");
+        let mut g = vec![0u8; 8192];
+        rig.ram().read(buf.gpa, &mut g).unwrap();
+        assert!(g == guest, "guest memory changed after UNMAP");
+        d.unmap_single(st_iova, 1, DmaDirection::FromDevice).unwrap();
+        d.unmap_single(hdr_iova, 16, DmaDirection::ToDevice).unwrap();
+    }
+    // The back-end keeps serving.
+    let (st, _) = rig.io(blk::T_IN, 0, buf.gpa, 4096);
+    assert_eq!(st, blk::S_OK);
+    rig.finish();
+}
