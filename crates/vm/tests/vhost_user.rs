@@ -375,3 +375,73 @@ fn access_after_unmap_fails_and_moves_no_data() {
     assert_eq!(st, blk::S_OK);
     rig.finish();
 }
+
+/// Hostile chains get a status (or used length 0) and the back-end keeps serving: no
+/// writable byte, a length past the bound, an unknown type, a sector past the end, a
+/// header at an IOVA the guest never mapped.
+#[test]
+fn hostile_chains_are_answered_and_serving_goes_on() {
+    let mut rig = Rig::new(FrontendOptions::default());
+    let d = dma(&rig.m).clone();
+    let page = rig.ram().alloc_pages(1).unwrap();
+    let hdr_iova = d.map_single(page.gpa, 16, DmaDirection::ToDevice).unwrap();
+    let st_iova = d.map_single(page.gpa + 512, 1, DmaDirection::FromDevice).unwrap();
+    let header = |rig: &Rig, kind: u32, sector: u64| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        rig.ram().write(page.gpa, &h).unwrap();
+        rig.ram().write(page.gpa + 512, &[0xff]).unwrap();
+    };
+    let status = |rig: &Rig| {
+        let mut st = [0u8];
+        rig.ram().read(page.gpa + 512, &mut st).unwrap();
+        st[0]
+    };
+    // No writable descriptor: nowhere to put a status.
+    header(&rig, blk::T_IN, 0);
+    assert_eq!(rig.submit(&[(hdr_iova, 16, 0)]), 0);
+    // 8 MiB of IN data (past MAX_REQUEST_BYTES), at an IOVA never mapped: refused first.
+    assert_eq!(
+        rig.submit(&[(hdr_iova, 16, 0), (0xdead_0000, 8 << 20, F_WRITE), (st_iova, 1, F_WRITE)]),
+        1
+    );
+    assert_eq!(status(&rig), blk::S_IOERR);
+    // An unknown type.
+    header(&rig, 77, 0);
+    assert_eq!(rig.submit(&[(hdr_iova, 16, 0), (st_iova, 1, F_WRITE)]), 1);
+    assert_eq!(status(&rig), blk::S_UNSUPP);
+    // A sector past the end of the disk.
+    header(&rig, blk::T_IN, DISK / 512);
+    let buf = rig.ram().alloc_pages(1).unwrap();
+    let buf_iova = d.map_single(buf.gpa, 4096, DmaDirection::FromDevice).unwrap();
+    assert_eq!(
+        rig.submit(&[(hdr_iova, 16, 0), (buf_iova, 4096, F_WRITE), (st_iova, 1, F_WRITE)]),
+        1
+    );
+    assert_eq!(status(&rig), blk::S_IOERR);
+    // A header the guest never mapped: one MISS, refused, ACCESS_FAIL, IOERR.
+    let before = rig.stats.snapshot();
+    header(&rig, blk::T_IN, 0);
+    assert_eq!(
+        rig.submit(&[(0x7777_0000, 16, 0), (buf_iova, 4096, F_WRITE), (st_iova, 1, F_WRITE)]),
+        1
+    );
+    assert_eq!(status(&rig), blk::S_IOERR);
+    let after = rig.stats.snapshot();
+    assert_eq!((after.misses - before.misses, after.access_fails - before.access_fails), (1, 1));
+    // Still serving.
+    assert_eq!(
+        rig.submit(&[(hdr_iova, 16, 0), (buf_iova, 4096, F_WRITE), (st_iova, 1, F_WRITE)]),
+        4097
+    );
+    assert_eq!(status(&rig), blk::S_OK);
+    for (iova, len, dir) in [
+        (hdr_iova, 16, DmaDirection::ToDevice),
+        (st_iova, 1, DmaDirection::FromDevice),
+        (buf_iova, 4096, DmaDirection::FromDevice),
+    ] {
+        d.unmap_single(iova, len, dir).unwrap();
+    }
+    rig.finish();
+}
