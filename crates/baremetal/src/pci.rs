@@ -170,25 +170,52 @@ pub fn capabilities(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Vec<Capability> {
     out
 }
 
-/// The address of memory BAR `index` (both dwords of a 64-bit BAR);
-/// `None` for an I/O BAR, an unassigned one, or the upper half of a 64-bit one.
-pub fn memory_bar(cs: &mut dyn ConfigSpace, bdf: Bdf, index: u8) -> Option<u64> {
-    if index > 5 {
-        return None;
-    }
-    let lo = cs.read32(bdf, regs::BAR0 + 4 * index);
-    if lo & 1 != 0 {
-        return None; // I/O space
-    }
-    let addr = match (lo >> 1) & 3 {
-        0 => (lo & !0xf) as u64,
-        2 if index < 5 => {
-            let hi = cs.read32(bdf, regs::BAR0 + 4 * (index + 1));
-            (hi as u64) << 32 | (lo & !0xf) as u64
+/// A memory BAR: where the firmware put it and how large it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bar {
+    /// Physical address.
+    pub addr: u64,
+    /// Size in bytes (a power of two).
+    pub size: u64,
+}
+
+/// The memory BARs of a function, sized (PCI 3.0 §6.2.5.1: "software
+/// writes a value of all 1's to the register, then reads it back"), with
+/// memory decoding off meanwhile and the command register and BARs put
+/// back after. I/O BARs, unassigned BARs and upper halves are `None`.
+pub fn memory_bars(cs: &mut dyn ConfigSpace, bdf: Bdf) -> [Option<Bar>; 6] {
+    let mut out = [None; 6];
+    let cmd = cs.read16(bdf, regs::COMMAND);
+    cs.set_command(bdf, cmd & !regs::CMD_MEM);
+    let mut i = 0u8;
+    while i < 6 {
+        let reg = regs::BAR0 + 4 * i;
+        let lo = cs.read32(bdf, reg);
+        let is64 = lo & 1 == 0 && (lo >> 1) & 3 == 2 && i < 5;
+        if lo & 1 != 0 || ((lo >> 1) & 3 != 0 && !is64) {
+            i += 1; // I/O space, or a memory type we do not map
+            continue;
         }
-        _ => return None,
-    };
-    (addr != 0).then_some(addr)
+        let hi = if is64 { cs.read32(bdf, reg + 4) } else { 0 };
+        cs.write32(bdf, reg, u32::MAX);
+        let mut mask = (cs.read32(bdf, reg) & !0xf) as u64;
+        cs.write32(bdf, reg, lo);
+        if is64 {
+            cs.write32(bdf, reg + 4, u32::MAX);
+            mask |= (cs.read32(bdf, reg + 4) as u64) << 32;
+            cs.write32(bdf, reg + 4, hi);
+        } else {
+            mask |= 0xffff_ffff_0000_0000;
+        }
+        let addr = (hi as u64) << 32 | (lo & !0xf) as u64;
+        let size = (!mask).wrapping_add(1);
+        if addr != 0 && mask != 0 && size.is_power_of_two() {
+            out[i as usize] = Some(Bar { addr, size });
+        }
+        i += if is64 { 2 } else { 1 };
+    }
+    cs.set_command(bdf, cmd);
+    out
 }
 
 /// Virtio vendor capability `cfg_type` values (virtio 1.2 §4.1.4).
@@ -274,6 +301,8 @@ pub(crate) mod tests {
     pub(crate) struct FakeConfig {
         pub(crate) funcs: BTreeMap<Bdf, [u8; 256]>,
         pub(crate) reads: usize,
+        /// Size masks of BAR registers: a write keeps only these bits.
+        pub(crate) bar_masks: BTreeMap<(Bdf, u8), u32>,
     }
 
     impl FakeConfig {
@@ -301,8 +330,12 @@ pub(crate) mod tests {
                 .map_or(u32::MAX, |c| u32::from_le_bytes([c[o], c[o + 1], c[o + 2], c[o + 3]]))
         }
         fn write32(&mut self, bdf: Bdf, offset: u8, v: u32) {
+            let mask = self.bar_masks.get(&(bdf, offset & 0xfc)).copied();
             if let Some(c) = self.funcs.get_mut(&bdf) {
                 let o = offset as usize & 0xfc;
+                let old = u32::from_le_bytes([c[o], c[o + 1], c[o + 2], c[o + 3]]);
+                // A BAR's flag bits are read-only, its low address bits hardwired to 0.
+                let v = mask.map_or(v, |m| (v & m) | (old & 0xf & !m));
                 c[o..o + 4].copy_from_slice(&v.to_le_bytes());
             }
         }
@@ -364,9 +397,17 @@ pub(crate) mod tests {
                 c[at + 16..at + 20].copy_from_slice(&4u32.to_le_bytes());
             }
         }
-        // BAR 4: 64-bit memory at 0x8_0000_4000 (BAR 5 holds the upper half).
+        // BAR 4: 64-bit memory, 16 KiB at 0x8_0000_4000 (BAR 5 holds the
+        // upper half); BAR 1: 32-bit memory, 4 KiB at 0xfebfe000; BAR 0: I/O.
         c[0x20..0x24].copy_from_slice(&0x4004u32.to_le_bytes());
         c[0x24..0x28].copy_from_slice(&8u32.to_le_bytes());
+        c[0x14..0x18].copy_from_slice(&0xfebf_e000u32.to_le_bytes());
+        c[0x10..0x14].copy_from_slice(&0xc041u32.to_le_bytes());
+        cs.bar_masks.insert((at, 0x20), !(0x4000 - 1));
+        cs.bar_masks.insert((at, 0x24), u32::MAX);
+        cs.bar_masks.insert((at, 0x14), !(0x1000 - 1));
+        cs.bar_masks.insert((at, 0x10), !(0x40 - 1));
+        cs.funcs.get_mut(&at).unwrap()[0x04] = regs::CMD_MEM as u8;
     }
 
     #[test]
@@ -380,9 +421,16 @@ pub(crate) mod tests {
         assert_eq!(v.common, CapRegion { bar: 4, offset: 0, length: 0x1000 });
         assert_eq!((v.notify.offset, v.notify_off_multiplier), (0x3000, 4));
         assert_eq!(v.device.unwrap().offset, 0x2000);
-        assert_eq!(memory_bar(&mut cs, at, 4), Some(0x8_0000_4000));
-        assert_eq!(memory_bar(&mut cs, at, 0), None, "unassigned");
-        assert_eq!(memory_bar(&mut cs, at, 6), None);
+        let bars = memory_bars(&mut cs, at);
+        assert_eq!(bars[4], Some(Bar { addr: 0x8_0000_4000, size: 0x4000 }));
+        assert_eq!(bars[5], None, "the upper half of BAR 4");
+        assert_eq!(bars[1], Some(Bar { addr: 0xfebf_e000, size: 0x1000 }));
+        assert_eq!((bars[0], bars[2]), (None, None), "I/O space; unassigned");
+        // Sizing put every register back, memory decoding included.
+        let c = &cs.funcs[&at];
+        assert_eq!(u32::from_le_bytes(c[0x20..0x24].try_into().unwrap()), 0x4004);
+        assert_eq!(u32::from_le_bytes(c[0x24..0x28].try_into().unwrap()), 8);
+        assert_eq!(cs.read16(at, regs::COMMAND), regs::CMD_MEM);
     }
 
     #[test]

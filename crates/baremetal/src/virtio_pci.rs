@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use viommu_driver::transport::{QueueAddrs, Transport};
 
-use crate::pci::{CapRegion, VirtioCaps};
+use crate::pci::{Bar, CapRegion, VirtioCaps};
 
 /// Offsets in the common configuration structure (§4.1.4.3).
 mod common {
@@ -50,7 +50,9 @@ pub trait Mmio: Clone + Send {
     fn write32(&self, addr: u64, v: u32);
 }
 
-/// A virtio structure at a physical address; offsets are checked against its length.
+/// A virtio structure at a physical address. Accesses outside it, which
+/// only a device's own numbers (a short structure, a `queue_notify_off`)
+/// can cause, read as all ones and write nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
     /// Physical address of byte 0.
@@ -60,20 +62,17 @@ pub struct Window {
 }
 
 impl Window {
-    /// The window of `r` in a function whose BAR addresses are `bars`;
-    /// `None` if that BAR is not assigned.
-    pub fn of(r: CapRegion, bars: &[Option<u64>; 6]) -> Option<Self> {
+    /// The window of `r` in a function whose BARs are `bars`; `None` if
+    /// that BAR is not assigned or the structure does not fit in it.
+    pub fn of(r: CapRegion, bars: &[Option<Bar>; 6]) -> Option<Self> {
         let bar = bars.get(r.bar as usize).copied().flatten()?;
-        Some(Self { base: bar.checked_add(r.offset as u64)?, len: r.length as u64 })
+        let end = (r.offset as u64).checked_add(r.length as u64)?;
+        (end <= bar.size).then(|| Self { base: bar.addr + r.offset as u64, len: r.length as u64 })
     }
 
-    fn at(&self, offset: u64, size: u64) -> u64 {
-        assert!(
-            offset + size <= self.len,
-            "register access at {offset:#x} outside a {:#x}-byte window",
-            self.len
-        );
-        self.base + offset
+    fn at(&self, offset: u64, size: u64) -> Option<u64> {
+        let end = offset.checked_add(size)?;
+        (end <= self.len).then(|| self.base + offset)
     }
 }
 
@@ -84,6 +83,8 @@ pub struct Counters {
     pub config_writes: AtomicU64,
     /// Notifications of queue 0 and 1.
     pub notifies: [AtomicU64; 2],
+    /// Register accesses that fell outside their structure (dropped).
+    pub out_of_window: AtomicU64,
 }
 
 /// A virtio-pci modern device.
@@ -102,14 +103,15 @@ impl<M: Mmio> PciTransport<M> {
     /// The transport of a function whose virtio capabilities are `caps`
     /// and BARs `bars` (memory decoding must be on). `None` if a structure
     /// lies in an unassigned BAR.
-    pub fn new(mmio: M, caps: &VirtioCaps, bars: &[Option<u64>; 6]) -> Option<Self> {
+    pub fn new(mmio: M, caps: &VirtioCaps, bars: &[Option<Bar>; 6]) -> Option<Self> {
         let common = Window::of(caps.common, bars)?;
         let notify = Window::of(caps.notify, bars)?;
         let device = match caps.device {
             Some(r) => Some(Window::of(r, bars)?),
             None => None,
         };
-        let num_queues = mmio.read16(common.at(common::NUM_QUEUES, 2)) as usize;
+        // VirtioCaps::parse checked that the common structure has all its registers.
+        let num_queues = mmio.read16(common.at(common::NUM_QUEUES, 2)?) as usize;
         Some(Self {
             mmio,
             common,
@@ -142,23 +144,47 @@ impl<M: Mmio> PciTransport<M> {
         })
     }
 
+    fn read(&self, w: Window, o: u64, size: u64) -> u32 {
+        let Some(a) = w.at(o, size) else {
+            self.counters.out_of_window.fetch_add(1, Ordering::Relaxed);
+            return u32::MAX;
+        };
+        match size {
+            1 => self.mmio.read8(a) as u32,
+            2 => self.mmio.read16(a) as u32,
+            _ => self.mmio.read32(a),
+        }
+    }
+
+    fn write(&self, w: Window, o: u64, size: u64, v: u32) {
+        let Some(a) = w.at(o, size) else {
+            self.counters.out_of_window.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        match size {
+            1 => self.mmio.write8(a, v as u8),
+            2 => self.mmio.write16(a, v as u16),
+            _ => self.mmio.write32(a, v),
+        }
+    }
+
     fn r8(&self, o: u64) -> u8 {
-        self.mmio.read8(self.common.at(o, 1))
+        self.read(self.common, o, 1) as u8
     }
     fn r16(&self, o: u64) -> u16 {
-        self.mmio.read16(self.common.at(o, 2))
+        self.read(self.common, o, 2) as u16
     }
     fn r32(&self, o: u64) -> u32 {
-        self.mmio.read32(self.common.at(o, 4))
+        self.read(self.common, o, 4)
     }
     fn w8(&self, o: u64, v: u8) {
-        self.mmio.write8(self.common.at(o, 1), v)
+        self.write(self.common, o, 1, v as u32)
     }
     fn w16(&self, o: u64, v: u16) {
-        self.mmio.write16(self.common.at(o, 2), v)
+        self.write(self.common, o, 2, v as u32)
     }
     fn w32(&self, o: u64, v: u32) {
-        self.mmio.write32(self.common.at(o, 4), v)
+        self.write(self.common, o, 4, v)
     }
     /// 64-bit fields as two 32-bit halves, low first (§4.1.3.1).
     fn w64(&self, o: u64, v: u64) {
@@ -166,8 +192,9 @@ impl<M: Mmio> PciTransport<M> {
         self.w32(o + 4, (v >> 32) as u32);
     }
 
+    /// The device config; a device without one has an empty window.
     fn device_window(&self) -> Window {
-        self.device.expect("the device has no device-config structure")
+        self.device.unwrap_or(Window { base: 0, len: 0 })
     }
 }
 
@@ -243,7 +270,7 @@ impl<M: Mmio> Transport for PciTransport<M> {
         }
         // "queue_notify_off * notify_off_multiplier" from the notify base (§4.1.4.4).
         let at = off as u64 * self.notify_mult as u64;
-        self.mmio.write16(self.notify.at(at, 2), queue);
+        self.write(self.notify, at, 2, queue as u32);
     }
 
     fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
@@ -254,13 +281,13 @@ impl<M: Mmio> Transport for PciTransport<M> {
             let left = buf.len() - i;
             // Natural widths: 32 bits where aligned, then 16, then bytes.
             if o % 4 == 0 && left >= 4 {
-                buf[i..i + 4].copy_from_slice(&self.mmio.read32(w.at(o, 4)).to_le_bytes());
+                buf[i..i + 4].copy_from_slice(&self.read(w, o, 4).to_le_bytes());
                 i += 4;
             } else if o % 2 == 0 && left >= 2 {
-                buf[i..i + 2].copy_from_slice(&self.mmio.read16(w.at(o, 2)).to_le_bytes());
+                buf[i..i + 2].copy_from_slice(&(self.read(w, o, 2) as u16).to_le_bytes());
                 i += 2;
             } else {
-                buf[i] = self.mmio.read8(w.at(o, 1));
+                buf[i] = self.read(w, o, 1) as u8;
                 i += 1;
             }
         }
@@ -274,13 +301,13 @@ impl<M: Mmio> Transport for PciTransport<M> {
             let left = data.len() - i;
             if o % 4 == 0 && left >= 4 {
                 let v = u32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-                self.mmio.write32(w.at(o, 4), v);
+                self.write(w, o, 4, v);
                 i += 4;
             } else if o % 2 == 0 && left >= 2 {
-                self.mmio.write16(w.at(o, 2), u16::from_le_bytes([data[i], data[i + 1]]));
+                self.write(w, o, 2, u16::from_le_bytes([data[i], data[i + 1]]) as u32);
                 i += 2;
             } else {
-                self.mmio.write8(w.at(o, 1), data[i]);
+                self.write(w, o, 1, data[i] as u32);
                 i += 1;
             }
             self.counters.config_writes.fetch_add(1, Ordering::Relaxed);
@@ -316,7 +343,7 @@ impl<M: Mmio> ConfigMarker<M> {
 mod tests {
     use super::*;
     use crate::pci::tests::{virtio_function, FakeConfig};
-    use crate::pci::{capabilities, memory_bar, Bdf};
+    use crate::pci::{capabilities, memory_bars, Bdf};
     use std::sync::Mutex;
 
     /// Register bytes from `BASE`, and a log of (offset, value) writes.
@@ -370,8 +397,7 @@ mod tests {
         let at = Bdf { bus: 0, dev: 4, func: 0 };
         virtio_function(&mut cs, at, 0x1057);
         let caps = VirtioCaps::parse(&capabilities(&mut cs, at)).unwrap();
-        let mut bars = [None; 6];
-        bars[4] = memory_bar(&mut cs, at, 4);
+        let bars = memory_bars(&mut cs, at);
         let mmio = FakeMmio::default();
         mmio.0.lock().unwrap().0 = vec![0u8; 0x4000];
         mmio.put(BASE + common::NUM_QUEUES, 2, 2);
@@ -421,6 +447,31 @@ mod tests {
         assert_eq!(m.mark(), 4, "three writes of the transport, then the marker's");
         assert_eq!(mmio.writes(), [(0x2000 + 36, 0)]);
         assert!(t.marker(0x1000).is_none());
+    }
+
+    #[test]
+    fn the_devices_numbers_cannot_move_an_access_out_of_its_structure() {
+        let (mut t, mmio) = transport();
+        // queue_notify_off 0x400 × multiplier 4 is past the 4 KiB notify area.
+        mmio.put(BASE + common::QUEUE_NOTIFY_OFF, 2, 0x400);
+        t.setup_queue(0, 8, QueueAddrs { desc: 0, avail: 0, used: 0 });
+        mmio.writes();
+        t.notify(0);
+        assert!(mmio.writes().is_empty(), "the notify is dropped");
+        let mut b = [0u8; 6];
+        t.read_config(0xffe, &mut b);
+        assert_eq!(b, [0, 0, 0xff, 0xff, 0xff, 0xff], "past the device config: all ones");
+        assert_eq!(
+            t.counters().out_of_window.load(Ordering::Relaxed),
+            2,
+            "the notify and one read"
+        );
+        // A structure that does not fit in its BAR gives no window.
+        let bar = Some(Bar { addr: BASE, size: 0x4000 });
+        let bars = [None, None, None, None, bar, None];
+        assert!(Window::of(CapRegion { bar: 4, offset: 0x3000, length: 0x1000 }, &bars).is_some());
+        assert!(Window::of(CapRegion { bar: 4, offset: 0x3001, length: 0x1000 }, &bars).is_none());
+        assert!(Window::of(CapRegion { bar: 2, offset: 0, length: 4 }, &bars).is_none());
     }
 
     #[test]

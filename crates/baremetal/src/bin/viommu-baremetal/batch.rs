@@ -23,6 +23,8 @@ use crate::Results;
 const QUEUE_SIZE: u16 = 256;
 /// How long one request may take.
 const IO_TIMEOUT_NS: u64 = 5_000_000_000;
+/// Polls of one wait, whatever the clock says.
+const MAX_SPINS: u64 = 200_000_000;
 
 /// Runs `workloads` on the blk device behind `rig`'s domain under `mode`.
 pub fn run(
@@ -54,6 +56,8 @@ pub fn run(
         });
         res.record(&format!("{}-{}", mode.name(), w.name), r);
     }
+    rig.mark("neg-unmapped-iova");
+    res.record("neg-unmapped-iova", neg_unmapped_iova(rig, &dma, &mut blk));
     // Its own trace segment, with no PERF line: the teardown's UNMAPs are
     // no workload's.
     rig.mark("batch-teardown");
@@ -67,6 +71,71 @@ pub fn run(
     }
     dma.flush().map_err(|e| format!("flush: {e}"))?;
     Ok(())
+}
+
+/// Waits for one completion, at most 5 s by the clock and a spin bound
+/// (in case the clock stands still).
+fn wait_used(rig: &Rig, blk: &mut BlkQueue<PciTransport<PhysMmio>, HeapHal>) -> Result<(), String> {
+    let start = rig.clock.now_ns();
+    for _ in 0..MAX_SPINS {
+        if blk.poll().is_some() {
+            return Ok(());
+        }
+        if rig.clock.now_ns() - start > IO_TIMEOUT_NS {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    Err(String::from("no completion within 5 s"))
+}
+
+/// A blk READ whose data buffer is an IOVA nothing maps: the IOVA equals
+/// the physical address of a poisoned page, so a DMA that escaped
+/// translation would overwrite it. The device must fault (endpoint of the
+/// blk function, reason MAPPING, addresses inside the page) and the page
+/// keep its poison. (QEMU still completes the request with status OK.)
+fn neg_unmapped_iova(
+    rig: &Rig,
+    dma: &DmaDomain,
+    blk: &mut BlkQueue<PciTransport<PhysMmio>, HeapHal>,
+) -> Result<(), String> {
+    let mut slot = DmaBuffer::new(HeapHal, 1).ok_or("no memory for the header")?;
+    let mut poison = DmaBuffer::new(HeapHal, 1).ok_or("no memory for the page")?;
+    poison.fill(0, PAGE_SIZE, 0x5a);
+    let iova = poison.paddr();
+    if rig.domain.iova_to_phys(iova).is_some() {
+        return Err(format!("IOVA {iova:#x} is mapped"));
+    }
+    let before = rig.take_faults(0);
+    let req = Request::at(false, 0).map_err(|e| format!("{e:?}"))?;
+    slot.write(0, &req.header());
+    slot.write(HEADER_LEN, &[0xff]);
+    let mut b = dma.begin();
+    let map_err = |e| format!("map: {e}");
+    let header = b.map(slot.paddr(), HEADER_LEN, DmaDirection::ToDevice).map_err(map_err)?;
+    let status =
+        b.map(slot.paddr() + HEADER_LEN as u64, 1, DmaDirection::FromDevice).map_err(map_err)?;
+    let mapping = b.commit().map_err(|e| format!("commit: {e}"))?;
+    blk.submit(&req, header, &[(iova, PAGE_SIZE as u32)], status).map_err(|e| format!("{e:?}"))?;
+    blk.kick();
+    let done = wait_used(rig, blk);
+    let f = rig.take_faults(2_000_000_000);
+    dma.unmap(mapping).map_err(|e| format!("unmap: {e}"))?;
+    done?;
+    crate::println!(
+        "VG INFO neg-unmapped-iova iova={iova:#x} faults={} other={} addresses={:#x}..={:#x}",
+        f.count,
+        f.other,
+        f.range.0,
+        f.range.1
+    );
+    // SAFETY: the request completed: the device is done with the page.
+    let intact = unsafe { poison.as_slice(0, PAGE_SIZE) }.iter().all(|&b| b == 0x5a);
+    let inside = f.range.0 >= iova && f.range.1 < iova + PAGE_SIZE as u64;
+    match (before.count, f.count, f.other, inside, intact) {
+        (0, 1.., 0, true, true) => Ok(()),
+        _ => Err(format!("faults before {before:?}, after {f:?}, poison intact: {intact}")),
+    }
 }
 
 /// One workload at queue depth 1; data filled and checked outside the timed part.
@@ -111,13 +180,7 @@ fn run_one(
         let mapping = b.commit().map_err(|e| format!("commit: {e}"))?;
         blk.submit(&req, header, &[(buf, w.size as u32)], status).map_err(|e| format!("{e:?}"))?;
         blk.kick();
-        let start = clock.now_ns();
-        while blk.poll().is_none() {
-            if clock.now_ns() - start > IO_TIMEOUT_NS {
-                return Err(format!("request {i} of {} did not complete in 5 s", w.count));
-            }
-            core::hint::spin_loop();
-        }
+        wait_used(rig, blk).map_err(|e| format!("request {i} of {}: {e}", w.count))?;
         let mut st = [0u8];
         slot.read(HEADER_LEN, &mut st);
         if st[0] != S_OK {

@@ -120,10 +120,7 @@ pub fn discover(start_info: u64, res: &mut crate::Results) -> Result<Platform, S
 fn open(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Result<VirtioFunction, String> {
     let caps = VirtioCaps::parse(&pci::capabilities(cs, bdf))
         .ok_or_else(|| format!("{bdf}: no usable virtio capabilities"))?;
-    let mut bars = [None; 6];
-    for (i, b) in bars.iter_mut().enumerate() {
-        *b = pci::memory_bar(cs, bdf, i as u8);
-    }
+    let bars = pci::memory_bars(cs, bdf);
     for r in [Some(caps.common), Some(caps.notify), caps.device].into_iter().flatten() {
         let w = Window::of(r, &bars).ok_or_else(|| format!("{bdf}: BAR {} unassigned", r.bar))?;
         if !map_mmio(w.base, w.len) {
@@ -133,8 +130,11 @@ fn open(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Result<VirtioFunction, String> {
     cs.set_command(bdf, regs::CMD_MEM | regs::CMD_BUS_MASTER | regs::CMD_INTX_DISABLE);
     let transport = PciTransport::new(PhysMmio, &caps, &bars)
         .ok_or_else(|| format!("{bdf}: virtio structures outside the BARs"))?;
-    let bars: Vec<String> =
-        bars.iter().enumerate().filter_map(|(i, b)| b.map(|a| format!("{i}:{a:#x}"))).collect();
+    let bars: Vec<String> = bars
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.map(|b| format!("{i}:{:#x}+{:#x}", b.addr, b.size)))
+        .collect();
     println!("VG INFO {bdf} bars {} queues={}", bars.join(" "), transport.num_queues());
     Ok(VirtioFunction { transport })
 }
