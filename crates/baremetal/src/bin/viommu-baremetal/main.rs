@@ -19,6 +19,7 @@ mod memory;
 mod platform;
 mod rt;
 mod serial;
+mod traps;
 mod vdrivers;
 mod workload;
 
@@ -31,7 +32,8 @@ use crate::workload::{boot_tag, Workload};
 
 /// `isa-debug-exit` codes: QEMU exits with `code << 1 | 1`, so 33 and 35.
 const EXIT_PASS: u8 = 0x10;
-const EXIT_FAIL: u8 = 0x11;
+/// Some test failed.
+pub const EXIT_FAIL: u8 = 0x11;
 
 /// PASS and FAIL counts.
 #[derive(Default)]
@@ -59,6 +61,7 @@ impl Results {
 #[no_mangle]
 extern "C" fn kernel_main(start_info: u32) -> ! {
     serial::init();
+    traps::init();
     memory::init();
     println!("VG BOOTED baremetal heap={} MiB", memory::HEAP_BYTES >> 20);
     let mut res = Results::default();
