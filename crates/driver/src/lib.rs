@@ -19,7 +19,9 @@
 //!   and Strict / Lazy / LazySingle unmap policies with UNMAP coalescing.
 //!
 //! `no_std` + `alloc`; the default `std` feature adds a default clock and
-//! `std::sync::Mutex`. `test-utils` adds `fake`, an in-process fake transport
+//! `std::sync::Mutex`. The driver's locks are the embedder's choice
+//! ([`sync`]: `std` mutexes, spin locks, or the kernel's own
+//! interrupt-masking lock through `lock_api::RawMutex`). `test-utils` adds `fake`, an in-process fake transport
 //! (rings and fault injection) around a device model the user plugs in.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
@@ -36,7 +38,7 @@ pub mod hal;
 pub mod iommu;
 pub mod mode;
 pub mod queue;
-mod sync;
+pub mod sync;
 pub mod topology;
 pub mod transport;
 

@@ -9,6 +9,7 @@ use virtio_drivers::{BufferDirection, Hal as VdHalTrait, PhysAddr, PAGE_SIZE as 
 use super::StaticDma;
 use crate::dma::DmaDirection;
 use crate::hal::{DmaRegion, Hal, PAGE_SIZE};
+use crate::sync::{DefaultLocks, Locks};
 
 const _: () = assert!(VD_PAGE_SIZE == PAGE_SIZE, "both crates use 4 KiB pages");
 
@@ -94,12 +95,15 @@ fn direction(dir: BufferDirection) -> DmaDirection {
 /// rather than be reused while the device may still reach it).
 ///
 /// See [`IommuTransport`](super::IommuTransport) for a complete example.
-pub struct IommuHal<O, D>(PhantomData<fn() -> (O, D)>);
+pub struct IommuHal<O, D, L = DefaultLocks>(PhantomData<Types<O, D, L>>);
+
+/// What `IommuHal` holds: types only, no value (so it is `Send` and `Sync`).
+type Types<O, D, L> = fn() -> (O, D, L);
 
 // SAFETY: memory comes from `O::dma_alloc`, which keeps virtio-drivers'
 // promises (valid, aligned, zeroed, unaliased); this HAL only changes the
 // address the device is given, and returns to `O` exactly what `O` gave.
-unsafe impl<O: VdHalTrait, D: StaticDma> VdHalTrait for IommuHal<O, D> {
+unsafe impl<O: VdHalTrait, D: StaticDma<L>, L: Locks> VdHalTrait for IommuHal<O, D, L> {
     fn dma_alloc(pages: usize, direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let (paddr, vaddr) = O::dma_alloc(pages, direction);
         if paddr == 0 {

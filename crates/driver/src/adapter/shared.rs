@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use crate::dma::{DmaDirection, DmaDomain, Pending};
 use crate::iommu::DomainKind;
-use crate::sync::Mutex;
+use crate::sync::{DefaultLocks, Locks, Mutex};
 use crate::Result;
 
 /// Names the [`SharedDma`] of one device driver. virtio-drivers calls its
@@ -28,17 +28,17 @@ use crate::Result;
 ///     }
 /// }
 /// ```
-pub trait StaticDma: 'static {
+pub trait StaticDma<L: Locks = DefaultLocks>: 'static {
     /// The shared DMA state. Called on every share and unshare.
-    fn get() -> &'static SharedDma;
+    fn get() -> &'static SharedDma<L>;
 }
 
 /// A set-once home for a [`SharedDma`], usable in a `static` (no_std has
 /// no `OnceLock`; an OS with its own once-cell may use that instead).
 #[derive(Debug)]
-pub struct DmaSlot(AtomicPtr<SharedDma>);
+pub struct DmaSlot<L: Locks = DefaultLocks>(AtomicPtr<SharedDma<L>>);
 
-impl DmaSlot {
+impl<L: Locks> DmaSlot<L> {
     /// An empty slot.
     pub const fn new() -> Self {
         Self(AtomicPtr::new(null_mut()))
@@ -46,7 +46,7 @@ impl DmaSlot {
 
     /// Moves `dma` into the slot for the rest of the program and returns
     /// it; gives `dma` back (boxed) if the slot is taken already.
-    pub fn install(&self, dma: SharedDma) -> Result<&'static SharedDma, Box<SharedDma>> {
+    pub fn install(&self, dma: SharedDma<L>) -> Result<&'static SharedDma<L>, Box<SharedDma<L>>> {
         let p = Box::into_raw(Box::new(dma));
         match self.0.compare_exchange(null_mut(), p, Ordering::AcqRel, Ordering::Acquire) {
             // SAFETY: `p` came from `Box::into_raw` just now and is never freed.
@@ -57,7 +57,7 @@ impl DmaSlot {
     }
 
     /// The installed state, if any.
-    pub fn get(&self) -> Option<&'static SharedDma> {
+    pub fn get(&self) -> Option<&'static SharedDma<L>> {
         let p = self.0.load(Ordering::Acquire);
         // SAFETY: a non-null pointer was installed from a leaked Box and
         // is never freed or replaced, so it is valid for 'static.
@@ -65,7 +65,7 @@ impl DmaSlot {
     }
 }
 
-impl Default for DmaSlot {
+impl<L: Locks> Default for DmaSlot<L> {
     fn default() -> Self {
         Self::new()
     }
@@ -137,9 +137,9 @@ struct ShareState {
 /// the IOMMU (so nothing is shared while a sync is in flight). Unshares
 /// (virtio-drivers' `pop_used`) may run in an interrupt handler only if the
 /// driver's locks mask interrupts (see the crate's lock docs).
-pub struct SharedDma {
-    dma: Arc<DmaDomain>,
-    state: Mutex<ShareState>,
+pub struct SharedDma<L: Locks = DefaultLocks> {
+    dma: Arc<DmaDomain<L>>,
+    state: Mutex<L, ShareState>,
     shares: AtomicU64,
     unshares: AtomicU64,
     allocs: AtomicU64,
@@ -151,10 +151,10 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-impl SharedDma {
+impl<L: Locks> SharedDma<L> {
     /// Shares through `dma` (a `DmaDomain`, or an `Arc` of one the OS
     /// also uses). An identity domain maps nothing: IOVA = physical address.
-    pub fn new(dma: impl Into<Arc<DmaDomain>>) -> Self {
+    pub fn new(dma: impl Into<Arc<DmaDomain<L>>>) -> Self {
         Self {
             dma: dma.into(),
             state: Mutex::new(ShareState::default()),
@@ -167,7 +167,7 @@ impl SharedDma {
     }
 
     /// The DMA domain (its policy, `tick`, `flush`, counters).
-    pub fn dma(&self) -> &DmaDomain {
+    pub fn dma(&self) -> &DmaDomain<L> {
         &self.dma
     }
 
@@ -319,7 +319,7 @@ impl SharedDma {
     }
 }
 
-impl core::fmt::Debug for SharedDma {
+impl<L: Locks> core::fmt::Debug for SharedDma<L> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SharedDma").field("counts", &self.counts()).finish_non_exhaustive()
     }

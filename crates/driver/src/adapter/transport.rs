@@ -8,6 +8,7 @@ use virtio_drivers::{PhysAddr, Result as VdResult};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::SharedDma;
+use crate::sync::{DefaultLocks, Locks};
 use crate::transport::{QueueAddrs, Transport};
 use crate::{Error, Result};
 
@@ -205,15 +206,15 @@ fn write_as<T: VdTransportTrait, V: FromBytes + IntoBytes + Immutable>(
 /// blk.read_blocks(0, &mut sector).unwrap(); // its MAPs: one sync, at the notify
 /// ```
 #[derive(Debug)]
-pub struct IommuTransport<T> {
+pub struct IommuTransport<T, L: Locks = DefaultLocks> {
     inner: T,
-    dma: &'static SharedDma,
+    dma: &'static SharedDma<L>,
 }
 
-impl<T: VdTransportTrait> IommuTransport<T> {
+impl<T: VdTransportTrait, L: Locks> IommuTransport<T, L> {
     /// Wraps `inner`; its notifies sync the MAPs queued in `dma`, which must
     /// be the one the device driver's [`IommuHal`](super::IommuHal) names.
-    pub fn new(inner: T, dma: &'static SharedDma) -> Self {
+    pub fn new(inner: T, dma: &'static SharedDma<L>) -> Self {
         Self { inner, dma }
     }
 
@@ -223,7 +224,7 @@ impl<T: VdTransportTrait> IommuTransport<T> {
     }
 }
 
-impl<T: VdTransportTrait> VdTransportTrait for IommuTransport<T> {
+impl<T: VdTransportTrait, L: Locks> VdTransportTrait for IommuTransport<T, L> {
     fn device_type(&self) -> DeviceType {
         self.inner.device_type()
     }

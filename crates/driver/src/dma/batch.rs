@@ -7,11 +7,12 @@ use smallvec::SmallVec;
 use super::flush::Allocs;
 use super::{merge_segments, DmaDirection, DmaDomain, DmaMapping, DmaSegment};
 use crate::iommu::Mapping;
+use crate::sync::{DefaultLocks, Locks};
 use crate::Result;
 
-impl DmaDomain {
+impl<L: Locks> DmaDomain<L> {
     /// Starts a batch: map all buffers of one I/O, then one sync at commit.
-    pub fn begin(&self) -> DmaBatch<'_> {
+    pub fn begin(&self) -> DmaBatch<'_, L> {
         DmaBatch { dma: self, pending: Pending::default() }
     }
 
@@ -128,12 +129,12 @@ pub(super) fn shift(iova: u64, maps: &mut [Mapping], segs: &mut [DmaSegment]) {
 
 /// The buffers of one I/O, mapped with one sync at [`Self::commit`].
 /// Dropping it without committing frees its IOVAs; nothing was sent.
-pub struct DmaBatch<'a> {
-    dma: &'a DmaDomain,
+pub struct DmaBatch<'a, L: Locks = DefaultLocks> {
+    dma: &'a DmaDomain<L>,
     pending: Pending,
 }
 
-impl DmaBatch<'_> {
+impl<L: Locks> DmaBatch<'_, L> {
     /// Reserves an IOVA for one buffer; the MAP goes out at commit. A buffer
     /// inside a page this batch already maps reuses that mapping (its rights
     /// widen to cover both buffers).
@@ -183,7 +184,7 @@ impl DmaBatch<'_> {
     }
 }
 
-impl Drop for DmaBatch<'_> {
+impl<L: Locks> Drop for DmaBatch<'_, L> {
     fn drop(&mut self) {
         self.dma.free_allocs(&self.pending.allocs);
     }

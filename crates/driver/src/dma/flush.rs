@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use smallvec::SmallVec;
 
-use crate::sync::{Mutex, MutexGuard};
+use crate::sync::{Locks, Mutex, MutexGuard};
 
 use crate::iommu::{Replies, UnmapTicket, UnmapTickets};
 
@@ -72,8 +72,8 @@ pub(crate) type Allocs = SmallVec<[(u64, u64); 2]>;
 /// lock: when the oldest entry was queued, and whether flushes are in
 /// flight. Every guard writes them back as it is dropped, still holding
 /// the lock, so they are exact whenever the lock is free.
-pub(crate) struct FlushSlot {
-    queue: Mutex<FlushQueue>,
+pub(crate) struct FlushSlot<L: Locks> {
+    queue: Mutex<L, FlushQueue>,
     /// `oldest_ns` of the queue, or `u64::MAX` when it has no entry.
     oldest_ns: AtomicU64,
     inflight: AtomicBool,
@@ -82,7 +82,7 @@ pub(crate) struct FlushSlot {
     taken: AtomicUsize,
 }
 
-impl Default for FlushSlot {
+impl<L: Locks> Default for FlushSlot<L> {
     fn default() -> Self {
         Self {
             queue: Mutex::new(FlushQueue::default()),
@@ -93,14 +93,14 @@ impl Default for FlushSlot {
     }
 }
 
-impl FlushSlot {
-    pub(crate) fn lock(&self) -> SlotGuard<'_> {
+impl<L: Locks> FlushSlot<L> {
+    pub(crate) fn lock(&self) -> SlotGuard<'_, L> {
         SlotGuard { slot: self, queue: self.queue.lock() }
     }
 
     /// Takes the queued entries for a flush; until the returned guard is
     /// dropped, [`Self::taken`] counts that flush.
-    pub(crate) fn take_entries(&self) -> (Vec<(u64, u64)>, TakenGuard<'_>) {
+    pub(crate) fn take_entries(&self) -> (Vec<(u64, u64)>, TakenGuard<'_, L>) {
         let mut q = self.lock();
         // Counted before the lock is released, so no flush ever sees the
         // queue empty without also seeing the count.
@@ -110,7 +110,7 @@ impl FlushSlot {
 
     /// Takes the flushes in flight to reap them; while any were taken, the
     /// returned guard counts this reap in [`Self::taken`].
-    pub(crate) fn take_inflight(&self) -> (Vec<InflightFlush>, Option<TakenGuard<'_>>) {
+    pub(crate) fn take_inflight(&self) -> (Vec<InflightFlush>, Option<TakenGuard<'_, L>>) {
         let mut q = self.lock();
         let inflight = core::mem::take(&mut q.inflight);
         if inflight.is_empty() {
@@ -135,34 +135,34 @@ impl FlushSlot {
 }
 
 /// A flush's hold on the entries it took (see [`FlushSlot::take_entries`]).
-pub(crate) struct TakenGuard<'a>(&'a FlushSlot);
+pub(crate) struct TakenGuard<'a, L: Locks>(&'a FlushSlot<L>);
 
-impl Drop for TakenGuard<'_> {
+impl<L: Locks> Drop for TakenGuard<'_, L> {
     fn drop(&mut self) {
         self.0.taken.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// The locked queue of a [`FlushSlot`].
-pub(crate) struct SlotGuard<'a> {
-    slot: &'a FlushSlot,
-    queue: MutexGuard<'a, FlushQueue>,
+pub(crate) struct SlotGuard<'a, L: Locks> {
+    slot: &'a FlushSlot<L>,
+    queue: MutexGuard<'a, L, FlushQueue>,
 }
 
-impl Deref for SlotGuard<'_> {
+impl<L: Locks> Deref for SlotGuard<'_, L> {
     type Target = FlushQueue;
     fn deref(&self) -> &FlushQueue {
         &self.queue
     }
 }
 
-impl DerefMut for SlotGuard<'_> {
+impl<L: Locks> DerefMut for SlotGuard<'_, L> {
     fn deref_mut(&mut self) -> &mut FlushQueue {
         &mut self.queue
     }
 }
 
-impl Drop for SlotGuard<'_> {
+impl<L: Locks> Drop for SlotGuard<'_, L> {
     fn drop(&mut self) {
         let q = &*self.queue;
         let oldest = if q.entries.is_empty() { u64::MAX } else { q.oldest_ns };
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn slot_hints_follow_the_queue() {
         let cfg = FlushQueueConfig { entries: 4, timeout_ns: 100 };
-        let slot = FlushSlot::default();
+        let slot = FlushSlot::<crate::sync::DefaultLocks>::default();
         assert!(!slot.due(u64::MAX - 1, &cfg));
         slot.lock().push(10, &[(0x1000, 0x1000)]);
         assert!(!slot.due(109, &cfg));

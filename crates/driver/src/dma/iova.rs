@@ -11,7 +11,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::sync::Mutex;
+use crate::sync::{DefaultLocks, Locks, Mutex};
 
 /// Tuning of the IOVA caches (Linux: 127-entry magazines, 6 classes, 32 depot magazines).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,20 +88,27 @@ struct CpuCache {
 }
 
 /// The allocator. All sizes are in bytes, multiples of the granule.
-pub struct IovaAllocator {
+pub struct IovaAllocator<L: Locks = DefaultLocks> {
     shift: u32,
     opts: IovaOptions,
-    tree: Mutex<FreeTree>,
-    cpus: Vec<Mutex<CpuCache>>,
-    depot: Mutex<Vec<Vec<Vec<u64>>>>,
+    tree: Mutex<L, FreeTree>,
+    cpus: Vec<Mutex<L, CpuCache>>,
+    depot: Mutex<L, Vec<Vec<Vec<u64>>>>,
     in_use: AtomicU64,
     double_frees: AtomicU64,
 }
 
 impl IovaAllocator {
     /// An allocator over `ranges` (inclusive, granule-aligned inward) with
-    /// granule `granule` (a power of two).
+    /// granule `granule` (a power of two), on the [`DefaultLocks`].
     pub fn new(ranges: &[(u64, u64)], granule: u64, opts: IovaOptions) -> Self {
+        Self::with_locks(ranges, granule, opts)
+    }
+}
+
+impl<L: Locks> IovaAllocator<L> {
+    /// As [`IovaAllocator::new`], with the locks of the family `L`.
+    pub fn with_locks(ranges: &[(u64, u64)], granule: u64, opts: IovaOptions) -> Self {
         let opts = IovaOptions {
             magazine_size: opts.magazine_size.max(1),
             nr_cpus: opts.nr_cpus.max(1),

@@ -59,7 +59,7 @@ pub use flush::FlushQueueConfig;
 pub use iova::{IovaAllocator, IovaOptions};
 
 use crate::iommu::{merge_regions, Domain, DomainKind, Mapping, Prot, ResvRegion};
-use crate::sync::Mutex;
+use crate::sync::{DefaultLocks, Locks, Mutex};
 use crate::{Error, Result};
 use batch::{shift, PushMap};
 use flush::{Allocs, FlushSlot};
@@ -210,21 +210,21 @@ impl DmaMapping {
 }
 
 /// The DMA layer over one domain.
-pub struct DmaDomain {
-    domain: Domain,
+pub struct DmaDomain<L: Locks = DefaultLocks> {
+    domain: Domain<L>,
     passthrough: bool,
     granule: u64,
-    iova: IovaAllocator,
+    iova: IovaAllocator<L>,
     platform: Arc<dyn DmaPlatform>,
     policy: AtomicU8,
     sync_every_map: AtomicBool,
     coalesce: AtomicBool,
     lazy: FlushQueueConfig,
     lazy_single: FlushQueueConfig,
-    percpu: Vec<FlushSlot>,
-    single: FlushSlot,
+    percpu: Vec<FlushSlot<L>>,
+    single: FlushSlot<L>,
     /// Allocations whose UNMAP failed: sent again at the next flush.
-    retry: Mutex<Vec<(u64, u64)>>,
+    retry: Mutex<L, Vec<(u64, u64)>>,
 }
 
 /// Physically contiguous runs of `segs`, as `(paddr, len)`.
@@ -239,13 +239,13 @@ fn merge_segments(segs: &[(u64, usize)]) -> Vec<(u64, usize)> {
     runs
 }
 
-impl DmaDomain {
+impl<L: Locks> DmaDomain<L> {
     /// The DMA layer over `domain`. IOVAs come from its aperture minus
     /// `reserved`, minus IOVA page 0, minus mappings already in the domain,
     /// up to `opts.dma_limit`. An identity domain gives IOVA = physical
     /// address and sends nothing; a blocking domain is refused.
     pub fn new(
-        domain: Domain,
+        domain: Domain<L>,
         reserved: &[ResvRegion],
         opts: DmaOptions,
         platform: Arc<dyn DmaPlatform>,
@@ -280,7 +280,7 @@ impl DmaDomain {
         Ok(Self {
             passthrough,
             granule,
-            iova: IovaAllocator::new(&usable, granule, opts.iova),
+            iova: IovaAllocator::with_locks(&usable, granule, opts.iova),
             platform,
             policy: AtomicU8::new(opts.policy as u8),
             sync_every_map: AtomicBool::new(opts.sync_every_map),
@@ -296,12 +296,12 @@ impl DmaDomain {
 
     /// [`Self::new`] with the `std` clock and thread numbers.
     #[cfg(feature = "std")]
-    pub fn with_std(domain: Domain, reserved: &[ResvRegion], opts: DmaOptions) -> Result<Self> {
+    pub fn with_std(domain: Domain<L>, reserved: &[ResvRegion], opts: DmaOptions) -> Result<Self> {
         Self::new(domain, reserved, opts, Arc::new(StdPlatform::default()))
     }
 
     /// The domain underneath.
-    pub fn domain(&self) -> &Domain {
+    pub fn domain(&self) -> &Domain<L> {
         &self.domain
     }
 
@@ -334,7 +334,7 @@ impl DmaDomain {
 
     /// IOVA allocations waiting in flush queues, in flight, or to retry.
     pub fn pending_unmaps(&self) -> usize {
-        let q = |q: &FlushSlot| {
+        let q = |q: &FlushSlot<L>| {
             let q = q.lock();
             q.entries.len() + q.inflight.iter().map(|f| f.entries.len()).sum::<usize>()
         };
@@ -521,7 +521,7 @@ impl DmaDomain {
     }
 }
 
-impl Drop for DmaDomain {
+impl<L: Locks> Drop for DmaDomain<L> {
     fn drop(&mut self) {
         // Leave the device with no stale mappings of ours.
         let _ = self.flush();

@@ -8,9 +8,10 @@ use core::sync::atomic::Ordering;
 use super::flush::{settle, Allocs, FlushQueueConfig, FlushSlot, InflightFlush, Outcome};
 use super::{DmaDomain, Policy};
 use crate::iommu::FlushCause;
+use crate::sync::Locks;
 use crate::Result;
 
-impl DmaDomain {
+impl<L: Locks> DmaDomain<L> {
     /// Takes allocations out of the tree and unmaps them under the policy.
     pub(super) fn release(&self, allocs: &[(u64, u64)]) -> Result<()> {
         let ranges = self.ranges_of(allocs);
@@ -74,7 +75,12 @@ impl DmaDomain {
         }
     }
 
-    fn enqueue(&self, q: &FlushSlot, cfg: &FlushQueueConfig, allocs: &[(u64, u64)]) -> Result<()> {
+    fn enqueue(
+        &self,
+        q: &FlushSlot<L>,
+        cfg: &FlushQueueConfig,
+        allocs: &[(u64, u64)],
+    ) -> Result<()> {
         let now = self.platform.now_ns();
         let (cause, inflight) = {
             let mut g = q.lock();
@@ -102,7 +108,7 @@ impl DmaDomain {
     /// now; otherwise they ride on the next kick and complete in `reap`.
     fn flush_queue(
         &self,
-        q: &FlushSlot,
+        q: &FlushSlot<L>,
         cause: FlushCause,
         wait: bool,
         with_retry: bool,
@@ -149,7 +155,7 @@ impl DmaDomain {
 
     /// Completes in-flight flushes whose UNMAPs are done; with `wait_older_than`,
     /// syncs those older than that many nanoseconds.
-    fn reap_inner(&self, q: &FlushSlot, wait_older_than: Option<u64>) -> Result<()> {
+    fn reap_inner(&self, q: &FlushSlot<L>, wait_older_than: Option<u64>) -> Result<()> {
         // Held until what is kept is back in the queue (see `flush`).
         let (inflight, _taken) = q.take_inflight();
         if inflight.is_empty() {
@@ -185,11 +191,11 @@ impl DmaDomain {
         first
     }
 
-    fn reap(&self, q: &FlushSlot) -> Result<()> {
+    fn reap(&self, q: &FlushSlot<L>) -> Result<()> {
         self.reap_inner(q, None)
     }
 
-    fn queues(&self) -> impl Iterator<Item = (&FlushSlot, &FlushQueueConfig)> {
+    fn queues(&self) -> impl Iterator<Item = (&FlushSlot<L>, &FlushQueueConfig)> {
         self.percpu.iter().map(|q| (q, &self.lazy)).chain([(&self.single, &self.lazy_single)])
     }
 

@@ -16,11 +16,11 @@ use crate::iommu::replies::{first_error, may_have_applied};
 use crate::iommu::shared::Shared;
 use crate::iommu::types::{DomainKind, Mapping, Prot, ResvKind};
 use crate::iommu::{merge_regions, Port};
-use crate::sync::Mutex;
+use crate::sync::{Locks, Mutex};
 use crate::transport::Transport;
 use crate::{Error, Result};
 
-impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
+impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
     fn alloc_domain_id(&self) -> Result<u32> {
         let (lo, hi) = self.shared.info.domain_range;
         let mut ids = self.shared.domain_ids.lock();
@@ -41,7 +41,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
         Ok(cand)
     }
 
-    fn new_domain(&self, kind: DomainKind) -> Result<Domain> {
+    fn new_domain(&self, kind: DomainKind) -> Result<Domain<L>> {
         let info = &self.shared.info;
         let granule = info.granule();
         if granule > self.shared.opts.guest_page_size {
@@ -67,7 +67,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     /// A paging domain for `endpoint`, finalised now: granule from
     /// page_size_mask, aperture = input_range, a fresh domain ID (freed on
     /// drop), and the endpoint's direct regions mapped 1:1 once.
-    pub fn alloc_paging(&self, endpoint: u32) -> Result<Domain> {
+    pub fn alloc_paging(&self, endpoint: u32) -> Result<Domain<L>> {
         let resv = self.reserved_regions(endpoint)?;
         let domain = self.new_domain(DomainKind::Paging)?;
         let direct = merge_regions(
@@ -93,7 +93,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     /// An identity domain for `endpoint`: ATTACH with F_BYPASS under
     /// BYPASS_CONFIG, otherwise 1:1 mappings of the aperture minus the
     /// endpoint's reserved regions.
-    pub fn alloc_identity(&self, endpoint: u32) -> Result<Domain> {
+    pub fn alloc_identity(&self, endpoint: u32) -> Result<Domain<L>> {
         if self.shared.info.has(f::BYPASS_CONFIG) {
             return self.new_domain(DomainKind::Identity { bypass: true });
         }
@@ -132,14 +132,14 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     }
 
     /// A blocking domain: attached endpoints can do no DMA.
-    pub fn alloc_blocking(&self) -> Result<Domain> {
+    pub fn alloc_blocking(&self) -> Result<Domain<L>> {
         self.new_domain(DomainKind::Blocking)
     }
 
     /// Attaches `endpoint` to `domain`, detaching it from its current domain
     /// first. The first attach of a domain replays every recorded mapping in
     /// one batch with one sync; if any fails, the endpoint is detached again.
-    pub fn attach(&self, domain: &Domain, endpoint: u32) -> Result<()> {
+    pub fn attach(&self, domain: &Domain<L>, endpoint: u32) -> Result<()> {
         let s = &self.shared;
         if domain.inner.iommu_id != s.id {
             return Err(Error::WrongIommu);
@@ -243,10 +243,10 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
 }
 
 /// Sends DETACH and waits, under the domain's lock so no MAP slips behind it.
-pub(in crate::iommu) fn detach_locked<T: Transport + 'static, H: Hal + 'static>(
-    s: &Shared<T, H>,
+pub(in crate::iommu) fn detach_locked<T: Transport + 'static, H: Hal + 'static, L: Locks>(
+    s: &Shared<T, H, L>,
     id: u32,
-    dom: Option<&DomainInner>,
+    dom: Option<&DomainInner<L>>,
     endpoint: u32,
 ) -> Result<()> {
     let mut st = dom.map(|d| d.state.lock());

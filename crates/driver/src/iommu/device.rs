@@ -15,14 +15,14 @@ use crate::iommu::shared::{Shared, NEXT_IOMMU_ID};
 use crate::iommu::types::{DeviceInfo, DriverOptions};
 use crate::iommu::Counters;
 use crate::queue::SplitQueue;
-use crate::sync::{relax, Mutex, Waiter};
+use crate::sync::{relax, DefaultLocks, Locks, Mutex, Waiter};
 use crate::transport::{status, Transport};
 use crate::{Error, Result};
 
 /// The virtio-iommu driver. Share it with `Arc<VirtioIommu<..>>`: every
 /// method takes `&self`.
-pub struct VirtioIommu<T: Transport, H: Hal> {
-    pub(in crate::iommu) shared: Arc<Shared<T, H>>,
+pub struct VirtioIommu<T: Transport, H: Hal, L: Locks = DefaultLocks> {
+    pub(in crate::iommu) shared: Arc<Shared<T, H, L>>,
 }
 
 fn pow2_floor(v: u16) -> u16 {
@@ -63,8 +63,18 @@ fn read_config<T: Transport>(t: &mut T, opts: &DriverOptions) -> Result<Config> 
 impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     /// Resets the device, negotiates features (VERSION_1 and MAP_UNMAP are
     /// required), reads the config, writes `bypass`, sets up both queues and
-    /// fills the event queue.
-    pub fn new(mut transport: T, hal: H, opts: DriverOptions) -> Result<Self> {
+    /// fills the event queue. The driver's locks are the [`DefaultLocks`];
+    /// [`Self::with_locks`] takes others.
+    pub fn new(transport: T, hal: H, opts: DriverOptions) -> Result<Self> {
+        Self::with_locks(transport, hal, opts)
+    }
+}
+
+impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
+    /// As [`VirtioIommu::new`], with the locks of the family `L` (see
+    /// [`crate::sync`]), e.g. the kernel's interrupt-masking lock:
+    /// `VirtioIommu::<_, _, RawLocks<IrqLock>>::with_locks(t, hal, opts)`.
+    pub fn with_locks(mut transport: T, hal: H, opts: DriverOptions) -> Result<Self> {
         match Self::init(&mut transport, &opts) {
             Ok(info) => Self::with_queues(transport, Arc::new(hal), opts, info),
             Err(e) => {
@@ -81,7 +91,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
             if waiter.poll().is_none() {
                 return Err(Error::Timeout);
             }
-            relax();
+            relax::<L>();
         }
         t.set_status(status::ACKNOWLEDGE);
         t.set_status(status::ACKNOWLEDGE | status::DRIVER);
@@ -223,7 +233,7 @@ impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
     }
 }
 
-impl<T: Transport, H: Hal> Clone for VirtioIommu<T, H> {
+impl<T: Transport, H: Hal, L: Locks> Clone for VirtioIommu<T, H, L> {
     fn clone(&self) -> Self {
         Self { shared: self.shared.clone() }
     }

@@ -10,10 +10,11 @@ use crate::iommu::device::VirtioIommu;
 use crate::iommu::port::Port;
 use crate::iommu::replies::first_error;
 use crate::iommu::types::{ResvKind, ResvRegion};
+use crate::sync::Locks;
 use crate::transport::Transport;
 use crate::{Error, Result};
 
-impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
+impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
     /// Adds a platform-provided region (e.g. a firmware [`ResvKind::Direct`]
     /// region) to an endpoint's reserved regions.
     pub fn add_reserved_region(&self, endpoint: u32, region: ResvRegion) {

@@ -13,6 +13,7 @@ use crate::iommu::shared::Shared;
 use crate::iommu::types::FaultRecord;
 use crate::iommu::FaultHandler;
 use crate::queue::{Buffer, SplitQueue};
+use crate::sync::Locks;
 use crate::transport::Transport;
 use crate::Result;
 
@@ -35,7 +36,7 @@ impl<H: Hal> EventQueue<H> {
     }
 }
 
-impl<T: Transport, H: Hal> Shared<T, H> {
+impl<T: Transport, H: Hal, L: Locks> Shared<T, H, L> {
     /// Takes one used event buffer and posts it again (not notified):
     /// `Ok(None)` when there is none, `Ok(Some(None))` for a buffer too short
     /// for a fault record (counted in `bad_events`).
@@ -64,7 +65,7 @@ impl<T: Transport, H: Hal> Shared<T, H> {
     }
 }
 
-impl<T: Transport + 'static, H: Hal + 'static> VirtioIommu<T, H> {
+impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
     /// Registers the handler that receives fault records from [`Self::poll_events`].
     pub fn set_fault_handler(&self, handler: Option<FaultHandler>) {
         *self.shared.fault_handler.lock() = handler;

@@ -18,6 +18,9 @@
 //!   interface of the DMA layer); `tree` (the mapping tree).
 //!
 //! # Locks
+//! All of them come from the [`Locks`](crate::sync::Locks) family the
+//! embedder chose (see [`crate::sync`] for which calls an interrupt handler
+//! may make).
 //! - `endpoints` (one per IOMMU): endpoint ID → that endpoint's lock. Held
 //!   only to find an entry, never across a request.
 //! - endpoint (one per endpoint): its domain and reserved regions. Held

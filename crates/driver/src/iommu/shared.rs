@@ -17,42 +17,50 @@ use crate::iommu::events::EventQueue;
 use crate::iommu::ring::ReqQueue;
 use crate::iommu::types::{DeviceInfo, DriverOptions, ResvRegion};
 use crate::iommu::{Counters, FaultHandler, Port, Replies, Ticket, Tickets};
-use crate::sync::{relax, Mutex, Waiter};
+use crate::sync::{relax, Locks, Mutex, Waiter};
 use crate::transport::{status, Transport, UsedWaiter};
 use crate::{Error, Result};
 
 pub(in crate::iommu) static NEXT_IOMMU_ID: AtomicU64 = AtomicU64::new(1);
 
-#[derive(Default)]
-pub(in crate::iommu) struct EndpointState {
+pub(in crate::iommu) struct EndpointState<L: Locks> {
     /// Domain ID and domain, while attached.
-    pub(in crate::iommu) domain: Option<(u32, Weak<DomainInner>)>,
+    pub(in crate::iommu) domain: Option<(u32, Weak<DomainInner<L>>)>,
     /// Reserved regions once probed.
     pub(in crate::iommu) resv: Option<Vec<ResvRegion>>,
     /// Regions given by the platform.
     pub(in crate::iommu) extra: Vec<ResvRegion>,
 }
 
-pub(in crate::iommu) struct Shared<T: Transport, H: Hal> {
+/// One endpoint's state behind its own lock.
+pub(in crate::iommu) type EndpointLock<L> = Arc<Mutex<L, EndpointState<L>>>;
+
+impl<L: Locks> Default for EndpointState<L> {
+    fn default() -> Self {
+        Self { domain: None, resv: None, extra: Vec::new() }
+    }
+}
+
+pub(in crate::iommu) struct Shared<T: Transport, H: Hal, L: Locks> {
     pub(in crate::iommu) id: u64,
     pub(in crate::iommu) info: DeviceInfo,
     pub(in crate::iommu) opts: DriverOptions,
-    pub(in crate::iommu) transport: Mutex<T>,
+    pub(in crate::iommu) transport: Mutex<L, T>,
     /// Waits for completions without the transport lock, if the transport has one.
     pub(in crate::iommu) used_waiter: Option<Box<dyn UsedWaiter>>,
-    pub(in crate::iommu) req: Mutex<ReqQueue<H>>,
-    pub(in crate::iommu) events: Mutex<EventQueue<H>>,
-    pub(in crate::iommu) fault_handler: Mutex<Option<FaultHandler>>,
-    pub(in crate::iommu) domain_ids: Mutex<BTreeSet<u32>>,
+    pub(in crate::iommu) req: Mutex<L, ReqQueue<H>>,
+    pub(in crate::iommu) events: Mutex<L, EventQueue<H>>,
+    pub(in crate::iommu) fault_handler: Mutex<L, Option<FaultHandler>>,
+    pub(in crate::iommu) domain_ids: Mutex<L, BTreeSet<u32>>,
     /// Per-endpoint state, each behind its own lock: the table lock is held
     /// only to find an entry, never across a request.
-    pub(in crate::iommu) endpoints: Mutex<BTreeMap<u32, Arc<Mutex<EndpointState>>>>,
+    pub(in crate::iommu) endpoints: Mutex<L, BTreeMap<u32, EndpointLock<L>>>,
     pub(in crate::iommu) counters: Counters,
 }
 
-impl<T: Transport, H: Hal> Shared<T, H> {
+impl<T: Transport, H: Hal, L: Locks> Shared<T, H, L> {
     /// The lock of one endpoint's state, created on first use.
-    pub(in crate::iommu) fn endpoint(&self, endpoint: u32) -> Arc<Mutex<EndpointState>> {
+    pub(in crate::iommu) fn endpoint(&self, endpoint: u32) -> EndpointLock<L> {
         self.endpoints.lock().entry(endpoint).or_default().clone()
     }
 
@@ -142,13 +150,13 @@ impl<T: Transport, H: Hal> Shared<T, H> {
                 }
                 t.wait_for_used(REQUEST_QUEUE);
             }
-            None => relax(),
+            None => relax::<L>(),
         }
         Ok(())
     }
 }
 
-impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
+impl<T: Transport + 'static, H: Hal + 'static, L: Locks> Shared<T, H, L> {
     /// One sync: kicks, then reaps until `done` gives an answer.
     fn sync_until<R>(&self, mut done: impl FnMut(&mut ReqQueue<H>) -> Option<R>) -> Result<R> {
         bump(&self.counters.syncs);
@@ -168,7 +176,7 @@ impl<T: Transport + 'static, H: Hal + 'static> Shared<T, H> {
     }
 }
 
-impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
+impl<T: Transport + 'static, H: Hal + 'static, L: Locks> Port for Shared<T, H, L> {
     fn submit(&self, req: &Request, props: usize) -> Result<Ticket> {
         let mut tickets = Tickets::new();
         self.submit_into(&Reqs::Any(core::slice::from_ref(req)), props, &mut tickets)?;
@@ -229,7 +237,7 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
 
     fn domain_dropped(&self, id: u32, mut pending: Vec<Ticket>) {
         {
-            let all: Vec<(u32, Arc<Mutex<EndpointState>>)> =
+            let all: Vec<(u32, EndpointLock<L>)> =
                 self.endpoints.lock().iter().map(|(&ep, st)| (ep, st.clone())).collect();
             // The endpoints of this domain stay locked until their DETACH is
             // done (in ID order, the only place that takes several).
@@ -253,7 +261,7 @@ impl<T: Transport + 'static, H: Hal + 'static> Port for Shared<T, H> {
     }
 }
 
-impl<T: Transport, H: Hal> Drop for Shared<T, H> {
+impl<T: Transport, H: Hal, L: Locks> Drop for Shared<T, H, L> {
     fn drop(&mut self) {
         // Reset the device before the rings and buffers are freed.
         self.transport.lock().set_status(0);

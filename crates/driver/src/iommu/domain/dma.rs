@@ -19,9 +19,10 @@ use crate::iommu::domain::{Domain, DomainInner};
 use crate::iommu::encode::Reqs;
 use crate::iommu::types::{DomainKind, FlushCause, Mapping};
 use crate::iommu::{Replies, Ticket, Tickets, UnmapTicket, UnmapTickets};
+use crate::sync::Locks;
 use crate::{Error, Result};
 
-impl Domain {
+impl<L: Locks> Domain<L> {
     /// Records `maps` in the tree, queues their MAPs and syncs once; failed
     /// MAPs leave the tree again. Validation is all-or-nothing. See
     /// [`Self::map_many`] for `breaks`.
@@ -122,7 +123,7 @@ impl Domain {
             st.tree.insert_run(&maps[from..end]);
             from = end;
         }
-        if !DomainInner::attached(&st, d.kind) {
+        if !DomainInner::<L>::attached(&st, d.kind) {
             return Ok(Tickets::new());
         }
         match d.port.submit_all(Reqs::Maps(d.id, maps)) {
@@ -218,7 +219,7 @@ impl Domain {
         let mut sorted: SmallVec<[(u64, u64); 4]> = SmallVec::from_slice(ranges);
         sorted.sort_unstable();
         let mut st = d.lock_after(&sorted, false)?;
-        if !DomainInner::attached(&st, d.kind) {
+        if !DomainInner::<L>::attached(&st, d.kind) {
             return Ok(UnmapTickets::new());
         }
         // (first, last, spans a gap)

@@ -10,14 +10,14 @@ use crate::iommu::domain::state::{DomainState, PendingOp, StaleStep};
 use crate::iommu::encode::{map_req, unmap_req};
 use crate::iommu::types::{DomainKind, Mapping, Prot};
 use crate::iommu::{Port, Ticket};
-use crate::sync::Mutex;
+use crate::sync::{DefaultLocks, Locks, Mutex};
 use crate::{Error, Result};
 
 mod dma;
 mod settle;
 pub(in crate::iommu) mod state;
 
-pub(crate) struct DomainInner {
+pub(crate) struct DomainInner<L: Locks> {
     pub(in crate::iommu) id: u32,
     pub(in crate::iommu) kind: DomainKind,
     pub(in crate::iommu) granule: u64,
@@ -25,13 +25,13 @@ pub(crate) struct DomainInner {
     pub(in crate::iommu) iommu_id: u64,
     pub(in crate::iommu) mmio: bool,
     pub(in crate::iommu) port: Arc<dyn Port>,
-    pub(in crate::iommu) state: Mutex<DomainState>,
+    pub(in crate::iommu) state: Mutex<L, DomainState>,
     /// Whether `state.stale` is non-empty, written under the state lock:
     /// the common path (no stale MAP) skips taking the lock to look.
     pub(in crate::iommu) stale_any: AtomicBool,
 }
 
-impl DomainInner {
+impl<L: Locks> DomainInner<L> {
     fn check(&self, m: &Mapping, size: u64) -> Result<()> {
         let g = self.granule - 1;
         if size == 0 || m.iova & g != 0 || m.paddr & g != 0 || (m.last & g) != g {
@@ -64,7 +64,7 @@ impl DomainInner {
     }
 }
 
-impl Drop for DomainInner {
+impl<L: Locks> Drop for DomainInner<L> {
     fn drop(&mut self) {
         let mut st = self.state.lock();
         let stale: Vec<Ticket> = st
@@ -83,12 +83,17 @@ impl Drop for DomainInner {
 
 /// A domain: an address space that endpoints attach to. Cheap to clone
 /// (shared handle); the domain ID is freed when the last handle goes.
-#[derive(Clone)]
-pub struct Domain {
-    pub(in crate::iommu) inner: Arc<DomainInner>,
+pub struct Domain<L: Locks = DefaultLocks> {
+    pub(in crate::iommu) inner: Arc<DomainInner<L>>,
 }
 
-impl Domain {
+impl<L: Locks> Clone for Domain<L> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+impl<L: Locks> Domain<L> {
     /// The domain ID.
     pub fn id(&self) -> u32 {
         self.inner.id
@@ -135,7 +140,7 @@ impl Domain {
             return Err(Error::Overlap { iova });
         }
         st.tree.insert(m);
-        if DomainInner::attached(&st, d.kind) {
+        if DomainInner::<L>::attached(&st, d.kind) {
             match d.port.submit(&map_req(d.id, &m), 0) {
                 Ok(ticket) => st.pending.push(PendingOp::Map { ticket, iova, last }),
                 Err(e) => {
@@ -159,7 +164,7 @@ impl Domain {
         let mut st = d.lock_after(&[(iova, last)], false)?;
         let removed = st.tree.remove_range(iova, last)?;
         let bytes = removed.iter().map(|m| m.last - m.iova + 1).sum();
-        if removed.is_empty() || !DomainInner::attached(&st, d.kind) {
+        if removed.is_empty() || !DomainInner::<L>::attached(&st, d.kind) {
             return Ok(bytes);
         }
         match d.port.submit(&unmap_req(d.id, iova, last), 0) {
@@ -230,7 +235,7 @@ impl Domain {
     }
 }
 
-impl core::fmt::Debug for Domain {
+impl<L: Locks> core::fmt::Debug for Domain<L> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Domain")
             .field("id", &self.inner.id)

@@ -9,10 +9,10 @@ use crate::iommu::domain::DomainInner;
 use crate::iommu::encode::unmap_req;
 use crate::iommu::replies::may_have_applied;
 use crate::iommu::{Replies, Ticket};
-use crate::sync::MutexGuard;
+use crate::sync::{Locks, MutexGuard};
 use crate::Result;
 
-impl DomainInner {
+impl<L: Locks> DomainInner<L> {
     /// Locks the state once no request on the ring conflicts with new
     /// requests on `ranges`. The device may execute requests in any order,
     /// so a MAP must not overtake an UNMAP of its range (`new_maps`), nor an
@@ -22,7 +22,7 @@ impl DomainInner {
         &self,
         ranges: &[(u64, u64)],
         new_maps: bool,
-    ) -> Result<MutexGuard<'_, DomainState>> {
+    ) -> Result<MutexGuard<'_, L, DomainState>> {
         loop {
             let mut st = self.state.lock();
             if new_maps {
