@@ -10,6 +10,37 @@
 //! [`adapter`] module shows the whole bring-up; docs/driver.md, "Using it
 //! in a Rust OS", covers locks, topology and the timer.
 //!
+//! ```
+//! # #[cfg(feature = "virtio-drivers")] {
+//! # struct OsHal; // the OS's virtio-drivers Hal
+//! # unsafe impl virtio_drivers::Hal for OsHal {
+//! #     fn dma_alloc(_: usize, _: virtio_drivers::BufferDirection) -> (u64, core::ptr::NonNull<u8>) { unimplemented!() }
+//! #     unsafe fn dma_dealloc(_: u64, _: core::ptr::NonNull<u8>, _: usize) -> i32 { 0 }
+//! #     unsafe fn mmio_phys_to_virt(_: u64, _: usize) -> core::ptr::NonNull<u8> { unimplemented!() }
+//! #     unsafe fn share(_: core::ptr::NonNull<[u8]>, _: virtio_drivers::BufferDirection) -> u64 { 0 }
+//! #     unsafe fn unshare(_: u64, _: core::ptr::NonNull<[u8]>, _: virtio_drivers::BufferDirection) {}
+//! # }
+//! use virtio_drivers::device::blk::VirtIOBlk;
+//! use virtio_drivers::transport::pci::PciTransport;
+//! use viommu_driver::adapter::{DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma};
+//! use viommu_driver::adapter::{VdHal, VdTransport};
+//!
+//! /// The virtio-iommu, on the OS's own virtio-drivers transport and HAL.
+//! type Iommu = viommu_driver::VirtioIommu<VdTransport<PciTransport>, VdHal<OsHal>>;
+//!
+//! /// The disk's DMA layer, found by type (virtio-drivers' `Hal` has no `self`).
+//! static DISK_DMA: DmaSlot = DmaSlot::new();
+//! struct Disk;
+//! impl StaticDma for Disk {
+//!     fn get() -> &'static SharedDma {
+//!         DISK_DMA.get().expect("installed")
+//!     }
+//! }
+//! /// virtio-drivers' block driver, every address it hands out an IOVA.
+//! type Blk = VirtIOBlk<IommuHal<OsHal, Disk>, IommuTransport<PciTransport>>;
+//! # }
+//! ```
+//!
 //! - [`queue`]: a split virtqueue any virtio driver can use (batched adds, one
 //!   notify, wrap-safe EVENT_IDX, polling or callback completion).
 //! - [`iommu`]: the virtio-iommu device driver [`VirtioIommu`]: requests,
