@@ -24,7 +24,7 @@ use viommu_driver::adapter::{
     DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma, ACCESS_PLATFORM,
 };
 use viommu_driver::dma::{DmaOptions, Policy};
-use viommu_driver::{CounterSnapshot, DmaDomain, PAGE_SIZE};
+use viommu_driver::{CounterSnapshot, DmaDomain, Transport as _, PAGE_SIZE};
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, Transport as _};
@@ -413,4 +413,148 @@ fn a_failed_map_fails_the_request_and_recovers() {
     assert!(buf.0[..SECTOR].iter().enumerate().all(|(i, &b)| b == pattern(4 * SECTOR + i)));
     rig.dma.dma().flush().expect("flush");
     assert_eq!(rig.dma.dma().iova_in_use(), in_use);
+}
+
+thread_local! {
+    /// The fake IOMMU's memory, for [`FakeVdHal`] (a `Hal` without `self`).
+    static FAKE_MEM: RefCell<Option<viommu_driver::fake::FakeHal>> = const { RefCell::new(None) };
+}
+
+/// The OS's virtio-drivers HAL over the fake's guest memory, where the fake
+/// IOMMU looks for its rings.
+struct FakeVdHal;
+
+// SAFETY: regions come from FakeHal (zeroed, page-aligned, contiguous,
+// unaliased until freed) and go back to it unchanged.
+unsafe impl VdHalTrait for FakeVdHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        use viommu_driver::Hal;
+        let r = FAKE_MEM.with(|m| m.borrow().as_ref().unwrap().dma_alloc(pages));
+        r.map_or((0, NonNull::dangling()), |r| (r.bus_addr, r.vaddr))
+    }
+    unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        use viommu_driver::Hal;
+        let region = viommu_driver::DmaRegion { bus_addr: paddr, vaddr, pages };
+        // SAFETY: virtio-drivers' promise: what `dma_alloc` returned, unused now.
+        FAKE_MEM.with(|m| unsafe { m.borrow().as_ref().unwrap().dma_dealloc(region) });
+        0
+    }
+    unsafe fn mmio_phys_to_virt(_paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        unreachable!("no MMIO here")
+    }
+    unsafe fn share(_buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
+        unreachable!("the IOMMU driver shares nothing")
+    }
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
+}
+
+/// The fake IOMMU as a virtio-drivers transport (the OS's `PciTransport`
+/// would be in its place), logging the width of every config access.
+struct VdFake {
+    t: std::sync::Mutex<viommu_driver::fake::FakeTransport>,
+    legacy: bool,
+    widths: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+}
+
+impl VdFake {
+    fn t(&self) -> std::sync::MutexGuard<'_, viommu_driver::fake::FakeTransport> {
+        self.t.lock().unwrap()
+    }
+}
+
+impl virtio_drivers::transport::Transport for VdFake {
+    fn device_type(&self) -> virtio_drivers::transport::DeviceType {
+        virtio_drivers::transport::DeviceType::IOMMU
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.t().device_features()
+    }
+    fn write_driver_features(&mut self, f: u64) {
+        self.t().set_driver_features(f);
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.t().max_queue_size(queue).into()
+    }
+    fn notify(&mut self, queue: u16) {
+        self.t().notify(queue);
+    }
+    fn get_status(&self) -> DeviceStatus {
+        DeviceStatus::from_bits_retain(self.t().status().into())
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.t().set_status(status.bits() as u8);
+    }
+    fn set_guest_page_size(&mut self, _size: u32) {}
+    fn requires_legacy_layout(&self) -> bool {
+        self.legacy
+    }
+    fn queue_set(&mut self, queue: u16, size: u32, desc: u64, avail: u64, used: u64) {
+        let addrs = viommu_driver::QueueAddrs { desc, avail, used };
+        self.t().setup_queue(queue, size as u16, addrs);
+    }
+    fn queue_unset(&mut self, _queue: u16) {}
+    fn queue_used(&mut self, _queue: u16) -> bool {
+        false
+    }
+    fn ack_interrupt(&mut self) -> virtio_drivers::transport::InterruptStatus {
+        virtio_drivers::transport::InterruptStatus::empty()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.t().config_generation()
+    }
+    fn read_config_space<T: zerocopy::FromBytes + zerocopy::IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> virtio_drivers::Result<T> {
+        let mut v = T::new_zeroed();
+        self.widths.lock().unwrap().push((offset, size_of::<T>()));
+        self.t().read_config(offset, v.as_mut_bytes());
+        Ok(v)
+    }
+    fn write_config_space<T: zerocopy::IntoBytes + zerocopy::Immutable>(
+        &mut self,
+        offset: usize,
+        value: T,
+    ) -> virtio_drivers::Result<()> {
+        self.t().write_config(offset, value.as_bytes());
+        Ok(())
+    }
+}
+
+/// The IOMMU driver itself on virtio-drivers' plumbing: `VdTransport` over
+/// a virtio-drivers transport and `VdHal` over the OS's virtio-drivers HAL.
+/// It negotiates what it does directly, reads its config with 32-bit
+/// aligned accesses, maps and syncs, and gives its ring pages back when
+/// dropped; a legacy queue layout is refused.
+#[test]
+fn the_iommu_driver_on_virtio_drivers_transport_and_hal() {
+    use viommu_driver::adapter::{VdHal, VdTransport};
+    use viommu_driver::{DriverOptions, Prot, VirtioIommu};
+    let direct = common::setup(common::device_config()).1.info();
+    let fake = FakeDevice::default();
+    FAKE_MEM.with(|m| *m.borrow_mut() = Some(fake.hal()));
+    let widths = Arc::default();
+    let vd = |legacy| VdFake {
+        t: std::sync::Mutex::new(fake.transport_without_waiter()),
+        legacy,
+        widths: Arc::clone(&widths),
+    };
+    let refused = VdTransport::new(vd(true)).err();
+    assert_eq!(refused, Some(viommu_driver::Error::Unsupported("legacy virtqueue layout")));
+    let t = VdTransport::new(vd(false)).unwrap();
+    let hal = VdHal::<FakeVdHal>::new();
+    let iommu = VirtioIommu::new(t, hal, DriverOptions::default()).unwrap();
+    assert_eq!(iommu.info(), direct);
+    let w = widths.lock().unwrap().clone();
+    assert!(!w.is_empty() && w.iter().all(|&(off, len)| len == 4 && off % 4 == 0), "{w:?}");
+    assert!(fake.memory().live_pages() > 0, "the rings came from the OS's HAL");
+    let d = iommu.alloc_paging(EP).unwrap();
+    iommu.attach(&d, EP).unwrap();
+    d.map_pages(0x10_0000, 0x8000_0000, 0x2000, Prot::READ).unwrap();
+    d.iotlb_sync_map(0x10_0000, 0x2000).unwrap();
+    assert_eq!(fake.mappings(d.id()), [(0x10_0000, 0x10_1fff, 0x8000_0000, 1)]);
+    assert_eq!(iommu.counters().map, 1);
+    drop(d);
+    drop(iommu);
+    assert_eq!(fake.memory().live_pages(), 0, "every page back through VdHal");
 }
