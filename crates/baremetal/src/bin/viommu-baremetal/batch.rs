@@ -6,8 +6,11 @@
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
 
 use viommu_baremetal::blk::{BlkQueue, Request, HEADER_LEN, S_OK};
+use viommu_baremetal::pattern;
 use viommu_baremetal::virtio_pci::PciTransport;
 use viommu_driver::dma::{DmaDirection, DmaDomain};
 use viommu_driver::hal::{DmaBuffer, PAGE_SIZE};
@@ -148,24 +151,35 @@ fn run_one(
     let clock = &rig.clock;
     // Header at 0, status at HEADER_LEN: one page, so one MAP for both.
     let mut slot = DmaBuffer::new(HeapHal, 1).ok_or("no memory for the header")?;
-    let mut data =
-        DmaBuffer::new(HeapHal, w.size.div_ceil(PAGE_SIZE)).ok_or("no memory for data")?;
+    // A scattered buffer takes every other page of twice as many.
+    let pages = w.size.div_ceil(PAGE_SIZE);
+    let stride = if w.scattered { 2 } else { 1 };
+    let mut data = DmaBuffer::new(HeapHal, pages * stride).ok_or("no memory for data")?;
+    // (offset in `data`, length) of each physically separate piece.
+    let pieces: Vec<(usize, usize)> = if w.scattered {
+        (0..pages).map(|p| (p * 2 * PAGE_SIZE, PAGE_SIZE.min(w.size - p * PAGE_SIZE))).collect()
+    } else {
+        vec![(0, w.size)]
+    };
+    let segs: Vec<(u64, usize)> =
+        pieces.iter().map(|&(o, l)| (data.paddr() + o as u64, l)).collect();
     let data_dir = if w.write { DmaDirection::ToDevice } else { DmaDirection::FromDevice };
     let mut untimed = 0u64;
     let blk_kicks0 = blk.kicks();
     rig.mark(&w.name);
     let before = rig.counters();
     let t0 = clock.now_ns();
+    let mut descs: Vec<(u64, u32)> = Vec::with_capacity(pieces.len());
     for i in 0..w.count {
         let req = Request::at(w.write, w.offset(i)).map_err(|e| format!("{e:?}"))?;
         let t = clock.now_ns();
         if w.write {
-            // SAFETY: no request is in flight: the device does not touch the buffer.
-            viommu_baremetal::pattern::fill(
-                unsafe { data.as_mut_slice(0, w.size) },
-                w.offset(i),
-                w.tag,
-            );
+            let mut disk = w.offset(i);
+            for &(o, l) in &pieces {
+                // SAFETY: no request is in flight: the device does not touch the buffer.
+                pattern::fill(unsafe { data.as_mut_slice(o, l) }, disk, w.tag);
+                disk += l as u64;
+            }
         }
         untimed += clock.now_ns() - t;
         slot.write(0, &req.header());
@@ -173,12 +187,19 @@ fn run_one(
         let mut b = dma.begin();
         let map_err = |e| format!("map: {e}");
         let header = b.map(slot.paddr(), HEADER_LEN, DmaDirection::ToDevice).map_err(map_err)?;
-        let buf = b.map(data.paddr(), w.size, data_dir).map_err(map_err)?;
+        // One IOVA range for the whole list: the device sees one contiguous buffer.
+        descs.clear();
+        for s in b.map_sg(&segs, data_dir).map_err(map_err)? {
+            match descs.last_mut() {
+                Some(d) if d.0 + d.1 as u64 == s.addr => d.1 += s.len as u32,
+                _ => descs.push((s.addr, s.len as u32)),
+            }
+        }
         let status = b
             .map(slot.paddr() + HEADER_LEN as u64, 1, DmaDirection::FromDevice)
             .map_err(map_err)?;
         let mapping = b.commit().map_err(|e| format!("commit: {e}"))?;
-        blk.submit(&req, header, &[(buf, w.size as u32)], status).map_err(|e| format!("{e:?}"))?;
+        blk.submit(&req, header, &descs, status).map_err(|e| format!("{e:?}"))?;
         blk.kick();
         wait_used(rig, blk).map_err(|e| format!("request {i} of {}: {e}", w.count))?;
         let mut st = [0u8];
@@ -190,8 +211,13 @@ fn run_one(
         dma.tick().map_err(|e| format!("tick: {e}"))?;
         if !w.write {
             let t = clock.now_ns();
-            // SAFETY: the request completed: the device is done with the buffer.
-            w.check(i, unsafe { data.as_slice(0, w.size) })?;
+            let mut disk = w.offset(i);
+            for &(o, l) in &pieces {
+                // SAFETY: the request completed: the device is done with the buffer.
+                pattern::check(unsafe { data.as_slice(o, l) }, disk, w.tag)
+                    .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
+                disk += l as u64;
+            }
             untimed += clock.now_ns() - t;
         }
     }

@@ -82,6 +82,7 @@ fn run(start_info: u64, res: &mut Results) -> Result<(), String> {
     let workloads = [
         Workload::read("batch-read-4k", 4096, 256),
         Workload::read("batch-read-64k", 64 << 10, 64),
+        Workload::read("batch-read-64k-sg", 64 << 10, 64).scattered(),
         Workload::write("batch-write-4k", 4096, 64, tag ^ 1),
     ];
     let r = batch::run(&rig, p.blk.transport, Mode::Best, &workloads, res);

@@ -31,6 +31,9 @@ pub struct Workload {
     pub base: u64,
     /// The pattern tag of the data.
     pub tag: u64,
+    /// Every 4 KiB page of the buffer physically apart from the one before
+    /// (the hand-built path only: `map_sg`).
+    pub scattered: bool,
 }
 
 impl Workload {
@@ -43,12 +46,26 @@ impl Workload {
             count,
             base: READ_BASE,
             tag: pattern::DISK_TAG,
+            scattered: false,
         }
     }
 
     /// Writes of a pattern with `tag`.
     pub fn write(name: &str, size: usize, count: u64, tag: u64) -> Self {
-        Self { name: name.into(), write: true, size, count, base: WRITE_BASE, tag }
+        Self {
+            name: name.into(),
+            write: true,
+            size,
+            count,
+            base: WRITE_BASE,
+            tag,
+            scattered: false,
+        }
+    }
+
+    /// The same with scattered buffers.
+    pub fn scattered(self) -> Self {
+        Self { scattered: true, ..self }
     }
 
     /// Reads back what `self` (a write) wrote.
