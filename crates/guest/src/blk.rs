@@ -137,6 +137,12 @@ impl<T: Transport, H: Hal> VirtioBlk<T, H> {
         })
     }
 
+    /// Asks the device for an interrupt per completion (`on`), or for none
+    /// (the default: completions are polled).
+    pub fn set_interrupts(&mut self, on: bool) {
+        self.queue.set_interrupts(on);
+    }
+
     /// The ring's DMA region (descriptor table, avail and used rings), as
     /// the driver sees it.
     pub fn ring(&self) -> &DmaBuffer<Arc<H>> {

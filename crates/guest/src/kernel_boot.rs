@@ -20,11 +20,19 @@ use crate::Error;
 /// viommu_guest::kernel_boot::load_module("/lib/modules/virtio_blk.ko").unwrap();
 /// ```
 pub fn load_module(path: &str) -> Result<(), Error> {
+    load_module_with(path, "")
+}
+
+/// Loads the kernel module at `path` with the parameter string `params`
+/// (`name=value ...`); loaded already is fine.
+pub fn load_module_with(path: &str, params: &str) -> Result<(), Error> {
     let f = File::open(path).map_err(|e| Error::io(format!("open {path}"), e))?;
+    let params = std::ffi::CString::new(params)
+        .map_err(|_| Error::Device(format!("module parameters {params:?} hold a NUL")))?;
     // SAFETY: finit_module reads the module from our open file; the
-    // parameter string is an empty C string.
+    // parameter string is a NUL-terminated C string that outlives the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0 as libc::c_int)
+        libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0 as libc::c_int)
     };
     if r != 0 {
         let e = std::io::Error::last_os_error();

@@ -12,7 +12,11 @@
 //!   kernel's own virtio-blk and virtio-iommu drivers, for comparison;
 //! - [`pattern`]: the known disk contents the tests check against.
 //!
-//! Completion is by polling: nothing here takes interrupts. The guest test
+//! - [`uio`]: the INTx interrupt of a function, through a uio device of our
+//!   kernel module `vg_intx` (`kmod/`).
+//!
+//! Completion is by polling, or by interrupt after
+//! [`virtio_pci::PciTransport::enable_interrupts`]. The guest test
 //! program is `src/bin/viommu-guest.rs`; `scripts/real-guest` boots it.
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
@@ -24,6 +28,7 @@ pub mod kernel_io;
 pub mod mapper;
 pub mod pattern;
 pub mod pci;
+pub mod uio;
 pub mod virtio_pci;
 
 /// Errors of the guest-side plumbing.

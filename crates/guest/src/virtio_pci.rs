@@ -3,10 +3,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use viommu_driver::transport::{QueueAddrs, Transport};
+use viommu_driver::transport::{QueueAddrs, Transport, UsedWaiter};
 
 use crate::pci::{regs, Capability, Mmio, PciDevice};
+use crate::uio::UioIrq;
 use crate::Error;
 
 /// Virtio vendor capability `cfg_type` values.
@@ -175,6 +177,8 @@ pub struct TransportCounters {
     pub config_writes: Arc<AtomicU64>,
     /// Notifications sent, per queue 0 and 1 (other queues are not counted).
     pub notifies: [Arc<AtomicU64>; 2],
+    /// Interrupts waited for and taken (with [`PciTransport::enable_interrupts`]).
+    pub interrupts: Arc<AtomicU64>,
 }
 
 /// Marks a moment in QEMU's trace: rewrites one device-config byte with
@@ -218,6 +222,8 @@ pub struct PciTransport {
     device: Option<Window>,
     notify_offs: Vec<Option<u16>>,
     counters: TransportCounters,
+    /// The function's interrupt, once [`PciTransport::enable_interrupts`] bound it.
+    irq: Option<Arc<UioIrq>>,
 }
 
 impl PciTransport {
@@ -259,6 +265,7 @@ impl PciTransport {
             device,
             notify_offs: vec![None; num_queues],
             counters: TransportCounters::default(),
+            irq: None,
         })
     }
 
@@ -270,6 +277,20 @@ impl PciTransport {
     /// Number of queues the device has.
     pub fn num_queues(&self) -> u16 {
         self.notify_offs.len() as u16
+    }
+
+    /// Completes by interrupt from now on, through the function's uio
+    /// device (see [`crate::uio`]; the module must be loaded), so that [`Transport::wait_for_used`]
+    /// and the [`UsedWaiter`] block until the device interrupts, instead of
+    /// spinning. The queues' drivers must ask for interrupts (no
+    /// `VIRTQ_AVAIL_F_NO_INTERRUPT`).
+    pub fn enable_interrupts(&mut self) -> Result<(), Error> {
+        if self.irq.is_none() {
+            let irq = UioIrq::open(self.pci.bdf())?;
+            self.counters.interrupts = irq.taken();
+            self.irq = Some(Arc::new(irq));
+        }
+        Ok(())
     }
 
     /// Reads (and so clears) the ISR status byte.
@@ -422,6 +443,50 @@ impl Transport for PciTransport {
 
     fn config_generation(&mut self) -> u32 {
         self.common.r8(common::CONFIG_GENERATION) as u32
+    }
+
+    fn wait_for_used(&mut self, _queue: u16) {
+        match &self.irq {
+            Some(irq) => wait_for_interrupt(&self.isr, irq),
+            None => core::hint::spin_loop(),
+        }
+    }
+
+    fn used_waiter(&mut self) -> Option<Box<dyn UsedWaiter>> {
+        let irq = self.irq.clone()?;
+        Some(Box::new(IrqWaiter { isr: self.isr.clone(), irq }))
+    }
+}
+
+/// How long one wait for an interrupt blocks at most: the driver checks its
+/// own timeout between waits.
+const IRQ_WAIT: Duration = Duration::from_millis(10);
+
+/// Acknowledges the device's interrupt, unmasks the line and blocks until
+/// an interrupt or [`IRQ_WAIT`]. Reading the ISR lowers the device's INTx
+/// (QEMU), and the line stays masked from the kernel's handler to our
+/// unmask, so a completion posted at any point before the unmask raises it
+/// again on unmask, and one posted after raises it then: none is missed.
+fn wait_for_interrupt(isr: &Window, irq: &UioIrq) {
+    let _ = isr.r8(0);
+    if irq.unmask().is_err() || irq.wait(IRQ_WAIT).is_err() {
+        // A broken uio device: the driver's re-check and timeout still bound
+        // the wait; do not spin hot.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The [`UsedWaiter`] of an interrupt-driven [`PciTransport`]: threads
+/// block on the uio device, not on the transport. With more than one
+/// waiter, one takes each interrupt and the others wake at [`IRQ_WAIT`].
+struct IrqWaiter {
+    isr: Window,
+    irq: Arc<UioIrq>,
+}
+
+impl UsedWaiter for IrqWaiter {
+    fn wait_for_used(&self, _queue: u16) {
+        wait_for_interrupt(&self.isr, &self.irq);
     }
 }
 

@@ -28,10 +28,25 @@ use crate::input;
 const LINUX: [(&str, &str); 3] =
     [("linux-none", "l-none"), ("linux-lazy", "l-lazy"), ("linux-strict", "l-strict")];
 
+/// The suffix of a boot of ours that waits for completions by interrupt
+/// (`vg.irq=1`) instead of polling, e.g. `lazy+irq`.
+pub const IRQ_SUFFIX: &str = "+irq";
+
+/// Our modes in their interrupt-driven boots, in [`Mode::ALL`] order.
+const OURS_IRQ: [(&str, &str); 6] = [
+    ("identity+irq", "identity+i"),
+    ("strict-every-sync+irq", "s-e-s+i"),
+    ("strict+irq", "strict+i"),
+    ("lazy+irq", "lazy+i"),
+    ("lazy-single+irq", "lazy-s+i"),
+    ("best+irq", "best+i"),
+];
+
 /// Every policy a boot can have, in table order, with its short column
-/// heading: Linux's, then our modes ([`Mode::ALL`]).
+/// heading: Linux's, then our modes ([`Mode::ALL`]), polling and then
+/// interrupt-driven.
 pub fn policies() -> impl Iterator<Item = (&'static str, &'static str)> {
-    LINUX.into_iter().chain(Mode::ALL.map(|m| (m.name(), m.name())))
+    LINUX.into_iter().chain(Mode::ALL.map(|m| (m.name(), m.name()))).chain(OURS_IRQ)
 }
 
 /// What a boot's trace can be checked against.
@@ -51,7 +66,9 @@ impl Boot {
         match policy {
             "linux-none" => Ok(Self::LinuxUnmarked),
             "linux-lazy" | "linux-strict" => Ok(Self::LinuxMarked),
-            p if Mode::from_name(p).is_some() => Ok(Self::Ours),
+            p if Mode::from_name(p.strip_suffix(IRQ_SUFFIX).unwrap_or(p)).is_some() => {
+                Ok(Self::Ours)
+            }
             p => {
                 let known: Vec<&str> = policies().map(|(p, _)| p).collect();
                 Err(format!("unknown policy {p:?} (known: {})", known.join(", ")))
@@ -143,4 +160,20 @@ fn run_table(paths: &[PathBuf], markdown: bool) -> Result<(), String> {
     );
     print!("{}", table::comparison_text(&medians));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_boots_are_our_modes_with_the_suffix() {
+        for ((p, _), m) in OURS_IRQ.iter().zip(Mode::ALL) {
+            assert_eq!(p.strip_suffix(IRQ_SUFFIX), Some(m.name()));
+        }
+        assert_eq!(OURS_IRQ.len(), Mode::ALL.len());
+        assert_eq!(Boot::of("lazy+irq"), Ok(Boot::Ours));
+        assert!(Boot::of("linux-lazy+irq").is_err(), "Linux always takes interrupts");
+        assert!(Boot::of("lazy+poll").is_err());
+    }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use viommu_driver::hal::{DmaBuffer, Hal};
-use viommu_driver::CounterSnapshot;
+use viommu_driver::{CounterSnapshot, Transport};
 use viommu_guest::blk::{BlkOp, S_OK};
 use viommu_guest::mapper::{Mapper, RoundBuf};
 
@@ -22,6 +22,8 @@ pub struct Perf {
     pub ios: u64,
     pub counts: CounterSnapshot,
     pub blk_kicks: u64,
+    /// Interrupts taken, virtio-iommu and virtio-blk (0 when polling).
+    pub irqs: u64,
 }
 
 /// Runs a workload; data is filled (writes) and checked (reads) outside
@@ -73,6 +75,7 @@ fn run_on<H: Hal>(
     // Time inside the DMA layer (map, unmap, flush), syncs included.
     let mut in_dma = Duration::ZERO;
     let blk_kicks0 = blk.kicks();
+    let irqs0 = rig.interrupts();
     rig.mark(&w.name);
     let before = m.counts();
     let t0 = Instant::now();
@@ -146,17 +149,19 @@ fn run_on<H: Hal>(
         ios: n,
         counts,
         blk_kicks: blk.kicks() - blk_kicks0,
+        irqs: rig.interrupts() - irqs0,
     })
 }
 
-/// Waits for at least one completion before the next round.
-fn wait_used(blk: &Blk, done: u64, n: u64) -> Outcome {
+/// Waits for at least one completion before the next round: spins, or
+/// blocks on the interrupt when the boot takes interrupts.
+fn wait_used(blk: &mut Blk, done: u64, n: u64) -> Outcome {
     let start = Instant::now();
     while !blk.has_used() {
         if start.elapsed() > IO_TIMEOUT {
             return Err(format!("no completion within {IO_TIMEOUT:?} ({done}/{n} done)").into());
         }
-        std::hint::spin_loop();
+        blk.transport_mut().wait_for_used(0);
     }
     Ok(())
 }
@@ -196,8 +201,8 @@ pub fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res
         let r = run_workload(rig, blk, m, &w).and_then(|p| {
             let c = p.counts;
             println!(
-                "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={}",
-                w.name, p.ios, p.ios, w.job.bytes, p.secs, p.dma_secs, mbps(w.job.bytes, p.secs), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks
+                "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={} irqs={}",
+                w.name, p.ios, p.ios, w.job.bytes, p.secs, p.dma_secs, mbps(w.job.bytes, p.secs), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks, p.irqs
             );
             if w.op() == BlkOp::Write {
                 rig.mark(&format!("verify-{}", w.name));

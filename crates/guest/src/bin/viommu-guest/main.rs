@@ -68,7 +68,7 @@ fn gen_disk(path: &str) -> std::io::Result<()> {
 /// A boot of our drivers: setup, the workloads, then (strict boot) the
 /// negative tests.
 fn run_ours(mode: viommu_driver::Mode, o: &Opts, res: &mut Results) {
-    let (rig, mut blk, mut m) = match rig::setup(mode, res) {
+    let (rig, mut blk, mut m) = match rig::setup(mode, o.irq, res) {
         Ok(v) => v,
         Err(e) => {
             res.record::<()>(&format!("{}-setup", o.policy), Err(e));

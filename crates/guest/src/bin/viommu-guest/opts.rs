@@ -103,6 +103,9 @@ pub struct Opts {
     /// virtio-iommu's config (needs `iomem=relaxed`). Off only to rule the
     /// marks out while debugging; the trace report needs them.
     pub marks: bool,
+    /// Boots of ours: wait for completions by interrupt (INTx through
+    /// `uio_pci_generic`) instead of polling.
+    pub irq: bool,
 }
 
 /// `4k`, `1m` or a byte count.
@@ -131,6 +134,7 @@ impl Opts {
             qds: vec![1, 32],
             merges: false,
             marks: true,
+            irq: false,
         };
         for kv in cmdline.split_whitespace() {
             let Some((k, v)) = kv.split_once('=') else { continue };
@@ -146,6 +150,7 @@ impl Opts {
                 "vg.sg" => o.sg = v == "1",
                 "vg.merges" => o.merges = v == "1",
                 "vg.marks" => o.marks = v != "0",
+                "vg.irq" => o.irq = v == "1",
                 "vg.sizes" => o.sizes = list(kv, v, parse_size)?,
                 "vg.qds" => o.qds = list(kv, v, |q| q.parse().ok())?,
                 _ => {}
@@ -173,6 +178,8 @@ mod tests {
         assert!(!Opts::from_cmdline("").unwrap().merges);
         assert!(Opts::from_cmdline("").unwrap().marks);
         assert!(!Opts::from_cmdline("vg.marks=0").unwrap().marks);
+        assert!(!Opts::from_cmdline("").unwrap().irq);
+        assert!(Opts::from_cmdline("vg.irq=1").unwrap().irq);
         assert!(Opts::from_cmdline("vg.mib=65").is_err(), "the write region is 64 MiB");
         assert!(Opts::from_cmdline("vg.sizes=4x").is_err());
         assert_eq!(parse_size("64k"), Some(65536));

@@ -1,6 +1,7 @@
 //! Bringing up our drivers for a boot: the virtio-iommu (unless the mode
 //! is identity), the blk endpoint's domain, the mapper and virtio-blk.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use viommu_driver::hal::PAGE_SIZE;
@@ -9,6 +10,7 @@ use viommu_guest::blk::VirtioBlk;
 use viommu_guest::hugepage::HugePageHal;
 use viommu_guest::mapper::{DmaMapper, IdentityMapper, Mapper};
 use viommu_guest::virtio_pci::{ConfigMarker, PciTransport};
+use viommu_guest::{kernel_boot, uio};
 use viommu_proto::Config;
 
 use crate::outcome::{Outcome, Results};
@@ -28,6 +30,8 @@ pub struct Rig {
     /// The blk endpoint's paging domain.
     pub domain: Option<Domain>,
     faults: FaultLog,
+    /// Interrupt counts of the transports (none when polling).
+    interrupts: Vec<Arc<AtomicU64>>,
 }
 
 impl Rig {
@@ -46,27 +50,64 @@ impl Rig {
         }
     }
 
+    /// Interrupts taken so far, over both devices.
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     /// The fault records logged so far, emptying the log.
     pub fn take_faults(&self) -> Vec<FaultRecord> {
         std::mem::take(&mut *self.faults.lock().expect("fault log"))
     }
 }
 
-/// The drivers of a boot of ours, under `mode`.
-pub fn setup(mode: Mode, res: &mut Results) -> Outcome<(Rig, Blk, Box<dyn Mapper>)> {
+/// Where `scripts/real-guest` puts the kernel modules.
+const MODULE_DIR: &str = "/lib/modules";
+
+/// Takes both functions from the kernel and loads `vg_intx` for them
+/// (see [`viommu_guest::uio`]): the blk endpoint's transport, with its
+/// interrupt, and the IOMMU's, whose interrupt [`setup`] turns on when our
+/// driver runs it.
+fn take_interrupts(interrupts: &mut Vec<Arc<AtomicU64>>) -> Outcome<(PciTransport, PciTransport)> {
+    let iommu = PciTransport::open(IOMMU_BDF)?;
+    let mut blk = PciTransport::open(BLK_BDF)?;
+    kernel_boot::load_module(&format!("{MODULE_DIR}/uio.ko"))?;
+    let params = uio::module_params(&[IOMMU_BDF, BLK_BDF]);
+    kernel_boot::load_module_with(&format!("{MODULE_DIR}/{}.ko", uio::MODULE), &params)?;
+    blk.enable_interrupts()?;
+    interrupts.push(blk.counters().interrupts);
+    Ok((iommu, blk))
+}
+
+/// The drivers of a boot of ours, under `mode`; completions by interrupt when `irq`.
+pub fn setup(mode: Mode, irq: bool, res: &mut Results) -> Outcome<(Rig, Blk, Box<dyn Mapper>)> {
     let hal = HugePageHal::new(HUGE_PAGES)?;
     let faults: FaultLog = Arc::default();
-    let t = PciTransport::open(IOMMU_BDF)?;
+    let mut interrupts = Vec::new();
+    let (t, mut blk_t) = if irq {
+        let (t, bt) = take_interrupts(&mut interrupts)?;
+        (t, Some(bt))
+    } else {
+        (PciTransport::open(IOMMU_BDF)?, None)
+    };
     let marker = t.marker(Config::BYPASS_OFFSET).ok_or("virtio-iommu has no device config")?;
     if mode.identity() {
         // No IOMMU driver: boot-bypass lets the endpoint reach memory 1:1.
         drop(t);
-        let rig = Rig { hal: hal.clone(), marker, iommu: None, domain: None, faults };
-        let blk =
-            VirtioBlk::new(PciTransport::open(BLK_BDF)?, Arc::new(hal), BLK_QUEUE_SIZE, |r| {
-                Ok(r.bus_addr)
-            })?;
+        let bt = match blk_t.take() {
+            Some(bt) => bt,
+            None => PciTransport::open(BLK_BDF)?,
+        };
+        let mut blk =
+            VirtioBlk::new(bt, Arc::new(hal.clone()), BLK_QUEUE_SIZE, |r| Ok(r.bus_addr))?;
+        blk.set_interrupts(irq);
+        let rig = Rig { hal, marker, iommu: None, domain: None, faults, interrupts };
         return Ok((rig, blk, Box::new(IdentityMapper)));
+    }
+    let mut t = t;
+    if irq {
+        t.enable_interrupts()?;
+        interrupts.push(t.counters().interrupts);
     }
     let opts = DriverOptions { event_buffers: 256, ..DriverOptions::default() };
     let iommu = VirtioIommu::new(t, hal.clone(), opts)?;
@@ -81,10 +122,18 @@ pub fn setup(mode: Mode, res: &mut Results) -> Outcome<(Rig, Blk, Box<dyn Mapper
     let domain = iommu.alloc_paging(BLK_ENDPOINT)?;
     iommu.attach(&domain, BLK_ENDPOINT)?;
     let mut m = DmaMapper::new(&iommu, domain.clone(), BLK_ENDPOINT, mode)?;
-    let rig = Rig { hal: hal.clone(), marker, iommu: Some(iommu), domain: Some(domain), faults };
-    let blk = VirtioBlk::new(PciTransport::open(BLK_BDF)?, Arc::new(hal), BLK_QUEUE_SIZE, |r| {
+    let bt = match blk_t.take() {
+        Some(bt) => bt,
+        None => PciTransport::open(BLK_BDF)?,
+    };
+    let mut blk = VirtioBlk::new(bt, Arc::new(hal.clone()), BLK_QUEUE_SIZE, |r| {
         Ok(m.map_coherent(r.bus_addr, r.pages * PAGE_SIZE)?)
     })?;
+    blk.set_interrupts(irq);
+    if irq {
+        println!("VG INFO completion by interrupt (INTx through vg_intx)");
+    }
+    let rig = Rig { hal, marker, iommu: Some(iommu), domain: Some(domain), faults, interrupts };
     Ok((rig, blk, Box::new(m)))
 }
 
