@@ -104,7 +104,7 @@ pub struct Opts {
     /// marks out while debugging; the trace report needs them.
     pub marks: bool,
     /// Boots of ours: wait for completions by interrupt (INTx through
-    /// `uio_pci_generic`) instead of polling.
+    /// `vg_intx`) instead of polling.
     pub irq: bool,
 }
 
