@@ -252,6 +252,33 @@ fn virtio_blk_through_the_iommu_strict() {
     assert_eq!((c.shares, c.unshares, c.failures), (30, 30, 0));
 }
 
+/// The same strict reads with `set_sync_on_share` (each share synced at
+/// once, as virtio-drivers' `share` would be without the queue): every
+/// buffer is its own MAP and sync, 6 syncs per read, against the queue's
+/// MAPs + 1 (3 when header and status share a page).
+#[test]
+fn one_sync_per_notify_against_one_per_share() {
+    slot!(PerShareBlk);
+    let mut rig = Rig::<PerShareBlk>::new(PerShareBlk::slot(), Policy::Strict, 0);
+    let mut buf = page();
+    let mut read = |rig: &mut Rig<PerShareBlk>, sector: usize| {
+        let (r, used, shares, _) = rig.measure(|b| b.read_blocks(sector, &mut buf.0[..SECTOR]));
+        r.expect("read");
+        assert!(buf.0[..SECTOR]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(sector * SECTOR + i)));
+        (used, expected_maps(&shares))
+    };
+    let (queued, maps) = read(&mut rig, 7);
+    assert_eq!((queued.map, queued.unmap, queued.syncs), (maps, maps, 1 + maps));
+    rig.dma.set_sync_on_share(true);
+    for sector in [7, 8, 9] {
+        let (each, _) = read(&mut rig, sector);
+        assert_eq!((each.map, each.unmap, each.kicks, each.syncs), (3, 3, 6, 6));
+    }
+}
+
 /// Lazy: one sync per I/O and no UNMAP until the flush queue is flushed;
 /// then one (coalesced) UNMAP covers them and the IOVAs come back.
 #[test]

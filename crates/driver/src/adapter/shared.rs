@@ -6,7 +6,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use crate::dma::{DmaDirection, DmaDomain, Pending};
 use crate::iommu::DomainKind;
@@ -130,7 +130,8 @@ struct ShareState {
 /// buffers. Its access then faults (the IOVA is fresh: never mapped, or its
 /// UNMAP completed before it was reused), the device fails the request, and
 /// no memory is reached. A driver that keeps several requests in flight on
-/// such a device calls [`Self::sync`] itself after each add.
+/// such a device calls [`Self::sync`] itself after each add, or turns on
+/// [`Self::set_sync_on_share`] (one sync per buffer, as without the queue).
 ///
 /// # Locks
 /// One lock, held for a share, an unshare, and across a sync's wait for
@@ -145,6 +146,7 @@ pub struct SharedDma<L: Locks = DefaultLocks> {
     allocs: AtomicU64,
     syncs: AtomicU64,
     failures: AtomicU64,
+    sync_on_share: AtomicBool,
 }
 
 fn bump(c: &AtomicU64) {
@@ -163,6 +165,7 @@ impl<L: Locks> SharedDma<L> {
             allocs: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            sync_on_share: AtomicBool::new(false),
         }
     }
 
@@ -185,6 +188,13 @@ impl<L: Locks> SharedDma<L> {
 
     fn passthrough(&self) -> bool {
         self.dma.domain().kind() != DomainKind::Paging
+    }
+
+    /// Syncs every share at once (one sync per buffer, and no page shared
+    /// between buffers) instead of at the next notify: for drivers that add
+    /// requests the device may take without a notify.
+    pub fn set_sync_on_share(&self, on: bool) {
+        self.sync_on_share.store(on, Ordering::Relaxed);
     }
 
     /// IOVA allocations whose MAP waits for a sync (buffers in one page
@@ -243,6 +253,10 @@ impl<L: Locks> SharedDma<L> {
                 let e = Entry { size, paddr: paddr - off, refs: 1, state: State::Queued };
                 st.live.insert(base, e);
             }
+        }
+        if self.sync_on_share.load(Ordering::Relaxed) {
+            // A failure leaves the buffer unmapped; the device faults on it.
+            let _ = self.sync_locked(st);
         }
         Some(iova)
     }
