@@ -15,11 +15,12 @@
 //! `unlock`).
 //!
 //! # Interrupt handlers
-//! The driver takes its locks for short, bounded sections; it never holds
-//! one while it blocks, except attach and detach, which wait for the
-//! device under the endpoint's and the domain's lock, and a
-//! [`SharedDma`](crate::adapter::SharedDma) sync, which waits under its
-//! own. From an interrupt handler an OS may call:
+//! The driver takes its locks for short, bounded sections; it holds one
+//! while it waits for the device only where ordering needs it: attach and
+//! detach (under the endpoint's and the domain's lock), a MAP or UNMAP that
+//! finds the request ring full (under its domain's lock, until there is
+//! space), and a [`SharedDma`](crate::adapter::SharedDma) sync (under its
+//! own). From an interrupt handler an OS may call:
 //! - [`DmaDomain::unmap`](crate::DmaDomain::unmap), `unmap_single` and
 //!   `unmap_sg` under a lazy policy, and virtio-drivers' `pop_used` over an
 //!   [`IommuHal`](crate::adapter::IommuHal) with a lazy domain: they queue
