@@ -209,7 +209,8 @@ fn run<L: Locks>(rounds: u64) -> (Done, viommu_driver::CounterSnapshot) {
     let domain = iommu.alloc_paging(EP).unwrap();
     iommu.attach(&domain, EP).unwrap();
     let opts = DmaOptions { policy: Policy::Lazy, ..Default::default() };
-    let dma = Arc::new(DmaDomain::with_std(domain, &[], opts).unwrap());
+    let clock = Arc::new(common::ManualClock::default());
+    let dma = Arc::new(DmaDomain::new(domain, &[], opts, clock).unwrap());
     let faults = Arc::new(AtomicU64::new(0));
     let f = faults.clone();
     iommu.set_fault_handler(Some(Box::new(move |_| {

@@ -154,7 +154,9 @@ fn dma_for(iommu: &Iommu, policy: Policy, slot: &DmaSlot) -> &'static SharedDma 
     let domain = attached(iommu, EP);
     let resv = iommu.reserved_regions(EP).unwrap();
     let opts = DmaOptions { policy, ..Default::default() };
-    let dma = DmaDomain::with_std(domain, &resv, opts).unwrap();
+    // A clock that stands still: no lazy flush comes from a timeout.
+    let clock = Arc::new(common::ManualClock::default());
+    let dma = DmaDomain::new(domain, &resv, opts, clock).unwrap();
     slot.install(SharedDma::new(dma)).unwrap()
 }
 
