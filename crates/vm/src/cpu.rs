@@ -7,6 +7,15 @@
 //! A meter is made on the thread it measures and can be read from any
 //! thread while that thread lives.
 //!
+//! Waiting is not work: code that waits or signals another thread (a
+//! completion wait, a kick's eventfd write, the I/O thread's sleep) runs
+//! inside [`waiting`], which adds the CPU time it took to the meter's
+//! [`MeterReading::waiting`]. [`MeterReading::work`] is the CPU time without
+//! it (and without the clock reads the brackets cost), so that a spin that
+//! happened to miss, a sleep and its wakeup, or a spin stretched by a
+//! preemption do not count as what a policy costs. On a thread without a
+//! meter, [`waiting`] reads no clock.
+//!
 //! ```
 //! let m = viommu_vm::cpu::ThreadMeter::here();
 //! let a = m.read();
@@ -17,10 +26,12 @@
 //! assert!(b.cpu.unwrap() > a.cpu.unwrap());
 //! ```
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use perf_event_open_sys as perf;
@@ -32,9 +43,21 @@ pub struct MeterReading {
     pub cpu: Option<Duration>,
     /// User-space instructions it has retired (`None` without a PMU).
     pub instructions: Option<u64>,
+    /// Part of `cpu` spent inside [`waiting`] brackets.
+    pub waiting: Duration,
+    /// How many [`waiting`] brackets ran.
+    pub brackets: u64,
 }
 
 impl MeterReading {
+    /// A reading of nothing used (a thread that does not exist).
+    pub const ZERO: MeterReading = MeterReading {
+        cpu: Some(Duration::ZERO),
+        instructions: Some(0),
+        waiting: Duration::ZERO,
+        brackets: 0,
+    };
+
     /// What was used between `earlier` and `self`.
     pub fn since(&self, earlier: &MeterReading) -> MeterReading {
         MeterReading {
@@ -43,8 +66,90 @@ impl MeterReading {
                 .instructions
                 .zip(earlier.instructions)
                 .map(|(a, b)| a.saturating_sub(b)),
+            waiting: self.waiting.saturating_sub(earlier.waiting),
+            brackets: self.brackets.saturating_sub(earlier.brackets),
         }
     }
+
+    /// Both threads' use together (`None` figures stay `None`).
+    pub fn plus(&self, other: &MeterReading) -> MeterReading {
+        MeterReading {
+            cpu: self.cpu.zip(other.cpu).map(|(a, b)| a + b),
+            instructions: self.instructions.zip(other.instructions).map(|(a, b)| a + b),
+            waiting: self.waiting + other.waiting,
+            brackets: self.brackets + other.brackets,
+        }
+    }
+
+    /// CPU time doing work: `cpu` without the time inside [`waiting`]
+    /// brackets and without what the brackets' own clock reads cost outside
+    /// them ([`bracket_cost`] each).
+    pub fn work(&self) -> Option<Duration> {
+        let brackets = bracket_cost().saturating_mul(self.brackets.min(u32::MAX as u64) as u32);
+        Some(self.cpu?.saturating_sub(self.waiting).saturating_sub(brackets))
+    }
+}
+
+/// What the calling thread's meter has counted inside [`waiting`].
+#[derive(Debug, Default)]
+struct Waits {
+    ns: AtomicU64,
+    brackets: AtomicU64,
+}
+
+thread_local! {
+    /// The calling thread's [`Waits`], once it has a meter.
+    static WAITS: RefCell<Option<(libc::clockid_t, Arc<Waits>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, which waits for or signals another thread, and counts the CPU
+/// time it took as waiting on the calling thread's meter (if it has one).
+///
+/// ```
+/// use viommu_vm::cpu::{waiting, ThreadMeter};
+/// let m = ThreadMeter::here();
+/// let a = m.read();
+/// waiting(|| std::thread::sleep(std::time::Duration::from_millis(1)));
+/// let b = m.read().since(&a);
+/// assert_eq!(b.brackets, 1);
+/// assert!(b.waiting <= b.cpu.unwrap());
+/// ```
+pub fn waiting<R>(f: impl FnOnce() -> R) -> R {
+    let Some((clock, waits)) = WAITS.with(|w| w.borrow().clone()) else {
+        return f();
+    };
+    let t0 = read_clock(clock);
+    let r = f();
+    if let (Some(t0), Some(t1)) = (t0, read_clock(clock)) {
+        waits.ns.fetch_add(t1.saturating_sub(t0).as_nanos() as u64, Ordering::Relaxed);
+    }
+    waits.brackets.fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+/// CPU time one empty [`waiting`] bracket leaves outside its own count
+/// (its clock reads), measured once on the first call: the least over a
+/// few rounds of many brackets.
+pub fn bracket_cost() -> Duration {
+    static COST: OnceLock<Duration> = OnceLock::new();
+    *COST.get_or_init(|| {
+        std::thread::spawn(|| {
+            let m = ThreadMeter::here();
+            (0..5)
+                .filter_map(|_| {
+                    let a = m.read();
+                    for _ in 0..200 {
+                        waiting(|| ());
+                    }
+                    let d = m.read().since(&a);
+                    Some(d.cpu?.saturating_sub(d.waiting) / 200)
+                })
+                .min()
+                .unwrap_or_default()
+        })
+        .join()
+        .unwrap_or_default()
+    })
 }
 
 /// The CPU clock and instruction counter of one thread.
@@ -52,12 +157,19 @@ impl MeterReading {
 pub struct ThreadMeter {
     clock: Option<libc::clockid_t>,
     instructions: Option<File>,
+    waits: Arc<Waits>,
 }
 
 impl ThreadMeter {
-    /// A meter for the calling thread.
+    /// A meter for the calling thread; from now on its [`waiting`] brackets
+    /// count on this meter.
     pub fn here() -> Self {
-        Self { clock: own_clock(), instructions: open_instruction_counter().ok() }
+        let clock = own_clock();
+        let waits = Arc::new(Waits::default());
+        if let Some(c) = clock {
+            WAITS.with(|w| *w.borrow_mut() = Some((c, waits.clone())));
+        }
+        Self { clock, instructions: open_instruction_counter().ok(), waits }
     }
 
     /// The thread's use so far.
@@ -65,6 +177,8 @@ impl ThreadMeter {
         MeterReading {
             cpu: self.clock.and_then(read_clock),
             instructions: self.instructions.as_ref().and_then(read_counter),
+            waiting: Duration::from_nanos(self.waits.ns.load(Ordering::Relaxed)),
+            brackets: self.waits.brackets.load(Ordering::Relaxed),
         }
     }
 }
@@ -135,13 +249,47 @@ mod tests {
 
     #[test]
     fn since_subtracts_and_keeps_missing_figures_missing() {
-        let a = MeterReading { cpu: Some(Duration::from_micros(5)), instructions: None };
-        let b = MeterReading { cpu: Some(Duration::from_micros(12)), instructions: Some(9) };
+        let us = Duration::from_micros;
+        let a = MeterReading { cpu: Some(us(5)), instructions: None, ..MeterReading::ZERO };
+        let b =
+            MeterReading { cpu: Some(us(12)), instructions: Some(9), waiting: us(3), brackets: 2 };
         assert_eq!(
             b.since(&a),
-            MeterReading { cpu: Some(Duration::from_micros(7)), instructions: None }
+            MeterReading { cpu: Some(us(7)), instructions: None, waiting: us(3), brackets: 2 }
         );
         assert_eq!(a.since(&b).cpu, Some(Duration::ZERO));
+        assert_eq!(a.plus(&b).cpu, Some(us(17)));
+    }
+
+    #[test]
+    fn work_leaves_out_what_ran_inside_waiting_brackets() {
+        let m = ThreadMeter::here();
+        let spin = |n: u64| {
+            let mut x = 0u64;
+            for i in 0..n {
+                x = x.wrapping_add(i ^ (x >> 3));
+            }
+            std::hint::black_box(x);
+        };
+        let a = m.read();
+        spin(2_000_000);
+        let work_only = m.read().since(&a);
+        let b = m.read();
+        spin(2_000_000);
+        waiting(|| spin(20_000_000));
+        let with_wait = m.read().since(&b);
+        assert_eq!(with_wait.brackets, 1);
+        // Ten times the work ran as waiting: it is in cpu, not in work.
+        assert!(with_wait.waiting > work_only.cpu.unwrap() * 5, "{with_wait:?} {work_only:?}");
+        assert!(with_wait.work().unwrap() < work_only.cpu.unwrap() * 3, "{with_wait:?}");
+    }
+
+    #[test]
+    fn a_thread_without_a_meter_counts_no_waiting() {
+        let n = std::thread::spawn(|| waiting(|| 7) + WAITS.with(|w| w.borrow().is_some() as i32))
+            .join()
+            .unwrap();
+        assert_eq!(n, 7);
     }
 
     #[test]

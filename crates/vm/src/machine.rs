@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use viommu_device::{DeviceConfig, EndpointConfig, Iommu, ResvRegion, VirtioIommu as Device};
 use viommu_driver::dma::{DmaDirection, DmaDomain, DmaOptions, DmaPlatform};
@@ -11,7 +10,7 @@ use viommu_driver::{DriverOptions, VirtioIommu as Driver};
 use viommu_proto::{RequestType, EVENT_QUEUE};
 
 use crate::bench::Mode;
-use crate::cpu::{MeterReading, ThreadMeter};
+use crate::cpu::{waiting, MeterReading, ThreadMeter};
 use crate::endpoint::{
     reset_out, Dir, DirectDma, GuestDma, IoBuf, IoToken, MapError, Seg, TokenInner,
 };
@@ -281,7 +280,7 @@ impl Machine {
     pub fn timer_use(&self) -> MeterReading {
         match &self._timer {
             Some(t) => t.meter.get().map(ThreadMeter::read).unwrap_or_default(),
-            None => MeterReading { cpu: Some(Duration::ZERO), instructions: Some(0) },
+            None => MeterReading::ZERO,
         }
     }
 
@@ -426,8 +425,8 @@ impl Timer {
             let (lock, cond) = &*s;
             let mut stopped = lock.lock().unwrap();
             while !*stopped {
-                let (g, _) =
-                    cond.wait_timeout(stopped, std::time::Duration::from_millis(2)).unwrap();
+                let two_ms = std::time::Duration::from_millis(2);
+                let (g, _) = waiting(|| cond.wait_timeout(stopped, two_ms)).unwrap();
                 stopped = g;
                 if !*stopped {
                     // Errors are counted by the driver; the next tick retries.

@@ -69,12 +69,22 @@ fn cells_report_cpu_per_side_and_every_interrupt() {
     assert!(strict.cpu_ns_per_io().unwrap() > 0.0);
     // Polling is part of each side's CPU time and is reported apart.
     assert!(strict.guest_poll <= strict.guest.cpu.unwrap() + strict.elapsed);
+    // Waiting and signalling run in brackets on both sides: part of each
+    // side's CPU time, left out of its work.
+    assert!(strict.guest.brackets >= strict.kicks && strict.device.brackets > 0, "{strict:?}");
+    let slack = Duration::from_millis(1);
+    for side in [&strict.guest, &strict.device] {
+        assert!(side.waiting > Duration::ZERO, "{strict:?}");
+        assert!(side.waiting <= side.cpu.unwrap() + slack, "{strict:?}");
+        assert!(side.work().unwrap() < side.cpu.unwrap(), "{strict:?}");
+    }
     // Every sync waits for one completion: at most one interrupt per kick.
     assert!(strict.interrupts > 0 && strict.interrupts <= strict.kicks, "{strict:?}");
     // Without an IOMMU there is no device side at all.
     let none = cell(Mode::NoIommu, Workload::Block, 4096, 1);
     assert_eq!(none.device.cpu, Some(Duration::ZERO));
     assert_eq!((none.interrupts, none.device_poll), (0, Duration::ZERO));
+    assert_eq!((none.guest.brackets, none.waiting_ns_per_io()), (0, 0.0));
     assert!(none.guest.cpu.unwrap() > Duration::ZERO);
     // Instructions are counted on both sides or on neither.
     assert_eq!(strict.guest.instructions.is_some(), strict.device.instructions.is_some());
