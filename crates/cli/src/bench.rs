@@ -38,10 +38,12 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_workload, default_value = "block,net")]
     workloads: Vec<Workload>,
     /// Seconds of timed I/O per cell and repetition.
-    #[arg(long, default_value_t = 0.15)]
+    #[arg(long, default_value_t = 0.1)]
     duration: f64,
     /// Runs of each cell; tables show the median and the spread (min..max).
-    #[arg(long, default_value_t = 3)]
+    /// From 5 on, the summary's tie rule leaves each mode's lowest and
+    /// highest repetition out.
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Smoke run of a few seconds: 0.05 s cells, one repetition, no warm-up
     /// (overrides --duration, --repeat and --warmup).
@@ -302,14 +304,16 @@ fn legend_notes() -> String {
         Some(why) => format!("instructions per I/O: not counted here ({why})."),
     };
     format!(
-        "CPU us/IO = CPU time per I/O of the guest threads (driver + endpoint + flush timer: \
-         guest) plus the device's I/O thread (device), from per-thread CPU clocks, with the \
-         injected exit delay and the polling of spin-then-block waits left out (poll = wall time \
-         spent polling, both sides; it grows with scheduling delay); spread = min..max over the \
-         repetitions. req/IO = MAP+UNMAP requests per I/O (net: per \
+        "CPU us/IO = CPU time per I/O doing work: the guest threads (driver + endpoint + flush \
+         timer: guest) plus the device's I/O thread (device), from per-thread CPU clocks, without \
+         the CPU spent waiting and signalling (wait = completion waits and kicks with their spin, \
+         sleep and wakeup, eventfd writes, the injected exit delay, the I/O thread's wait for \
+         kicks and its interrupts; each such bracket's clock reads, {} ns, are taken off too); \
+         spread = min..max over the repetitions. req/IO = MAP+UNMAP requests per I/O (net: per \
          packet), kicks/IO and irq/IO = request-queue notifications and interrupts per I/O; \
          counts include the final flush of deferred UNMAPs. MB/s* and p50/p99 are wall-clock \
-         figures and move with other load on the machine.\n{instr}"
+         figures and move with other load on the machine.\n{instr}",
+        viommu_vm::cpu::bracket_cost().as_nanos()
     )
 }
 
@@ -405,7 +409,7 @@ pub fn table(cells: &[Cell], busy: bool) -> String {
             let _ = write!(
                 out,
                 "{:<18} {:>3} {:>9} {:>13} {:>7} {:>7} {:>7}",
-                "mode", "thr", "CPU us/IO", "spread", "guest", "device", "poll"
+                "mode", "thr", "CPU us/IO", "spread", "guest", "device", "wait"
             );
             if show_instr {
                 let _ = write!(out, " {:>9}", "instr/IO");
@@ -431,7 +435,7 @@ pub fn table(cells: &[Cell], busy: bool) -> String {
             fmt_spread(c.cpu_ns(), us),
             fmt_stat(c.guest_ns(), us, 2),
             fmt_stat(c.device_ns(), us, 2),
-            fmt_stat(c.poll_ns(), us, 2),
+            fmt_stat(c.waiting_ns(), us, 2),
         );
         if show_instr {
             let _ = write!(out, " {:>9}", fmt_stat(c.instructions(), 1.0, 0));
@@ -541,6 +545,9 @@ fn report_json(
                         "device_poll_s": r.device_poll.as_secs_f64(),
                         "guest_cpu_s": r.guest.cpu.map(|d| d.as_secs_f64()),
                         "device_cpu_s": r.device.cpu.map(|d| d.as_secs_f64()),
+                        "guest_waiting_cpu_s": r.guest.waiting.as_secs_f64(),
+                        "device_waiting_cpu_s": r.device.waiting.as_secs_f64(),
+                        "waiting_brackets": r.guest.brackets + r.device.brackets,
                         "guest_instructions": r.guest.instructions,
                         "device_instructions": r.device.instructions,
                         "p50_us": r.p50.as_secs_f64() * 1e6,
@@ -561,6 +568,7 @@ fn report_json(
                 "cpu_ns_per_io": stat_json(c.cpu_ns()),
                 "guest_cpu_ns_per_io": stat_json(c.guest_ns()),
                 "device_cpu_ns_per_io": stat_json(c.device_ns()),
+                "waiting_ns_per_io": stat_json(c.waiting_ns()),
                 "poll_ns_per_io": stat_json(c.poll_ns()),
                 "instructions_per_io": stat_json(c.instructions()),
                 "mb_per_s": stat_json(c.mb_s()),
@@ -578,22 +586,25 @@ fn report_json(
     let summaries_json: Vec<_> = summaries
         .iter()
         .map(|s| {
-            let name = |m: Option<Mode>| m.map(|m| m.name());
             json!({
                 "workload": s.workload.name(),
                 "io_size": s.io_size,
                 "ranked_by": if run.host.is_some() { "modelled_ns_per_io" } else { "cpu_ns_per_io" },
-                "ranking": s.ranking(run.host),
-                "cheapest_linux": name(s.cheapest_linux),
-                "cheapest_linux_isolating": name(s.cheapest_linux_isolating),
-                "cheapest": name(s.cheapest),
+                "ranking": s.ranking(),
+                "tiers": s.tiers.iter().map(|t| t.iter().map(|m| m.name()).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                "cheapest_linux": summary::join_modes(&s.cheapest_linux),
+                "cheapest_linux_isolating": summary::join_modes(&s.cheapest_linux_isolating),
+                "cheapest": summary::join_modes(&s.cheapest),
                 "modes": s.none.iter().chain(&s.ranked).map(|c| json!({
                     "mode": c.mode.name(),
-                    "cpu_ns_per_io": c.cpu_ns,
-                    "cpu_spread_ns": [c.cpu_spread.0, c.cpu_spread.1],
-                    "kicks_per_io": c.kicks,
-                    "interrupts_per_io": c.irqs,
-                    "modelled_ns_per_io": run.host.map(|h| c.modelled_ns(h)),
+                    "cpu_ns_per_io": c.cpu_ns(),
+                    "floor_ns_per_io": c.key(run.host),
+                    "median_ns_per_io": c.median(run.host),
+                    "reach_ns": [c.reach(run.host).0, c.reach(run.host).1],
+                    "cells_cpu_ns_per_io": c.cells.iter().map(|reps| reps.iter().map(|r| r.cpu_ns).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                    "kicks_per_io": c.kicks(),
+                    "interrupts_per_io": c.irqs(),
+                    "modelled_ns_per_io": run.host.map(|_| c.key(run.host)),
                     "gives_up": summary::gives_up(c.mode),
                 })).collect::<Vec<_>>(),
             })
@@ -610,6 +621,7 @@ fn report_json(
         "warmup_s": run.warmup,
         "repetitions": run.reps,
         "wall_s": run.wall.as_secs_f64(),
+        "bracket_cost_ns": viommu_vm::cpu::bracket_cost().as_nanos() as u64,
         "instructions": match instructions_unavailable() {
             None => json!({"available": true}),
             Some(why) => json!({"available": false, "reason": why}),

@@ -58,7 +58,13 @@ impl Cell {
         self.stat(CellResult::device_ns_per_io)
     }
 
-    /// Polling ns per I/O (both sides).
+    /// CPU ns per I/O spent waiting and signalling (both sides), left out
+    /// of [`Cell::cpu_ns`].
+    pub fn waiting_ns(&self) -> Option<Stat> {
+        self.stat(|r| Some(r.waiting_ns_per_io()))
+    }
+
+    /// Polling ns per I/O (both sides, wall time).
     pub fn poll_ns(&self) -> Option<Stat> {
         self.stat(|r| Some(r.poll_ns_per_io()))
     }

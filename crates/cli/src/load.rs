@@ -148,9 +148,9 @@ pub struct Verdict {
 }
 
 /// The figures a busy machine distorts, for the warning.
-pub const AFFECTED: &str = "MB/s and latency (p50/p99) are unreliable; CPU per I/O rises too \
-     (waits block more often, and each blocked wait costs a sleep and a wakeup), so compare tiers, \
-     not close neighbours; request counts are exact, kicks per I/O of lazy modes can shift";
+pub const AFFECTED: &str = "MB/s and latency (p50/p99) are unreliable; CPU per I/O leaves waits \
+     out but can still move with cache and core sharing (the ranking ties what is within the \
+     drift); request counts are exact, kicks per I/O of lazy modes can shift";
 
 impl Verdict {
     /// Judges a run from the readings before it and during it.

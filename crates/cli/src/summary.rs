@@ -12,38 +12,154 @@ use crate::bench::size_label;
 use crate::cells::{groups, Cell};
 use crate::host::HostCosts;
 
-/// Modes whose ranking keys differ by at most this fraction tie: on this
-/// shared 2-CPU machine medians of 3 moved by up to about that much between
-/// runs (docs/cli.md). A spread test (min..max overlap) was tried and
-/// dropped: one outlier repetition made it join modes 3x apart.
-pub const TIE: f64 = 0.15;
+/// How far a mode's floor ([`ModeCost::key`]) moves between two default
+/// runs on the reference machine (2 shared CPUs), as a fraction: up to
+/// about 20 % between a quiet and a heavily loaded run, 10 % between runs
+/// under like load (docs/cli.md). The tie rule widens every spread by this
+/// much each way, so that a difference the next run may not repeat makes
+/// no rank.
+pub const DRIFT: f64 = 0.14;
 
-/// What one mode costs in one workload group, averaged over thread counts.
+/// One repetition of one cell: the figures the summary ranks by.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ModeCost {
-    /// The mode.
-    pub mode: Mode,
-    /// CPU ns per I/O (median per cell, mean over thread counts).
+pub struct RepCost {
+    /// CPU ns per I/O doing work.
     pub cpu_ns: f64,
-    /// The spread of `cpu_ns`: mean over thread counts of each cell's
-    /// min and max.
-    pub cpu_spread: (f64, f64),
     /// Kicks per I/O.
     pub kicks: f64,
     /// Interrupts per I/O.
     pub irqs: f64,
 }
 
+impl RepCost {
+    /// The ranking key: with a host model CPU + kicks × exit + interrupts ×
+    /// irq, else CPU per I/O.
+    pub fn key(&self, host: Option<HostCosts>) -> f64 {
+        host.map_or(self.cpu_ns, |h| {
+            self.cpu_ns + self.kicks * h.exit_ns as f64 + self.irqs * h.irq_ns as f64
+        })
+    }
+}
+
+/// What one mode costs in one workload group: every repetition of each of
+/// its cells (one cell per thread count).
+///
+/// Noise on a shared machine only ever adds time (preemption, cache and
+/// lock contention, a sibling's build), so the least of a cell's
+/// repetitions is the one closest to what the work costs; the summary ranks
+/// by it (the minimum as the estimator, as argued by Chen and Revels,
+/// "Robust benchmarking in noisy environments", 2016).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeCost {
+    /// The mode.
+    pub mode: Mode,
+    /// Per cell, its repetitions (each cell at least one).
+    pub cells: Vec<Vec<RepCost>>,
+}
+
 impl ModeCost {
-    /// The modelled cost in ns per I/O: CPU + kicks × exit + interrupts × irq.
-    pub fn modelled_ns(&self, host: HostCosts) -> f64 {
-        self.cpu_ns + self.kicks * host.exit_ns as f64 + self.irqs * host.irq_ns as f64
+    /// From its cells' repetitions; `None` without any (a cell without
+    /// repetitions is dropped).
+    pub fn new(mode: Mode, cells: Vec<Vec<RepCost>>) -> Option<ModeCost> {
+        let cells: Vec<Vec<RepCost>> = cells.into_iter().filter(|c| !c.is_empty()).collect();
+        (!cells.is_empty()).then_some(ModeCost { mode, cells })
     }
 
-    /// The ranking key: modelled cost with a host model, else CPU per I/O.
-    pub fn key(&self, host: Option<HostCosts>) -> f64 {
-        host.map_or(self.cpu_ns, |h| self.modelled_ns(h))
+    /// The mean over the cells of `f` of each cell's sorted keys.
+    fn over_cells(&self, host: Option<HostCosts>, f: impl Fn(&[f64]) -> f64) -> f64 {
+        let per_cell = self.cells.iter().map(|reps| {
+            let mut k: Vec<f64> = reps.iter().map(|r| r.key(host)).collect();
+            k.sort_by(f64::total_cmp);
+            f(&k)
+        });
+        per_cell.sum::<f64>() / self.cells.len() as f64
     }
+
+    /// The ranking key, the floor: the mean over the cells of each cell's
+    /// least repetition.
+    pub fn key(&self, host: Option<HostCosts>) -> f64 {
+        self.over_cells(host, |k| k[0])
+    }
+
+    /// The mean over the cells of each cell's median repetition (for
+    /// comparison with the tables; it moves with the machine's load).
+    pub fn median(&self, host: Option<HostCosts>) -> f64 {
+        self.over_cells(host, |k| {
+            let n = k.len();
+            if n % 2 == 1 {
+                k[n / 2]
+            } else {
+                (k[n / 2 - 1] + k[n / 2]) / 2.0
+            }
+        })
+    }
+
+    /// What the tie rule compares: the floor widened by [`DRIFT`] each way.
+    pub fn reach(&self, host: Option<HostCosts>) -> (f64, f64) {
+        let floor = self.key(host);
+        (floor / (1.0 + DRIFT), floor * (1.0 + DRIFT))
+    }
+
+    /// The floor of CPU per I/O.
+    pub fn cpu_ns(&self) -> f64 {
+        self.key(None)
+    }
+
+    /// Kicks per I/O: the mean over the cells of each cell's median.
+    pub fn kicks(&self) -> f64 {
+        self.over_reps(|r| r.kicks)
+    }
+
+    /// Interrupts per I/O, as [`ModeCost::kicks`].
+    pub fn irqs(&self) -> f64 {
+        self.over_reps(|r| r.irqs)
+    }
+
+    fn over_reps(&self, f: impl Fn(&RepCost) -> f64) -> f64 {
+        let per_cell = self.cells.iter().map(|reps| {
+            let mut v: Vec<f64> = reps.iter().map(&f).collect();
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        });
+        per_cell.sum::<f64>() / self.cells.len() as f64
+    }
+}
+
+/// The tie rule: modes whose floors widened by [`DRIFT`] each way
+/// ([`ModeCost::reach`]) overlap, directly or through other modes, share a
+/// rank: two modes tie when their floors are within a factor (1 + DRIFT)²,
+/// about 1.3, of each other, or are joined by modes that are. Spreads
+/// within one run (1–5 % of the floor) are far smaller than the drift
+/// between runs, so they do not enter. Ranks come cheapest
+/// first; inside one rank modes are in the sweep's order, so that two runs
+/// with the same ranks print the same line.
+pub fn tiers(costs: &[ModeCost], host: Option<HostCosts>) -> Vec<Vec<Mode>> {
+    let mut by_low: Vec<(f64, f64, Mode)> = costs
+        .iter()
+        .map(|c| {
+            let (lo, hi) = c.reach(host);
+            (lo, hi, c.mode)
+        })
+        .collect();
+    by_low.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.2.cmp(&b.2)));
+    let mut out: Vec<Vec<Mode>> = Vec::new();
+    let mut reach = f64::NEG_INFINITY;
+    for (lo, hi, mode) in by_low {
+        match out.last_mut() {
+            Some(tier) if lo <= reach => tier.push(mode),
+            _ => out.push(vec![mode]),
+        }
+        reach = reach.max(hi);
+    }
+    for tier in &mut out {
+        tier.sort();
+    }
+    out
 }
 
 /// Whether a Linux guest can choose this mode (no IOMMU, or a policy Linux has).
@@ -60,14 +176,17 @@ pub struct GroupSummary {
     pub io_size: usize,
     /// The no-IOMMU reference, if it ran.
     pub none: Option<ModeCost>,
-    /// IOMMU modes, cheapest first.
+    /// IOMMU modes, cheapest (median key) first.
     pub ranked: Vec<ModeCost>,
-    /// The cheapest IOMMU mode a Linux guest can use.
-    pub cheapest_linux: Option<Mode>,
-    /// The cheapest Linux-usable mode that isolates (not identity).
-    pub cheapest_linux_isolating: Option<Mode>,
-    /// The cheapest isolating mode of all (ours included).
-    pub cheapest: Option<Mode>,
+    /// The IOMMU modes in ranks ([`tiers`]).
+    pub tiers: Vec<Vec<Mode>>,
+    /// The cheapest IOMMU modes a Linux guest can use: those of the first
+    /// rank that has any.
+    pub cheapest_linux: Vec<Mode>,
+    /// The same among Linux-usable modes that isolate (not identity).
+    pub cheapest_linux_isolating: Vec<Mode>,
+    /// The same among all isolating modes (ours included).
+    pub cheapest: Vec<Mode>,
 }
 
 impl GroupSummary {
@@ -78,11 +197,18 @@ impl GroupSummary {
         costs: &[ModeCost],
         host: Option<HostCosts>,
     ) -> GroupSummary {
-        let none = costs.iter().copied().find(|c| c.mode == Mode::NoIommu);
+        let none = costs.iter().find(|c| c.mode == Mode::NoIommu).cloned();
         let mut ranked: Vec<ModeCost> =
-            costs.iter().copied().filter(|c| c.mode != Mode::NoIommu).collect();
+            costs.iter().filter(|c| c.mode != Mode::NoIommu).cloned().collect();
         ranked.sort_by(|a, b| a.key(host).total_cmp(&b.key(host)).then(a.mode.cmp(&b.mode)));
-        let first = |f: &dyn Fn(Mode) -> bool| ranked.iter().map(|c| c.mode).find(|&m| f(m));
+        let tiers = tiers(&ranked, host);
+        let first = |f: &dyn Fn(Mode) -> bool| -> Vec<Mode> {
+            tiers
+                .iter()
+                .map(|t| t.iter().copied().filter(|&m| f(m)).collect::<Vec<_>>())
+                .find(|t| !t.is_empty())
+                .unwrap_or_default()
+        };
         GroupSummary {
             workload,
             io_size,
@@ -90,30 +216,31 @@ impl GroupSummary {
             cheapest_linux: first(&linux_usable),
             cheapest_linux_isolating: first(&|m| linux_usable(m) && !isolates_nothing(m)),
             cheapest: first(&|m| !isolates_nothing(m)),
+            tiers,
             ranked,
         }
     }
 
-    /// The ranking as one line, ties (keys within [`TIE`] of each other)
-    /// joined by `≈`.
-    pub fn ranking(&self, host: Option<HostCosts>) -> String {
-        let mut s = String::new();
-        let mut prev: Option<&ModeCost> = None;
-        for c in &self.ranked {
-            if let Some(p) = prev {
-                s.push_str(if ties(p, c, host) { " ≈ " } else { " < " });
-            }
-            s.push_str(c.mode.name());
-            prev = Some(c);
-        }
-        s
+    /// The ranking as one line: ranks cheapest first, joined by `<`, the
+    /// modes of one rank joined by `≈`.
+    pub fn ranking(&self) -> String {
+        join_tiers(&self.tiers)
     }
 }
 
-/// Whether `b`, ranked right after `a`, is not measurably dearer.
-fn ties(a: &ModeCost, b: &ModeCost, host: Option<HostCosts>) -> bool {
-    let (ka, kb) = (a.key(host), b.key(host));
-    (kb - ka).abs() <= TIE * ka.abs().max(kb.abs()).max(1e-9)
+/// Ranks as text: `a < b ≈ c < d`.
+pub fn join_tiers(tiers: &[Vec<Mode>]) -> String {
+    let names: Vec<String> = tiers.iter().map(|t| join_modes(t)).collect();
+    names.join(" < ")
+}
+
+/// Modes of one rank as text: `b ≈ c`, or `-` for none.
+pub fn join_modes(modes: &[Mode]) -> String {
+    if modes.is_empty() {
+        return "-".into();
+    }
+    let names: Vec<&str> = modes.iter().map(|m| m.name()).collect();
+    names.join(" ≈ ")
 }
 
 fn isolates_nothing(mode: Mode) -> bool {
@@ -152,8 +279,8 @@ fn duration_words(ns: u64) -> String {
     }
 }
 
-/// Each mode's cost per group, from the cells: medians, averaged over the
-/// thread counts the mode ran with (cells without CPU figures are skipped).
+/// Each mode's cost per group, from the cells (repetitions without CPU
+/// figures are skipped).
 pub fn mode_costs(cells: &[Cell], group: (Workload, usize)) -> Vec<ModeCost> {
     let mut modes: Vec<Mode> = Vec::new();
     for c in cells.iter().filter(|c| c.group() == group) {
@@ -164,22 +291,20 @@ pub fn mode_costs(cells: &[Cell], group: (Workload, usize)) -> Vec<ModeCost> {
     modes
         .into_iter()
         .filter_map(|mode| {
-            let mine: Vec<&Cell> =
-                cells.iter().filter(|c| c.group() == group && c.spec.mode == mode).collect();
-            let mean = |f: &dyn Fn(&Cell) -> Option<f64>| -> Option<f64> {
-                let v: Vec<f64> = mine.iter().map(|c| f(c)).collect::<Option<_>>()?;
-                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-            };
-            Some(ModeCost {
-                mode,
-                cpu_ns: mean(&|c| c.cpu_ns().map(|s| s.median))?,
-                cpu_spread: (
-                    mean(&|c| c.cpu_ns().map(|s| s.min))?,
-                    mean(&|c| c.cpu_ns().map(|s| s.max))?,
-                ),
-                kicks: mean(&|c| c.kicks().map(|s| s.median))?,
-                irqs: mean(&|c| c.irqs().map(|s| s.median))?,
-            })
+            let mine = cells.iter().filter(|c| c.group() == group && c.spec.mode == mode);
+            let reps = mine.map(|c| {
+                c.reps
+                    .iter()
+                    .filter_map(|r| {
+                        Some(RepCost {
+                            cpu_ns: r.cpu_ns_per_io()?,
+                            kicks: r.kicks_per_io(),
+                            irqs: r.interrupts_per_io(),
+                        })
+                    })
+                    .collect()
+            });
+            ModeCost::new(mode, reps.collect())
         })
         .collect()
 }
@@ -204,53 +329,52 @@ pub fn render(summaries: &[GroupSummary], host: Option<HostCosts>, threads: &[us
     let names: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
     let _ = writeln!(
         out,
-        "\nsummary: ranked by {by}; medians, mean over {} thread{}; ties (≈) within {:.0}%",
+        "\nsummary: ranked by {by}; per mode its floor, the mean over {} thread{} of each cell's \
+         least repetition (median: the same of each cell's median); modes share a rank (≈) when \
+         their floors are within a factor {:.2} of each other (a drift of {:.0}% each way between \
+         runs), directly or through other modes",
         names.join("/"),
         if threads == [1] { "" } else { "s" },
-        TIE * 100.0
+        (1.0 + DRIFT) * (1.0 + DRIFT),
+        DRIFT * 100.0,
     );
     for s in summaries {
         let unit = if s.workload == Workload::Net { "packets" } else { "requests" };
-        let _ =
-            writeln!(out, "\n{} {} {unit}: {}", s.workload, size_label(s.io_size), s.ranking(host));
-        let pick = |m: Option<Mode>| m.map_or("-".to_string(), |m| m.name().to_string());
+        let _ = writeln!(out, "\n{} {} {unit}: {}", s.workload, size_label(s.io_size), s.ranking());
         let _ = writeln!(
             out,
             "  cheapest for a Linux guest: {}; with isolation: {}; with isolation, our driver's modes too: {}",
-            pick(s.cheapest_linux),
-            pick(s.cheapest_linux_isolating),
-            pick(s.cheapest)
+            join_modes(&s.cheapest_linux),
+            join_modes(&s.cheapest_linux_isolating),
+            join_modes(&s.cheapest)
         );
         let _ = write!(
             out,
-            "  {:<18} {:>9} {:>7} {:>9} {:>7}",
-            "mode", "CPU us/IO", "x none", "kicks/IO", "irq/IO"
+            "  {:<18} {:>9} {:>15} {:>7} {:>9} {:>7}",
+            "mode", "CPU us/IO", "median", "x none", "kicks/IO", "irq/IO"
         );
         if host.is_some() {
             let _ = write!(out, " {:>10} {:>7}", "model us", "x none");
         }
         let _ = writeln!(out, "  gives up");
+        let none_key = |h| s.none.as_ref().map(|n| n.key(h));
         for c in s.none.iter().chain(&s.ranked) {
             let x = |v: f64, base: Option<f64>| {
                 base.filter(|b| *b > 0.0).map_or("-".to_string(), |b| format!("{:.2}", v / b))
             };
             let _ = write!(
                 out,
-                "  {:<18} {:>9.2} {:>7} {:>9.2} {:>7.2}",
+                "  {:<18} {:>9.2} {:>15} {:>7} {:>9.2} {:>7.2}",
                 c.mode.name(),
-                c.cpu_ns / 1000.0,
-                x(c.cpu_ns, s.none.map(|n| n.cpu_ns)),
-                c.kicks,
-                c.irqs
+                c.cpu_ns() / 1000.0,
+                format!("{:.2}", c.median(None) / 1000.0),
+                x(c.cpu_ns(), none_key(None)),
+                c.kicks(),
+                c.irqs()
             );
-            if let Some(h) = host {
-                let m = c.modelled_ns(h);
-                let _ = write!(
-                    out,
-                    " {:>10.2} {:>7}",
-                    m / 1000.0,
-                    x(m, s.none.map(|n| n.modelled_ns(h)))
-                );
+            if host.is_some() {
+                let m = c.key(host);
+                let _ = write!(out, " {:>10.2} {:>7}", m / 1000.0, x(m, none_key(host)));
             }
             let _ = writeln!(out, "  {}", gives_up(c.mode));
         }
@@ -263,8 +387,19 @@ mod tests {
     use super::*;
     use viommu_vm::bench::DriverMode;
 
+    fn rep(cpu_ns: f64, kicks: f64, irqs: f64) -> RepCost {
+        RepCost { cpu_ns, kicks, irqs }
+    }
+
+    /// One cell, its repetitions at 1.00, 1.01 and 1.02 times `cpu_ns`.
     fn cost(mode: Mode, cpu_ns: f64, kicks: f64, irqs: f64) -> ModeCost {
-        ModeCost { mode, cpu_ns, cpu_spread: (cpu_ns * 0.99, cpu_ns * 1.01), kicks, irqs }
+        let r = |f: f64| rep(cpu_ns * f, kicks, irqs);
+        ModeCost::new(mode, vec![vec![r(1.01), r(1.0), r(1.02)]]).unwrap()
+    }
+
+    /// One cell whose repetitions measured `cpus`.
+    fn reps(mode: Mode, cpus: &[f64]) -> ModeCost {
+        ModeCost::new(mode, vec![cpus.iter().map(|&c| rep(c, 3.0, 3.0)).collect()]).unwrap()
     }
 
     fn d(m: DriverMode) -> Mode {
@@ -277,33 +412,102 @@ mod tests {
             cost(d(DriverMode::Identity), 1100.0, 0.0, 0.0),
             cost(d(DriverMode::Strict), 9000.0, 6.0, 6.0),
             cost(d(DriverMode::Lazy), 6000.0, 3.0, 3.0),
-            cost(d(DriverMode::LazySingle), 6200.0, 3.0, 3.0),
+            cost(d(DriverMode::LazySingle), 6050.0, 3.0, 3.0),
             cost(d(DriverMode::Best), 3000.0, 1.0, 1.0),
         ]
+    }
+
+    fn ranking(costs: &[ModeCost], host: Option<HostCosts>) -> String {
+        GroupSummary::rank(Workload::Block, 4096, costs, host).ranking()
+    }
+
+    /// The factor between two floors from which they stop tying.
+    fn apart() -> f64 {
+        (1.0 + DRIFT) * (1.0 + DRIFT)
     }
 
     #[test]
     fn ranks_by_cpu_and_names_the_linux_and_overall_choices() {
         let s = GroupSummary::rank(Workload::Block, 4096, &sample(), None);
-        assert_eq!(s.none.unwrap().cpu_ns, 1000.0);
-        assert_eq!(s.ranking(None), "identity < best < lazy ≈ lazy-single < strict");
-        assert_eq!(s.cheapest_linux, Some(d(DriverMode::Identity)));
+        assert_eq!(s.none.as_ref().unwrap().cpu_ns(), 1000.0);
+        assert_eq!(s.ranking(), "identity < best < lazy ≈ lazy-single < strict");
+        assert_eq!(s.cheapest_linux, [d(DriverMode::Identity)]);
         // Overall, among modes that isolate: our batch API.
-        assert_eq!(s.cheapest, Some(d(DriverMode::Best)));
+        assert_eq!(s.cheapest, [d(DriverMode::Best)]);
         // best and lazy-single are ours only: lazy is Linux's cheapest that isolates.
-        assert_eq!(s.cheapest_linux_isolating, Some(d(DriverMode::Lazy)));
+        assert_eq!(s.cheapest_linux_isolating, [d(DriverMode::Lazy)]);
     }
 
     #[test]
-    fn close_keys_tie_and_an_outlier_spread_does_not_join_distant_modes() {
-        let a = cost(d(DriverMode::Lazy), 100.0, 3.0, 3.0);
-        let b = cost(d(DriverMode::LazySingle), 114.0, 3.0, 3.0);
-        let s = GroupSummary::rank(Workload::Block, 4096, &[a, b], None);
-        assert_eq!(s.ranking(None), "lazy ≈ lazy-single");
-        let b =
-            ModeCost { cpu_spread: (110.0, 900.0), ..cost(d(DriverMode::Strict), 130.0, 6.0, 6.0) };
-        let s = GroupSummary::rank(Workload::Block, 4096, &[a, b], None);
-        assert_eq!(s.ranking(None), "lazy < strict");
+    fn floors_within_the_drift_tie() {
+        let lazy = reps(d(DriverMode::Lazy), &[100.0; 3]);
+        let strict = |x: f64| reps(d(DriverMode::Strict), &[x; 3]);
+        assert!((1.25..1.35).contains(&apart()), "{}", apart());
+        assert_eq!(ranking(&[lazy.clone(), strict(100.0 * apart())], None), "strict ≈ lazy");
+        assert_eq!(ranking(&[lazy, strict(100.0 * apart() + 0.01)], None), "lazy < strict");
+    }
+
+    #[test]
+    fn the_floor_ranks_and_disturbed_repetitions_do_not_count() {
+        // Three of lazy's five repetitions were disturbed: its median is
+        // above strict's, its floor is not, and the floor repeated.
+        let lazy = reps(d(DriverMode::Lazy), &[400.0, 100.0, 400.0, 102.0, 400.0]);
+        let strict = reps(d(DriverMode::Strict), &[150.0, 151.0, 152.0]);
+        assert_eq!((lazy.key(None), lazy.median(None)), (100.0, 400.0));
+        assert_eq!(ranking(&[strict.clone(), lazy], None), "lazy < strict");
+        // Within the drift of each other they tie, however the medians lie.
+        let lazy = reps(d(DriverMode::Lazy), &[120.0, 121.0, 122.0]);
+        assert_eq!(ranking(&[strict, lazy], None), "strict ≈ lazy");
+        let one = reps(d(DriverMode::Best), &[42.0]);
+        assert_eq!((one.key(None), one.median(None)), (42.0, 42.0));
+    }
+
+    #[test]
+    fn the_floor_is_the_mean_over_the_thread_counts() {
+        let r = |c: f64| rep(c, 2.0, 1.0);
+        let cells = vec![vec![r(110.0), r(100.0)], vec![r(300.0), r(310.0), r(330.0)]];
+        let m = ModeCost::new(d(DriverMode::Lazy), cells).unwrap();
+        assert_eq!(m.key(None), 200.0);
+        // Medians 105 and 310.
+        assert_eq!(m.median(None), 207.5);
+        assert_eq!((m.kicks(), m.irqs()), (2.0, 1.0));
+        assert!(ModeCost::new(d(DriverMode::Lazy), vec![vec![]]).is_none());
+    }
+
+    #[test]
+    fn ranks_chain_through_overlaps_and_list_their_modes_in_sweep_order() {
+        let run = |best: f64, lazy: f64, strict: f64| {
+            let three = |m, x: f64| reps(d(m), &[x + 10.0, x, x + 5.0]);
+            vec![
+                three(DriverMode::Best, best),
+                three(DriverMode::Lazy, lazy),
+                three(DriverMode::Strict, strict),
+                three(DriverMode::StrictEverySync, 500.0),
+            ]
+        };
+        // best reaches lazy and lazy reaches strict, but best does not reach
+        // strict (100 x 1.3 < 155): still one rank.
+        let a = ranking(&run(100.0, 125.0, 155.0), None);
+        assert_eq!(a, "strict ≈ lazy ≈ best < strict-every-sync");
+        let apart = ranking(&run(100.0, 160.0, 260.0), None);
+        assert_eq!(apart, "best < lazy < strict < strict-every-sync");
+        // Another run with the floors in another order prints the same line.
+        assert_eq!(ranking(&run(125.0, 155.0, 100.0), None), a);
+        let s = GroupSummary::rank(Workload::Block, 4096, &run(100.0, 125.0, 155.0), None);
+        assert_eq!(s.tiers.len(), 2);
+        // The cheapest picks are the whole first rank that has one.
+        assert_eq!(s.cheapest_linux_isolating, [d(DriverMode::Strict), d(DriverMode::Lazy)]);
+        assert_eq!(s.cheapest, [d(DriverMode::Strict), d(DriverMode::Lazy), d(DriverMode::Best)]);
+    }
+
+    #[test]
+    fn ties_do_not_depend_on_input_order() {
+        let mut v = sample();
+        let a = ranking(&v, None);
+        v.reverse();
+        assert_eq!(ranking(&v, None), a);
+        v.swap(1, 3);
+        assert_eq!(ranking(&v, None), a);
     }
 
     #[test]
@@ -311,26 +515,30 @@ mod tests {
         assert!(linux_usable(Mode::LinuxLazy) && linux_usable(Mode::NoIommu));
         assert!(!linux_usable(d(DriverMode::Best)) && !linux_usable(d(DriverMode::LazySingle)));
         let mut v = sample();
-        v.push(cost(Mode::LinuxLazy, 5000.0, 4.0, 4.0));
+        v.push(cost(Mode::LinuxLazy, 4200.0, 4.0, 4.0));
         let s = GroupSummary::rank(Workload::Block, 4096, &v, None);
-        assert_eq!(s.cheapest_linux_isolating, Some(Mode::LinuxLazy));
+        assert_eq!(s.cheapest_linux_isolating, [Mode::LinuxLazy]);
     }
 
     #[test]
     fn modelled_cost_adds_exits_and_interrupts_and_can_reorder() {
         let host = HostCosts { exit_ns: 1000, irq_ns: 500 };
-        let c = cost(d(DriverMode::Lazy), 6000.0, 3.0, 2.0);
-        assert_eq!(c.modelled_ns(host), 6000.0 + 3000.0 + 1000.0);
+        let c = rep(6000.0, 3.0, 2.0);
+        assert_eq!(c.key(Some(host)), 6000.0 + 3000.0 + 1000.0);
         // Cheaper CPU but many more exits loses once exits cost something.
         let v = [
             cost(d(DriverMode::Strict), 2000.0, 10.0, 10.0),
             cost(d(DriverMode::Lazy), 4000.0, 1.0, 1.0),
         ];
         let cpu = GroupSummary::rank(Workload::Block, 4096, &v, None);
-        assert_eq!(cpu.cheapest, Some(d(DriverMode::Strict)));
+        assert_eq!(cpu.cheapest, [d(DriverMode::Strict)]);
         let modelled = GroupSummary::rank(Workload::Block, 4096, &v, Some(host));
-        assert_eq!(modelled.cheapest, Some(d(DriverMode::Lazy)));
-        assert_eq!(modelled.ranking(Some(host)), "lazy < strict");
+        assert_eq!(modelled.cheapest, [d(DriverMode::Lazy)]);
+        assert_eq!(modelled.ranking(), "lazy < strict");
+        // The spread is of the modelled cost, per repetition.
+        let l = &modelled.ranked[0];
+        assert_eq!(l.key(Some(host)), 4000.0 + 1500.0);
+        assert_eq!(l.median(Some(host)), 4040.0 + 1500.0);
     }
 
     #[test]
@@ -353,7 +561,8 @@ mod tests {
         let s = [GroupSummary::rank(Workload::Block, 4096, &sample(), Some(host))];
         let text = render(&s, Some(host), &[1, 2, 4]);
         assert!(text.contains("kicks x 1500 ns + interrupts x 1000 ns"), "{text}");
-        assert!(text.contains("mean over 1/2/4 threads"), "{text}");
+        assert!(text.contains("the mean over 1/2/4 threads of each cell's least"), "{text}");
+        assert!(text.contains("within a factor 1.30 of each other"), "{text}");
         let strict = text.lines().find(|l| l.trim_start().starts_with("strict ")).unwrap();
         // 9 us of CPU is 9.00x none; modelled 9 + 9 + 6 = 24 us.
         assert!(strict.contains("9.00") && strict.contains("24.00"), "{strict}");

@@ -186,6 +186,15 @@ fn bench_json_carries_run_metadata_and_the_summary() {
     let s = &j["summary"][0];
     assert_eq!(s["ranked_by"], "modelled_ns_per_io");
     assert_eq!(s["cheapest_linux_isolating"], "strict");
+    // Ranks as lists of modes, and per mode the figures the tie rule compared.
+    assert_eq!(s["tiers"].as_array().unwrap().concat().len(), 2, "{s}");
+    let strict = s["modes"].as_array().unwrap().iter().find(|m| m["mode"] == "strict").unwrap();
+    assert_eq!(strict["cells_cpu_ns_per_io"][0].as_array().unwrap().len(), 2);
+    let floor = strict["floor_ns_per_io"].as_f64().unwrap();
+    assert!(0.0 < floor && floor <= strict["median_ns_per_io"].as_f64().unwrap(), "{strict}");
+    let reach = |i: usize| strict["reach_ns"][i].as_f64().unwrap();
+    assert!(reach(0) < floor && floor < reach(1), "{strict}");
+    assert!(j["bracket_cost_ns"].as_u64().unwrap() > 0);
     assert_eq!(j["cells"][2]["exit_cost_ns"], 1500);
     assert!(out.contains("summary: ranked by modelled cost = CPU + kicks x 1500 ns"), "{out}");
     assert!(out.contains("nothing: an unmap returns once the device dropped the mapping"), "{out}");
