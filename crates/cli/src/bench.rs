@@ -266,8 +266,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         println!("  {:<18} {}; Linux: {linux}", m.name(), m.describe());
     }
     println!("{}", legend_notes());
-    let summaries = summary::summarize(&cells, host);
-    print!("{}", summary::render(&summaries, host, &args.threads));
+    let ranked = summary::ranked_threads(&args.threads, run.meta.cpus);
+    let left_out: Vec<usize> =
+        args.threads.iter().copied().filter(|t| !ranked.contains(t)).collect();
+    let summaries = summary::summarize(&cells, host, &ranked);
+    print!("{}", summary::render(&summaries, host, &ranked, &left_out));
     print!("{}", reality_text(&cells));
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let json_path = args.out.join("bench.json");
@@ -663,6 +666,8 @@ fn report_json(
                 "map_unmap_per_mib": {"linux_lazy": m.requests_per_mib.0, "our_lazy": m.requests_per_mib.1},
             }))).collect::<Vec<_>>(),
         },
+        "summary_threads": summary::ranked_threads(&args.threads, run.meta.cpus),
+        "summary_drift": summary::DRIFT,
         "summary": summaries_json,
         "cells": cells_json,
     })
