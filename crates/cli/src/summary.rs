@@ -376,7 +376,7 @@ pub fn render(
         );
         let _ = write!(
             out,
-            "  {:<18} {:>9} {:>15} {:>7} {:>9} {:>7}",
+            "  {:<18} {:>9} {:>9} {:>7} {:>9} {:>7}",
             "mode", "CPU us/IO", "median", "x none", "kicks/IO", "irq/IO"
         );
         if host.is_some() {
@@ -390,7 +390,7 @@ pub fn render(
             };
             let _ = write!(
                 out,
-                "  {:<18} {:>9.2} {:>15} {:>7} {:>9.2} {:>7.2}",
+                "  {:<18} {:>9.2} {:>9} {:>7} {:>9.2} {:>7.2}",
                 c.mode.name(),
                 c.cpu_ns() / 1000.0,
                 format!("{:.2}", c.median(None) / 1000.0),
