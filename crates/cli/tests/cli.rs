@@ -373,14 +373,22 @@ fn trace_report_tables_medians_and_the_same_run_comparison() {
     let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
     let lines: Vec<String> = out.lines().map(words).collect();
     assert!(
-        lines.contains(&"lazy read-4k-qd1 35 1 0.05 0 1.002 256 14.1 256.2 1.05".into()),
+        lines.contains(&"lazy read-4k-qd1 35 30 36 1 0.05 0 1.002 256 14.1 256.2 1.05".into()),
         "{out}"
     );
     assert!(
-        lines.contains(&"read-4k-qd1 21 14 50 35 0.67 0.70 4.014 1.002 2048 270.1".into()),
+        lines.contains(
+            &"read-4k-qd1 21 (20-22) 14 (13-15) 50 (48-55) 35 (30-36) 0.67 0.70 4.014 1.002 2048 \
+              270.1 lazy > linux-lazy -"
+                .into()
+        ),
         "{out}"
     );
     let (ok, md, err) = viommu(&["trace-report", "table", "--markdown", results.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(md.contains("| read-4k-qd1 | 21 | 14 | 50 | 35 | 0.67 | 0.70 |"), "{md}");
+    assert!(
+        md.contains("| read-4k-qd1 | 21 (20-22) | 14 (13-15) | 50 (48-55) | 35 (30-36) | 0.67 |"),
+        "{md}"
+    );
+    assert!(md.contains("| 270.1 | lazy > linux-lazy | - |"), "{md}");
 }

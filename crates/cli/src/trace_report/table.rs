@@ -1,6 +1,8 @@
 //! The tables of a run: the median of every `ROW` column per policy and
-//! workload (TCG timings are noisy: other work shares the CPUs), then the
-//! same-run comparison of Linux's drivers with ours.
+//! workload, with the MB/s spread over the boots (TCG timings are noisy:
+//! other work shares the CPUs), then the same-run comparison of Linux's
+//! drivers with ours, with a verdict that claims an order only outside the
+//! noise ([`verdict`]).
 
 use super::policies;
 
@@ -29,12 +31,49 @@ pub struct Median {
     pub values: Vec<String>,
     /// How many boots gave a row.
     pub samples: usize,
+    /// Each column's least and greatest value over the boots.
+    pub range: Vec<(f64, f64)>,
 }
 
 impl Median {
     /// Column `i` as a number.
     fn num(&self, i: usize) -> f64 {
         self.values.get(i).map_or(0.0, |v| v.parse().unwrap_or(0.0))
+    }
+
+    /// MB/s as `median (min-max)`, or the median alone from one boot.
+    fn mb_s(&self) -> String {
+        match self.range.first() {
+            Some(&(lo, hi)) if self.samples > 1 => {
+                format!("{} ({}-{})", self.values[0], fmt_g(lo, 4), fmt_g(hi, 4))
+            }
+            _ => self.values.first().cloned().unwrap_or_default(),
+        }
+    }
+}
+
+/// Fewest boots per policy for a verdict: from one boot, its minimum and
+/// maximum are the same draw.
+pub const VERDICT_MIN_BOOTS: usize = 2;
+
+/// The same-run verdict on MB/s of policy `a` against `b` in one workload:
+/// `a > b` only when the least of `a`'s boots is above the greatest of
+/// `b`'s (and the other way round), else `within noise`; `-` when either
+/// did not run, `n<2` with fewer than [`VERDICT_MIN_BOOTS`] boots.
+pub fn verdict(a: Option<&Median>, b: Option<&Median>) -> String {
+    let (Some(a), Some(b)) = (a, b) else { return "-".into() };
+    if a.samples < VERDICT_MIN_BOOTS || b.samples < VERDICT_MIN_BOOTS {
+        return format!("n<{VERDICT_MIN_BOOTS}");
+    }
+    let (Some(&(a_lo, a_hi)), Some(&(b_lo, b_hi))) = (a.range.first(), b.range.first()) else {
+        return "-".into();
+    };
+    if a_lo > b_hi {
+        format!("{} > {}", a.policy, b.policy)
+    } else if b_lo > a_hi {
+        format!("{} > {}", b.policy, a.policy)
+    } else {
+        "within noise".into()
     }
 }
 
@@ -61,13 +100,19 @@ pub fn medians(results: &str) -> Vec<Median> {
     keys.into_iter()
         .map(|(policy, workload, rows)| {
             let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-            let values = (0..columns)
+            let cols: Vec<Vec<f64>> = (0..columns)
+                .map(|c| rows.iter().filter_map(|r| r.get(c).copied()).collect())
+                .collect();
+            let values = cols.iter().map(|c| fmt_g(median(&mut c.clone()), 4)).collect();
+            let range = cols
+                .iter()
                 .map(|c| {
-                    let mut col: Vec<f64> = rows.iter().filter_map(|r| r.get(c).copied()).collect();
-                    fmt_g(median(&mut col), 4)
+                    let lo = c.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = c.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    (lo, hi)
                 })
                 .collect();
-            Median { policy, workload, values, samples: rows.len() }
+            Median { policy, workload, values, samples: rows.len(), range }
         })
         .collect()
 }
@@ -138,35 +183,45 @@ fn aligned(rows: &[Vec<String>], left: usize) -> String {
     out
 }
 
-/// The median table: one line per policy and workload.
+/// The median table: one line per policy and workload, the least and
+/// greatest MB/s over the boots after the median.
 pub fn median_table(medians: &[Median]) -> String {
+    let head = ["policy", "workload", ROW_COLUMNS[0], "min", "max"];
     let mut rows =
-        vec![["policy", "workload"].iter().chain(&ROW_COLUMNS).map(|s| s.to_string()).collect()];
+        vec![head.iter().chain(&ROW_COLUMNS[1..]).map(|s| s.to_string()).collect::<Vec<_>>()];
     for m in medians {
-        rows.push(
-            [m.policy.clone(), m.workload.clone()]
-                .into_iter()
-                .chain(m.values.iter().cloned())
-                .collect(),
-        );
+        let (lo, hi) = m.range.first().copied().unwrap_or((0.0, 0.0));
+        let mut r = vec![m.policy.clone(), m.workload.clone()];
+        r.extend(m.values.first().cloned());
+        r.push(fmt_g(lo, 4));
+        r.push(fmt_g(hi, 4));
+        r.extend(m.values.iter().skip(1).cloned());
+        rows.push(r);
     }
     aligned(&rows, 2)
 }
 
 /// Heading of the comparison's columns after the policies: short, and
 /// long for Markdown.
-const EXTRA_COLUMNS: [(&str, &str); 6] = [
+const EXTRA_COLUMNS: [(&str, &str); 8] = [
     ("L/l-none", "L ÷ L-none"),
     ("l/identity", "l ÷ identity"),
     ("kick/rq L", "kicks/req L"),
     ("kick/rq l", "kicks/req l"),
     ("M+U/MiB L", "MAP+UNMAP/MiB L"),
     ("M+U/MiB l", "MAP+UNMAP/MiB l"),
+    ("lazy vs L", "MB/s: lazy vs linux-lazy"),
+    ("strict vs S", "MB/s: strict vs linux-strict"),
 ];
 
+/// The policy pairs the verdict columns judge: ours, then Linux's.
+pub const VERDICT_PAIRS: [(&str, &str); 2] = [("lazy", "linux-lazy"), ("strict", "linux-strict")];
+
 /// What the comparison's footnote says.
-pub const LEGEND: &str = "(L = linux-lazy, l = our lazy; L/l-none = linux-lazy / linux-none MB/s, \
-                          l/identity = lazy / identity MB/s; - = policy not run)";
+pub const LEGEND: &str = "(L = linux-lazy, l = our lazy; MB/s as median (min-max) over the boots; \
+                          L/l-none = linux-lazy / linux-none MB/s, l/identity = lazy / identity MB/s; \
+                          vs: A > B only when A's least MB/s is above B's greatest, else within \
+                          noise; n<2 = fewer than 2 boots; - = policy not run)";
 
 /// The comparison, per workload: MB/s of every policy that ran (in
 /// [`policies`] order), the ratio of each stack's lazy to its own no-IOMMU
@@ -197,7 +252,7 @@ fn comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
         .collect()];
     for w in workloads {
         let mut r = vec![w.to_string()];
-        r.extend(ran.iter().map(|(p, _)| find(p, w).map_or_else(dash, |m| m.values[0].clone())));
+        r.extend(ran.iter().map(|(p, _)| find(p, w).map_or_else(dash, Median::mb_s)));
         r.push(ratio("linux-lazy", "linux-none", w));
         r.push(ratio("lazy", "identity", w));
         for p in ["linux-lazy", "lazy"] {
@@ -205,6 +260,9 @@ fn comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
         }
         for p in ["linux-lazy", "lazy"] {
             r.push(find(p, w).map_or_else(dash, |m| fmt_g(m.num(5) + m.num(6), 6)));
+        }
+        for (ours, linux) in VERDICT_PAIRS {
+            r.push(verdict(find(ours, w), find(linux, w)));
         }
         rows.push(r);
     }
@@ -289,6 +347,57 @@ ROW bad
         assert_eq!(m[0].values[0], "35.5");
         assert_eq!(m[0].values[3], "0.002");
         assert_eq!(m[0].values.len(), 9);
+        assert_eq!(m[0].range[0], (30.0, 40.0));
+        assert_eq!(m[0].range[3], (0.001, 0.003));
+        assert_eq!(m[1].range[0], (100.0, 100.0));
+    }
+
+    /// Rows of boots of `policy` in `workload` with these MB/s.
+    fn boots(policy: &str, workload: &str, mb_s: &[f64]) -> String {
+        mb_s.iter()
+            .map(|v| format!("ROW {policy} {workload} {v} 1 1 0 1 256 256 256 1\n"))
+            .collect()
+    }
+
+    fn verdict_of(a: &[f64], b: &[f64]) -> String {
+        let rows = boots("lazy", "w", a) + &boots("linux-lazy", "w", b);
+        let m = medians(&rows);
+        verdict(m.iter().find(|m| m.policy == "lazy"), m.iter().find(|m| m.policy == "linux-lazy"))
+    }
+
+    #[test]
+    fn a_verdict_claims_an_order_only_when_the_ranges_do_not_meet() {
+        assert_eq!(
+            verdict_of(&[40.0, 42.0, 41.0, 45.0, 43.0], &[30.0, 35.0, 38.0]),
+            "lazy > linux-lazy"
+        );
+        assert_eq!(verdict_of(&[20.0, 22.0], &[30.0, 35.0]), "linux-lazy > lazy");
+        // One slow boot of lazy is enough to make it noise.
+        assert_eq!(verdict_of(&[40.0, 42.0, 37.0], &[30.0, 35.0, 38.0]), "within noise");
+        // Touching is not above.
+        assert_eq!(verdict_of(&[38.0, 42.0], &[30.0, 38.0]), "within noise");
+        // The medians alone (42 against 30) would have said lazy > linux-lazy.
+        assert_eq!(verdict_of(&[42.0, 42.0, 10.0], &[30.0, 29.0, 31.0]), "within noise");
+        assert_eq!(verdict_of(&[40.0], &[30.0, 31.0]), "n<2", "one boot is no range");
+        let m = medians(&boots("lazy", "w", &[1.0, 2.0]));
+        assert_eq!(verdict(m.first(), None), "-");
+    }
+
+    #[test]
+    fn the_comparison_shows_mb_s_ranges_and_verdicts() {
+        let rows = boots("linux-lazy", "read-4k-qd1", &[30.0, 35.0, 38.0, 33.0, 31.0])
+            + &boots("lazy", "read-4k-qd1", &[40.0, 42.0, 41.0, 45.0, 43.0])
+            + &boots("linux-strict", "read-4k-qd1", &[20.0, 26.0, 21.0, 22.0, 23.0])
+            + &boots("strict", "read-4k-qd1", &[25.0, 24.0, 28.0, 27.0, 30.0]);
+        let text = comparison_text(&medians(&rows));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("lazy vs L") && lines[0].ends_with("strict vs S"), "{text}");
+        assert!(lines[1].contains("33 (30-38)") && lines[1].contains("42 (40-45)"), "{text}");
+        assert!(
+            lines[1].contains("lazy > linux-lazy") && lines[1].ends_with("within noise"),
+            "{text}"
+        );
+        assert!(text.contains("A > B only when A's least MB/s is above B's greatest"), "{text}");
     }
 
     fn row(policy: &str, workload: &str, values: [&str; 9]) -> Median {
@@ -297,6 +406,7 @@ ROW bad
             workload: workload.into(),
             values: values.map(String::from).to_vec(),
             samples: 1,
+            range: values.iter().map(|v| v.parse().unwrap()).map(|v| (v, v)).collect(),
         }
     }
 
@@ -325,10 +435,11 @@ ROW bad
         assert_eq!(
             lines[0],
             "workload l-none l-lazy identity lazy L/l-none l/identity kick/rq L kick/rq l \
-             M+U/MiB L M+U/MiB l"
+             M+U/MiB L M+U/MiB l lazy vs L strict vs S"
         );
-        assert_eq!(lines[1], "read-4k-qd1 20 15 50 35 0.75 0.70 4.014 1.001 2048 270.1");
-        assert_eq!(lines[2], "write-4k-qd1 - - - 36 - - - 1 - 270");
+        // One boot each: the medians alone, and no verdict.
+        assert_eq!(lines[1], "read-4k-qd1 20 15 50 35 0.75 0.70 4.014 1.001 2048 270.1 n<2 -");
+        assert_eq!(lines[2], "write-4k-qd1 - - - 36 - - - 1 - 270 - -");
         assert_eq!(lines[3], LEGEND);
         let md = comparison_markdown(&m);
         assert!(
@@ -337,7 +448,8 @@ ROW bad
         );
         assert!(md.contains("\n|---|---|"), "{md}");
         let row =
-            "| read-4k-qd1 | 20 | 15 | 50 | 35 | 0.75 | 0.70 | 4.014 | 1.001 | 2048 | 270.1 |";
+            "| read-4k-qd1 | 20 | 15 | 50 | 35 | 0.75 | 0.70 | 4.014 | 1.001 | 2048 | 270.1 | \
+                   n<2 | - |";
         assert!(md.contains(row), "{md}");
     }
 
@@ -347,10 +459,10 @@ ROW bad
         let t = median_table(&m);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("policy workload    MB/s MAP/io"), "{t}");
+        assert!(lines[0].starts_with("policy workload    MB/s min max MAP/io"), "{t}");
         assert_eq!(
             lines[1].split_whitespace().collect::<Vec<_>>(),
-            ["lazy", "read-4k-qd1", "35", "1", "1", "0", "1", "256", "256", "256", "2"]
+            ["lazy", "read-4k-qd1", "35", "35", "35", "1", "1", "0", "1", "256", "256", "256", "2"]
         );
     }
 }
