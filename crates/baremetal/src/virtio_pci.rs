@@ -76,6 +76,26 @@ impl Window {
     }
 }
 
+/// How a config access of `len` bytes at `offset` is split: natural widths,
+/// 32 bits where aligned, then 16, then bytes. Each piece is one register
+/// access, and QEMU traces each config write on its own.
+pub fn access_widths(offset: usize, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut at = 0;
+    core::iter::from_fn(move || {
+        let left = len.checked_sub(at).filter(|&l| l > 0)?;
+        let o = offset + at;
+        let w = if o % 4 == 0 && left >= 4 {
+            4
+        } else if o % 2 == 0 && left >= 2 {
+            2
+        } else {
+            1
+        };
+        at += w;
+        Some((at - w, w))
+    })
+}
+
 /// Config writes and notifies a transport made, shared with its markers.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -275,41 +295,18 @@ impl<M: Mmio> Transport for PciTransport<M> {
 
     fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
         let w = self.device_window();
-        let mut i = 0;
-        while i < buf.len() {
-            let o = (offset + i) as u64;
-            let left = buf.len() - i;
-            // Natural widths: 32 bits where aligned, then 16, then bytes.
-            if o % 4 == 0 && left >= 4 {
-                buf[i..i + 4].copy_from_slice(&self.read(w, o, 4).to_le_bytes());
-                i += 4;
-            } else if o % 2 == 0 && left >= 2 {
-                buf[i..i + 2].copy_from_slice(&(self.read(w, o, 2) as u16).to_le_bytes());
-                i += 2;
-            } else {
-                buf[i] = self.read(w, o, 1) as u8;
-                i += 1;
-            }
+        for (i, width) in access_widths(offset, buf.len()) {
+            let v = self.read(w, (offset + i) as u64, width as u64).to_le_bytes();
+            buf[i..i + width].copy_from_slice(&v[..width]);
         }
     }
 
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         let w = self.device_window();
-        let mut i = 0;
-        while i < data.len() {
-            let o = (offset + i) as u64;
-            let left = data.len() - i;
-            if o % 4 == 0 && left >= 4 {
-                let v = u32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-                self.write(w, o, 4, v);
-                i += 4;
-            } else if o % 2 == 0 && left >= 2 {
-                self.write(w, o, 2, u16::from_le_bytes([data[i], data[i + 1]]) as u32);
-                i += 2;
-            } else {
-                self.write(w, o, 1, data[i] as u32);
-                i += 1;
-            }
+        for (i, width) in access_widths(offset, data.len()) {
+            let mut v = [0u8; 4];
+            v[..width].copy_from_slice(&data[i..i + width]);
+            self.write(w, (offset + i) as u64, width as u64, u32::from_le_bytes(v));
             self.counters.config_writes.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -330,12 +327,74 @@ pub struct ConfigMarker<M: Mmio> {
 }
 
 impl<M: Mmio> ConfigMarker<M> {
+    /// The counters whose config writes the marks are numbered among.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
     /// Makes the traced write; returns the ordinal of this config write
     /// among all of its transport's.
     pub fn mark(&self) -> u64 {
         let v = self.mmio.read8(self.addr);
         self.mmio.write8(self.addr, v);
         self.counters.config_writes.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Any transport, with its config writes and notifies counted in
+/// `counters` as [`PciTransport`] counts its own: so that a marker keeps
+/// numbering the trace's config writes when another transport (such as
+/// viommu-driver's `VdTransport` over virtio-drivers' `PciTransport`)
+/// drives the device. The count assumes the inner transport splits config
+/// writes by [`access_widths`], as virtio-drivers does.
+#[derive(Debug)]
+pub struct Counting<T> {
+    inner: T,
+    counters: Arc<Counters>,
+}
+
+impl<T: Transport> Counting<T> {
+    /// Counts `inner`'s accesses in `counters`.
+    pub fn new(inner: T, counters: Arc<Counters>) -> Self {
+        Self { inner, counters }
+    }
+}
+
+impl<T: Transport> Transport for Counting<T> {
+    fn device_features(&mut self) -> u64 {
+        self.inner.device_features()
+    }
+    fn set_driver_features(&mut self, features: u64) {
+        self.inner.set_driver_features(features)
+    }
+    fn status(&mut self) -> u8 {
+        self.inner.status()
+    }
+    fn set_status(&mut self, status: u8) {
+        self.inner.set_status(status)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u16 {
+        self.inner.max_queue_size(queue)
+    }
+    fn setup_queue(&mut self, queue: u16, size: u16, addrs: QueueAddrs) {
+        self.inner.setup_queue(queue, size, addrs)
+    }
+    fn notify(&mut self, queue: u16) {
+        if let Some(c) = self.counters.notifies.get(queue as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.notify(queue)
+    }
+    fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
+        self.inner.read_config(offset, buf)
+    }
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let n = access_widths(offset, data.len()).count() as u64;
+        self.counters.config_writes.fetch_add(n, Ordering::Relaxed);
+        self.inner.write_config(offset, data)
+    }
+    fn config_generation(&mut self) -> u32 {
+        self.inner.config_generation()
     }
 }
 
@@ -472,6 +531,24 @@ mod tests {
         assert!(Window::of(CapRegion { bar: 4, offset: 0x3000, length: 0x1000 }, &bars).is_some());
         assert!(Window::of(CapRegion { bar: 4, offset: 0x3001, length: 0x1000 }, &bars).is_none());
         assert!(Window::of(CapRegion { bar: 2, offset: 0, length: 4 }, &bars).is_none());
+    }
+
+    #[test]
+    fn access_widths_are_natural_and_counting_counts_them() {
+        let w: Vec<_> = access_widths(1, 7).collect();
+        assert_eq!(w, [(0, 1), (1, 2), (3, 4)]);
+        assert_eq!(access_widths(36, 1).collect::<Vec<_>>(), [(0, 1)]);
+        assert_eq!(access_widths(8, 0).count(), 0);
+        let (t, mmio) = transport();
+        let counters = Arc::new(Counters::default());
+        let mut c = Counting::new(t, counters.clone());
+        c.write_config(1, &[1, 2, 3, 4, 5, 6, 7]);
+        c.notify(1);
+        assert_eq!(counters.config_writes.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.notifies[1].load(Ordering::Relaxed), 1);
+        // The inner transport made the accesses: 3 config writes, then the
+        // queue select that finds queue 1's notify offset, and the notify.
+        assert_eq!(mmio.writes().len(), 5);
     }
 
     #[test]

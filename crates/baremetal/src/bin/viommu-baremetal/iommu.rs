@@ -1,5 +1,7 @@
 //! Bringing up viommu-driver on QEMU's virtio-iommu-pci: the driver, the
-//! blk endpoint's paging domain (attached), and a DMA layer over it.
+//! blk endpoint's paging domain (attached), and a DMA layer over it. The
+//! driver may sit on any transport and HAL (ours, or virtio-drivers' through
+//! the adapters); the rest of the guest sees a [`Rig`].
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -8,27 +10,46 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use viommu_baremetal::virtio_pci::{ConfigMarker, PciTransport};
+use viommu_baremetal::virtio_pci::ConfigMarker;
 use viommu_driver::dma::{DmaDomain, DmaPlatform};
 use viommu_driver::{
-    CounterSnapshot, Domain, DriverOptions, FaultRecord, Mode, ResvKind, VirtioIommu,
+    CounterSnapshot, Domain, DriverOptions, FaultRecord, Hal, Mode, ResvKind, ResvRegion,
+    Transport, VirtioIommu,
 };
 use viommu_proto::fault::R_MAPPING;
-use viommu_proto::Config;
 
 use crate::arch::PhysMmio;
 use crate::clock::Clock;
-use crate::memory::HeapHal;
 use crate::println;
 use crate::Results;
 
-/// Our virtio-iommu driver on QEMU's device.
-pub type Iommu = VirtioIommu<PciTransport<PhysMmio>, HeapHal>;
+/// What the guest asks of the driver after bring-up, whatever its
+/// transport and HAL types.
+pub trait IommuOps {
+    /// [`VirtioIommu::counters`].
+    fn counters(&self) -> CounterSnapshot;
+    /// [`VirtioIommu::reserved_regions`].
+    fn reserved_regions(&self, endpoint: u32) -> viommu_driver::Result<Vec<ResvRegion>>;
+    /// [`VirtioIommu::poll_events`].
+    fn poll_events(&self) -> viommu_driver::Result<usize>;
+}
+
+impl<T: Transport + 'static, H: Hal + 'static> IommuOps for VirtioIommu<T, H> {
+    fn counters(&self) -> CounterSnapshot {
+        VirtioIommu::counters(self)
+    }
+    fn reserved_regions(&self, endpoint: u32) -> viommu_driver::Result<Vec<ResvRegion>> {
+        VirtioIommu::reserved_regions(self, endpoint)
+    }
+    fn poll_events(&self) -> viommu_driver::Result<usize> {
+        VirtioIommu::poll_events(self)
+    }
+}
 
 /// The driver, the endpoint's domain and what marks the trace.
 pub struct Rig {
     /// The driver.
-    pub iommu: Iommu,
+    iommu: Box<dyn IommuOps>,
     /// The blk endpoint's paging domain, attached.
     pub domain: Domain,
     /// The blk endpoint.
@@ -68,6 +89,11 @@ impl Rig {
         println!("VG MARK {name} cfgw={k}");
     }
 
+    /// The marker, to number the marks of another driver on the device.
+    pub fn marker(&self) -> ConfigMarker<PhysMmio> {
+        self.marker.clone()
+    }
+
     /// The driver's counters.
     pub fn counters(&self) -> CounterSnapshot {
         self.iommu.counters()
@@ -103,20 +129,23 @@ impl Rig {
     }
 }
 
-/// The driver on `transport`, the endpoint's domain, attached.
-pub fn bring_up(
-    transport: PciTransport<PhysMmio>,
+/// The driver on `transport` and `hal`, the endpoint's domain, attached;
+/// its tests are named `<name>-...`. `marker` numbers its marks among the
+/// config writes that reach the device (the transport must count its own
+/// in the marker's counters).
+pub fn bring_up<T: Transport + 'static, H: Hal + 'static>(
+    name: &str,
+    transport: T,
+    hal: H,
+    marker: ConfigMarker<PhysMmio>,
     endpoint: u32,
     clock: Arc<Clock>,
     res: &mut Results,
 ) -> Result<Rig, String> {
-    let marker = transport
-        .marker(Config::BYPASS_OFFSET as u64)
-        .ok_or("the virtio-iommu has no device config")?;
     // 256 event buffers, as viommu-guest: a faulting 4 KiB page gives about 256 records.
     let opts = DriverOptions { event_buffers: 256, ..DriverOptions::default() };
     let iommu =
-        VirtioIommu::new(transport, HeapHal, opts).map_err(|e| format!("VirtioIommu::new: {e}"))?;
+        VirtioIommu::new(transport, hal, opts).map_err(|e| format!("VirtioIommu::new: {e}"))?;
     let faults = Arc::new(FaultLog { lowest: AtomicU64::new(u64::MAX), ..FaultLog::default() });
     let log = faults.clone();
     iommu.set_fault_handler(Some(Box::new(move |f: FaultRecord| {
@@ -133,17 +162,17 @@ pub fn bring_up(
     })));
     let info = iommu.info();
     println!(
-        "VG INFO iommu features={:#x} page_size_mask={:#x} input_range={:x?} domain_range={:?} queues={:?}",
+        "VG INFO {name} features={:#x} page_size_mask={:#x} input_range={:x?} domain_range={:?} queues={:?}",
         info.features, info.page_size_mask, info.input_range, info.domain_range, info.queue_sizes
     );
-    res.record("iommu-init", Ok(()));
+    res.record(&format!("{name}-init"), Ok(()));
     let resv = iommu.probe_endpoint(endpoint).map_err(|e| format!("PROBE: {e}"))?;
     let msi = resv
         .iter()
         .any(|r| r.kind == ResvKind::Msi && r.start == 0xfee0_0000 && r.end == 0xfeef_ffff);
     let regions: Vec<String> = resv.iter().map(|r| format!("{:?}", r)).collect();
     res.record(
-        "iommu-probe-msi-region",
+        &format!("{name}-probe-msi-region"),
         if msi {
             Ok(())
         } else {
@@ -152,6 +181,6 @@ pub fn bring_up(
     );
     let domain = iommu.alloc_paging(endpoint).map_err(|e| format!("alloc_paging: {e}"))?;
     iommu.attach(&domain, endpoint).map_err(|e| format!("attach: {e}"))?;
-    res.record("iommu-attach", Ok(()));
-    Ok(Rig { iommu, domain, endpoint, clock, marker, faults })
+    res.record(&format!("{name}-attach"), Ok(()));
+    Ok(Rig { iommu: Box::new(iommu), domain, endpoint, clock, marker, faults })
 }

@@ -36,6 +36,8 @@ pub struct Platform {
     pub iommu: VirtioFunction,
     /// The virtio-blk endpoint.
     pub blk: VirtioFunction,
+    /// Where the virtio-iommu function is.
+    pub iommu_bdf: Bdf,
     /// Where the virtio-blk function is.
     pub blk_bdf: Bdf,
     /// The endpoint ID of the virtio-blk function, from the VIOT.
@@ -112,12 +114,12 @@ pub fn discover(start_info: u64, res: &mut crate::Results) -> Result<Platform, S
 
     let iommu = open(&mut cs, iommu_fn.bdf)?;
     let blk = open(&mut cs, blk_fn.bdf)?;
-    Ok(Platform { timer, iommu, blk, blk_bdf: blk_fn.bdf, blk_endpoint })
+    Ok(Platform { timer, iommu, blk, iommu_bdf: iommu_fn.bdf, blk_bdf: blk_fn.bdf, blk_endpoint })
 }
 
 /// Enables a function (memory space, bus mastering, INTx off), maps its
 /// BARs and builds its transport.
-fn open(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Result<VirtioFunction, String> {
+pub fn open(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Result<VirtioFunction, String> {
     let caps = VirtioCaps::parse(&pci::capabilities(cs, bdf))
         .ok_or_else(|| format!("{bdf}: no usable virtio capabilities"))?;
     let bars = pci::memory_bars(cs, bdf);

@@ -11,9 +11,13 @@ use alloc::string::String;
 use alloc::vec;
 use core::ptr::NonNull;
 
+use alloc::sync::Arc;
 use viommu_baremetal::pattern;
 use viommu_baremetal::pci::{Bdf, ConfigSpace};
-use viommu_driver::adapter::{DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma};
+use viommu_baremetal::virtio_pci::{ConfigMarker, Counting};
+use viommu_driver::adapter::{
+    DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma, VdHal, VdTransport,
+};
 use viommu_driver::hal::{DmaRegion, Hal};
 use viommu_driver::{Mode, Policy};
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
@@ -21,8 +25,9 @@ use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, P
 use virtio_drivers::transport::pci::PciTransport as VdPciTransport;
 use virtio_drivers::{BufferDirection, PhysAddr};
 
-use crate::arch::PortConfig;
-use crate::iommu::Rig;
+use crate::arch::{PhysMmio, PortConfig};
+use crate::clock::Clock;
+use crate::iommu::{self, Rig};
 use crate::memory::{map_mmio, HeapHal};
 use crate::println;
 use crate::workload::{print_perf, Perf, Workload};
@@ -123,6 +128,8 @@ pub fn run(rig: &Rig, bdf: Bdf, workloads: &[Workload], res: &mut Results) -> Re
             res.record(&w.name, r);
         }
     }
+    // The device's teardown (VirtIOBlk's drop, its rings' unshares) is no workload's.
+    rig.mark("vd-teardown");
     let c = dma.counts();
     println!(
         "VG INFO virtio-drivers shares={} unshares={} allocs={} syncs={} failures={}",
@@ -137,6 +144,26 @@ pub fn run(rig: &Rig, bdf: Bdf, workloads: &[Workload], res: &mut Results) -> Re
         },
     );
     Ok(())
+}
+
+/// viommu-driver itself on virtio-drivers' plumbing, as a Rust OS that has
+/// virtio-drivers' PCI transport and `Hal` would run it: `VdTransport` over
+/// virtio-drivers' `PciTransport` of the IOMMU, `VdHal<OsHal>` for its
+/// rings. It resets the device, so whatever driver ran it before is done.
+/// Its config writes are counted for `marker` ([`Counting`]).
+pub fn bring_up_on_vd(
+    iommu_bdf: Bdf,
+    marker: ConfigMarker<PhysMmio>,
+    endpoint: u32,
+    clock: Arc<Clock>,
+    res: &mut Results,
+) -> Result<Rig, String> {
+    let f = DeviceFunction { bus: iommu_bdf.bus, device: iommu_bdf.dev, function: iommu_bdf.func };
+    let pci = VdPciTransport::new::<OsHal, _>(&mut PciRoot::new(PortCam), f)
+        .map_err(|e| format!("virtio-drivers PciTransport: {e:?}"))?;
+    let t = VdTransport::new(pci).map_err(|e| format!("VdTransport: {e}"))?;
+    let t = Counting::new(t, marker.counters());
+    iommu::bring_up("vd-iommu", t, VdHal::<OsHal>::new(), marker, endpoint, clock, res)
 }
 
 /// One workload at queue depth 1 (`read_blocks` and `write_blocks` wait).
