@@ -180,6 +180,84 @@ impl<T: Transport, H: Hal> Drop for BlkQueue<T, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc as StdArc, Mutex};
+    use viommu_driver::fake::{FakeHal, FakeMemory};
+    use viommu_driver::transport::QueueAddrs;
+
+    /// What the fake device saw.
+    #[derive(Default, Debug)]
+    struct Seen {
+        statuses: Vec<u8>,
+        driver_features: u64,
+        queues: Vec<(u16, u16, QueueAddrs)>,
+        notifies: Vec<u16>,
+    }
+
+    /// A virtio-blk transport that offers `features`, keeps FEATURES_OK only
+    /// if `keeps_features_ok`, and has a 1 MiB disk.
+    struct FakeBlk {
+        features: u64,
+        keeps_features_ok: bool,
+        max_queue: u16,
+        status: u8,
+        seen: StdArc<Mutex<Seen>>,
+    }
+
+    impl FakeBlk {
+        fn new(features: u64) -> (Self, StdArc<Mutex<Seen>>) {
+            let seen = StdArc::default();
+            let t = Self {
+                features,
+                keeps_features_ok: true,
+                max_queue: 256,
+                status: 0,
+                seen: StdArc::clone(&seen),
+            };
+            (t, seen)
+        }
+    }
+
+    impl Transport for FakeBlk {
+        fn device_features(&mut self) -> u64 {
+            self.features
+        }
+        fn set_driver_features(&mut self, f: u64) {
+            self.seen.lock().unwrap().driver_features = f;
+        }
+        fn status(&mut self) -> u8 {
+            self.status
+        }
+        fn set_status(&mut self, s: u8) {
+            self.seen.lock().unwrap().statuses.push(s);
+            self.status = if self.keeps_features_ok { s } else { s & !status::FEATURES_OK };
+        }
+        fn max_queue_size(&mut self, q: u16) -> u16 {
+            if q == 0 {
+                self.max_queue
+            } else {
+                0
+            }
+        }
+        fn setup_queue(&mut self, q: u16, size: u16, addrs: QueueAddrs) {
+            self.seen.lock().unwrap().queues.push((q, size, addrs));
+        }
+        fn notify(&mut self, q: u16) {
+            self.seen.lock().unwrap().notifies.push(q);
+        }
+        fn read_config(&mut self, offset: usize, buf: &mut [u8]) {
+            let capacity = 2048u64.to_le_bytes(); // sectors: 1 MiB
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = capacity.get(offset + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, _: usize, _: &[u8]) {}
+    }
+
+    const WANTED: u64 = 1 << 32 | 1 << 33; // VERSION_1 | ACCESS_PLATFORM
+
+    fn hal() -> Arc<FakeHal> {
+        Arc::new(FakeMemory::new(64).hal())
+    }
 
     #[test]
     fn headers_follow_virtio_blk_req() {
@@ -191,5 +269,70 @@ mod tests {
         assert_eq!(u64::from_le_bytes(r.header()[8..].try_into().unwrap()), (1 << 40) / SECTOR);
         assert!(r.device_writes_data());
         assert_eq!(Request::at(false, 100), Err(BlkError::Unaligned(100)));
+    }
+
+    #[test]
+    fn bring_up_puts_the_ring_at_the_mapped_address_and_requests_are_three_buffers() {
+        let (t, seen) = FakeBlk::new(WANTED | 1 << 28);
+        let mut blk = BlkQueue::new(t, hal(), 1024, |_| Some(0x7fff_0000_0000)).unwrap();
+        assert_eq!(blk.capacity(), 1 << 20);
+        {
+            let s = seen.lock().unwrap();
+            assert_eq!(s.driver_features, WANTED, "only what the path uses is accepted");
+            assert_eq!(
+                s.statuses.last(),
+                Some(
+                    &(status::ACKNOWLEDGE
+                        | status::DRIVER
+                        | status::FEATURES_OK
+                        | status::DRIVER_OK)
+                )
+            );
+            let (q, size, addrs) = s.queues[0];
+            assert_eq!(
+                (q, size, addrs.desc),
+                (0, 256, 0x7fff_0000_0000),
+                "the device's limit, at the IOVA"
+            );
+        }
+        let req = Request::at(false, 0).unwrap();
+        blk.submit(&req, 0x1000, &[(0x2000, 4096)], 0x1010).unwrap();
+        blk.kick();
+        assert_eq!((blk.kicks(), seen.lock().unwrap().notifies.clone()), (1, vec![0]));
+        let runs = [(0x2000u64, 512u32); 17];
+        assert_eq!(
+            blk.submit(&req, 0x1000, &runs, 0x1010),
+            Err(BlkError::Queue(QueueError::TooLong))
+        );
+        assert_eq!(blk.poll(), None, "nothing completed");
+        drop(blk);
+        assert_eq!(seen.lock().unwrap().statuses.last(), Some(&0), "dropping resets the device");
+    }
+
+    #[test]
+    fn a_device_that_cannot_take_iovas_or_refuses_features_is_refused() {
+        // No ACCESS_PLATFORM (iommu_platform=off): the device would bypass the IOMMU.
+        let (t, seen) = FakeBlk::new(1 << 32);
+        assert_eq!(
+            BlkQueue::new(t, hal(), 256, |_| Some(0)).err(),
+            Some(BlkError::Features(1 << 32))
+        );
+        assert_eq!(seen.lock().unwrap().statuses.last(), Some(&status::FAILED));
+        let (mut t, _) = FakeBlk::new(WANTED);
+        t.keeps_features_ok = false;
+        assert_eq!(
+            BlkQueue::new(t, hal(), 256, |_| Some(0)).err(),
+            Some(BlkError::FeaturesRejected)
+        );
+        for max in [0, 100] {
+            let (mut t, _) = FakeBlk::new(WANTED);
+            t.max_queue = max;
+            assert_eq!(
+                BlkQueue::new(t, hal(), 256, |_| Some(0)).err(),
+                Some(BlkError::QueueSize(max))
+            );
+        }
+        let (t, _) = FakeBlk::new(WANTED);
+        assert_eq!(BlkQueue::new(t, hal(), 256, |_| None).err(), Some(BlkError::MapRing));
     }
 }
