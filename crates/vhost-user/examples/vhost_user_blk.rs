@@ -11,7 +11,9 @@
 use std::fs::OpenOptions;
 use std::os::unix::net::UnixListener;
 
-use viommu_vhost_user::backend::Backend;
+use std::sync::{Arc, OnceLock};
+
+use viommu_vhost_user::backend::{Backend, BackendStats};
 use viommu_vhost_user::blk::BlockDevice;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,7 +29,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         let (sock, _) = listener.accept()?;
         let file = OpenOptions::new().read(true).write(true).open(disk)?;
-        let mut backend = Backend::new(BlockDevice::new(file, "viommu-vhost-blk")?, sock);
+        // Each GET_ID (a guest reading the disk's serial) prints the counts so far: the
+        // guest marks its workloads with it.
+        let stats = Arc::new(OnceLock::<Arc<BackendStats>>::new());
+        let (s, mut n) = (stats.clone(), 0u64);
+        let dev = BlockDevice::new(file, "viommu-vhost-blk")?.on_get_id(move || {
+            n += 1;
+            if let Some(c) = s.get().map(|s| s.snapshot()) {
+                println!(
+                    "vhost_user_blk: MARK {n} requests={} miss={} update={} invalidate={} access_fail={}",
+                    c.requests, c.misses, c.updates, c.invalidates, c.access_fails
+                );
+            }
+        });
+        let mut backend = Backend::new(dev, sock);
+        let _ = stats.set(backend.stats());
         let result = backend.run();
         let c = backend.stats().snapshot();
         let b = backend.device().counts();

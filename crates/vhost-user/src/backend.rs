@@ -34,8 +34,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, IommuMemory};
 use crate::conn::{Channel, ConnError, Message};
 use crate::iotlb::{Fault, VhostIotlb};
 use crate::wire::{
-    self, features, parse_request, protocol, req, Header, IotlbMsg, IotlbType, MemRegion, Request,
-    VringAddr, WireError, BACKEND_IOTLB_MSG, FLAG_NEED_REPLY,
+    self, features, parse_request, protocol, req, Header, IotlbMsg, IotlbPerm, IotlbType,
+    MemRegion, Request, VringAddr, WireError, BACKEND_IOTLB_MSG, FLAG_NEED_REPLY,
 };
 
 /// Guest memory as a back-end sees it: the front-end's regions at their user addresses,
@@ -46,8 +46,21 @@ pub type IoMem = IommuMemory<GuestMemoryMmap, VhostIotlb>;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Most descriptors one chain may have (direct and indirect together).
 pub const MAX_CHAIN: usize = 2048;
-/// Most MISS round trips one request may cost before it is refused.
-pub const MAX_MISSES_PER_REQUEST: u32 = 64;
+/// MISS round trips one request may cost beyond one per page of its buffers (the rings,
+/// an indirect table) before it is refused.
+pub const EXTRA_MISSES_PER_REQUEST: u32 = 16;
+
+/// The MISSes a request may cost: one per 4 KiB page its buffers span, and a few more.
+fn miss_budget(chain: &[Desc]) -> u32 {
+    let pages: u64 = chain
+        .iter()
+        .map(|d| {
+            let last = d.addr.saturating_add(u64::from(d.len).saturating_sub(1));
+            (last >> 12) - (d.addr >> 12) + 1
+        })
+        .sum();
+    u32::try_from(pages).unwrap_or(u32::MAX).saturating_add(EXTRA_MISSES_PER_REQUEST)
+}
 
 /// One descriptor of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +85,8 @@ pub trait Device: Send {
     /// retries the request after the front-end answered (so the device must tolerate
     /// running a request again until it completes).
     fn process(&mut self, mem: &IoMem, chain: &[Desc]) -> u32;
+    /// The last [`Device::process`] was the request's final run: its used entry follows.
+    fn complete(&mut self) {}
 }
 
 /// Why the loop closed the connection.
@@ -206,6 +221,9 @@ pub struct Backend<D: Device> {
     /// The fault last asked for and answered: a retry failing there again is refused.
     answered: Option<Fault>,
     misses_this_request: u32,
+    evictions_seen: u64,
+    /// The request asked anew after an emptying of the IOTLB.
+    refilled: bool,
     /// A used entry that could not be written yet (the used ring missed).
     pending_used: Option<(u16, u32)>,
     stats: Arc<BackendStats>,
@@ -233,9 +251,19 @@ impl<D: Device> Backend<D> {
             waiting: None,
             answered: None,
             misses_this_request: 0,
+            evictions_seen: 0,
+            refilled: false,
             pending_used: None,
             stats: Arc::default(),
         }
+    }
+
+    /// The same back-end with an IOTLB emptied every `capacity` UPDATEs (default
+    /// [`crate::iotlb::MAX_ENTRIES`]).
+    pub fn with_iotlb_capacity(mut self, capacity: u64) -> Self {
+        let mem = self.mem.get_backend().clone();
+        self.mem = IommuMemory::new(mem, VhostIotlb::with_capacity(capacity), true, ());
+        self
     }
 
     /// Counts, shared with the running loop.
@@ -375,6 +403,9 @@ impl<D: Device> Backend<D> {
                 self.vring(index)?;
                 self.ring.started = false;
                 self.waiting = None;
+                // While the ring is stopped the front-end stops following the IOMMU (QEMU
+                // unregisters its notifier), so nothing cached may outlive the stop.
+                self.mem.iommu().clear();
                 let base = u64::from(self.ring.queue.next_avail());
                 let mut b = [0u8; 8];
                 b[..4].copy_from_slice(&index.to_ne_bytes());
@@ -510,16 +541,24 @@ impl<D: Device> Backend<D> {
                 chain.push(Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() });
             }
             // A miss in the descriptor table cut the chain short: no request runs on it.
-            let early = self.mem.iommu().take_fault();
-            let len = if early.is_none() { self.dev.process(&self.mem, &chain) } else { 0 };
-            if let Some(f) = early.or_else(|| self.mem.iommu().take_fault()) {
-                if !self.refuse(f)? {
+            let mut fault = self.mem.iommu().take_fault();
+            // Before the request runs, its buffers are looked up (no access made): each
+            // page missing is asked for, one MISS at a time, and the request runs once,
+            // when all are there (or one was refused).
+            if fault.is_none() {
+                fault = self.first_gap(&chain).filter(|f| self.answered != Some(*f));
+            }
+            let len = if fault.is_none() { self.dev.process(&self.mem, &chain) } else { 0 };
+            if let Some(f) = fault.or_else(|| self.mem.iommu().take_fault()) {
+                if !self.refuse(f, miss_budget(&chain))? {
                     self.ring.queue.go_to_previous_position();
                     break;
                 }
             }
+            self.dev.complete();
             self.answered = None;
             self.misses_this_request = 0;
+            self.refilled = false;
             if !self.add_used(head, len)? {
                 break;
             }
@@ -544,10 +583,31 @@ impl<D: Device> Backend<D> {
         Ok(false)
     }
 
+    /// The first page of the chain's buffers the IOTLB cannot translate for the
+    /// descriptor's access, if any.
+    fn first_gap(&self, chain: &[Desc]) -> Option<Fault> {
+        chain.iter().find_map(|d| {
+            let perm = if d.write { IotlbPerm::WO } else { IotlbPerm::RO };
+            self.mem.iommu().first_gap(d.addr, u64::from(d.len), perm)
+        })
+    }
+
     /// Decides on a fault in a request: `false` when a MISS went out (retry later),
     /// `true` when the request is refused (ACCESS_FAIL sent; it completes as it is).
-    fn refuse(&mut self, f: Fault) -> Result<bool, BackendError> {
-        if self.answered != Some(f) && self.misses_this_request < MAX_MISSES_PER_REQUEST {
+    fn refuse(&mut self, f: Fault, budget: u32) -> Result<bool, BackendError> {
+        // An IOTLB emptied to stay bounded dropped entries asked for already: ask anew,
+        // once per request (a request larger than the IOTLB would never run: its budget
+        // ends it).
+        let ev = self.mem.iommu().evictions();
+        if ev != self.evictions_seen {
+            self.evictions_seen = ev;
+            if !self.refilled {
+                self.refilled = true;
+                self.answered = None;
+                self.misses_this_request = 0;
+            }
+        }
+        if self.answered != Some(f) && self.misses_this_request < budget {
             self.misses_this_request += 1;
             self.send_miss(f)?;
             return Ok(false);

@@ -59,13 +59,16 @@ pub struct BlockCounts {
 }
 
 /// The block device.
-#[derive(Debug)]
 pub struct BlockDevice {
     file: File,
     sectors: u64,
     id: [u8; ID_BYTES],
     bounce: Vec<u8>,
     counts: BlockCounts,
+    /// The outcome of the last run (status, data bytes), counted once the request completes.
+    last: Option<(u8, u64)>,
+    last_was_get_id: bool,
+    on_get_id: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl BlockDevice {
@@ -75,7 +78,23 @@ impl BlockDevice {
         let mut b = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         b[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Self { file, sectors, id: b, bounce: Vec::new(), counts: BlockCounts::default() })
+        Ok(Self {
+            file,
+            sectors,
+            id: b,
+            bounce: Vec::new(),
+            counts: BlockCounts::default(),
+            last: None,
+            last_was_get_id: false,
+            on_get_id: None,
+        })
+    }
+
+    /// Calls `f` when a GET_ID request completes (a guest can mark moments with it:
+    /// Linux sends one per read of `/sys/block/vdX/serial`).
+    pub fn on_get_id(mut self, f: impl FnMut() + Send + 'static) -> Self {
+        self.on_get_id = Some(Box::new(f));
+        self
     }
 
     /// Counts so far.
@@ -107,7 +126,6 @@ impl BlockDevice {
                     {
                         return (S_IOERR, 0);
                     }
-                    self.counts.bytes += len as u64;
                     (S_OK, len as u32)
                 } else {
                     // Everything is read from the guest before the file is written: a
@@ -117,7 +135,7 @@ impl BlockDevice {
                     {
                         return (S_IOERR, 0);
                     }
-                    self.counts.bytes += len as u64;
+                    self.last = Some((S_OK, len as u64));
                     (S_OK, 0)
                 }
             }
@@ -126,6 +144,7 @@ impl BlockDevice {
                 Err(_) => (S_IOERR, 0),
             },
             T_GET_ID => {
+                self.last_was_get_id = true;
                 let n = (data_in as usize).min(ID_BYTES);
                 match copy_to_chain(mem, chain, 0, &self.id[..n]) {
                     Ok(()) => (S_OK, n as u32),
@@ -143,6 +162,15 @@ impl BlockDevice {
         }
         let end = sector.checked_add(len / SECTOR)?;
         (end <= self.sectors).then(|| sector * SECTOR)
+    }
+}
+
+impl std::fmt::Debug for BlockDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockDevice")
+            .field("sectors", &self.sectors)
+            .field("counts", &self.counts)
+            .finish()
     }
 }
 
@@ -167,17 +195,33 @@ impl Device for BlockDevice {
         }
     }
 
+    fn complete(&mut self) {
+        if std::mem::take(&mut self.last_was_get_id) {
+            if let Some(f) = &mut self.on_get_id {
+                f();
+            }
+        }
+        match self.last.take() {
+            Some((S_OK, bytes)) => {
+                self.counts.ok += 1;
+                self.counts.bytes += bytes;
+            }
+            Some((S_IOERR, _)) => self.counts.ioerr += 1,
+            Some(_) => self.counts.unsupp += 1,
+            None => {}
+        }
+    }
+
     fn process(&mut self, mem: &IoMem, chain: &[Desc]) -> u32 {
+        self.last_was_get_id = false;
         // "The final status byte is written by the device": the last writable byte.
         let Some(last) = chain.iter().rposition(|d| d.write && d.len > 0) else {
             return 0;
         };
+        self.last = None;
         let (status, written) = self.serve(mem, chain);
-        match status {
-            S_OK => self.counts.ok += 1,
-            S_IOERR => self.counts.ioerr += 1,
-            _ => self.counts.unsupp += 1,
-        }
+        let moved = self.last.map_or(u64::from(written), |(_, n)| n);
+        self.last = Some((status, if status == S_OK { moved } else { 0 }));
         let d = chain[last];
         let at = d.addr.checked_add(u64::from(d.len) - 1);
         match at.map(|a| mem.write_obj(status, GuestAddress(a))) {

@@ -20,7 +20,9 @@ use vm_memory::{GuestAddress, Iotlb, Permissions};
 
 use crate::wire::{IotlbMsg, IotlbPerm};
 
-/// Entries the IOTLB holds before it is emptied (the front-end refills it on misses).
+/// UPDATEs the IOTLB takes before it is emptied (the front-end refills it on misses), by
+/// default: vm-memory's `Iotlb` cannot tell how many entries an INVALIDATE removed, so the
+/// bound counts UPDATEs since the IOTLB was last emptied.
 pub const MAX_ENTRIES: u64 = 1 << 16;
 
 /// A translation that failed: the first of a request.
@@ -60,9 +62,12 @@ pub struct IotlbCounts {
 /// assert!(dma.read_obj::<u32>(GuestAddress(0x4010)).is_err());
 /// assert_eq!(dma.iommu().take_fault().map(|f| f.iova), Some(0x4010));
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VhostIotlb {
     tlb: RwLock<Entries>,
+    capacity: u64,
+    /// Times the IOTLB was emptied to stay within `capacity`.
+    evictions: AtomicU64,
     fault: Mutex<Option<Fault>>,
     updates: AtomicU64,
     invalidates: AtomicU64,
@@ -102,7 +107,32 @@ pub enum IotlbError {
     },
 }
 
+impl Default for VhostIotlb {
+    fn default() -> Self {
+        Self::with_capacity(MAX_ENTRIES)
+    }
+}
+
 impl VhostIotlb {
+    /// An IOTLB emptied every `capacity` UPDATEs (at least 1).
+    pub fn with_capacity(capacity: u64) -> Self {
+        Self {
+            tlb: RwLock::default(),
+            capacity: capacity.max(1),
+            evictions: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            updates: AtomicU64::new(0),
+            invalidates: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+        }
+    }
+
+    /// Times the IOTLB was emptied because it reached its capacity: entries asked for
+    /// before may be gone.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Relaxed)
+    }
+
     /// Applies an UPDATE or INVALIDATE (checked by [`IotlbMsg::parse`]).
     pub fn apply(&self, m: &IotlbMsg) -> Result<(), IotlbError> {
         use crate::wire::IotlbType::*;
@@ -121,9 +151,10 @@ impl VhostIotlb {
                     return Err(IotlbError::Range { iova: m.iova, size: m.size });
                 }
                 let mut st = self.tlb.write().unwrap_or_else(PoisonError::into_inner);
-                if st.count >= MAX_ENTRIES {
+                if st.count >= self.capacity {
                     st.tlb.invalidate_all();
                     st.count = 0;
+                    self.evictions.fetch_add(1, Relaxed);
                 }
                 st.count += 1;
                 // set_mapping never fails for a non-wrapping range.
@@ -148,6 +179,34 @@ impl VhostIotlb {
             k @ (Miss | AccessFail) => return Err(IotlbError::WrongDirection(k)),
         }
         Ok(())
+    }
+
+    /// The first page of `[iova, iova + len)` that has no entry allowing `perm`, as the
+    /// fault a translation there would record (nothing is recorded or counted).
+    pub fn first_gap(&self, iova: u64, len: u64, perm: IotlbPerm) -> Option<Fault> {
+        let access = match (perm.read, perm.write) {
+            (true, true) => Permissions::ReadWrite,
+            (false, true) => Permissions::Write,
+            _ => Permissions::Read,
+        };
+        let miss = Some(Fault { iova, perm, miss: true });
+        let Ok(n) = usize::try_from(len) else { return miss };
+        if len == 0 {
+            return None;
+        }
+        if iova.checked_add(len).is_none() {
+            return miss;
+        }
+        let st = self.tlb.read().unwrap_or_else(PoisonError::into_inner);
+        let fails = Iotlb::lookup(&st.tlb, GuestAddress(iova), n, access).err()?;
+        let m = fails.misses.first().map(|r| r.base.0);
+        let f = fails.access_fails.first().map(|r| r.base.0);
+        match (m, f) {
+            (Some(m), Some(f)) if f < m => Some(Fault { iova: f, perm, miss: false }),
+            (Some(m), _) => Some(Fault { iova: m, perm, miss: true }),
+            (None, Some(f)) => Some(Fault { iova: f, perm, miss: false }),
+            (None, None) => None,
+        }
     }
 
     /// Empties the IOTLB (ring reset, new memory table).

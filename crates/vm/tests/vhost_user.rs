@@ -21,7 +21,10 @@ use viommu_vm::machine::Machine;
 use viommu_vm::GuestRam;
 
 const EP: u32 = 8;
-const QSIZE: u16 = 16;
+const QSIZE: u16 = 256;
+/// Ring layout in its 3 pages: descriptors, available ring, used ring.
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
 const RAM: usize = 16 << 20;
 const DISK: u64 = 1 << 20;
 const F_NEXT: u16 = 1;
@@ -65,6 +68,11 @@ struct Rig {
 
 impl Rig {
     fn new(options: FrontendOptions) -> Self {
+        Self::with_iotlb(options, viommu_vhost_user::iotlb::MAX_ENTRIES)
+    }
+
+    /// With a back-end IOTLB emptied every `capacity` UPDATEs.
+    fn with_iotlb(options: FrontendOptions, capacity: u64) -> Self {
         let ram = GuestRam::new_shared(RAM).unwrap();
         let m = Machine::new(ram.clone(), EP, Mode::Driver(DriverMode::Strict)).unwrap();
         let disk = memfd(c"disk", DISK);
@@ -73,7 +81,7 @@ impl Rig {
 
         let (fe_sock, be_sock) = UnixStream::pair().unwrap();
         let dev = BlockDevice::new(disk.try_clone().unwrap(), "viommu-vhost-test").unwrap();
-        let mut backend = Backend::new(dev, be_sock);
+        let mut backend = Backend::new(dev, be_sock).with_iotlb_capacity(capacity);
         let stats = backend.stats();
         let backend = std::thread::spawn(move || backend.run());
 
@@ -89,11 +97,11 @@ impl Rig {
         let mut fe = Frontend::connect(fe_sock, &iommu, EP, features, &[region], options).unwrap();
         fe.iotlb_listener(&iommu);
 
-        // desc (16 x 16 bytes) at 0, avail at 0x100, used at 0x200, in one page.
-        let ring = ram.alloc_pages(1).unwrap();
-        let ring_iova = dma(&m).map_single(ring.gpa, 4096, DmaDirection::Bidirectional).unwrap();
+        let ring = ram.alloc_pages(3).unwrap();
+        let ring_iova =
+            dma(&m).map_single(ring.gpa, 3 * 4096, DmaDirection::Bidirectional).unwrap();
         let (kick, call) = (eventfd(), eventfd());
-        fe.set_vring(QSIZE, ring_iova, ring_iova + 0x100, ring_iova + 0x200, &kick, &call).unwrap();
+        fe.set_vring(QSIZE, ring_iova, ring_iova + AVAIL, ring_iova + USED, &kick, &call).unwrap();
         Self {
             m,
             fe,
@@ -124,11 +132,11 @@ impl Rig {
             d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
             self.ram().write(self.ring_gpa + 16 * i as u64, &d).unwrap();
         }
-        let slot = self.ring_gpa + 0x104 + 2 * u64::from(self.avail_idx % QSIZE);
+        let slot = self.ring_gpa + AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
         self.ram().write(slot, &0u16.to_le_bytes()).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.ram().write(self.ring_gpa + 0x102, &self.avail_idx.to_le_bytes()).unwrap();
+        self.ram().write(self.ring_gpa + AVAIL + 2, &self.avail_idx.to_le_bytes()).unwrap();
         (&self.kick).write_all_at_eventfd();
         self.wait_used()
     }
@@ -137,9 +145,9 @@ impl Rig {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             let mut idx = [0u8; 2];
-            self.ram().read(self.ring_gpa + 0x202, &mut idx).unwrap();
+            self.ram().read(self.ring_gpa + USED + 2, &mut idx).unwrap();
             if u16::from_le_bytes(idx) != self.used_idx {
-                let elem = self.ring_gpa + 0x204 + 8 * u64::from(self.used_idx % QSIZE);
+                let elem = self.ring_gpa + USED + 4 + 8 * u64::from(self.used_idx % QSIZE);
                 let mut e = [0u8; 8];
                 self.ram().read(elem, &mut e).unwrap();
                 self.used_idx = self.used_idx.wrapping_add(1);
@@ -442,6 +450,60 @@ fn hostile_chains_are_answered_and_serving_goes_on() {
         (buf_iova, 4096, DmaDirection::FromDevice),
     ] {
         d.unmap_single(iova, len, dir).unwrap();
+    }
+    rig.finish();
+}
+
+/// Scattered 800 KiB requests (200 pages, each mapped on its own, in one chain) with MISS only, on a
+/// back-end IOTLB emptied every 300 UPDATEs, so that the second request sees it emptied
+/// half-way: its pages are asked for anew and it completes with its data (an emptying used
+/// to exhaust the request's MISS budget and fail it, as QEMU boots of Linux showed).
+#[test]
+fn scattered_request_survives_iotlb_evictions() {
+    let mut rig = Rig::with_iotlb(FrontendOptions { update_on_map: false }, 300);
+    let d = dma(&rig.m).clone();
+    let page = rig.ram().alloc_pages(1).unwrap();
+    let hdr_iova = d.map_single(page.gpa, 16, DmaDirection::ToDevice).unwrap();
+    let st_iova = d.map_single(page.gpa + 512, 1, DmaDirection::FromDevice).unwrap();
+    let bufs: Vec<_> = (0..200).map(|_| rig.ram().alloc_pages(1).unwrap()).collect();
+    for (kind, dir, flag) in
+        [(blk::T_IN, DmaDirection::FromDevice, F_WRITE), (blk::T_OUT, DmaDirection::ToDevice, 0)]
+    {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&0u64.to_le_bytes());
+        rig.ram().write(page.gpa, &h).unwrap();
+        if kind == blk::T_OUT {
+            for (i, b) in bufs.iter().enumerate() {
+                rig.ram().write(b.gpa, &pattern(i as u8, 4096)).unwrap();
+            }
+        }
+        let iovas: Vec<u64> =
+            bufs.iter().map(|b| d.map_single(b.gpa, 4096, dir).unwrap()).collect();
+        let mut chain = vec![(hdr_iova, 16, 0)];
+        chain.extend(iovas.iter().map(|&a| (a, 4096, flag)));
+        chain.push((st_iova, 1, F_WRITE));
+        let before = rig.stats.snapshot();
+        rig.ram().write(page.gpa + 512, &[0xff]).unwrap();
+        rig.submit(&chain);
+        let mut st = [0u8];
+        rig.ram().read(page.gpa + 512, &mut st).unwrap();
+        let after = rig.stats.snapshot();
+        assert_eq!(st[0], blk::S_OK, "request {kind}: {before:?} -> {after:?}");
+        assert_eq!(after.access_fails, before.access_fails);
+        for &a in &iovas {
+            d.unmap_single(a, 4096, dir).unwrap();
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            let (mut got, at) = (vec![0u8; 4096], i as u64 * 4096);
+            if kind == blk::T_IN {
+                rig.ram().read(b.gpa, &mut got).unwrap();
+                assert!(got == (at..at + 4096).map(disk_byte).collect::<Vec<_>>(), "IN page {i}");
+            } else {
+                rig.disk.read_exact_at(&mut got, at).unwrap();
+                assert!(got == pattern(i as u8, 4096), "OUT page {i}");
+            }
+        }
     }
     rig.finish();
 }

@@ -25,6 +25,8 @@ const NOMERGES: &str = "/sys/block/vda/queue/nomerges";
 const DISK_FEATURES: &str = "/sys/block/vda/device/features";
 /// VIRTIO_F_RING_PACKED.
 const RING_PACKED: usize = 34;
+/// Reading it sends the disk a GET_ID request (`vg.vhost=1` marks).
+const SERIAL: &str = "/sys/block/vda/serial";
 /// How long after loading the modules the disk may take to appear.
 const DISK_WAIT: Duration = Duration::from_secs(60);
 /// Pause after each workload in a lazy Linux boot, so that the UNMAPs its
@@ -49,9 +51,15 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
     // The packed ring keeps Linux's I/O clear of QEMU's ring-crossing bug
     // (docs/real-guest.md); with a split ring the boot would corrupt memory.
     let features = std::fs::read_to_string(DISK_FEATURES).unwrap_or_default();
-    res.check("linux-packed-ring", features.as_bytes().get(RING_PACKED) == Some(&b'1'), || {
-        format!("{DISK_FEATURES}: {:?} lacks bit {RING_PACKED}", features.trim())
-    });
+    let packed = features.as_bytes().get(RING_PACKED) == Some(&b'1');
+    if o.vhost {
+        // The vhost-user back-end offers split rings only.
+        res.check("linux-split-ring", !packed, || format!("{DISK_FEATURES}: packed ring"));
+    } else {
+        res.check("linux-packed-ring", packed, || {
+            format!("{DISK_FEATURES}: {:?} lacks bit {RING_PACKED}", features.trim())
+        });
+    }
     let blk_bdf = format!("0000:{BLK_BDF}");
     let found = kernel_boot::iommu_domain_type(&blk_bdf);
     let want = boot.domain_type();
@@ -71,12 +79,17 @@ fn setup(boot: LinuxBoot, o: &Opts, res: &mut Results) -> Outcome<(Disk, Option<
 struct Marks {
     marker: Option<BoundMarker>,
     iommu: bool,
+    vhost: bool,
 }
 
 impl Marks {
     fn mark(&self, name: &str) {
         if let Some(m) = &self.marker {
             println!("VG MARK {name} cfgw={}", m.mark());
+        }
+        if self.vhost {
+            let id = std::fs::read_to_string(SERIAL);
+            println!("VG VHOST-MARK {name} serial={:?}", id.map(|s| s.trim().to_string()).ok());
         }
     }
 
@@ -118,7 +131,7 @@ pub fn run(boot: LinuxBoot, o: &Opts, res: &mut Results) {
             return;
         }
     };
-    let marks = Marks { marker, iommu: boot.has_iommu() };
+    let marks = Marks { marker, iommu: boot.has_iommu(), vhost: o.vhost };
     let capacity = disk.capacity().map_err(Into::into).and_then(|c| {
         if c == DISK_MIB << 20 {
             Ok(())

@@ -106,6 +106,12 @@ pub struct Opts {
     /// Boots of ours: wait for completions by interrupt (INTx through
     /// `vg_intx`) instead of polling.
     pub irq: bool,
+    /// linux-* boots: the disk is served by a vhost-user back-end
+    /// (viommu-vhost-user's `vhost_user_blk`), which offers split rings only
+    /// and reaches them through its IOTLB, not QEMU's ring code: the ring
+    /// check expects a split ring, and each mark also reads the disk's
+    /// serial (one GET_ID request, at which the back-end logs its counts).
+    pub vhost: bool,
 }
 
 /// `4k`, `1m` or a byte count.
@@ -135,6 +141,7 @@ impl Opts {
             merges: false,
             marks: true,
             irq: false,
+            vhost: false,
         };
         for kv in cmdline.split_whitespace() {
             let Some((k, v)) = kv.split_once('=') else { continue };
@@ -151,6 +158,7 @@ impl Opts {
                 "vg.merges" => o.merges = v == "1",
                 "vg.marks" => o.marks = v != "0",
                 "vg.irq" => o.irq = v == "1",
+                "vg.vhost" => o.vhost = v == "1",
                 "vg.sizes" => o.sizes = list(kv, v, parse_size)?,
                 "vg.qds" => o.qds = list(kv, v, |q| q.parse().ok())?,
                 _ => {}
