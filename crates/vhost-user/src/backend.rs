@@ -42,6 +42,9 @@ use crate::wire::{
 /// behind the IOTLB.
 pub type IoMem = IommuMemory<GuestMemoryMmap, VhostIotlb>;
 
+/// Front-end messages read in a row before the ring is served.
+const MAX_MESSAGES_PER_WAKE: u32 = 256;
+
 /// Largest queue accepted.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Most descriptors one chain may have (direct and indirect together).
@@ -291,10 +294,17 @@ impl<D: Device> Backend<D> {
             let back = self.backend_chan.as_ref().filter(|_| self.waiting.is_some());
             let back = back.map(|c| c.socket().as_raw_fd());
             let ready = poll(&[Some(self.chan.socket().as_raw_fd()), back, kick])?;
-            if ready[0] {
+            // Every message already on the socket is read before a kick is served: an
+            // UPDATE sent before the guest's kick is then applied before the ring runs.
+            let mut n = 0;
+            while ready[0] && n < MAX_MESSAGES_PER_WAKE {
                 match self.chan.recv() {
                     Err(ConnError::Closed) => return Ok(()),
                     r => self.handle(r?)?,
+                }
+                n += 1;
+                if !poll_now(self.chan.socket().as_raw_fd())? {
+                    break;
                 }
             }
             if ready[1] {
