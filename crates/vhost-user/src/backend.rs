@@ -225,6 +225,8 @@ pub struct Backend<D: Device> {
     answered: Option<Fault>,
     misses_this_request: u32,
     evictions_seen: u64,
+    /// An UPDATE came: serve the ring once the socket is read.
+    resume: bool,
     /// The request asked anew after an emptying of the IOTLB.
     refilled: bool,
     /// A used entry that could not be written yet (the used ring missed).
@@ -255,6 +257,7 @@ impl<D: Device> Backend<D> {
             answered: None,
             misses_this_request: 0,
             evictions_seen: 0,
+            resume: false,
             refilled: false,
             pending_used: None,
             stats: Arc::default(),
@@ -306,6 +309,9 @@ impl<D: Device> Backend<D> {
                 if !poll_now(self.chan.socket().as_raw_fd())? {
                     break;
                 }
+            }
+            if std::mem::take(&mut self.resume) {
+                self.process_queue()?;
             }
             if ready[1] {
                 self.miss_answered()?;
@@ -462,10 +468,10 @@ impl<D: Device> Backend<D> {
         if ack {
             self.chan.reply(h.request, &status.to_ne_bytes())?;
         }
-        // An UPDATE may be what a ring stalled on its own rings waited for.
-        if resume {
-            self.process_queue()?;
-        }
+        // An UPDATE may be what a ring stalled on its own rings waited for: the ring runs
+        // once the messages already on the socket are read (a later UPDATE may be for the
+        // same request).
+        self.resume |= resume;
         Ok(())
     }
 
@@ -660,14 +666,17 @@ impl<D: Device> Backend<D> {
             .into());
         }
         let _status = wire::parse_u64_reply(BACKEND_IOTLB_MSG, &m.header, &m.body)?;
-        while poll_now(self.chan.socket().as_raw_fd())? {
+        let mut n = 0;
+        while n < MAX_MESSAGES_PER_WAKE && poll_now(self.chan.socket().as_raw_fd())? {
             match self.chan.recv() {
                 // The close is seen again by the main loop.
                 Err(ConnError::Closed) => break,
                 r => self.handle(r?)?,
             }
+            n += 1;
         }
         self.answered = self.waiting.take().map(|w| w.fault);
+        self.resume = false;
         self.process_queue()
     }
 
