@@ -145,7 +145,16 @@ fn neg_unmapped_iova(
     }
 }
 
-/// One workload at queue depth 1; data filled and checked outside the timed part.
+/// Most requests per round: 32-byte header+status slots in one page.
+const MAX_QD: usize = PAGE_SIZE / SLOT;
+/// Bytes of one request's header and status in the slot page.
+const SLOT: usize = 32;
+
+/// One workload, in rounds of `w.qd` requests: a round's buffers are
+/// mapped in one batch (its headers and statuses share the slot page, so
+/// one MAP for all of them) and the round is one kick of the block device;
+/// the next round starts when all of it completed. Data are filled and
+/// checked outside the timed part.
 fn run_one(
     rig: &Rig,
     dma: &DmaDomain,
@@ -153,77 +162,109 @@ fn run_one(
     w: &Workload,
 ) -> Result<Perf, String> {
     let clock = &rig.clock;
-    // Header at 0, status at HEADER_LEN: one page, so one MAP for both.
-    let mut slot = DmaBuffer::new(HeapHal, 1).ok_or("no memory for the header")?;
+    let qd = w.qd.clamp(1, MAX_QD);
+    // Header at j * SLOT, status at j * SLOT + HEADER_LEN.
+    let mut slots = DmaBuffer::new(HeapHal, 1).ok_or("no memory for the headers")?;
     // A scattered buffer takes every other page of twice as many.
     let pages = w.size.div_ceil(PAGE_SIZE);
     let stride = if w.scattered { 2 } else { 1 };
-    let mut data = DmaBuffer::new(HeapHal, pages * stride).ok_or("no memory for data")?;
-    // (offset in `data`, length) of each physically separate piece.
+    let mut bufs = Vec::with_capacity(qd);
+    for _ in 0..qd {
+        bufs.push(DmaBuffer::new(HeapHal, pages * stride).ok_or("no memory for data")?);
+    }
+    // (offset in a buffer, length) of each physically separate piece.
     let pieces: Vec<(usize, usize)> = if w.scattered {
         (0..pages).map(|p| (p * 2 * PAGE_SIZE, PAGE_SIZE.min(w.size - p * PAGE_SIZE))).collect()
     } else {
         vec![(0, w.size)]
     };
-    let segs: Vec<(u64, usize)> =
-        pieces.iter().map(|&(o, l)| (data.paddr() + o as u64, l)).collect();
     let data_dir = if w.write { DmaDirection::ToDevice } else { DmaDirection::FromDevice };
     let mut untimed = 0u64;
     let blk_kicks0 = blk.kicks();
     rig.mark(&w.name);
     let before = rig.counters();
     let t0 = clock.now_ns();
-    let mut descs: Vec<(u64, u32)> = Vec::with_capacity(pieces.len());
-    for i in 0..w.count {
-        let req = Request::at(w.write, w.offset(i)).map_err(|e| format!("{e:?}"))?;
+    let mut descs: Vec<Vec<(u64, u32)>> =
+        (0..qd).map(|_| Vec::with_capacity(pieces.len())).collect();
+    let mut first = 0;
+    while first < w.count {
+        let n = qd.min((w.count - first) as usize);
         let t = clock.now_ns();
-        if w.write {
-            let mut disk = w.offset(i);
-            for &(o, l) in &pieces {
-                // SAFETY: no request is in flight: the device does not touch the buffer.
-                pattern::fill(unsafe { data.as_mut_slice(o, l) }, disk, w.tag);
-                disk += l as u64;
+        for (j, data) in bufs.iter_mut().take(n).enumerate() {
+            let mut disk = w.offset(first + j as u64);
+            if w.write {
+                for &(o, l) in &pieces {
+                    // SAFETY: no request is in flight: the device does not touch the buffer.
+                    pattern::fill(unsafe { data.as_mut_slice(o, l) }, disk, w.tag);
+                    disk += l as u64;
+                }
             }
         }
         untimed += clock.now_ns() - t;
-        slot.write(0, &req.header());
-        slot.write(HEADER_LEN, &[0xff]); // "never written"
         let mut b = dma.begin();
         let map_err = |e| format!("map: {e}");
-        let header = b.map(slot.paddr(), HEADER_LEN, DmaDirection::ToDevice).map_err(map_err)?;
-        // One IOVA range for the whole list: the device sees one contiguous buffer.
-        descs.clear();
-        for s in b.map_sg(&segs, data_dir).map_err(map_err)? {
-            match descs.last_mut() {
-                Some(d) if d.0 + d.1 as u64 == s.addr => d.1 += s.len as u32,
-                _ => descs.push((s.addr, s.len as u32)),
+        let mut addrs = [(0u64, 0u64); MAX_QD];
+        for j in 0..n {
+            let req =
+                Request::at(w.write, w.offset(first + j as u64)).map_err(|e| format!("{e:?}"))?;
+            let at = j * SLOT;
+            slots.write(at, &req.header());
+            slots.write(at + HEADER_LEN, &[0xff]); // "never written"
+            let slot = slots.paddr() + at as u64;
+            let header = b.map(slot, HEADER_LEN, DmaDirection::ToDevice).map_err(map_err)?;
+            // One IOVA range for the whole list: the device sees one contiguous buffer.
+            let segs: Vec<(u64, usize)> =
+                pieces.iter().map(|&(o, l)| (bufs[j].paddr() + o as u64, l)).collect();
+            descs[j].clear();
+            for s in b.map_sg(&segs, data_dir).map_err(map_err)? {
+                match descs[j].last_mut() {
+                    Some(d) if d.0 + d.1 as u64 == s.addr => d.1 += s.len as u32,
+                    _ => descs[j].push((s.addr, s.len as u32)),
+                }
             }
+            let status =
+                b.map(slot + HEADER_LEN as u64, 1, DmaDirection::FromDevice).map_err(map_err)?;
+            addrs[j] = (header, status);
         }
-        let status = b
-            .map(slot.paddr() + HEADER_LEN as u64, 1, DmaDirection::FromDevice)
-            .map_err(map_err)?;
         let mapping = b.commit().map_err(|e| format!("commit: {e}"))?;
-        blk.submit(&req, header, &descs, status).map_err(|e| format!("{e:?}"))?;
+        for j in 0..n {
+            let req =
+                Request::at(w.write, w.offset(first + j as u64)).map_err(|e| format!("{e:?}"))?;
+            let (header, status) = addrs[j];
+            blk.submit(&req, header, &descs[j], status).map_err(|e| format!("{e:?}"))?;
+        }
         blk.kick();
-        wait_used(rig, blk).map_err(|e| format!("request {i} of {}: {e}", w.count))?;
-        let mut st = [0u8];
-        slot.read(HEADER_LEN, &mut st);
-        if st[0] != S_OK {
-            return Err(format!("request at {:#x}: status {}", w.offset(i), st[0]));
+        for done in 0..n {
+            wait_used(rig, blk)
+                .map_err(|e| format!("round at request {first}, {done} of {n} done: {e}"))?;
+        }
+        for j in 0..n {
+            let mut st = [0u8];
+            slots.read(j * SLOT + HEADER_LEN, &mut st);
+            if st[0] != S_OK {
+                return Err(format!(
+                    "request at {:#x}: status {}",
+                    w.offset(first + j as u64),
+                    st[0]
+                ));
+            }
         }
         dma.unmap(mapping).map_err(|e| format!("unmap: {e}"))?;
         dma.tick().map_err(|e| format!("tick: {e}"))?;
         if !w.write {
             let t = clock.now_ns();
-            let mut disk = w.offset(i);
-            for &(o, l) in &pieces {
-                // SAFETY: the request completed: the device is done with the buffer.
-                pattern::check(unsafe { data.as_slice(o, l) }, disk, w.tag)
-                    .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
-                disk += l as u64;
+            for (j, data) in bufs.iter().take(n).enumerate() {
+                let mut disk = w.offset(first + j as u64);
+                for &(o, l) in &pieces {
+                    // SAFETY: the request completed: the device is done with the buffer.
+                    pattern::check(unsafe { data.as_slice(o, l) }, disk, w.tag)
+                        .map_err(|bad| format!("wrong data at disk offset {bad:#x}"))?;
+                    disk += l as u64;
+                }
             }
             untimed += clock.now_ns() - t;
         }
+        first += n as u64;
     }
     dma.flush().map_err(|e| format!("flush: {e}"))?;
     let secs = clock.now_ns().saturating_sub(t0 + untimed) as f64 / 1e9;

@@ -97,6 +97,7 @@ fn run(start_info: u64, res: &mut Results) -> Result<(), String> {
         Workload::read("batch-read-64k", 64 << 10, 64),
         Workload::read("batch-read-64k-sg", 64 << 10, 64).scattered(),
         Workload::write("batch-write-4k", 4096, 64, tag ^ 1),
+        Workload::read("batch-read-4k-qd8", 4096, 256).qd(8),
     ];
     let r = batch::run(&rig, p.blk.transport, Mode::Best, &workloads, true, res);
     // virtio-drivers' VirtIOBlk on the same device and domain, through the adapters.

@@ -34,6 +34,9 @@ pub struct Workload {
     /// Every 4 KiB page of the buffer physically apart from the one before
     /// (the hand-built path only: `map_sg`).
     pub scattered: bool,
+    /// Requests per round: mapped in one batch, one kick (the hand-built
+    /// path only; virtio-drivers' blocking calls are queue depth 1).
+    pub qd: usize,
 }
 
 impl Workload {
@@ -47,6 +50,7 @@ impl Workload {
             base: READ_BASE,
             tag: pattern::DISK_TAG,
             scattered: false,
+            qd: 1,
         }
     }
 
@@ -60,12 +64,18 @@ impl Workload {
             base: WRITE_BASE,
             tag,
             scattered: false,
+            qd: 1,
         }
     }
 
     /// The same with scattered buffers.
     pub fn scattered(self) -> Self {
         Self { scattered: true, ..self }
+    }
+
+    /// The same in rounds of `qd` requests.
+    pub fn qd(self, qd: usize) -> Self {
+        Self { qd, ..self }
     }
 
     /// Reads back what `self` (a write) wrote.
