@@ -296,6 +296,13 @@ impl Iommu {
             // §5.13.6.8: without the PROBE feature the buffer is returned unwritten.
             Request::Probe(_) if !self.offered(features::PROBE) => return self.malformed(),
             Request::Probe(_) => self.cfg.probe_size as usize,
+            // Without F_ATTACH_TABLE offered the draft's request types are unknown ones.
+            Request::AttachTable(_) | Request::Invalidate(_)
+                if !self.offered(features::ATTACH_TABLE) =>
+            {
+                self.counters.request(None);
+                return self.malformed();
+            }
             _ => 0,
         };
         if writable.len() < 4 {
@@ -337,6 +344,7 @@ impl Iommu {
             Request::Map(b) => self.map(b),
             Request::Unmap(b) => self.unmap(b),
             Request::Probe(b) => self.probe(b, props),
+            Request::AttachTable(_) | Request::Invalidate(_) => Status::Unsupp,
         };
         // Every change that can take a translation away bumps the epoch.
         if self.epoch.load(Relaxed) != epoch {

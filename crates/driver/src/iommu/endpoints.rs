@@ -41,8 +41,9 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
             for prop in PropertyIter::new(&props) {
                 match prop.map_err(Error::Probe)? {
                     Property::ResvMem(r) => regions.push(resv_region(&r)?),
-                    // Unknown property types carry nothing we must honour.
-                    Property::Unknown { .. } => {}
+                    // Unknown property types carry nothing we must honour; page-table
+                    // formats (draft) matter only to table mode.
+                    Property::Unknown { .. } | Property::PageTableFormat(_) => {}
                 }
             }
         }

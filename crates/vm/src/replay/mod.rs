@@ -194,6 +194,7 @@ fn endpoint_of(op: &Op) -> Option<u32> {
         Op::Request(Request::Attach(b)) => Some(b.endpoint.get()),
         Op::Request(Request::Detach(b)) => Some(b.endpoint.get()),
         Op::Request(Request::Probe(b)) => Some(b.endpoint.get()),
+        Op::Request(Request::AttachTable(b)) => Some(b.endpoint.get()),
         _ => None,
     }
 }
@@ -278,6 +279,12 @@ pub fn to_native(ops: &[Op]) -> String {
                 format!("unmap {} {:#x} {:#x}", b.domain, b.virt_start, b.virt_end)
             }
             Op::Request(Request::Probe(b)) => format!("probe {}", b.endpoint),
+            // The draft's page-table requests have no native form: written as raw bytes.
+            Op::Request(r @ (Request::AttachTable(_) | Request::Invalidate(_))) => {
+                let mut buf = [0u8; 96];
+                let n = r.encode(&mut buf).unwrap_or(0);
+                format!("raw {}", buf[..n].iter().map(|b| format!("{b:02x}")).collect::<String>())
+            }
         };
         out.push_str(&line);
         out.push('\n');
