@@ -120,6 +120,8 @@ pub const fn leaf_level(size: u64) -> Option<usize> {
 #[repr(C)]
 pub struct Pte(pub U64);
 
+const _: () = assert!(size_of::<Pte>() == 8);
+
 impl Pte {
     /// The invalid entry.
     pub const INVALID: Self = Self(U64::ZERO);
