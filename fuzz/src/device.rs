@@ -42,6 +42,7 @@ pub fn config(inp: &mut Input) -> DeviceConfig {
             legacy_bypass: on(6) && !on(5),
             access_platform: on(7),
             indirect_desc: on(8),
+            attach_table: false,
         },
         page_size_mask: !0u64 << granule_shift,
         input_range: (0, (1 << 32) - 1),

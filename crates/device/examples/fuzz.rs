@@ -88,6 +88,7 @@ impl FuzzConfig {
                 legacy_bypass: f[6] && !f[5],
                 access_platform: f[7],
                 indirect_desc: f[0] ^ f[3],
+                attach_table: false,
             },
             page_size_mask: !0u64
                 << [0, 9, 12, 12, 12, 12, 16, 21][usize::from(self.granule_shift % 8)],

@@ -131,6 +131,13 @@ pub struct OfferedFeatures {
     /// indirect tables boundedly: one table per chain, at most queue-size descriptors in
     /// all, nested or malformed tables refused (see [`crate::request`]).
     pub indirect_desc: bool,
+    /// Experimental, off by default: the draft VIRTIO_IOMMU_F_ATTACH_TABLE (page-table
+    /// mode, docs/device.md "Page-table mode"). The device then accepts ATTACH_TABLE and
+    /// INVALIDATE, reports a PAGE_TABLE_FMT property in PROBE, and walks the guest's I/O
+    /// page tables in the memory given by [`crate::Iommu::set_table_memory`]. No released
+    /// virtio spec, Linux or QEMU speaks this mode.
+    #[serde(default)]
+    pub attach_table: bool,
 }
 
 impl Default for OfferedFeatures {
@@ -145,6 +152,7 @@ impl Default for OfferedFeatures {
             legacy_bypass: false,
             access_platform: false,
             indirect_desc: true,
+            attach_table: false,
         }
     }
 }
@@ -164,6 +172,7 @@ impl OfferedFeatures {
             | flag(self.legacy_bypass, features::BYPASS)
             | flag(self.access_platform, features::ACCESS_PLATFORM)
             | flag(self.indirect_desc, features::RING_INDIRECT_DESC)
+            | flag(self.attach_table, features::ATTACH_TABLE)
     }
 }
 
@@ -233,6 +242,12 @@ impl DeviceConfig {
         ep.resv.len() * RESV_PROP_LEN
     }
 
+    /// Bytes of properties PROBE writes for `ep` with this configuration: the RESV_MEM
+    /// properties, then with `attach_table` one PAGE_TABLE_FMT property.
+    pub fn probe_props_len(&self, ep: &EndpointConfig) -> usize {
+        Self::probe_len(ep) + if self.features.attach_table { TABLE_FMT_PROP_LEN } else { 0 }
+    }
+
     /// Checks that the choices are coherent; [`crate::VirtioIommu::new`] refuses a config that is not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.page_size_mask == 0 {
@@ -257,7 +272,7 @@ impl DeviceConfig {
         }
         for ep in &self.endpoints {
             validate_resv(ep)?;
-            if self.features.probe && Self::probe_len(ep) > self.probe_size as usize {
+            if self.features.probe && self.probe_props_len(ep) > self.probe_size as usize {
                 return Err(ConfigError::ProbeSizeTooSmall { endpoint: ep.id });
             }
         }
@@ -287,6 +302,10 @@ impl DeviceConfig {
 /// Size of one RESV_MEM property, header included.
 pub const RESV_PROP_LEN: usize =
     size_of::<viommu_proto::ProbePropHead>() + size_of::<viommu_proto::ResvMem>();
+
+/// Size of one PAGE_TABLE_FMT property (draft), header included.
+pub const TABLE_FMT_PROP_LEN: usize =
+    size_of::<viommu_proto::ProbePropHead>() + size_of::<viommu_proto::TableFormat>();
 
 fn validate_resv(ep: &EndpointConfig) -> Result<(), ConfigError> {
     let mut msi = 0;

@@ -5,10 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use serde::{Deserialize, Serialize};
 use viommu_proto::{RequestType, Status};
 
+/// Slots of the per-type request counters: index 0 for unknown types, then each type by
+/// its code.
+const REQUEST_SLOTS: usize = 1 + RequestType::COUNT;
+
 /// Live counters (atomics); read a consistent-enough copy with [`Counters::get`].
 #[derive(Debug, Default)]
 pub struct Counters {
-    requests: [AtomicU64; 6],
+    requests: [AtomicU64; REQUEST_SLOTS],
     statuses: [AtomicU64; 9],
     malformed: AtomicU64,
     faults_raised: AtomicU64,
@@ -24,9 +28,10 @@ pub struct Counters {
 /// A copy of the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterSnapshot {
-    /// Requests by type: 1..=5 ATTACH..PROBE (parsed, each gets one status); index 0 counts
-    /// unknown types, which get no status (used length 0, also counted in `malformed`).
-    pub requests: [u64; 6],
+    /// Requests by type: 1..=5 ATTACH..PROBE, 6 and 7 the drafts' ATTACH_TABLE and
+    /// INVALIDATE (parsed, each gets one status); index 0 counts unknown types, which get
+    /// no status (used length 0, also counted in `malformed`).
+    pub requests: [u64; REQUEST_SLOTS],
     /// Statuses written, indexed by status code.
     pub statuses: [u64; 9],
     /// Chains returned with used length 0 (could not be parsed or answered).

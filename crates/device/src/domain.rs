@@ -7,6 +7,8 @@ use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pgtable::PageTable;
+
 /// One mapping created by one MAP request. `end` is inclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Mapping {
@@ -416,13 +418,40 @@ pub struct Domain {
     pub bypass: bool,
     /// The mappings; readers (translate) never block each other.
     pub mappings: RwLock<MappingTree>,
+    /// Created with ATTACH_TABLE: translated by walking this table, never by mappings.
+    pub(crate) table: Option<PageTable>,
 }
 
 impl Domain {
     /// A new, empty domain whose mappings are aligned on `granule`.
     pub fn new(id: u32, bypass: bool, granule: u64) -> Self {
-        Self { id, bypass, mappings: RwLock::new(MappingTree::new(granule)) }
+        Self { id, bypass, mappings: RwLock::new(MappingTree::new(granule)), table: None }
     }
+
+    /// A page-table domain whose level-0 table is at `root`.
+    pub(crate) fn with_table(id: u32, root: u64) -> Self {
+        Self { table: Some(PageTable::new(root)), ..Self::new(id, false, 1 << 12) }
+    }
+
+    /// How the domain translates, for the rule that a domain keeps its mode for life.
+    pub(crate) fn kind(&self) -> DomainKind {
+        match (&self.table, self.bypass) {
+            (Some(t), _) => DomainKind::Table(t.root),
+            (None, true) => DomainKind::Bypass,
+            (None, false) => DomainKind::Map,
+        }
+    }
+}
+
+/// How a domain translates; fixed when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DomainKind {
+    /// MAP/UNMAP mappings (ATTACH without F_BYPASS).
+    Map,
+    /// Identity (ATTACH with F_BYPASS).
+    Bypass,
+    /// The I/O page table at this root (ATTACH_TABLE).
+    Table(u64),
 }
 
 #[cfg(test)]

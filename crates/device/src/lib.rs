@@ -34,6 +34,7 @@ pub mod fault;
 mod iommu;
 mod lease;
 mod listener;
+mod pgtable;
 pub mod request;
 mod snapshot;
 mod sync;
@@ -49,6 +50,7 @@ pub use error::{ConfigError, Error};
 pub use fault::PendingFault;
 pub use iommu::{FaultNotifier, Iommu};
 pub use listener::{Listener, ListenerError, ListenerId};
+pub use pgtable::TableMemory;
 pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
 pub use translate::{
     Access, AccessError, Fault, FaultKind, Permissions, Segment, Translation, Window,

@@ -93,6 +93,29 @@ pub trait Listener: Send + Sync {
     /// The device was reset (or is being restored): every domain and mapping is gone.
     /// `on_detach` for each attached endpoint precedes it.
     fn on_reset(&self) {}
+    /// Page-table mode (experimental): `endpoint` now translates through `domain`, whose
+    /// I/O page table (format 3) has its level-0 table at guest-physical `root`. No
+    /// `on_map` follows: a back-end walks the table itself or fills its cache with
+    /// [`crate::Iommu::lookup`]. A refusal fails the ATTACH_TABLE with the error's status,
+    /// leaving the endpoint detached (`on_detach`).
+    ///
+    /// The default treats it as [`on_attach`](Self::on_attach) of a (non-bypass) domain.
+    fn on_attach_table(&self, endpoint: u32, domain: u32, root: u64) -> Result<(), ListenerError> {
+        let _ = root;
+        self.on_attach(endpoint, domain, false);
+        Ok(())
+    }
+    /// Page-table mode: an INVALIDATE of `domain` covering `[start, end]` (`0..=u64::MAX`
+    /// for a domain-wide one); one call per attached endpoint, after the device emptied
+    /// its own cache and before the INVALIDATE completes. What `endpoint` reached in that
+    /// range may have changed: drop it from any cache.
+    ///
+    /// The default forwards to [`on_unmap`](Self::on_unmap) with nothing in `removed`, so
+    /// a back-end that flushes its cache there follows page-table domains unchanged.
+    fn on_invalidate(&self, endpoint: u32, domain: u32, start: u64, end: u64) {
+        let _ = domain;
+        self.on_unmap(endpoint, start, end, &[]);
+    }
 }
 
 /// Names a registered listener, for [`crate::Iommu::remove_listener`].
@@ -149,6 +172,25 @@ impl Listeners {
             }
         }
         Ok(())
+    }
+
+    /// Tells every (endpoint, listener) pair that `domain` uses the table at `root`.
+    pub(crate) fn attach_table(
+        &self,
+        endpoint: u32,
+        domain: u32,
+        root: u64,
+    ) -> Result<(), ListenerError> {
+        self.iter().try_for_each(|l| l.on_attach_table(endpoint, domain, root))
+    }
+
+    /// One `on_invalidate` per endpoint and listener.
+    pub(crate) fn invalidate(&self, endpoints: &[u32], domain: u32, start: u64, end: u64) {
+        for &e in endpoints {
+            for l in self.iter() {
+                l.on_invalidate(e, domain, start, end);
+            }
+        }
     }
 
     /// One `on_unmap` per endpoint and listener, unless nothing was removed.

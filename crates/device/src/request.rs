@@ -18,12 +18,22 @@
 //! - a head index past the queue: no used entry can name it; it is counted and skipped.
 
 use smallvec::SmallVec;
-use viommu_proto::{ProbeBody, ReqHead, RequestType};
+use viommu_proto::{AttachTableBody, ProbeBody, ReqHead, RequestType};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-/// The most readable bytes any request needs: the head and the largest body (PROBE).
-pub const MAX_READABLE: usize = size_of::<ReqHead>() + size_of::<ProbeBody>();
+/// The most readable bytes any request needs: the head and the largest body (ATTACH_TABLE,
+/// 76 bytes, then PROBE, 68).
+pub const MAX_READABLE: usize =
+    size_of::<ReqHead>() + max(size_of::<ProbeBody>(), size_of::<AttachTableBody>());
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 
 /// Why a chain could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

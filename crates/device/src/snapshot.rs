@@ -18,6 +18,11 @@ pub struct DomainState {
     pub endpoints: Vec<u32>,
     /// Mappings, in address order.
     pub mappings: Vec<Mapping>,
+    /// Page-table mode: the guest-physical address of the domain's level-0 table (format
+    /// 3), for a domain made by ATTACH_TABLE. The translation cache is not carried: the
+    /// restored device walks the table afresh.
+    #[serde(default)]
+    pub page_table: Option<u64>,
 }
 
 /// One virtqueue's registers and positions.

@@ -233,6 +233,12 @@ pub enum FaultKind {
     Reserved,
     /// `iova + len` overflows the 64-bit IOVA space (reason MAPPING).
     Overflow,
+    /// Page-table mode: a table entry the walk needed lies outside guest RAM (draft reason
+    /// WALK_EABT).
+    TableOutsideMemory,
+    /// Page-table mode: the walk met a malformed entry (reserved bits, a misaligned block,
+    /// a leaf at level 0, a table pointer at level 3; draft reason PTE_FETCH).
+    BadTableEntry,
 }
 
 impl FaultKind {
@@ -241,6 +247,8 @@ impl FaultKind {
         match self {
             Self::UnknownEndpoint => fault::R_UNKNOWN,
             Self::NotAttached => fault::R_DOMAIN,
+            Self::TableOutsideMemory => fault::R_WALK_EABT,
+            Self::BadTableEntry => fault::R_PTE_FETCH,
             _ => fault::R_MAPPING,
         }
     }

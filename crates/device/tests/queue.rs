@@ -326,6 +326,7 @@ fn features_offered_as_configured() {
         access_platform: true,
         map_unmap: true,
         indirect_desc: false,
+        attach_table: false,
     };
     let f = VirtioIommu::new(c.clone()).unwrap().device_features();
     assert_eq!(

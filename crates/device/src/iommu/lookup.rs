@@ -34,6 +34,9 @@ impl Iommu {
             return Some((identity_window(ep, iova), RW));
         }
         let domain = attached.as_ref()?;
+        if let Some(table) = &domain.table {
+            return self.table_window(ep, table, iova);
+        }
         let m = read(&domain.mappings).lookup(iova)?;
         Some((Window::Mapping(m), Permissions::from_map_flags(m.flags)))
     }

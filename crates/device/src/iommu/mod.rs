@@ -8,6 +8,7 @@
 //! domain for the length of a tree update.
 
 mod lookup;
+mod pgtable;
 mod requests;
 mod state;
 mod tlb;
@@ -28,6 +29,7 @@ use crate::error::ConfigError;
 use crate::fault::FaultQueue;
 use crate::lease::Leases;
 use crate::listener::{Listener, ListenerId, Listeners};
+use crate::pgtable::TableMemory;
 use crate::sync::{lock, read, write};
 
 /// A function the IOMMU calls when a fault event becomes pending, so the VMM can run
@@ -92,6 +94,8 @@ pub struct Iommu {
     notifier: RwLock<Option<FaultNotifier>>,
     /// Leases on translations; changes that take access away wait for them (see `lease`).
     leases: Leases,
+    /// Guest memory for page-table walks (page-table mode; see `pgtable`).
+    table_memory: RwLock<Option<Arc<dyn TableMemory>>>,
 }
 
 impl std::fmt::Debug for Iommu {
@@ -123,6 +127,7 @@ impl Iommu {
             counters: Counters::default(),
             notifier: RwLock::new(None),
             leases: Leases::new(),
+            table_memory: RwLock::new(None),
             cfg,
         })
     }
@@ -344,7 +349,8 @@ impl Iommu {
             Request::Map(b) => self.map(b),
             Request::Unmap(b) => self.unmap(b),
             Request::Probe(b) => self.probe(b, props),
-            Request::AttachTable(_) | Request::Invalidate(_) => Status::Unsupp,
+            Request::AttachTable(b) => self.attach_table(b),
+            Request::Invalidate(b) => self.invalidate_table(b),
         };
         // Every change that can take a translation away bumps the epoch.
         if self.epoch.load(Relaxed) != epoch {

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use viommu_proto::features;
 use viommu_proto::{
-    probe, write_resv_mem, AttachBody, DetachBody, MapBody, ProbeBody, ResvMem, Status, UnmapBody,
-    ATTACH_F_BYPASS, MAP_F_MASK, MAP_F_MMIO,
+    pgtable, probe, write_resv_mem, write_table_format, AttachBody, DetachBody, MapBody, ProbeBody,
+    ResvMem, Status, UnmapBody, ATTACH_F_BYPASS, MAP_F_MASK, MAP_F_MMIO,
 };
 use zerocopy::little_endian::U64;
 
 use super::{Control, DomainEntry, Iommu};
 use crate::config::ResvKind;
-use crate::domain::{Domain, Mapping};
+use crate::domain::{Domain, DomainKind, Mapping};
 use crate::endpoint::Endpoint;
 use crate::listener::Listeners;
 use crate::sync::{lock, read, write};
@@ -32,7 +32,7 @@ impl Iommu {
         if flags & !known != 0 {
             return Status::Inval;
         }
-        let bypass = flags & ATTACH_F_BYPASS != 0;
+        let kind = if flags & ATTACH_F_BYPASS != 0 { DomainKind::Bypass } else { DomainKind::Map };
         let (domain_id, ep_id) = (b.domain.get(), b.endpoint.get());
         // "If the endpoint identified by endpoint doesn't exist, the device MUST reject the
         // request and set status to VIRTIO_IOMMU_S_NOENT."
@@ -40,6 +40,18 @@ impl Iommu {
         if !self.domain_in_range(domain_id) {
             return Status::Range;
         }
+        self.attach_endpoint(ep, domain_id, kind)
+    }
+
+    /// Attaches `ep` to domain `domain_id`, created with `kind` if it does not exist: the
+    /// common part of ATTACH and ATTACH_TABLE.
+    pub(super) fn attach_endpoint(
+        &self,
+        ep: &Endpoint,
+        domain_id: u32,
+        kind: DomainKind,
+    ) -> Status {
+        let ep_id = ep.id;
         let mut ctl = lock(&self.control);
         let current = read(&ep.attached).as_ref().map(|d| d.id);
         let leaving_destroys = current.is_some_and(|c| {
@@ -49,8 +61,9 @@ impl Iommu {
             Some(entry) => {
                 // "If the domain already exists and the VIRTIO_IOMMU_ATTACH_F_BYPASS flag is
                 // not consistent with that domain, the device SHOULD reject the request and
-                // set status to VIRTIO_IOMMU_S_INVAL."
-                if entry.domain.bypass != bypass {
+                // set status to VIRTIO_IOMMU_S_INVAL." Likewise a table domain for ATTACH, a
+                // MAP domain or another root for ATTACH_TABLE (docs/spec-coverage.md P13).
+                if entry.domain.kind() != kind {
                     return Status::Inval;
                 }
                 if current == Some(domain_id) {
@@ -90,7 +103,10 @@ impl Iommu {
             self.leave_domain(&mut ctl, ep, old.id);
         }
         let entry = ctl.domains.entry(domain_id).or_insert_with(|| DomainEntry {
-            domain: Arc::new(Domain::new(domain_id, bypass, self.granule)),
+            domain: Arc::new(match kind {
+                DomainKind::Table(root) => Domain::with_table(domain_id, root),
+                _ => Domain::new(domain_id, kind == DomainKind::Bypass, self.granule),
+            }),
             endpoints: Vec::new(),
             resv: Vec::new(),
         });
@@ -106,10 +122,15 @@ impl Iommu {
             if let Some(old) = &old {
                 l.on_detach(ep_id, old.id);
             }
-            l.on_attach(ep_id, domain_id, bypass);
         }
-        let existing: Vec<Mapping> = read(&entry.domain.mappings).iter().collect();
-        let replay = existing.iter().try_for_each(|m| told.map(&[ep_id], m));
+        let replay = match kind {
+            DomainKind::Table(root) => told.attach_table(ep_id, domain_id, root),
+            _ => {
+                told.iter().for_each(|l| l.on_attach(ep_id, domain_id, kind == DomainKind::Bypass));
+                let existing: Vec<Mapping> = read(&entry.domain.mappings).iter().collect();
+                existing.iter().try_for_each(|m| told.map(&[ep_id], m))
+            }
+        };
         if let Err(err) = replay {
             // The back-end cannot follow: leave the endpoint unattached (blocked, or bypassing
             // if bypass is on) rather than translating what the back-end does not have.
@@ -183,8 +204,8 @@ impl Iommu {
         // VIRTIO_IOMMU_S_NOENT."
         let Some(entry) = ctl.domains.get(&b.domain.get()) else { return Status::NoEnt };
         // "If the domain is a bypass domain, the device SHOULD reject the request and set
-        // status to VIRTIO_IOMMU_S_INVAL."
-        if entry.domain.bypass {
+        // status to VIRTIO_IOMMU_S_INVAL." A table domain has no mappings either (P13).
+        if entry.domain.kind() != DomainKind::Map {
             return Status::Inval;
         }
         // "If virt_start, phys_start or (virt_end + 1) is not aligned on the page
@@ -240,8 +261,8 @@ impl Iommu {
         // VIRTIO_IOMMU_S_NOENT." Reserved is ignored (the spec allows either).
         let Some(entry) = ctl.domains.get(&b.domain.get()) else { return Status::NoEnt };
         // "If the domain is a bypass domain, the device SHOULD reject the request and set
-        // status to VIRTIO_IOMMU_S_INVAL."
-        if entry.domain.bypass {
+        // status to VIRTIO_IOMMU_S_INVAL." A table domain has no mappings either (P13).
+        if entry.domain.kind() != DomainKind::Map {
             return Status::Inval;
         }
         if end < start {
@@ -298,6 +319,12 @@ impl Iommu {
                 Ok(n) => off += n,
                 Err(_) => return Status::DevErr,
             }
+        }
+        // P5: one PAGE_TABLE_FMT property per format the endpoint's domains may use.
+        if self.reports_table_format()
+            && write_table_format(&mut props[off..], pgtable::FORMAT_VIRT).is_err()
+        {
+            return Status::DevErr;
         }
         Status::Ok
     }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use viommu_proto::{features, MAP_F_MASK, MAP_F_MMIO};
+use viommu_proto::{features, Status, MAP_F_MASK, MAP_F_MMIO};
 
 use super::{DomainEntry, Iommu};
 use crate::domain::{Domain, Mapping};
@@ -37,6 +37,7 @@ impl Iommu {
                 bypass: e.domain.bypass,
                 endpoints: e.endpoints.clone(),
                 mappings: read(&e.domain.mappings).iter().collect(),
+                page_table: e.domain.table.as_ref().map(|t| t.root),
             })
             .collect();
         (domains, lock(&self.faults).to_vec())
@@ -71,13 +72,17 @@ impl Iommu {
     /// Pending faults a running device could hold: within the queue's bound, one per
     /// (endpoint, reason, flags), of a configured endpoint, with known reason and flags.
     fn check_faults(&self, faults: &[PendingFault]) -> Result<(), String> {
-        use viommu_proto::fault::{F_ADDRESS, F_READ, F_WRITE, R_DOMAIN, R_MAPPING};
+        use viommu_proto::fault::{
+            F_ADDRESS, F_READ, F_WRITE, R_DOMAIN, R_MAPPING, R_PTE_FETCH, R_WALK_EABT,
+        };
+        let tables = self.offered(features::ATTACH_TABLE);
         if faults.len() > self.cfg.limits.max_pending_faults {
             return Err(format!("{} pending faults, more than the limit", faults.len()));
         }
         for (i, f) in faults.iter().enumerate() {
             let known = self.endpoints.get(f.endpoint).is_some()
-                && matches!(f.reason, R_DOMAIN | R_MAPPING)
+                && (matches!(f.reason, R_DOMAIN | R_MAPPING)
+                    || (tables && matches!(f.reason, R_WALK_EABT | R_PTE_FETCH)))
                 && f.flags & !(F_READ | F_WRITE | F_ADDRESS) == 0;
             let twice = faults[..i]
                 .iter()
@@ -103,6 +108,19 @@ impl Iommu {
             && mmio_ok
     }
 
+    /// A root ATTACH_TABLE could have accepted: page-table mode offered, the root aligned,
+    /// and inside guest RAM when the table memory is known (P16).
+    fn check_table_root(&self, root: u64) -> Result<(), String> {
+        if !self.offered(features::ATTACH_TABLE) {
+            return Err("a page-table domain, but page-table mode is not offered".into());
+        }
+        match self.check_root(root) {
+            // Without table memory yet, the root is checked by every walk instead.
+            Ok(()) | Err(Status::DevErr) => Ok(()),
+            Err(_) => Err(format!("page-table root {root:#x}: not aligned, or not in guest RAM")),
+        }
+    }
+
     fn import_domains(&self, domains: &[DomainState]) -> Result<(), String> {
         let mut ctl = lock(&self.control);
         let told = ctl.listeners.clone();
@@ -125,7 +143,17 @@ impl Iommu {
             {
                 return Err(format!("domain {}: more mappings than the limits", d.id));
             }
-            let domain = Arc::new(Domain::new(d.id, d.bypass, self.granule));
+            let domain = match d.page_table {
+                None => Domain::new(d.id, d.bypass, self.granule),
+                Some(root) => {
+                    self.check_table_root(root)?;
+                    if d.bypass || !d.mappings.is_empty() {
+                        return Err(format!("domain {}: a table domain with mappings", d.id));
+                    }
+                    Domain::with_table(d.id, root)
+                }
+            };
+            let domain = Arc::new(domain);
             let entry = DomainEntry { domain, endpoints: Vec::new(), resv: Vec::new() };
             {
                 let mut tree = write(&entry.domain.mappings);
@@ -159,6 +187,11 @@ impl Iommu {
                 *slot = Some(entry.domain.clone());
                 entry.endpoints.push(e);
                 entry.resv.extend_from_slice(&ep.resv);
+                if let Some(root) = d.page_table {
+                    told.attach_table(e, d.id, root)
+                        .map_err(|err| format!("endpoint {e}: {err}"))?;
+                    continue;
+                }
                 told.iter().for_each(|l| l.on_attach(e, d.id, d.bypass));
                 for m in &d.mappings {
                     told.map(&[e], m).map_err(|err| format!("endpoint {e}: {err}"))?;

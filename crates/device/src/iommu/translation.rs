@@ -113,6 +113,9 @@ impl Iommu {
             return Ok(Segments::identity(iova, len));
         }
         let domain = attached.as_ref().expect("bypass handled the unattached case");
+        if let Some(table) = &domain.table {
+            return self.table_segments(ep, table, (iova, last, len), need, epoch);
+        }
         let tree = read(&domain.mappings);
         let mut out = Segments::default();
         let mut cur = iova;

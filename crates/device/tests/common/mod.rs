@@ -98,7 +98,7 @@ pub fn probe(endpoint: u32) -> Request {
 }
 
 pub fn encode(req: &Request) -> Vec<u8> {
-    let mut b = vec![0u8; 80];
+    let mut b = vec![0u8; 128];
     let n = req.encode(&mut b).unwrap();
     b.truncate(n);
     b
