@@ -218,77 +218,11 @@ pub fn memory_bars(cs: &mut dyn ConfigSpace, bdf: Bdf) -> [Option<Bar>; 6] {
     out
 }
 
-/// Virtio vendor capability `cfg_type` values (virtio 1.2 §4.1.4).
-pub mod cfg_type {
-    /// Common configuration.
-    pub const COMMON: u8 = 1;
-    /// Notifications.
-    pub const NOTIFY: u8 = 2;
-    /// ISR status.
-    pub const ISR: u8 = 3;
-    /// Device-specific configuration.
-    pub const DEVICE: u8 = 4;
-}
+pub use viommu_driver::transport::pci_caps::{cfg_type, CapError, CapRegion, VirtioCaps};
 
-/// Where one virtio structure is: BAR, offset, length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CapRegion {
-    /// BAR index.
-    pub bar: u8,
-    /// Offset in the BAR.
-    pub offset: u32,
-    /// Length in bytes.
-    pub length: u32,
-}
-
-/// The virtio structures a driver needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioCaps {
-    /// Common configuration.
-    pub common: CapRegion,
-    /// Notification area.
-    pub notify: CapRegion,
-    /// Bytes between the notify addresses of consecutive `queue_notify_off`s.
-    pub notify_off_multiplier: u32,
-    /// Device-specific configuration, if any.
-    pub device: Option<CapRegion>,
-}
-
-/// Size of the common configuration structure up to `queue_device`.
-pub const COMMON_LEN: u32 = 0x38;
-
-impl VirtioCaps {
-    /// "The driver SHOULD use the first instance of each virtio structure
-    /// type it can support" (§4.1.4): the first capability of each type
-    /// that is well formed. `None` without a usable common or notify one.
-    pub fn parse(caps: &[Capability]) -> Option<Self> {
-        let mut found: [Option<(CapRegion, &Capability)>; 4] = [None; 4];
-        for cap in caps.iter().filter(|c| c.id == regs::CAP_ID_VENDOR) {
-            let b = &cap.bytes;
-            let (cap_len, ty, bar) = (b[2], b[3], b[4]);
-            if cap_len < 16 || bar > 5 || !(1..=4).contains(&ty) {
-                continue;
-            }
-            if ty == cfg_type::NOTIFY && cap_len < 20 {
-                continue;
-            }
-            let region = CapRegion {
-                bar,
-                offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-                length: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
-            };
-            found[ty as usize - 1].get_or_insert((region, cap));
-        }
-        let (common, _) = found[0].filter(|(r, _)| r.length >= COMMON_LEN)?;
-        let (notify, ncap) = found[1].filter(|(r, _)| r.length >= 2)?;
-        let b = &ncap.bytes;
-        Some(Self {
-            common,
-            notify,
-            notify_off_multiplier: u32::from_le_bytes([b[16], b[17], b[18], b[19]]),
-            device: found[3].map(|(r, _)| r),
-        })
-    }
+/// The virtio structures named by `caps` (see [`VirtioCaps::parse`]).
+pub fn virtio_caps(caps: &[Capability]) -> Result<VirtioCaps, CapError> {
+    VirtioCaps::parse(caps.iter().map(|c| &c.bytes[..]))
 }
 
 #[cfg(test)]
@@ -417,7 +351,7 @@ pub(crate) mod tests {
         virtio_function(&mut cs, at, 0x1057);
         let caps = capabilities(&mut cs, at);
         assert_eq!(caps.len(), 5);
-        let v = VirtioCaps::parse(&caps).unwrap();
+        let v = virtio_caps(&caps).unwrap();
         assert_eq!(v.common, CapRegion { bar: 4, offset: 0, length: 0x1000 });
         assert_eq!((v.notify.offset, v.notify_off_multiplier), (0x3000, 4));
         assert_eq!(v.device.unwrap().offset, 0x2000);
@@ -444,7 +378,7 @@ pub(crate) mod tests {
         let c = cs.funcs.get_mut(&at).unwrap();
         c[0x72] = 16; // a notify capability without its multiplier
         let caps = capabilities(&mut cs, at);
-        assert_eq!(VirtioCaps::parse(&caps), None);
+        assert_eq!(virtio_caps(&caps), Err(CapError::Missing(cfg_type::NOTIFY)));
         let c = cs.funcs.get_mut(&at).unwrap();
         c[0x06] = 0; // no capability list at all
         assert!(capabilities(&mut cs, at).is_empty());

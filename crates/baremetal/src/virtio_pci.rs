@@ -455,7 +455,7 @@ mod tests {
         let mut cs = FakeConfig::default();
         let at = Bdf { bus: 0, dev: 4, func: 0 };
         virtio_function(&mut cs, at, 0x1057);
-        let caps = VirtioCaps::parse(&capabilities(&mut cs, at)).unwrap();
+        let caps = crate::pci::virtio_caps(&capabilities(&mut cs, at)).unwrap();
         let bars = memory_bars(&mut cs, at);
         let mmio = FakeMmio::default();
         mmio.0.lock().unwrap().0 = vec![0u8; 0x4000];

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::pci::{Mmio, PciDevice};
-use crate::virtio_pci::VirtioCaps;
+use crate::virtio_pci::virtio_caps;
 use crate::Error;
 
 /// Loads an (uncompressed) kernel module; one that is already loaded is fine.
@@ -81,7 +81,7 @@ impl BoundMarker {
     /// Maps the device config of `bdf` and checks that byte `offset` of it exists.
     pub fn open(bdf: &str, offset: usize) -> Result<Self, Error> {
         let pci = PciDevice::open(bdf)?;
-        let caps = VirtioCaps::parse(&pci.capabilities()?)?;
+        let caps = virtio_caps(&pci)?;
         let dev =
             caps.device.ok_or_else(|| Error::Device(format!("{bdf} has no device config")))?;
         if offset >= dev.length as usize {

@@ -5,25 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use viommu_driver::transport::pci_caps::{CapRegion, VirtioCaps};
 use viommu_driver::transport::{QueueAddrs, Transport, UsedWaiter};
 
-use crate::pci::{regs, Capability, Mmio, PciDevice};
+use crate::pci::{regs, Mmio, PciDevice};
 use crate::uio::UioIrq;
 use crate::Error;
-
-/// Virtio vendor capability `cfg_type` values.
-pub mod cfg_type {
-    /// Common configuration.
-    pub const COMMON: u8 = 1;
-    /// Notifications.
-    pub const NOTIFY: u8 = 2;
-    /// ISR status.
-    pub const ISR: u8 = 3;
-    /// Device-specific configuration.
-    pub const DEVICE: u8 = 4;
-    /// PCI configuration access (unused here).
-    pub const PCI_CFG: u8 = 5;
-}
 
 /// Offsets in the common configuration structure.
 mod common {
@@ -41,76 +28,12 @@ mod common {
     pub const QUEUE_DESC: usize = 0x20;
     pub const QUEUE_DRIVER: usize = 0x28;
     pub const QUEUE_DEVICE: usize = 0x30;
-    /// Size of the structure up to `queue_device` included.
-    pub const LEN: u32 = 0x38;
 }
 
-/// Where one virtio structure lives: BAR, offset and length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CapRegion {
-    /// BAR index.
-    pub bar: u8,
-    /// Offset in the BAR.
-    pub offset: u32,
-    /// Length in bytes.
-    pub length: u32,
-}
-
-/// The four virtio structures a driver needs, found in the capability list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioCaps {
-    /// Common configuration.
-    pub common: CapRegion,
-    /// Notification area.
-    pub notify: CapRegion,
-    /// Bytes between the notify addresses of consecutive `queue_notify_off` values.
-    pub notify_off_multiplier: u32,
-    /// ISR status byte.
-    pub isr: CapRegion,
-    /// Device-specific configuration (absent for devices without one).
-    pub device: Option<CapRegion>,
-}
-
-impl VirtioCaps {
-    /// Picks the first capability of each type from `caps`, as the spec
-    /// recommends, and checks that each fits the minimum size.
-    pub fn parse(caps: &[Capability]) -> Result<Self, Error> {
-        let mut found: [Option<(CapRegion, &Capability)>; 5] = [None; 5];
-        for cap in caps.iter().filter(|c| c.id == regs::CAP_ID_VENDOR) {
-            let b = &cap.bytes;
-            let (cap_len, ty, bar) = (b[2], b[3], b[4]);
-            if cap_len < 16 || bar > 5 || !(1..=5).contains(&ty) {
-                continue;
-            }
-            let region = CapRegion {
-                bar,
-                offset: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-                length: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
-            };
-            found[ty as usize - 1].get_or_insert((region, cap));
-        }
-        let need = |ty: u8, min: u32| -> Result<(CapRegion, &Capability), Error> {
-            let (r, c) = found[ty as usize - 1]
-                .ok_or_else(|| Error::Device(format!("no virtio capability of type {ty}")))?;
-            if r.length < min {
-                return Err(Error::Device(format!(
-                    "virtio capability type {ty} is {} bytes, need {min}",
-                    r.length
-                )));
-            }
-            Ok((r, c))
-        };
-        let (common, _) = need(cfg_type::COMMON, common::LEN)?;
-        let (notify, ncap) = need(cfg_type::NOTIFY, 2)?;
-        if ncap.bytes[2] < 20 {
-            return Err(Error::Device("virtio notify capability too short".into()));
-        }
-        let b = &ncap.bytes;
-        let notify_off_multiplier = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
-        let (isr, _) = need(cfg_type::ISR, 1)?;
-        let device = found[cfg_type::DEVICE as usize - 1].map(|(r, _)| r);
-        Ok(Self { common, notify, notify_off_multiplier, isr, device })
-    }
+/// The virtio structures of `pci`, from its capability list.
+pub fn virtio_caps(pci: &PciDevice) -> Result<VirtioCaps, Error> {
+    let caps = pci.capabilities()?;
+    VirtioCaps::parse(caps.iter().map(|c| &c.bytes[..])).map_err(|e| Error::Device(e.to_string()))
 }
 
 /// A window into a mapped BAR: offsets are relative to the window and checked.
@@ -241,9 +164,11 @@ impl PciTransport {
         pci.unbind()?;
         pci.enable()?;
         pci.set_command(regs::CMD_MEM | regs::CMD_BUS_MASTER | regs::CMD_INTX_DISABLE)?;
-        let caps = VirtioCaps::parse(&pci.capabilities()?)?;
+        let caps = virtio_caps(&pci)?;
+        let isr_region =
+            caps.isr.ok_or_else(|| Error::Device(format!("{bdf}: no virtio ISR capability")))?;
         let mut bars: [Option<Arc<Mmio>>; 6] = Default::default();
-        for r in [Some(caps.common), Some(caps.notify), Some(caps.isr), caps.device]
+        for r in [Some(caps.common), Some(caps.notify), Some(isr_region), caps.device]
             .into_iter()
             .flatten()
         {
@@ -253,7 +178,7 @@ impl PciTransport {
         }
         let common = Window::new(&bars, caps.common)?;
         let notify = Window::new(&bars, caps.notify)?;
-        let isr = Window::new(&bars, caps.isr)?;
+        let isr = Window::new(&bars, isr_region)?;
         let device = caps.device.map(|r| Window::new(&bars, r)).transpose()?;
         let num_queues = common.r16(common::NUM_QUEUES) as usize;
         Ok(Self {
@@ -487,60 +412,5 @@ struct IrqWaiter {
 impl UsedWaiter for IrqWaiter {
     fn wait_for_used(&self, _queue: u16) {
         wait_for_interrupt(&self.isr, &self.irq);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vcap(offset: u8, ty: u8, bar: u8, off: u32, len: u32, cap_len: u8) -> Capability {
-        let mut bytes = [0u8; crate::pci::CAP_BYTES];
-        bytes[0] = regs::CAP_ID_VENDOR;
-        bytes[2] = cap_len;
-        bytes[3] = ty;
-        bytes[4] = bar;
-        bytes[8..12].copy_from_slice(&off.to_le_bytes());
-        bytes[12..16].copy_from_slice(&len.to_le_bytes());
-        if ty == cfg_type::NOTIFY {
-            bytes[16..20].copy_from_slice(&4u32.to_le_bytes());
-        }
-        Capability { id: bytes[0], offset, bytes }
-    }
-
-    #[test]
-    fn parses_qemu_layout() {
-        // QEMU's layout: everything in BAR 4.
-        let caps = [
-            vcap(0x84, cfg_type::COMMON, 4, 0, 0x1000, 16),
-            vcap(0x70, cfg_type::ISR, 4, 0x1000, 0x1000, 16),
-            vcap(0x60, cfg_type::DEVICE, 4, 0x2000, 0x1000, 16),
-            vcap(0x50, cfg_type::NOTIFY, 4, 0x3000, 0x1000, 20),
-            vcap(0x40, cfg_type::PCI_CFG, 0, 0, 0, 20),
-            // A second common capability is ignored: the first one wins.
-            vcap(0x98, cfg_type::COMMON, 2, 0, 0x1000, 16),
-        ];
-        let v = VirtioCaps::parse(&caps).unwrap();
-        assert_eq!(v.common, CapRegion { bar: 4, offset: 0, length: 0x1000 });
-        assert_eq!(v.notify.offset, 0x3000);
-        assert_eq!(v.notify_off_multiplier, 4);
-        assert_eq!(v.isr.offset, 0x1000);
-        assert_eq!(v.device.unwrap().offset, 0x2000);
-    }
-
-    #[test]
-    fn rejects_missing_or_short_structures() {
-        let mut caps = vec![
-            vcap(0x40, cfg_type::COMMON, 4, 0, 0x10, 16),
-            vcap(0x50, cfg_type::NOTIFY, 4, 0x3000, 0x1000, 20),
-            vcap(0x60, cfg_type::ISR, 4, 0x1000, 0x1000, 16),
-        ];
-        assert!(VirtioCaps::parse(&caps).is_err(), "common structure too short");
-        caps[0] = vcap(0x40, cfg_type::COMMON, 4, 0, 0x38, 16);
-        assert!(VirtioCaps::parse(&caps).unwrap().device.is_none());
-        caps[1] = vcap(0x50, cfg_type::NOTIFY, 4, 0x3000, 0x1000, 16);
-        assert!(VirtioCaps::parse(&caps).is_err(), "notify capability without multiplier");
-        caps[1] = vcap(0x50, cfg_type::NOTIFY, 7, 0x3000, 0x1000, 20);
-        assert!(VirtioCaps::parse(&caps).is_err(), "BAR 7 does not exist");
     }
 }

@@ -6,7 +6,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use viommu_baremetal::acpi::{PmTimer, Rsdp, Tables};
-use viommu_baremetal::pci::{self, regs, Bdf, ConfigSpace, Function, VirtioCaps};
+use viommu_baremetal::pci::{self, regs, Bdf, ConfigSpace, Function};
 use viommu_baremetal::pvh::{StartInfo, LEN as START_INFO_LEN};
 use viommu_baremetal::virtio_pci::{PciTransport, Window};
 use viommu_driver::topology::viot::{Viot, ViotIommu};
@@ -120,8 +120,7 @@ pub fn discover(start_info: u64, res: &mut crate::Results) -> Result<Platform, S
 /// Enables a function (memory space, bus mastering, INTx off), maps its
 /// BARs and builds its transport.
 pub fn open(cs: &mut dyn ConfigSpace, bdf: Bdf) -> Result<VirtioFunction, String> {
-    let caps = VirtioCaps::parse(&pci::capabilities(cs, bdf))
-        .ok_or_else(|| format!("{bdf}: no usable virtio capabilities"))?;
+    let caps = pci::virtio_caps(&pci::capabilities(cs, bdf)).map_err(|e| format!("{bdf}: {e}"))?;
     let bars = pci::memory_bars(cs, bdf);
     for r in [Some(caps.common), Some(caps.notify), caps.device].into_iter().flatten() {
         let w = Window::of(r, &bars).ok_or_else(|| format!("{bdf}: BAR {} unassigned", r.bar))?;

@@ -106,3 +106,5 @@ pub trait UsedWaiter: Send + Sync {
     /// this call must still end the wait.
     fn wait_for_used(&self, queue: u16);
 }
+
+pub mod pci_caps;
