@@ -52,6 +52,8 @@ pub use iommu::{FaultNotifier, Iommu};
 pub use listener::{Listener, ListenerError, ListenerId};
 pub use pgtable::TableMemory;
 pub use snapshot::{DeviceState, DomainState, QueueSnapshot};
+#[doc(hidden)]
+pub use translate::Unleased;
 pub use translate::{
     Access, AccessError, Fault, FaultKind, Permissions, Segment, Translation, Window,
 };

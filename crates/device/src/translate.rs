@@ -87,6 +87,19 @@ impl Segments {
     }
 }
 
+/// For benchmarks only: what [`crate::Iommu::bench_translate_unleased`] returns, the
+/// segments of a translation without its lease and without a way to read them.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Unleased(pub(crate) Segments);
+
+impl Unleased {
+    /// Number of segments.
+    pub fn count(&self) -> usize {
+        self.0.count()
+    }
+}
+
 /// Why an access through a [`Translation`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {

@@ -10,7 +10,7 @@ use crate::domain::Mapping;
 use crate::endpoint::Endpoint;
 use crate::fault::{Offer, PendingFault};
 use crate::sync::{lock, read};
-use crate::translate::{Access, Fault, FaultKind, Segment, Segments, Translation};
+use crate::translate::{Access, Fault, FaultKind, Segment, Segments, Translation, Unleased};
 
 impl Iommu {
     /// Translates `[iova, iova + len)` for a DMA `access` by `endpoint` into guest-physical
@@ -29,6 +29,7 @@ impl Iommu {
     /// Safe to call from any number of threads while requests are processed. A per-thread
     /// cache (see `tlb`) answers repeated translations without locks; otherwise it takes two
     /// read locks and never the request lock. A zero-length access translates to nothing.
+    #[inline(always)]
     pub fn translate(
         &self,
         endpoint: u32,
@@ -36,13 +37,10 @@ impl Iommu {
         len: u64,
         access: Access,
     ) -> Result<Translation<'_>, Fault> {
+        // Small and inline (the failures are cold calls): the translation is built in the
+        // caller's frame, and the lease is taken and dropped there.
         let Some(ep) = self.endpoints.get(endpoint) else {
-            return Err(Fault {
-                kind: FaultKind::UnknownEndpoint,
-                endpoint,
-                address: iova,
-                access,
-            });
+            return Err(unknown_endpoint(endpoint, iova, access));
         };
         // Taken before the state is read: a change that completes after this waits for it.
         let lease = self.leases.acquire();
@@ -50,24 +48,31 @@ impl Iommu {
             Ok(segments) => Ok(Translation::new(segments, access, lease)),
             Err((kind, address)) => {
                 drop(lease);
-                Err(self.raise(Fault { kind, endpoint, address, access }))
+                Err(self.raise_cold(Fault { kind, endpoint, address, access }))
             }
         }
     }
 
-    /// For benchmarks only: the number of segments [`Self::translate`] would return, by the
-    /// same path but without taking a lease and without raising a fault. It yields no
-    /// address, so nothing can be accessed through it.
+    #[cold]
+    #[inline(never)]
+    fn raise_cold(&self, f: Fault) -> Fault {
+        self.raise(f)
+    }
+
+    /// For benchmarks only: [`Self::translate`]'s work minus the lease. It builds the same
+    /// segments (dropped with the result) by the same path, but raises no fault and yields
+    /// no address, so nothing can be accessed through it.
     #[doc(hidden)]
+    #[inline]
     pub fn bench_translate_unleased(
         &self,
         endpoint: u32,
         iova: u64,
         len: u64,
         access: Access,
-    ) -> Option<usize> {
+    ) -> Option<Unleased> {
         let ep = self.endpoints.get(endpoint)?;
-        self.lookup_segments(ep, iova, len, access).ok().map(|s| s.count())
+        self.lookup_segments(ep, iova, len, access).ok().map(Unleased)
     }
 
     /// The segments of `[iova, iova + len)`, or why and where it faults. Every lock it takes
@@ -181,4 +186,9 @@ impl Iommu {
         lock(&self.faults).pop();
         self.counters.fault_delivered();
     }
+}
+
+#[cold]
+fn unknown_endpoint(endpoint: u32, address: u64, access: Access) -> Fault {
+    Fault { kind: FaultKind::UnknownEndpoint, endpoint, address, access }
 }
