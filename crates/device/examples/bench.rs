@@ -426,19 +426,20 @@ fn thread_cpu_secs() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// CPU nanoseconds per operation per thread (median over batches of 10k, averaged over
-/// threads), `threads` threads each doing `per_thread` hits on random live pages; started
-/// together at a barrier.
+/// CPU nanoseconds per operation per thread for each of `paths` (median over batches of
+/// 10k, averaged over threads), `threads` threads each doing `per_thread` hits per path on
+/// `addrs`; started together at a barrier. The paths' batches alternate, so a change in
+/// the load (other processes, frequency) hits every path alike and the differences hold.
 fn time_hits(
     iommu: &Iommu,
     mem: &Mem,
     addrs: &[u64],
     threads: usize,
     per_thread: usize,
-    path: HitPath,
-) -> f64 {
+    paths: &[HitPath],
+) -> Vec<f64> {
     let start = std::sync::Barrier::new(threads);
-    let per: Vec<f64> = std::thread::scope(|s| {
+    let per: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let start = &start;
@@ -446,50 +447,58 @@ fn time_hits(
                     let mut buf = [0u8; 16];
                     let off = t * 997;
                     start.wait();
-                    let mut batches = vec![];
+                    let mut batches = vec![vec![]; paths.len()];
                     for b in 0..per_thread / 10_000 {
-                        let t0 = thread_cpu_secs();
-                        for k in b * 10_000..(b + 1) * 10_000 {
-                            let a = addrs[(off + k) % addrs.len()];
-                            match path {
-                                HitPath::Plain => {
-                                    black_box(
-                                        iommu
-                                            .bench_translate_unleased(1, a, 16, Access::Read)
-                                            .unwrap(),
-                                    );
-                                }
-                                HitPath::Leased => {
-                                    black_box(iommu.translate(1, a, 16, Access::Read).unwrap());
-                                }
-                                HitPath::LeasedAccess => {
-                                    let tr = iommu.translate(1, a, 16, Access::Read).unwrap();
-                                    tr.read_at(mem, 0, &mut buf).unwrap();
-                                    black_box(&buf);
-                                }
+                        for (p, &path) in paths.iter().enumerate() {
+                            let t0 = thread_cpu_secs();
+                            for k in b * 10_000..(b + 1) * 10_000 {
+                                hit(iommu, mem, addrs[(off + k) % addrs.len()], path, &mut buf);
                             }
+                            batches[p].push((thread_cpu_secs() - t0) / 10_000.0 * 1e9);
                         }
-                        batches.push((thread_cpu_secs() - t0) / 10_000.0 * 1e9);
                     }
-                    median(batches)
+                    batches.into_iter().map(median).collect::<Vec<f64>>()
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    per.iter().sum::<f64>() / per.len() as f64
+    (0..paths.len()).map(|p| per.iter().map(|t| t[p]).sum::<f64>() / per.len() as f64).collect()
 }
 
-/// The lowest of three runs of [`time_hits`]: the figure least disturbed by other load.
+/// One translation of `a` by `path`.
+#[inline(always)]
+fn hit(iommu: &Iommu, mem: &Mem, a: u64, path: HitPath, buf: &mut [u8; 16]) {
+    match path {
+        HitPath::Plain => {
+            black_box(iommu.bench_translate_unleased(1, a, 16, Access::Read).unwrap());
+        }
+        HitPath::Leased => {
+            black_box(iommu.translate(1, a, 16, Access::Read).unwrap());
+        }
+        HitPath::LeasedAccess => {
+            let tr = iommu.translate(1, a, 16, Access::Read).unwrap();
+            tr.read_at(mem, 0, buf).unwrap();
+            black_box(&buf);
+        }
+    }
+}
+
+/// The lowest of three runs of [`time_hits`], per path: the figures least disturbed by
+/// other load.
 fn best_of_3(
     iommu: &Iommu,
     mem: &Mem,
     addrs: &[u64],
     threads: usize,
     per: usize,
-    path: HitPath,
-) -> f64 {
-    (0..3).map(|_| time_hits(iommu, mem, addrs, threads, per, path)).fold(f64::MAX, f64::min)
+    paths: &[HitPath],
+) -> Vec<f64> {
+    (0..3)
+        .map(|_| time_hits(iommu, mem, addrs, threads, per, paths))
+        .fold(vec![f64::MAX; paths.len()], |best, run| {
+            best.iter().zip(run).map(|(b, r)| b.min(r)).collect()
+        })
 }
 
 /// The lease rows: `n` live 4 KiB mappings onto 1 MiB of guest RAM; hits on 4096 random
@@ -517,12 +526,15 @@ fn lease_rows(lookups: usize) {
             (0..4096).map(|_| live(rng.next() % n) + (rng.next() & 0xff0)).collect();
         for threads in [1, 2, 4] {
             let per = lookups / threads;
-            let run = |a: &[u64], path| best_of_3(&iommu, &mem, a, threads, per, path);
-            let plain = run(&addrs, HitPath::Plain);
-            let leased = run(&addrs, HitPath::Leased);
-            let access = run(&addrs, HitPath::LeasedAccess);
-            let hot_plain = run(&addrs[..16], HitPath::Plain);
-            let hot_leased = run(&addrs[..16], HitPath::Leased);
+            use HitPath::*;
+            let run =
+                |a: &[u64], paths: &[HitPath]| best_of_3(&iommu, &mem, a, threads, per, paths);
+            let [plain, leased, access] = run(&addrs, &[Plain, Leased, LeasedAccess])[..] else {
+                unreachable!()
+            };
+            let [hot_plain, hot_leased] = run(&addrs[..16], &[Plain, Leased])[..] else {
+                unreachable!()
+            };
             println!(
                 "| {}k | {threads} | {plain:.0} ns | {leased:.0} ns | {access:.0} ns | {hot_plain:.0} ns | {hot_leased:.0} ns | {:.0} / {:.0} ns |",
                 n >> 10,
