@@ -22,19 +22,15 @@
 //! # }
 //! use virtio_drivers::device::blk::VirtIOBlk;
 //! use virtio_drivers::transport::pci::PciTransport;
-//! use viommu_driver::adapter::{DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma};
+//! use viommu_driver::adapter::{IommuHal, IommuTransport};
 //! use viommu_driver::adapter::{VdHal, VdTransport};
 //!
 //! /// The virtio-iommu, on the OS's own virtio-drivers transport and HAL.
 //! type Iommu = viommu_driver::VirtioIommu<VdTransport<PciTransport>, VdHal<OsHal>>;
 //!
-//! /// The disk's DMA layer, found by type (virtio-drivers' `Hal` has no `self`).
-//! static DISK_DMA: DmaSlot = DmaSlot::new();
-//! struct Disk;
-//! impl StaticDma for Disk {
-//!     fn get() -> &'static SharedDma {
-//!         DISK_DMA.get().expect("installed")
-//!     }
+//! viommu_driver::static_dma! {
+//!     /// The disk's DMA layer, found by type (virtio-drivers' `Hal` has no `self`).
+//!     Disk
 //! }
 //! /// virtio-drivers' block driver, every address it hands out an IOVA.
 //! type Blk = VirtIOBlk<IommuHal<OsHal, Disk>, IommuTransport<PciTransport>>;

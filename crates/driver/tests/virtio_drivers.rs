@@ -119,24 +119,6 @@ fn disk() -> Vec<u8> {
     (0..SECTORS as usize * SECTOR).map(pattern).collect()
 }
 
-/// A type naming its own static [`DmaSlot`] (one per test: they run in parallel).
-macro_rules! slot {
-    ($name:ident) => {
-        struct $name;
-        impl $name {
-            fn slot() -> &'static DmaSlot {
-                static SLOT: DmaSlot = DmaSlot::new();
-                &SLOT
-            }
-        }
-        impl StaticDma for $name {
-            fn get() -> &'static SharedDma {
-                Self::slot().get().expect("installed")
-            }
-        }
-    };
-}
-
 type Blk<D> = VirtIOBlk<IommuHal<HostHal, D>, IommuTransport<BlkDevice<HostDma>>>;
 
 /// The IOMMU with `EP` attached to a paging domain under `policy`, and a
@@ -221,7 +203,7 @@ fn page() -> Box<Page> {
 /// Every byte read matches the disk, and a write reads back.
 #[test]
 fn virtio_blk_through_the_iommu_strict() {
-    slot!(StrictBlk);
+    viommu_driver::static_dma!(StrictBlk);
     let mut rig = Rig::<StrictBlk>::new(StrictBlk::slot(), Policy::Strict, 0);
     assert_eq!(rig.blk.capacity(), SECTORS);
     let rings = rig.dma.counts().allocs;
@@ -260,7 +242,7 @@ fn virtio_blk_through_the_iommu_strict() {
 /// MAPs + 1 (3 when header and status share a page).
 #[test]
 fn one_sync_per_notify_against_one_per_share() {
-    slot!(PerShareBlk);
+    viommu_driver::static_dma!(PerShareBlk);
     let mut rig = Rig::<PerShareBlk>::new(PerShareBlk::slot(), Policy::Strict, 0);
     let mut buf = page();
     let mut read = |rig: &mut Rig<PerShareBlk>, sector: usize| {
@@ -286,7 +268,7 @@ fn one_sync_per_notify_against_one_per_share() {
 /// `translate()`.
 #[test]
 fn virtio_blk_through_an_identity_domain() {
-    slot!(IdentityBlk);
+    viommu_driver::static_dma!(IdentityBlk);
     let (fake, iommu) = common::setup(common::device_config());
     let domain = iommu.alloc_identity(EP).unwrap();
     iommu.attach(&domain, EP).unwrap();
@@ -315,7 +297,7 @@ fn virtio_blk_through_an_identity_domain() {
 /// then one (coalesced) UNMAP covers them and the IOVAs come back.
 #[test]
 fn virtio_blk_through_the_iommu_lazy() {
-    slot!(LazyBlk);
+    viommu_driver::static_dma!(LazyBlk);
     let mut rig = Rig::<LazyBlk>::new(LazyBlk::slot(), Policy::Lazy, 0);
     let in_use = rig.dma.dma().iova_in_use();
     let mut buf = page();
@@ -344,7 +326,7 @@ fn virtio_blk_through_the_iommu_lazy() {
 /// buffer; it rides in the same sync.
 #[test]
 fn virtio_blk_with_indirect_descriptors() {
-    slot!(IndirectBlk);
+    viommu_driver::static_dma!(IndirectBlk);
     let mut rig = Rig::<IndirectBlk>::new(IndirectBlk::slot(), Policy::Strict, F_INDIRECT_DESC);
     let mut buf = page();
     for sector in [0usize, 5, 200] {
@@ -364,7 +346,7 @@ fn virtio_blk_with_indirect_descriptors() {
 /// both requests' MAPs go out in that notify's one sync.
 #[test]
 fn virtqueue_two_requests_one_notify_one_sync() {
-    slot!(QueueBlk);
+    viommu_driver::static_dma!(QueueBlk);
     let fake = FakeDevice::default();
     let iommu = Iommu::new(fake.transport(), fake.hal(), Default::default()).unwrap();
     let dma = dma_for(&iommu, Policy::Lazy, QueueBlk::slot());
@@ -420,7 +402,7 @@ fn virtqueue_two_requests_one_notify_one_sync() {
 /// `IommuTransport` the feature is accepted and the device starts.
 #[test]
 fn the_wrapper_accepts_access_platform() {
-    slot!(FeatureBlk);
+    viommu_driver::static_dma!(FeatureBlk);
     let fake = FakeDevice::default();
     let iommu = Iommu::new(fake.transport(), fake.hal(), Default::default()).unwrap();
     let dma = dma_for(&iommu, Policy::Strict, FeatureBlk::slot());
@@ -454,7 +436,7 @@ fn the_wrapper_accepts_access_platform() {
 fn a_failed_map_fails_the_request_and_recovers() {
     use viommu_driver::fake::{InjectReply, Injection};
     use viommu_proto::{RequestType, Status};
-    slot!(FailBlk);
+    viommu_driver::static_dma!(FailBlk);
     let mut rig = Rig::<FailBlk>::new(FailBlk::slot(), Policy::Strict, 0);
     let in_use = rig.dma.dma().iova_in_use();
     let mut buf = page();

@@ -95,23 +95,6 @@ impl BusDma for Engine {
     }
 }
 
-macro_rules! slot {
-    ($name:ident) => {
-        struct $name;
-        impl $name {
-            fn slot() -> &'static DmaSlot {
-                static SLOT: DmaSlot = DmaSlot::new();
-                &SLOT
-            }
-        }
-        impl StaticDma for $name {
-            fn get() -> &'static SharedDma {
-                Self::slot().get().expect("installed")
-            }
-        }
-    };
-}
-
 type Blk<D> = VirtIOBlk<IommuHal<BounceHal, D>, IommuTransport<BlkDevice<Engine>>>;
 
 /// A VM in `mode` (no timer, a clock that stands still) and `VirtIOBlk`
@@ -146,14 +129,14 @@ fn vm<D: StaticDma>(
 /// UNMAPs. Data checked against the disk pattern; writes read back.
 #[test]
 fn virtio_blk_on_the_vm_strict() {
-    slot!(StrictVm);
+    viommu_driver::static_dma!(StrictVm);
     run::<StrictVm>(DriverMode::Strict, StrictVm::slot(), (3, 3, 4, 4));
 }
 
 /// As above, lazy: one sync per I/O, the UNMAPs wait for the flush.
 #[test]
 fn virtio_blk_on_the_vm_lazy() {
-    slot!(LazyVm);
+    viommu_driver::static_dma!(LazyVm);
     run::<LazyVm>(DriverMode::Lazy, LazyVm::slot(), (3, 0, 1, 1));
 }
 

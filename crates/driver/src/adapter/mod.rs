@@ -41,17 +41,11 @@
 //! use std::sync::Arc;
 //! use virtio_drivers::device::blk::VirtIOBlk;
 //! use viommu_driver::adapter::{
-//!     DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma, VdHal, VdTransport,
+//!     IommuHal, IommuTransport, SharedDma, VdHal, VdTransport,
 //! };
 //! use viommu_driver::{DmaDomain, DmaOptions, DriverOptions, VirtioIommu};
 //!
-//! static BLK_DMA: DmaSlot = DmaSlot::new();
-//! struct Blk;
-//! impl StaticDma for Blk {
-//!     fn get() -> &'static SharedDma {
-//!         BLK_DMA.get().expect("installed")
-//!     }
-//! }
+//! viommu_driver::static_dma!(Blk); // names the blk driver's DMA layer
 //!
 //! let endpoint = 0x08; // the blk function's endpoint ID, from the VIOT or device tree
 //! let iommu = VirtioIommu::new(
@@ -64,7 +58,7 @@
 //! iommu.attach(&domain, endpoint).unwrap();
 //! let resv = iommu.reserved_regions(endpoint).unwrap();
 //! let dma = DmaDomain::new(domain, &resv, DmaOptions::default(), Arc::new(Clock)).unwrap();
-//! let dma = BLK_DMA.install(SharedDma::new(dma)).ok().unwrap();
+//! let dma = Blk::slot().install(SharedDma::new(dma)).ok().unwrap();
 //!
 //! let mut blk =
 //!     VirtIOBlk::<IommuHal<OsHal, Blk>, _>::new(IommuTransport::new(blk_pci(), dma)).unwrap();

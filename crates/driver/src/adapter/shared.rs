@@ -71,6 +71,42 @@ impl<L: Locks> Default for DmaSlot<L> {
     }
 }
 
+/// Declares a unit type that names its own static [`DmaSlot`] and implements
+/// [`StaticDma`] through it: one line per device driver instead of a static,
+/// a type and an impl.
+///
+/// ```
+/// viommu_driver::static_dma! {
+///     /// The domain of the virtio-net device.
+///     pub Net
+/// }
+/// assert!(Net::slot().get().is_none(), "installed by Net::slot().install(..)");
+/// ```
+#[macro_export]
+macro_rules! static_dma {
+    ($(#[$meta:meta])* $vis:vis $name:ident) => {
+        $(#[$meta])*
+        $vis struct $name;
+
+        impl $name {
+            /// Where this type's [`SharedDma`]($crate::adapter::SharedDma) is installed.
+            $vis fn slot() -> &'static $crate::adapter::DmaSlot {
+                static SLOT: $crate::adapter::DmaSlot = $crate::adapter::DmaSlot::new();
+                &SLOT
+            }
+        }
+
+        impl $crate::adapter::StaticDma for $name {
+            fn get() -> &'static $crate::adapter::SharedDma {
+                Self::slot().get().expect(concat!(
+                    stringify!($name),
+                    "'s DmaSlot is installed before its driver starts"
+                ))
+            }
+        }
+    };
+}
+
 /// Counts of one [`SharedDma`], since it was made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShareCounts {

@@ -191,16 +191,10 @@ fn write_as<T: VdTransportTrait, V: FromBytes + IntoBytes + Immutable>(
 /// # }
 /// # fn dma_domain() -> viommu_driver::DmaDomain { unimplemented!() }
 /// use virtio_drivers::device::blk::VirtIOBlk;
-/// use viommu_driver::adapter::{DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma};
+/// use viommu_driver::adapter::{IommuHal, IommuTransport, SharedDma};
 ///
-/// static BLK_DMA: DmaSlot = DmaSlot::new();
-/// struct Blk;
-/// impl StaticDma for Blk {
-///     fn get() -> &'static SharedDma {
-///         BLK_DMA.get().expect("installed before the driver starts")
-///     }
-/// }
-/// let dma = BLK_DMA.install(SharedDma::new(dma_domain())).ok().unwrap();
+/// viommu_driver::static_dma!(Blk);
+/// let dma = Blk::slot().install(SharedDma::new(dma_domain())).ok().unwrap();
 /// let mut blk = VirtIOBlk::<IommuHal<OsHal, Blk>, _>::new(IommuTransport::new(pci(), dma)).unwrap();
 /// let mut sector = [0u8; 512];
 /// blk.read_blocks(0, &mut sector).unwrap(); // its MAPs: one sync, at the notify

@@ -15,9 +15,7 @@ use alloc::sync::Arc;
 use viommu_baremetal::pattern;
 use viommu_baremetal::pci::{Bdf, ConfigSpace};
 use viommu_baremetal::virtio_pci::{ConfigMarker, Counting};
-use viommu_driver::adapter::{
-    DmaSlot, IommuHal, IommuTransport, SharedDma, StaticDma, VdHal, VdTransport,
-};
+use viommu_driver::adapter::{IommuHal, IommuTransport, SharedDma, VdHal, VdTransport};
 use viommu_driver::hal::{DmaRegion, Hal};
 use viommu_driver::{Mode, Policy};
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
@@ -82,16 +80,9 @@ impl ConfigurationAccess for PortCam {
     }
 }
 
-/// The blk device's DMA layer, found by type: virtio-drivers' `Hal` has no `self`.
-static BLK_DMA: DmaSlot = DmaSlot::new();
-
-/// [`IommuHal`]'s way to [`BLK_DMA`].
-struct BlkDma;
-
-impl StaticDma for BlkDma {
-    fn get() -> &'static SharedDma {
-        BLK_DMA.get().expect("the blk DMA layer is installed before the device")
-    }
+viommu_driver::static_dma! {
+    /// The blk device's DMA layer, found by type: virtio-drivers' `Hal` has no `self`.
+    BlkDma
 }
 
 type Blk = VirtIOBlk<IommuHal<OsHal, BlkDma>, IommuTransport<VdPciTransport>>;
@@ -100,7 +91,7 @@ type Blk = VirtIOBlk<IommuHal<OsHal, BlkDma>, IommuTransport<VdPciTransport>>;
 /// under strict, then under lazy (one `SharedDma`, switched at run time).
 /// Once per boot: the DMA slot is installed once.
 pub fn run(rig: &Rig, bdf: Bdf, workloads: &[Workload], res: &mut Results) -> Result<(), String> {
-    let dma = BLK_DMA
+    let dma = BlkDma::slot()
         .install(SharedDma::new(rig.dma(Mode::Strict)?))
         .map_err(|_| String::from("the blk DMA slot is taken"))?;
     let f = DeviceFunction { bus: bdf.bus, device: bdf.dev, function: bdf.func };
