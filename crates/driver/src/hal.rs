@@ -190,6 +190,14 @@ impl<H: Hal> DmaBuffer<H> {
         u32::from_le(unsafe { p.read_volatile() })
     }
 
+    /// Reads a little-endian `u64` (volatile), at an 8-aligned `offset`.
+    #[inline(always)]
+    pub fn read_u64(&self, offset: usize) -> u64 {
+        let p = self.at(offset, 8, 8).cast::<u64>();
+        // SAFETY: in bounds and aligned (`at`; the region is page-aligned).
+        u64::from_le(unsafe { p.read_volatile() })
+    }
+
     /// Writes a little-endian `u16` the device may read concurrently
     /// (a volatile write), at a 2-aligned `offset`.
     #[inline(always)]

@@ -89,6 +89,17 @@ impl FakeMemory {
         true
     }
 
+    /// Reads the little-endian `u64` at the 8-aligned bus address `bus` with
+    /// one load, as a device walking a page table does; `None` if out of
+    /// bounds or misaligned.
+    pub fn read_u64(&self, bus: u64) -> Option<u64> {
+        let off = self.offset(bus, 8).filter(|o| o % 8 == 0)?;
+        // SAFETY: bounds checked above; 8-aligned since the memory is
+        // page-aligned; the driver may write the word meanwhile, so volatile.
+        let v = unsafe { self.inner.ptr.as_ptr().add(off).cast::<u64>().read_volatile() };
+        Some(u64::from_le(v))
+    }
+
     /// Writes guest memory at bus address `bus`; false if out of bounds.
     pub fn write(&self, bus: u64, data: &[u8]) -> bool {
         let Some(off) = self.offset(bus, data.len()) else { return false };

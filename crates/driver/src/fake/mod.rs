@@ -104,8 +104,9 @@ pub struct Injection {
 /// Counts kept by the fake device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FakeStats {
-    /// Requests by type: ATTACH, DETACH, MAP, UNMAP, PROBE.
-    pub requests: [u64; 5],
+    /// Requests by type, at `type - 1`: ATTACH, DETACH, MAP, UNMAP, PROBE,
+    /// and the drafts' ATTACH_TABLE and INVALIDATE.
+    pub requests: [u64; RequestType::COUNT],
     /// Notifies of the request queue.
     pub kicks: u64,
     /// Notifies of the event queue.
@@ -126,6 +127,14 @@ impl FakeStats {
     /// UNMAP requests.
     pub fn unmaps(&self) -> u64 {
         self.requests[3]
+    }
+    /// ATTACH_TABLE requests (draft).
+    pub fn attach_tables(&self) -> u64 {
+        self.requests[RequestType::AttachTable as usize - 1]
+    }
+    /// INVALIDATE requests (draft).
+    pub fn invalidates(&self) -> u64 {
+        self.requests[RequestType::Invalidate as usize - 1]
     }
 }
 

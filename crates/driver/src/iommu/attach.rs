@@ -5,13 +5,14 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::sync::atomic::AtomicBool;
 
-use viommu_proto::{features as f, ATTACH_F_BYPASS};
+use viommu_proto::{features as f, pgtable, ATTACH_F_BYPASS};
 
 use crate::hal::Hal;
 use crate::iommu::device::VirtioIommu;
 use crate::iommu::domain::state::DomainState;
 use crate::iommu::domain::{Domain, DomainInner};
-use crate::iommu::encode::{attach_req, detach_req, map_req, Reqs};
+use crate::iommu::encode::{attach_req, attach_table_req, detach_req, map_req, Reqs};
+use crate::iommu::pgtable::PageTable;
 use crate::iommu::replies::{first_error, may_have_applied};
 use crate::iommu::shared::Shared;
 use crate::iommu::types::{DomainKind, Mapping, Prot, ResvKind};
@@ -41,11 +42,18 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
         Ok(cand)
     }
 
-    fn new_domain(&self, kind: DomainKind) -> Result<Domain<L>> {
+    fn new_domain(&self, kind: DomainKind, table: bool) -> Result<Domain<L>> {
         let info = &self.shared.info;
         let granule = info.granule();
         if granule > self.shared.opts.guest_page_size {
             return Err(Error::GranuleTooLarge { granule, page: self.shared.opts.guest_page_size });
+        }
+        let mut state = DomainState::default();
+        let mut aperture = info.input_range;
+        if table {
+            state.table = Some(PageTable::new(self.shared.hal.clone())?);
+            // Format 3 translates 48-bit IOVAs.
+            aperture.1 = aperture.1.min(pgtable::IOVA_MAX);
         }
         let id = self.alloc_domain_id()?;
         let port: Arc<dyn Port> = self.shared.clone();
@@ -54,22 +62,41 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
                 id,
                 kind,
                 granule,
-                aperture: info.input_range,
+                aperture,
                 iommu_id: self.shared.id,
                 mmio: info.has(f::MMIO),
+                table,
                 port,
-                state: Mutex::new(DomainState::default()),
+                state: Mutex::new(state),
                 stale_any: AtomicBool::new(false),
             }),
         })
     }
 
+    /// Whether a paging domain for `endpoint` can be in page-table mode:
+    /// wanted ([`DriverOptions::page_tables`](crate::DriverOptions::page_tables)), F_ATTACH_TABLE negotiated, a 4 KiB
+    /// granule and input range starting in the format's 48 bits, and format
+    /// 3 among the endpoint's PROBE properties.
+    fn table_mode(&self, endpoint: u32) -> bool {
+        let s = &self.shared;
+        s.opts.page_tables
+            && s.info.has(f::ATTACH_TABLE)
+            && s.info.granule() == pgtable::GRANULE
+            && s.info.input_range.0 <= pgtable::IOVA_MAX
+            && s.endpoint(endpoint).lock().table_format
+    }
+
     /// A paging domain for `endpoint`, finalised now: granule from
     /// page_size_mask, aperture = input_range, a fresh domain ID (freed on
     /// drop), and the endpoint's direct regions mapped 1:1 once.
+    ///
+    /// Page-table mode (drafts) when the device offers it for the endpoint
+    /// (see [`Domain::uses_page_table`]): the driver writes a format-3 page
+    /// table the device walks, mapping sends no request, and unmapping sends
+    /// INVALIDATE; the aperture ends at 48 bits. MAP mode otherwise.
     pub fn alloc_paging(&self, endpoint: u32) -> Result<Domain<L>> {
         let resv = self.reserved_regions(endpoint)?;
-        let domain = self.new_domain(DomainKind::Paging)?;
+        let domain = self.new_domain(DomainKind::Paging, self.table_mode(endpoint))?;
         let direct = merge_regions(
             resv.iter().filter(|r| r.kind == ResvKind::Direct).map(|r| (r.start, r.end)),
         );
@@ -95,10 +122,10 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
     /// endpoint's reserved regions.
     pub fn alloc_identity(&self, endpoint: u32) -> Result<Domain<L>> {
         if self.shared.info.has(f::BYPASS_CONFIG) {
-            return self.new_domain(DomainKind::Identity { bypass: true });
+            return self.new_domain(DomainKind::Identity { bypass: true }, false);
         }
         let resv = self.reserved_regions(endpoint)?;
-        let domain = self.new_domain(DomainKind::Identity { bypass: false })?;
+        let domain = self.new_domain(DomainKind::Identity { bypass: false }, false)?;
         let (lo, hi) = domain.aperture();
         let g = domain.granule() as u128;
         let holes = merge_regions(resv.iter().map(|r| (r.start, r.end)));
@@ -133,12 +160,14 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
 
     /// A blocking domain: attached endpoints can do no DMA.
     pub fn alloc_blocking(&self) -> Result<Domain<L>> {
-        self.new_domain(DomainKind::Blocking)
+        self.new_domain(DomainKind::Blocking, false)
     }
 
     /// Attaches `endpoint` to `domain`, detaching it from its current domain
     /// first. The first attach of a domain replays every recorded mapping in
     /// one batch with one sync; if any fails, the endpoint is detached again.
+    /// A page-table domain sends one ATTACH_TABLE with its root instead: the
+    /// table holds the mappings already.
     pub fn attach(&self, domain: &Domain<L>, endpoint: u32) -> Result<()> {
         let s = &self.shared;
         if domain.inner.iommu_id != s.id {
@@ -161,8 +190,11 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
         let mut st = d.state.lock();
         let bypass = matches!(d.kind, DomainKind::Identity { bypass: true });
         let flags = if bypass { ATTACH_F_BYPASS } else { 0 };
-        let mut reqs = vec![attach_req(d.id, endpoint, flags)];
-        if st.endpoints.is_empty() {
+        let mut reqs = match st.table.as_ref() {
+            Some(t) => vec![attach_table_req(d.id, endpoint, t.root())],
+            None => vec![attach_req(d.id, endpoint, flags)],
+        };
+        if st.endpoints.is_empty() && st.table.is_none() {
             reqs.extend(st.tree.iter().map(|m| map_req(d.id, m)));
         }
         let (seqs, queued) = match s.submit_all(Reqs::Any(&reqs)) {
@@ -255,6 +287,12 @@ pub(in crate::iommu) fn detach_locked<T: Transport + 'static, H: Hal + 'static, 
     first_error(&s.counters, &replies, 0)?;
     if let Some(st) = st.as_mut() {
         st.endpoints.remove(&endpoint);
+        if st.endpoints.is_empty() {
+            // The device forgot the domain: its old walks are over.
+            if let Some(t) = st.table.as_mut() {
+                t.forget_device();
+            }
+        }
     }
     Ok(())
 }

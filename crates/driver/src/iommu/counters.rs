@@ -61,6 +61,8 @@ impl Counters {
             map: request(RequestType::Map),
             unmap: request(RequestType::Unmap),
             probe: request(RequestType::Probe),
+            attach_table: request(RequestType::AttachTable),
+            invalidate: request(RequestType::Invalidate),
             kicks: g(&self.kicks),
             kicks_suppressed: g(&self.kicks_suppressed),
             event_kicks: g(&self.event_kicks),
@@ -91,6 +93,10 @@ pub struct CounterSnapshot {
     pub unmap: u64,
     /// PROBE requests sent.
     pub probe: u64,
+    /// ATTACH_TABLE requests sent (page-table mode, draft).
+    pub attach_table: u64,
+    /// INVALIDATE requests sent (page-table mode, draft).
+    pub invalidate: u64,
     /// Request-queue notifications.
     pub kicks: u64,
     /// Batches of new requests that needed no notification: with EVENT_IDX,
@@ -126,7 +132,13 @@ pub struct CounterSnapshot {
 impl CounterSnapshot {
     /// All requests.
     pub fn requests(&self) -> u64 {
-        self.attach + self.detach + self.map + self.unmap + self.probe
+        self.attach
+            + self.detach
+            + self.map
+            + self.unmap
+            + self.probe
+            + self.attach_table
+            + self.invalidate
     }
 
     /// The counts since `earlier`.
@@ -137,6 +149,8 @@ impl CounterSnapshot {
             map: self.map - earlier.map,
             unmap: self.unmap - earlier.unmap,
             probe: self.probe - earlier.probe,
+            attach_table: self.attach_table - earlier.attach_table,
+            invalidate: self.invalidate - earlier.invalidate,
             kicks: self.kicks - earlier.kicks,
             kicks_suppressed: self.kicks_suppressed - earlier.kicks_suppressed,
             event_kicks: self.event_kicks - earlier.event_kicks,

@@ -119,6 +119,9 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
         if opts.indirect_desc {
             wanted |= f::bit(f::RING_INDIRECT_DESC);
         }
+        if opts.page_tables {
+            wanted |= f::bit(f::ATTACH_TABLE);
+        }
         let features = offered & wanted;
         t.set_driver_features(features);
         let st = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
@@ -208,6 +211,7 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
             transport: Mutex::new(t),
             used_waiter,
             req: Mutex::new(req),
+            hal,
             events: Mutex::new(ev),
             fault_handler: Mutex::new(None),
             domain_ids: Mutex::new(BTreeSet::new()),

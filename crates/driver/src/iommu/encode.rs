@@ -1,8 +1,11 @@
 //! Requests as bytes: the builders of each request type, and MAPs and
 //! UNMAPs encoded straight into their ring slot.
 
-use viommu_proto::{AttachBody, DetachBody, MapBody, Request, RequestType, UnmapBody};
-use zerocopy::little_endian::{U32, U64};
+use viommu_proto::{
+    inval, pgtable, AttachBody, AttachTableBody, DetachBody, InvalidateBody, MapBody, Request,
+    RequestType, UnmapBody,
+};
+use zerocopy::little_endian::{U16, U32, U64};
 
 use crate::iommu::types::Mapping;
 
@@ -116,6 +119,39 @@ pub(in crate::iommu) fn unmap_req(domain: u32, start: u64, last: u64) -> Request
     })
 }
 
+/// ATTACH_TABLE of a format-3 table rooted at `pgd` (draft; the 76-byte body of P2).
+pub(in crate::iommu) fn attach_table_req(domain: u32, endpoint: u32, pgd: u64) -> Request {
+    Request::AttachTable(AttachTableBody {
+        domain: U32::new(domain),
+        endpoint: U32::new(endpoint),
+        format: U16::new(pgtable::FORMAT_VIRT),
+        pgd: U64::new(pgd),
+        ..Default::default()
+    })
+}
+
+/// INVALIDATE of the IOTLB of `domain`: the 4 KiB pages covering the
+/// inclusive `range`, or the whole domain (`None`). "F_LEAF: only leaf
+/// entries changed" (draft) when `leaf`: no table was unlinked.
+pub(in crate::iommu) fn invalidate_req(
+    domain: u32,
+    range: Option<(u64, u64)>,
+    leaf: bool,
+) -> Request {
+    let mut body = match range {
+        None => InvalidateBody::domain(domain),
+        Some((first, last)) => {
+            let shift = pgtable::GRANULE.trailing_zeros();
+            let pages = (last >> shift) - (first >> shift) + 1;
+            InvalidateBody::range(domain, first >> shift << shift, pages, shift as u8)
+        }
+    };
+    if leaf {
+        body.flags = U16::new(inval::F_LEAF);
+    }
+    Request::Invalidate(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +182,25 @@ mod tests {
         };
         check(Reqs::Maps(7, core::slice::from_ref(&m)), map_req(7, &m));
         check(Reqs::Unmaps(9, core::slice::from_ref(&range)), unmap_req(9, range.0, range.1));
+    }
+
+    /// An INVALIDATE covers whole pages from the first to the last IOVA,
+    /// up to the top of the address space, and says the device what it can rely on.
+    #[test]
+    fn invalidate_covers_the_pages_of_its_range() {
+        let Request::Invalidate(b) = invalidate_req(3, Some((0x1234, 0x5678)), true) else {
+            panic!()
+        };
+        assert_eq!(b.va_range(), Some((0x1000, 0x5fff)));
+        assert_eq!((b.inv_gran.get(), b.inv_type.get()), (inval::G_VA, inval::T_IOTLB));
+        assert_eq!(b.flags.get(), inval::F_LEAF);
+        let Request::Invalidate(b) = invalidate_req(3, Some((0, u64::MAX)), false) else {
+            panic!()
+        };
+        assert_eq!((b.va_range(), b.flags.get()), (Some((0, u64::MAX)), 0));
+        let Request::Invalidate(b) = invalidate_req(3, None, false) else { panic!() };
+        assert_eq!((b.inv_gran.get(), b.domain.get()), (inval::G_DOMAIN, 3));
+        let Request::AttachTable(a) = attach_table_req(3, 4, 0x8000) else { panic!() };
+        assert_eq!((a.pgd.get(), a.format.get(), a.flags.get()), (0x8000, 3, 0));
     }
 }

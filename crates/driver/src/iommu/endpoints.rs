@@ -32,6 +32,7 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
     pub fn probe_endpoint(&self, endpoint: u32) -> Result<Vec<ResvRegion>> {
         let s = &self.shared;
         let mut regions = Vec::new();
+        let mut table_format = false;
         if s.info.has(f::PROBE) && s.info.probe_size > 0 {
             let req = Request::Probe(ProbeBody { endpoint: U32::new(endpoint), reserved: [0; 64] });
             let seq = s.submit(&req, s.info.probe_size as usize)?;
@@ -41,9 +42,12 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
             for prop in PropertyIter::new(&props) {
                 match prop.map_err(Error::Probe)? {
                     Property::ResvMem(r) => regions.push(resv_region(&r)?),
-                    // Unknown property types carry nothing we must honour; page-table
-                    // formats (draft) matter only to table mode.
-                    Property::Unknown { .. } | Property::PageTableFormat(_) => {}
+                    // "The device lists the page-table formats it supports" (draft).
+                    Property::PageTableFormat(t) => {
+                        table_format |= t.format.get() == viommu_proto::pgtable::FORMAT_VIRT
+                    }
+                    // Unknown property types carry nothing we must honour.
+                    Property::Unknown { .. } => {}
                 }
             }
         }
@@ -56,6 +60,7 @@ impl<T: Transport + 'static, H: Hal + 'static, L: Locks> VirtioIommu<T, H, L> {
         let mut st = ep.lock();
         regions.extend_from_slice(&st.extra);
         st.resv = Some(regions.clone());
+        st.table_format = table_format;
         Ok(regions)
     }
 

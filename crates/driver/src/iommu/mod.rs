@@ -15,7 +15,9 @@
 //! - [`Domain`]: `domain` (the handle and the IOMMU operations),
 //!   `domain::state` (what it keeps under its lock), `domain::settle`
 //!   (ordering against the ring, rollback, stale MAPs), `domain::dma` (the
-//!   interface of the DMA layer); `tree` (the mapping tree).
+//!   interface of the DMA layer), `domain::table` (page-table mode: entries
+//!   and INVALIDATE); `tree` (the mapping tree); `pgtable` (the format-3
+//!   I/O page table of a page-table domain, in DMA memory).
 //!
 //! # Locks
 //! All of them come from the [`Locks`](crate::sync::Locks) family the
@@ -74,6 +76,7 @@ mod domain;
 mod encode;
 mod endpoints;
 mod events;
+mod pgtable;
 mod port;
 mod replies;
 mod ring;

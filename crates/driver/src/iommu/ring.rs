@@ -1,4 +1,4 @@
-//! The request queue: requests in 64-byte slots (or a buffer of their own),
+//! The request queue: requests in 128-byte slots (or a buffer of their own),
 //! tickets, reaping completions.
 
 use alloc::collections::BTreeSet;
@@ -16,27 +16,39 @@ use crate::iommu::{Replies, Reply, Ticket, Tickets};
 use crate::queue::{Buffer, QueueError, SplitQueue};
 use crate::{Error, Result};
 
-/// Request buffers are 64-byte slots: head + body at 0, the
-/// device-writable tail at [`TAIL_OFF`].
-const SLOT_SIZE: usize = 64;
+/// The most bytes of head + body of a request that goes in a slot: every
+/// type but PROBE (whose properties follow its body), the drafts'
+/// ATTACH_TABLE (80) and INVALIDATE (60) included.
+const fn largest_slot_request() -> usize {
+    let mut max = 0;
+    let mut i = 0;
+    while i < RequestType::COUNT {
+        let t = RequestType::ALL[i];
+        let len = size_of::<ReqHead>() + t.body_len();
+        if !matches!(t, RequestType::Probe) && len > max {
+            max = len;
+        }
+        i += 1;
+    }
+    max
+}
+
+/// Request buffers are 128-byte slots: head + body at 0, the
+/// device-writable tail at [`TAIL_OFF`]. A power of two, so no slot
+/// straddles a page.
+const SLOT_SIZE: usize = 128;
 /// Where the tail starts in a slot, and so the most bytes of head + body a
-/// slot holds. Every request but PROBE fits (checked below); a PROBE, whose
-/// properties follow its body, gets a buffer of its own.
-const TAIL_OFF: usize = 48;
+/// slot holds: the largest request but PROBE, 8-byte aligned. A PROBE gets
+/// a buffer of its own.
+const TAIL_OFF: usize = largest_slot_request().next_multiple_of(8);
 /// The tail (status + reserved bytes) of every request.
 const TAIL_LEN: usize = size_of::<ReqTail>();
 
 const _: () = {
     assert!(TAIL_OFF + TAIL_LEN <= SLOT_SIZE);
-    let mut i = 0;
-    while i < RequestType::COUNT {
-        let t = RequestType::ALL[i];
-        // The draft's ATTACH_TABLE and INVALIDATE are not sent through slots.
-        let own =
-            matches!(t, RequestType::Probe | RequestType::AttachTable | RequestType::Invalidate);
-        assert!(own || size_of::<ReqHead>() + t.body_len() <= TAIL_OFF);
-        i += 1;
-    }
+    assert!(PAGE_SIZE % SLOT_SIZE == 0);
+    // ATTACH_TABLE (84 bytes with head and tail) is the largest.
+    assert!(TAIL_OFF == 80);
 };
 
 /// `Inflight::slot` of a request with a buffer of its own (PROBE).

@@ -30,6 +30,8 @@ pub(in crate::iommu) struct EndpointState<L: Locks> {
     pub(in crate::iommu) resv: Option<Vec<ResvRegion>>,
     /// Regions given by the platform.
     pub(in crate::iommu) extra: Vec<ResvRegion>,
+    /// PROBE listed page-table format 3 (drafts).
+    pub(in crate::iommu) table_format: bool,
 }
 
 /// One endpoint's state behind its own lock.
@@ -37,7 +39,7 @@ pub(in crate::iommu) type EndpointLock<L> = Arc<Mutex<L, EndpointState<L>>>;
 
 impl<L: Locks> Default for EndpointState<L> {
     fn default() -> Self {
-        Self { domain: None, resv: None, extra: Vec::new() }
+        Self { domain: None, resv: None, extra: Vec::new(), table_format: false }
     }
 }
 
@@ -49,6 +51,8 @@ pub(in crate::iommu) struct Shared<T: Transport, H: Hal, L: Locks> {
     /// Waits for completions without the transport lock, if the transport has one.
     pub(in crate::iommu) used_waiter: Option<Box<dyn UsedWaiter>>,
     pub(in crate::iommu) req: Mutex<L, ReqQueue<H>>,
+    /// Where page-table domains get their table pages.
+    pub(in crate::iommu) hal: Arc<dyn Hal>,
     pub(in crate::iommu) events: Mutex<L, EventQueue<H>>,
     pub(in crate::iommu) fault_handler: Mutex<L, Option<FaultHandler>>,
     pub(in crate::iommu) domain_ids: Mutex<L, BTreeSet<u32>>,

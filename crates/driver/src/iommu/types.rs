@@ -48,6 +48,10 @@ pub struct DriverOptions {
     /// returning events cannot hold the caller. What is left waits for the
     /// next call.
     pub event_budget: u32,
+    /// Negotiate F_ATTACH_TABLE (drafts) when offered, so that
+    /// [`VirtioIommu::alloc_paging`](crate::VirtioIommu::alloc_paging) makes page-table domains for the
+    /// endpoints whose PROBE lists format 3 (default true; false keeps MAP mode).
+    pub page_tables: bool,
 }
 
 impl Default for DriverOptions {
@@ -64,6 +68,7 @@ impl Default for DriverOptions {
             timeout: Some(Duration::from_secs(5)),
             max_probe_size: 64 * 1024,
             event_budget: 64,
+            page_tables: true,
         }
     }
 }

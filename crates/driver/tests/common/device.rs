@@ -51,6 +51,15 @@ pub fn device_config() -> viommu_device::DeviceConfig {
     }
 }
 
+/// The fake's memory as the memory the device walks page tables in.
+pub struct FakeTables(pub viommu_driver::fake::FakeMemory);
+
+impl viommu_device::TableMemory for FakeTables {
+    fn read_pte(&self, gpa: u64) -> Option<u64> {
+        self.0.read_u64(gpa)
+    }
+}
+
 /// The fake's rings around a `viommu_device` model, with the model's state at
 /// hand for the checks.
 #[derive(Clone)]
@@ -78,6 +87,19 @@ impl FakeDevice {
         let model = Model::new(cfg);
         let iommu = model.iommu.clone();
         Self { fake: viommu_driver::fake::FakeIommu::new(ring, model), iommu }
+    }
+
+    /// A device that offers page-table mode (drafts) and walks the tables in
+    /// the fake's memory; otherwise as [`FakeDevice::new`].
+    pub fn with_page_tables(
+        mut cfg: viommu_device::DeviceConfig,
+        ring: viommu_driver::fake::FakeConfig,
+    ) -> Self {
+        cfg.features.attach_table = true;
+        let dev = Self::new(cfg, ring);
+        let mem = FakeTables(dev.fake.memory().clone());
+        dev.iommu.set_table_memory(Some(std::sync::Arc::new(mem)));
+        dev
     }
 
     /// The device's mappings of `domain`: `(first, last, phys, flags)`.

@@ -37,17 +37,25 @@ impl<L: Locks> Domain<L> {
 
     /// One sync: kicks, then waits for the replies of `unmaps`.
     pub(crate) fn wait_unmaps(&self, unmaps: &[UnmapTicket]) -> Result<Replies> {
-        self.inner.port.wait(&Self::unmap_tickets(unmaps))
+        let r = self.inner.port.wait(&Self::unmap_tickets(unmaps));
+        self.inner.invalidated(unmaps, r.as_ref().ok());
+        r
     }
 
     /// [`Self::wait_unmaps`]; if it gives up, their replies are dropped on arrival.
     pub(crate) fn wait_unmaps_or_abandon(&self, unmaps: &[UnmapTicket]) -> Result<Replies> {
-        self.inner.port.wait_or_abandon(&Self::unmap_tickets(unmaps))
+        let r = self.inner.port.wait_or_abandon(&Self::unmap_tickets(unmaps));
+        self.inner.invalidated(unmaps, r.as_ref().ok());
+        r
     }
 
     /// The replies of `unmaps` if all are in, without kicking or waiting.
     pub(crate) fn try_take_unmaps(&self, unmaps: &[UnmapTicket]) -> Option<Replies> {
-        self.inner.port.try_take(&Self::unmap_tickets(unmaps))
+        let r = self.inner.port.try_take(&Self::unmap_tickets(unmaps));
+        if r.is_some() {
+            self.inner.invalidated(unmaps, r.as_ref());
+        }
+        r
     }
 
     /// Counts a sync that returned a failed request.
@@ -118,12 +126,14 @@ impl<L: Locks> Domain<L> {
                 return Err(Error::Overlap { iova });
             }
         }
+        // Page-table mode: the entries, and no request.
+        DomainInner::<L>::write_entries(&mut st, maps)?;
         let mut from = 0;
         for &(_, _, end) in &runs {
             st.tree.insert_run(&maps[from..end]);
             from = end;
         }
-        if !DomainInner::<L>::attached(&st, d.kind) {
+        if d.table || !DomainInner::<L>::attached(&st, d.kind) {
             return Ok(Tickets::new());
         }
         match d.port.submit_all(Reqs::Maps(d.id, maps)) {
@@ -192,7 +202,9 @@ impl<L: Locks> Domain<L> {
     }
 
     /// Removes whole mappings from the tree without sending UNMAP (the DMA
-    /// layer sends it at flush time). All ranges are checked first.
+    /// layer sends it at flush time). All ranges are checked first. In
+    /// page-table mode their entries are cleared now (the INVALIDATE goes
+    /// at flush time).
     pub(crate) fn take_ranges(&self, ranges: &[(u64, u64)]) -> Result<()> {
         let mut st = self.inner.state.lock();
         for &(s, e) in ranges {
@@ -202,6 +214,7 @@ impl<L: Locks> Domain<L> {
         for &(s, e) in ranges {
             st.tree.remove_inside(s, e);
         }
+        DomainInner::<L>::clear_entries(&mut st, ranges);
         Ok(())
     }
 
@@ -209,6 +222,11 @@ impl<L: Locks> Domain<L> {
     /// with no live mapping between them go out as one UNMAP. Nothing is
     /// queued when the domain is not attached (the device has no mappings).
     /// Returns one [`UnmapTicket`] per UNMAP.
+    ///
+    /// In page-table mode: one INVALIDATE over the hull of the ranges
+    /// (whatever `coalesce` says: an INVALIDATE removes no mapping, so live
+    /// ones in the gaps only lose their cached translation), kicked now so
+    /// that a lazy flush does not wait for somebody else's kick.
     pub(crate) fn queue_unmaps(
         &self,
         ranges: &[(u64, u64)],
@@ -220,7 +238,18 @@ impl<L: Locks> Domain<L> {
         sorted.sort_unstable();
         let mut st = d.lock_after(&sorted, false)?;
         if !DomainInner::<L>::attached(&st, d.kind) {
+            if let Some(t) = st.table.as_mut() {
+                t.forget_device();
+            }
             return Ok(UnmapTickets::new());
+        }
+        if d.table {
+            let Some(&(first, _)) = sorted.first() else { return Ok(UnmapTickets::new()) };
+            let last = sorted.iter().map(|r| r.1).max().unwrap_or(first);
+            let (ticket, (first, last)) = d.queue_invalidate(&mut st, Some((first, last)))?;
+            drop(st);
+            d.port.kick();
+            return Ok(UnmapTickets::from_slice(&[UnmapTicket { ticket, first, last }]));
         }
         // (first, last, spans a gap)
         let mut merged: SmallVec<[(u64, u64, bool); 4]> = SmallVec::with_capacity(sorted.len());

@@ -16,6 +16,7 @@ use crate::{Error, Result};
 mod dma;
 mod settle;
 pub(in crate::iommu) mod state;
+mod table;
 
 pub(crate) struct DomainInner<L: Locks> {
     pub(in crate::iommu) id: u32,
@@ -24,6 +25,8 @@ pub(crate) struct DomainInner<L: Locks> {
     pub(in crate::iommu) aperture: (u64, u64),
     pub(in crate::iommu) iommu_id: u64,
     pub(in crate::iommu) mmio: bool,
+    /// Page-table mode: `state.table` is set and never goes (no MAP is sent).
+    pub(in crate::iommu) table: bool,
     pub(in crate::iommu) port: Arc<dyn Port>,
     pub(in crate::iommu) state: Mutex<L, DomainState>,
     /// Whether `state.stale` is non-empty, written under the state lock:
@@ -46,6 +49,10 @@ impl<L: Locks> DomainInner<L> {
         if m.prot.0 & MAP_F_MMIO != 0 && !self.mmio {
             return Err(Error::Unsupported("MMIO"));
         }
+        if m.prot.0 & MAP_F_MMIO != 0 && self.table {
+            // Format 3 has no memory attributes.
+            return Err(Error::Unsupported("MMIO in page-table mode"));
+        }
         Ok(())
     }
 
@@ -55,6 +62,7 @@ impl<L: Locks> DomainInner<L> {
         if let Some(iova) = st.overlap(m.iova, m.last) {
             return Err(Error::Overlap { iova });
         }
+        Self::write_entries(&mut st, core::slice::from_ref(&m))?;
         st.tree.insert(m);
         Ok(())
     }
@@ -126,7 +134,8 @@ impl<L: Locks> Domain<L> {
 
     /// Records `[iova, iova+size)` → `paddr` and, when the domain is attached,
     /// queues a MAP (no sync: see [`Self::iotlb_sync_map`]). If queueing
-    /// fails the tree entry is removed again.
+    /// fails the tree entry is removed again. In page-table mode it writes
+    /// the entries instead and sends nothing.
     pub fn map_pages(&self, iova: u64, paddr: u64, size: u64, prot: Prot) -> Result<()> {
         let d = &self.inner;
         if d.kind != DomainKind::Paging {
@@ -138,6 +147,11 @@ impl<L: Locks> Domain<L> {
         let mut st = d.lock_after(&[(iova, last)], true)?;
         if let Some(iova) = st.overlap(iova, last) {
             return Err(Error::Overlap { iova });
+        }
+        if d.table {
+            DomainInner::<L>::write_entries(&mut st, core::slice::from_ref(&m))?;
+            st.tree.insert(m);
+            return Ok(());
         }
         st.tree.insert(m);
         if DomainInner::<L>::attached(&st, d.kind) {
@@ -154,7 +168,8 @@ impl<L: Locks> Domain<L> {
 
     /// Removes the mappings inside `[iova, iova+size)` and, when attached,
     /// queues one UNMAP. Never splits a mapping ([`Error::WouldSplit`]).
-    /// Returns the bytes unmapped. Sync with [`Self::iotlb_sync`].
+    /// Returns the bytes unmapped. Sync with [`Self::iotlb_sync`]. In
+    /// page-table mode it clears their entries and queues one INVALIDATE.
     pub fn unmap_pages(&self, iova: u64, size: u64) -> Result<u64> {
         let d = &self.inner;
         if size == 0 {
@@ -164,6 +179,22 @@ impl<L: Locks> Domain<L> {
         let mut st = d.lock_after(&[(iova, last)], false)?;
         let removed = st.tree.remove_range(iova, last)?;
         let bytes = removed.iter().map(|m| m.last - m.iova + 1).sum();
+        if d.table && !removed.is_empty() {
+            let spans: Vec<(u64, u64)> = removed.iter().map(|m| (m.iova, m.last)).collect();
+            DomainInner::<L>::clear_entries(&mut st, &spans);
+            if !DomainInner::<L>::attached(&st, d.kind) {
+                if let Some(t) = st.table.as_mut() {
+                    t.forget_device();
+                }
+                return Ok(bytes);
+            }
+            let range = spans.iter().fold((u64::MAX, 0), |h, s| (h.0.min(s.0), h.1.max(s.1)));
+            // The entries are gone whatever happens: a failed INVALIDATE
+            // leaves its range to the next one (marked dirty).
+            let (ticket, range) = d.queue_invalidate(&mut st, Some(range))?;
+            st.pending.push(PendingOp::Invalidate { ticket, range });
+            return Ok(bytes);
+        }
         if removed.is_empty() || !DomainInner::<L>::attached(&st, d.kind) {
             return Ok(bytes);
         }
@@ -216,10 +247,35 @@ impl<L: Locks> Domain<L> {
         self.inner.state.lock().stale.iter().map(|s| (s.iova, s.last)).collect()
     }
 
-    /// Flushes everything: the same as [`Self::iotlb_sync`], since a
-    /// virtio-iommu has no IOTLB of its own to invalidate beyond UNMAP.
+    /// Flushes everything: in MAP mode the same as [`Self::iotlb_sync`],
+    /// since the device has no IOTLB to invalidate beyond UNMAP; in
+    /// page-table mode also one domain-wide INVALIDATE, synced.
     pub fn flush_iotlb_all(&self) -> Result<()> {
+        if self.inner.table {
+            let mut st = self.inner.state.lock();
+            if DomainInner::<L>::attached(&st, self.inner.kind) {
+                let (ticket, range) = self.inner.queue_invalidate(&mut st, None)?;
+                st.pending.push(PendingOp::Invalidate { ticket, range });
+            }
+        }
         self.iotlb_sync()
+    }
+
+    /// Whether the domain is in page-table mode (the device walks its
+    /// table; see [`VirtioIommu::alloc_paging`](crate::VirtioIommu::alloc_paging)).
+    pub fn uses_page_table(&self) -> bool {
+        self.inner.table
+    }
+
+    /// Page-table mode: the guest-physical address of the level-0 table.
+    pub fn page_table_root(&self) -> Option<u64> {
+        self.inner.state.lock().table.as_ref().map(|t| t.root())
+    }
+
+    /// Page-table mode: table pages in use (the root included), and table
+    /// pages unlinked but not yet freed (waiting for an INVALIDATE).
+    pub fn page_table_pages(&self) -> Option<(usize, usize)> {
+        self.inner.state.lock().table.as_ref().map(|t| (t.tables(), t.unfreed()))
     }
 
     /// The physical address `iova` translates to, from the tree.

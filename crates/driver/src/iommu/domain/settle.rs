@@ -38,7 +38,10 @@ impl<L: Locks> DomainInner<L> {
                 .pending
                 .iter()
                 .filter_map(|op| match *op {
-                    PendingOp::Unmap { ticket, range: (s, e), .. } if new_maps && hit(s, e) => {
+                    PendingOp::Unmap { ticket, range: (s, e), .. }
+                    | PendingOp::Invalidate { ticket, range: (s, e) }
+                        if new_maps && hit(s, e) =>
+                    {
                         Some(ticket)
                     }
                     PendingOp::Map { ticket, iova, last } if !new_maps && hit(iova, last) => {
@@ -172,6 +175,10 @@ impl<L: Locks> DomainInner<L> {
                             self.port.abandon(&[ticket]);
                             st.undo_unmap(removed);
                         }
+                        PendingOp::Invalidate { ticket, range } => {
+                            self.port.abandon(&[ticket]);
+                            st.invalidate_failed(ticket, range);
+                        }
                     }
                 }
                 self.port.counters().sync_error();
@@ -179,9 +186,16 @@ impl<L: Locks> DomainInner<L> {
             }
         };
         let mut first = None;
-        let ops = if replies.all_ok() { Vec::new() } else { ops };
+        let ops = if replies.all_ok() && !self.table { Vec::new() } else { ops };
         for (i, op) in ops.into_iter().enumerate() {
-            let Err(e) = replies.result(i) else { continue };
+            let result = replies.result(i);
+            if let (PendingOp::Invalidate { ticket, .. }, Ok(())) = (&op, &result) {
+                // Its retired tables can go.
+                if let Some(t) = st.table.as_mut() {
+                    t.settled(*ticket, true);
+                }
+            }
+            let Err(e) = result else { continue };
             match op {
                 PendingOp::Map { iova, last, .. } => {
                     st.undo_map(iova, last);
@@ -192,6 +206,8 @@ impl<L: Locks> DomainInner<L> {
                     }
                 }
                 PendingOp::Unmap { removed, .. } => st.undo_unmap(removed),
+                // The entries are gone; the next INVALIDATE covers the range again.
+                PendingOp::Invalidate { ticket, range } => st.invalidate_failed(ticket, range),
             }
             first.get_or_insert(e);
         }

@@ -4,6 +4,7 @@
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
+use crate::iommu::pgtable::{PageTable, Span};
 use crate::iommu::tree::MapTree;
 use crate::iommu::types::Mapping;
 use crate::iommu::{Ticket, UnmapTicket};
@@ -20,12 +21,19 @@ pub(in crate::iommu) enum PendingOp {
         range: (u64, u64),
         removed: Vec<Mapping>,
     },
+    /// Page-table mode: an INVALIDATE of `range`, whose entries are cleared already.
+    Invalidate {
+        ticket: Ticket,
+        range: Span,
+    },
 }
 
 impl PendingOp {
     pub(in crate::iommu) fn ticket(&self) -> Ticket {
         match self {
-            Self::Map { ticket, .. } | Self::Unmap { ticket, .. } => *ticket,
+            Self::Map { ticket, .. }
+            | Self::Unmap { ticket, .. }
+            | Self::Invalidate { ticket, .. } => *ticket,
         }
     }
 }
@@ -62,6 +70,8 @@ pub(in crate::iommu) struct DomainState {
     /// DMA-layer UNMAPs on the ring whose range spans a gap between freed
     /// ranges: IOVAs in the gap may be mapped again before they complete.
     pub(in crate::iommu) unmapping: Vec<UnmapTicket>,
+    /// Page-table mode: the I/O page table the device walks (`None`: MAP mode).
+    pub(in crate::iommu) table: Option<PageTable>,
 }
 
 impl DomainState {
@@ -76,6 +86,15 @@ impl DomainState {
     /// A MAP did not happen: its tree entry goes.
     pub(in crate::iommu) fn undo_map(&mut self, iova: u64, last: u64) {
         self.tree.remove_exact(iova, last);
+    }
+
+    /// An INVALIDATE failed or was given up on: the next one covers its
+    /// range again, and its retired tables wait for that one.
+    pub(in crate::iommu) fn invalidate_failed(&mut self, ticket: Ticket, range: Span) {
+        if let Some(t) = self.table.as_mut() {
+            t.settled(ticket, false);
+            t.mark_dirty(range);
+        }
     }
 
     /// An UNMAP did not happen (or may not have): its mappings come back.
