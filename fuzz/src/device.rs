@@ -5,9 +5,10 @@ use viommu_device::{
     Access, DeviceConfig, EndpointConfig, Iommu, Limits, OfferedFeatures, ResvKind, ResvRegion,
 };
 use viommu_proto::{
-    AttachBody, DetachBody, MapBody, ProbeBody, Request, Status, UnmapBody, ATTACH_F_BYPASS,
+    AttachBody, AttachTableBody, DetachBody, InvalidateBody, MapBody, ProbeBody, Request, Status,
+    UnmapBody, ATTACH_F_BYPASS,
 };
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 
 use crate::input::Input;
 
@@ -42,7 +43,7 @@ pub fn config(inp: &mut Input) -> DeviceConfig {
             legacy_bypass: on(6) && !on(5),
             access_platform: on(7),
             indirect_desc: on(8),
-            attach_table: false,
+            attach_table: on(9),
         },
         page_size_mask: !0u64 << granule_shift,
         input_range: (0, (1 << 32) - 1),
@@ -71,7 +72,10 @@ fn resv_region(inp: &mut Input, i: u8) -> ResvRegion {
 }
 
 /// A well-formed request on a small ID and address space, so inputs reach deep states:
-/// 6 bytes (kind, domain, endpoint, page, pages, flags).
+/// 6 bytes (kind, domain, endpoint, page, pages, flags). Kinds 5 and 6 are the drafts'
+/// ATTACH_TABLE (root: page `page` of the low region, or of the high one with flag bit 0)
+/// and INVALIDATE (domain-wide with flag bit 0, else `pages` + 1 pages from `page`; bits
+/// 1–3 pick malformed granularities, types or granules).
 pub fn good_request(inp: &mut Input) -> Request {
     let (kind, d, e, page, pages, flags) =
         (inp.u8(), inp.u8(), inp.u8(), inp.u8(), inp.u8(), inp.u8());
@@ -80,7 +84,7 @@ pub fn good_request(inp: &mut Input) -> Request {
     let start = u64::from(page) << 12;
     // pages 255 reaches the end of the address space (a whole-space UNMAP).
     let end = if pages == 255 { u64::MAX } else { start + (u64::from(pages % 32) << 12) + 0xfff };
-    match kind % 5 {
+    match kind % 7 {
         0 => Request::Attach(AttachBody {
             domain,
             endpoint,
@@ -101,7 +105,26 @@ pub fn good_request(inp: &mut Input) -> Request {
             virt_end: U64::new(end),
             reserved: [0; 4],
         }),
-        _ => Request::Probe(ProbeBody { endpoint, ..ProbeBody::default() }),
+        4 => Request::Probe(ProbeBody { endpoint, ..ProbeBody::default() }),
+        5 => {
+            let base = if flags & 1 != 0 { crate::guest::HIGH_START } else { 0 };
+            let pgd = U64::new(base + (u64::from(page) << 12) + u64::from(flags & 0x10));
+            Request::AttachTable(AttachTableBody { domain, endpoint, pgd, ..Default::default() })
+        }
+        _ => {
+            let mut b = if flags & 1 != 0 {
+                InvalidateBody::domain(domain.get())
+            } else {
+                InvalidateBody::range(domain.get(), start, u64::from(pages) + 1, 12)
+            };
+            match flags >> 1 & 7 {
+                1 => b.inv_gran = U16::new(u16::from(pages)),
+                2 => b.inv_type = U16::new(u16::from(pages)),
+                3 => b.granule = pages,
+                _ => {}
+            }
+            Request::Invalidate(b)
+        }
     }
 }
 

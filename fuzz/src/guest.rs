@@ -42,15 +42,22 @@ pub struct Guest {
     next_slot: u64,
 }
 
+/// The two regions, empty.
+pub fn memory() -> Mem {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), LOW as usize),
+        (GuestAddress(HIGH_START), HIGH as usize),
+    ])
+    .expect("two disjoint regions")
+}
+
 impl Guest {
     /// A device that acked `features` (with VERSION_1), both queues of `qsize` set up and
-    /// activated. `None` when the device refuses the queue size.
+    /// activated. `None` when the device refuses the queue size. Page-table mode walks
+    /// tables in this guest memory, whatever the input wrote there.
     pub fn new(dev: VirtioIommu, qsize: u16, features: u64) -> Option<Self> {
-        let mem = GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), LOW as usize),
-            (GuestAddress(HIGH_START), HIGH as usize),
-        ])
-        .expect("two disjoint regions");
+        let mem = memory();
+        dev.iommu().set_table_memory(Some(std::sync::Arc::new(mem.clone())));
         let features = (features | bit(VERSION_1)) & dev.device_features();
         let mut g = Self { mem, dev, qsize, features, next_desc: [0; 2], next_slot: 0 };
         g.setup().then_some(g)

@@ -110,6 +110,8 @@ const DETACH: u8 = 1;
 const MAP: u8 = 2;
 const UNMAP: u8 = 3;
 const PROBE: u8 = 4;
+const ATTACH_TABLE: u8 = 5;
+const INVALIDATE: u8 = 6;
 
 /// A configuration as `device::config` reads it: feature bits, granule choice, endpoints
 /// 1 (an MSI region), 2 and 3 (a reserved region), generous limits.
@@ -123,6 +125,25 @@ fn config(s: &mut Seed, features: u16, granule: u8, bypass: bool) {
 
 /// All optional features (MAP_UNMAP is bit 2 inverted).
 const ALL: u16 = 0x1fb;
+/// And page-table mode (experimental).
+const TABLES: u16 = ALL | 1 << 9;
+
+/// A format-3 table at `base` (levels 0–3 on four pages): IOVA pages 0–3 map guest pages
+/// 1–4 read-write; entry 4 of the last level points at a table (malformed there).
+fn table_bytes(base: u64) -> Vec<u8> {
+    let mut t = vec![0u8; 4 * 4096];
+    let mut set = |page: usize, index: usize, v: u64| {
+        t[page * 4096 + 8 * index..][..8].copy_from_slice(&v.to_le_bytes());
+    };
+    set(0, 0, (base + 0x1000) | 3);
+    set(1, 0, (base + 0x2000) | 3);
+    set(2, 0, (base + 0x3000) | 3);
+    for i in 0..4 {
+        set(3, i, ((i as u64 + 1) << 12) | 0xd);
+    }
+    set(3, 4, base | 3);
+    t
+}
 
 fn good(s: &mut Seed, kind: u8, d: u8, e: u8, page: u8, pages: u8, flags: u8) {
     s.u8(kind).u8(d).u8(e).u8(page).u8(pages).u8(flags);
@@ -171,7 +192,26 @@ fn device_request() -> Vec<(&'static str, Seed)> {
     req(&mut big_granule, PROBE, 0, 3, 0, 0, 0);
     big_granule.u8(2).u8(3).u32(0x10_0000).u16(0x100).u8(2);
 
-    vec![("lifecycle", lifecycle), ("raw", raw), ("limits", limits), ("big-granule", big_granule)]
+    // Page-table mode: the table written into the walker's memory (op 3), ATTACH_TABLE,
+    // translations (a hit, a malformed entry, an invalid one), INVALIDATE by range and domain.
+    let mut pgtable = Seed::default();
+    config(&mut pgtable, TABLES, 0, false);
+    pgtable.u8(3).u8(0).u16(0x8000).string(&table_bytes(0x8000));
+    req(&mut pgtable, ATTACH_TABLE, 1, 1, 8, 0, 0);
+    for iova in [0x1010, 0x4000, 0x5000] {
+        pgtable.u8(2).u8(1).u32(iova).u16(16).u8(2);
+    }
+    req(&mut pgtable, INVALIDATE, 1, 0, 1, 0, 0);
+    req(&mut pgtable, INVALIDATE, 1, 0, 0, 0, 1);
+    req(&mut pgtable, PROBE, 0, 1, 0, 0, 0);
+
+    vec![
+        ("lifecycle", lifecycle),
+        ("raw", raw),
+        ("limits", limits),
+        ("big-granule", big_granule),
+        ("pgtable", pgtable),
+    ]
 }
 
 fn device_chain() -> Vec<(&'static str, Seed)> {
@@ -235,7 +275,27 @@ fn device_chain() -> Vec<(&'static str, Seed)> {
     indirect.u8(8).u8(1).u8(36).string(&[1]);
     indirect.u8(7).u8(0).u8(0).u16(7).u8(3).u8(0);
 
-    vec![("layouts", layouts), ("events", events), ("raw", raw), ("indirect", indirect)]
+    // Page-table mode through the queue: the table written as raw guest bytes (op 0) in
+    // the high region, where the chains' ATTACH_TABLE points (flag bit 0), INVALIDATE
+    // (domain-wide), translations, an event buffer for the fault.
+    let mut pgtable = Seed::default();
+    config(&mut pgtable, TABLES, 0, false);
+    pgtable.u8(2).u8(0);
+    pgtable.u8(0).u8(1).u16(0x8000).string(&table_bytes(0x10_8000));
+    chain(&mut pgtable, ATTACH_TABLE, 1, 1, 8, 0, 0);
+    pgtable.u8(6).u8(1).u32(0x1010).u16(16).u8(2);
+    pgtable.u8(6).u8(1).u32(0x4000).u16(16).u8(0);
+    chain(&mut pgtable, INVALIDATE, 1, 0, 0, 3, 1);
+    pgtable.u8(5).u16(24).u8(2);
+    pgtable.u8(3).u8(1);
+
+    vec![
+        ("layouts", layouts),
+        ("events", events),
+        ("raw", raw),
+        ("indirect", indirect),
+        ("pgtable", pgtable),
+    ]
 }
 
 /// Workload opcodes of the driver target.

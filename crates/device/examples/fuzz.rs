@@ -18,6 +18,7 @@ use viommu_device::{
     Access, DeviceConfig, DeviceState, EndpointConfig, Limits, OfferedFeatures, ResvKind,
     ResvRegion, VirtioIommu,
 };
+use viommu_proto::pgtable::Pte;
 use viommu_proto::Request;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -41,6 +42,8 @@ type FuzzResv = (bool, u16, u8);
 #[derive(Arbitrary, Debug)]
 struct FuzzConfig {
     features: [bool; 8],
+    /// Page-table mode (experimental): offered, and guest memory given to the walker.
+    attach_table: bool,
     granule_shift: u8,
     probe_size: u16,
     bypass: bool,
@@ -88,7 +91,7 @@ impl FuzzConfig {
                 legacy_bypass: f[6] && !f[5],
                 access_platform: f[7],
                 indirect_desc: f[0] ^ f[3],
-                attach_table: false,
+                attach_table: self.attach_table,
             },
             page_size_mask: !0u64
                 << [0, 9, 12, 12, 12, 12, 16, 21][usize::from(self.granule_shift % 8)],
@@ -143,7 +146,7 @@ struct Desc {
 #[derive(Arbitrary, Debug)]
 enum Payload {
     Raw(Vec<u8>),
-    Req { ty: u8, body: [u8; 68], len: u8 },
+    Req { ty: u8, body: [u8; 76], len: u8 },
 }
 
 /// A well-formed request on a small ID and address space, so that cases reach deep states.
@@ -179,6 +182,44 @@ enum GoodReq {
         pages: u8,
         flags: u8,
     },
+    /// Draft ATTACH_TABLE, the root a page of the table area (or anywhere).
+    AttachTable {
+        d: u8,
+        e: u8,
+        root: Root,
+    },
+    /// Draft INVALIDATE: domain-wide, a range, or malformed fields.
+    Invalidate {
+        d: u8,
+        gran: u8,
+        page: u8,
+        pages: u8,
+        granule: u8,
+        types: u8,
+        flags: u8,
+    },
+}
+
+/// Where a page-table root (or a table pointer) points.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Root {
+    /// A page of the table area.
+    Table(u8),
+    /// Any guest-physical address (unaligned, in the hole, above RAM).
+    Anywhere(u64),
+}
+
+/// Guest pages whose contents the cases shape into page tables (inside the low region).
+const TABLE_AREA: u64 = 0x4_0000;
+const TABLE_PAGES: u64 = 32;
+
+impl Root {
+    fn addr(self) -> u64 {
+        match self {
+            Root::Table(p) => TABLE_AREA + (u64::from(p) % TABLE_PAGES) * 0x1000,
+            Root::Anywhere(a) => a,
+        }
+    }
 }
 
 impl GoodReq {
@@ -241,6 +282,28 @@ impl GoodReq {
                 put32(&mut b, 4, ep(e));
                 72
             }
+            GoodReq::AttachTable { d, e, root } => {
+                b.resize(80, 0);
+                b[0] = 6;
+                put32(&mut b, 4, u32::from(d % 3));
+                put32(&mut b, 8, ep(e));
+                b[16] = 3; // format 3
+                put64(&mut b, 24, root.addr());
+                80
+            }
+            GoodReq::Invalidate { d, gran, page, pages, granule, types, flags } => {
+                b.resize(60, 0);
+                b[0] = 7;
+                // Mostly DOMAIN or VA; sometimes PASID, none or several.
+                b[4] = [1, 4, 4, 1, 2, 0, 5, gran][usize::from(gran % 8)];
+                b[6] = if types % 8 == 7 { types } else { 1 };
+                b[8] = if flags % 8 == 7 { flags } else { 0 };
+                put32(&mut b, 12, u32::from(d % 3));
+                put64(&mut b, 32, u64::from(page) << 12);
+                put64(&mut b, 40, u64::from(pages % 32) + u64::from(pages == 255));
+                b[48] = if granule % 4 == 3 { granule } else { 12 };
+                60
+            }
         };
         b.truncate(len);
         b
@@ -302,6 +365,36 @@ enum Action {
     HostileRestore {
         edits: Vec<StateEdit>,
     },
+    /// Page-table mode: one entry of the table area, shaped like a real one (a pointer to
+    /// another page of the area, a leaf) or raw; small indices so low IOVAs reach it.
+    Pte {
+        page: u8,
+        index: u8,
+        kind: u8,
+        target: Root,
+        raw: u64,
+    },
+    /// A translation at an IOVA made of small table indices, so walks go deep.
+    TranslateTable {
+        ep: u8,
+        l1: u8,
+        l2: u8,
+        l3: u8,
+        len: u16,
+        access: u8,
+    },
+    /// A domain-wide INVALIDATE of the endpoint's table domain, then: `translate` agrees
+    /// with a fresh walk (`lookup`) at `iova`.
+    InvalidateAgrees {
+        ep: u8,
+        l2: u8,
+        l3: u8,
+    },
+}
+
+/// An IOVA from small indices of levels 1–3 (level 0 index 0).
+fn table_iova(l1: u8, l2: u8, l3: u8) -> u64 {
+    (u64::from(l1 % 4) << 30) | (u64::from(l2 % 8) << 21) | (u64::from(l3 % 8) << 12)
 }
 
 /// One edit of a snapshot.
@@ -314,6 +407,7 @@ enum StateEdit {
     Endpoints { domain: u8, endpoints: Vec<u32> },
     CloneDomain { domain: u8, id: u32 },
     Fault { reason: u8, flags: u32, endpoint: u32, address: u64 },
+    PageTable { domain: u8, root: Option<u64> },
     Queue { q: bool, max_size: u16, size: u16, next_avail: u16, next_used: u16, ready: bool },
     Features { acked: u64 },
 }
@@ -361,7 +455,7 @@ impl StateEdit {
             }
             StateEdit::Fault { reason, flags, endpoint, address } => {
                 s.faults.push(viommu_device::PendingFault {
-                    reason: reason % 4,
+                    reason: reason % 6,
                     flags,
                     endpoint: endpoint % 10,
                     address,
@@ -373,6 +467,11 @@ impl StateEdit {
                     (max_size, size, next_avail, next_used, ready);
             }
             StateEdit::Features { acked } => s.acked_features = acked,
+            StateEdit::PageTable { domain, root } => {
+                if let Some(d) = pick(s.domains.len(), domain) {
+                    s.domains[d].page_table = root;
+                }
+            }
         }
     }
 }
@@ -394,6 +493,7 @@ impl Case {
         ])
         .unwrap();
         let mut dev = VirtioIommu::new(cfg.clone()).ok()?;
+        set_table_memory(&dev, &mem);
         let f = dev.device_features();
         dev.ack_features(f);
         let mut c = Self { mem, dev, cfg, qsize, next_desc: [0; 2] };
@@ -489,8 +589,8 @@ impl Case {
                 let bytes = match payload {
                     Payload::Raw(b) => b,
                     Payload::Req { ty, body, len } => {
-                        let mut b = vec![ty % 7, 0, 0, 0];
-                        b.extend_from_slice(&body[..usize::from(len % 69)]);
+                        let mut b = vec![ty % 9, 0, 0, 0];
+                        b.extend_from_slice(&body[..usize::from(len % 77)]);
                         b
                     }
                 };
@@ -615,11 +715,13 @@ impl Case {
                     e.apply(&mut state);
                 }
                 let mut dev = VirtioIommu::new(self.cfg.clone()).unwrap();
+                set_table_memory(&dev, &self.mem);
                 match dev.restore(state) {
                     Ok(()) => {
                         // Whatever was accepted is a state the device keeps exactly.
                         let again = dev.snapshot();
                         let mut other = VirtioIommu::new(self.cfg.clone()).unwrap();
+                        set_table_memory(&other, &self.mem);
                         other.restore(again.clone()).expect("an accepted state restores again");
                         assert_eq!(other.snapshot(), again, "restore is exact");
                         self.dev = dev;
@@ -632,15 +734,76 @@ impl Case {
                     }
                 }
             }
+            Action::Pte { page, index, kind, target, raw } => {
+                let at = Root::Table(page).addr() + 8 * u64::from(index % 8);
+                let v = match kind % 4 {
+                    0 => Pte::table(target.addr()).get(),
+                    1 => Pte::leaf(target.addr() & !0xfff, kind & 4 != 0, kind & 8 != 0).get(),
+                    2 => 0,
+                    _ => raw,
+                };
+                self.mem.write_obj(v.to_le(), GuestAddress(at)).unwrap();
+            }
+            Action::TranslateTable { ep, l1, l2, l3, len, access } => {
+                let access =
+                    [Access::Read, Access::Write, Access::ReadWrite][usize::from(access % 3)];
+                let iova = table_iova(l1, l2, l3) + u64::from(len & 0xff0);
+                let iommu = self.dev.iommu();
+                if let Ok(t) = iommu.translate(u32::from(ep % 9), iova, u64::from(len), access) {
+                    let total: u64 = t.iter().map(|s| s.len).sum();
+                    assert_eq!(total, u64::from(len), "segments cover the access exactly");
+                    TOTALS[7].fetch_add(1, Ordering::Relaxed);
+                };
+            }
+            Action::InvalidateAgrees { ep, l2, l3 } => self.invalidate_agrees(ep, l2, l3),
             Action::Migrate => {
                 let state = self.dev.snapshot();
                 let json = serde_json::to_string(&state).unwrap();
                 let back: DeviceState = serde_json::from_str(&json).unwrap();
                 let mut dev = VirtioIommu::new(self.cfg.clone()).unwrap();
+                set_table_memory(&dev, &self.mem);
                 dev.restore(back).expect("a device's own snapshot restores");
                 assert_eq!(dev.snapshot(), state, "restore is exact");
                 self.dev = dev;
             }
+        }
+    }
+
+    /// A valid (aliased) table at area page 0: level-1 entries 0–3 share one level-2
+    /// table, whose entries 0–7 share one level-3 table of eight read-write pages.
+    fn seed_tables(&self) {
+        let page = |p: u64| TABLE_AREA + p * 0x1000;
+        let set =
+            |gpa: u64, v: Pte| self.mem.write_obj(v.get().to_le(), GuestAddress(gpa)).unwrap();
+        set(page(0), Pte::table(page(1)));
+        for i in 0..8 {
+            if i < 4 {
+                set(page(1) + 8 * i, Pte::table(page(2)));
+            }
+            set(page(2) + 8 * i, Pte::table(page(3)));
+            set(page(3) + 8 * i, Pte::leaf(DATA + i * 0x1000, true, true));
+        }
+    }
+
+    /// After a domain-wide INVALIDATE, a translation is what a fresh walk finds: the cache
+    /// keeps nothing from before.
+    fn invalidate_agrees(&self, ep: u8, l2: u8, l3: u8) {
+        let iommu = self.dev.iommu();
+        let eps = &self.cfg.endpoints;
+        let Some(ep) = eps.get(usize::from(ep) % eps.len().max(1)) else { return };
+        let Some(domain) = iommu.endpoint_domain(ep.id) else { return };
+        let body = viommu_proto::InvalidateBody::domain(domain);
+        if iommu.execute(&Request::Invalidate(body), &mut []) != viommu_proto::Status::Ok {
+            return;
+        }
+        let iova = table_iova(0, l2, l3);
+        let fresh = iommu.lookup(ep.id, iova);
+        let got = iommu.translate(ep.id, iova, 1, Access::Read).map(|t| t.segments()[0].addr);
+        match fresh {
+            Some((w, p)) if p.read => {
+                assert_eq!(got.ok(), w.translate(iova), "translate after INVALIDATE = a fresh walk")
+            }
+            _ => assert!(got.is_err(), "translate after INVALIDATE found what a walk did not"),
         }
     }
 
@@ -653,8 +816,15 @@ impl Case {
     }
 }
 
+/// Page-table mode reads tables in the case's guest memory.
+fn set_table_memory(dev: &VirtioIommu, mem: &Mem) {
+    if dev.iommu().config().features.attach_table {
+        dev.iommu().set_table_memory(Some(Arc::new(mem.clone())));
+    }
+}
+
 /// Totals over all cases, printed at the end to show how deep the cases reach.
-static TOTALS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static TOTALS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 
 fn run_case(seed: u64, case: u64) {
     let mut rng = Rng(seed ^ case.wrapping_mul(0x2545_f491_4f6c_dd1d));
@@ -667,8 +837,17 @@ fn run_case(seed: u64, case: u64) {
     TOTALS[4].fetch_add(1, Ordering::Relaxed);
     // A warm-up batch of well-formed requests puts the device in a deep state first.
     let warm = (rng.next() % 200) as usize;
-    let mut reqs: Vec<GoodReq> =
-        (0..6).map(|e| GoodReq::Attach { d: e % 3, e, bypass: rng.next() % 8 == 0 }).collect();
+    let tables = c.cfg.features.attach_table;
+    if tables {
+        c.seed_tables();
+    }
+    let mut reqs: Vec<GoodReq> = (0..6)
+        .map(|e| match rng.next() % 8 {
+            0 => GoodReq::Attach { d: e % 3, e, bypass: true },
+            1..=5 if tables => GoodReq::AttachTable { d: e % 3, e, root: Root::Table(0) },
+            _ => GoodReq::Attach { d: e % 3, e, bypass: false },
+        })
+        .collect();
     reqs.extend((0..warm).map_while(|_| GoodReq::arbitrary(&mut u).ok()));
     let nreq = reqs.len();
     c.run(Action::Good { reqs });
@@ -749,6 +928,7 @@ fn main() {
         t[4], t[0], t[1], t[2], t[3]
     );
     println!("fuzz: edited snapshots: {} restored, {} refused", t[5], t[6]);
+    println!("fuzz: page-table mode: {} translations at table-shaped IOVAs", t[7]);
     println!(
         "fuzz: {case} cases in {:.1} s, seed {seed}: no panic, no hang",
         start.elapsed().as_secs_f64()

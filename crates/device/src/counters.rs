@@ -30,7 +30,9 @@ pub struct Counters {
 pub struct CounterSnapshot {
     /// Requests by type: 1..=5 ATTACH..PROBE, 6 and 7 the drafts' ATTACH_TABLE and
     /// INVALIDATE (parsed, each gets one status); index 0 counts unknown types, which get
-    /// no status (used length 0, also counted in `malformed`).
+    /// no status (used length 0, also counted in `malformed`). A snapshot saved before
+    /// types 6 and 7 existed (6 slots) loads with them at 0.
+    #[serde(deserialize_with = "padded")]
     pub requests: [u64; REQUEST_SLOTS],
     /// Statuses written, indexed by status code.
     pub statuses: [u64; 9],
@@ -55,6 +57,17 @@ pub struct CounterSnapshot {
     /// went on (counted once per wait).
     #[serde(default)]
     pub slow_leases: u64,
+}
+
+/// Reads a list of at most `REQUEST_SLOTS` counts, padded with zeros.
+fn padded<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u64; REQUEST_SLOTS], D::Error> {
+    let v: Vec<u64> = Deserialize::deserialize(d)?;
+    let mut out = [0; REQUEST_SLOTS];
+    if v.len() > REQUEST_SLOTS {
+        return Err(serde::de::Error::invalid_length(v.len(), &"at most 8 request counts"));
+    }
+    out[..v.len()].copy_from_slice(&v);
+    Ok(out)
 }
 
 impl CounterSnapshot {
@@ -120,5 +133,18 @@ impl Counters {
             grace_periods: load(&self.grace_periods),
             slow_leases: load(&self.slow_leases),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_with_six_request_slots_still_loads() {
+        let mut json = serde_json::to_value(CounterSnapshot::default()).unwrap();
+        json["requests"] = serde_json::json!([1, 2, 3, 4, 5, 6]);
+        let c: CounterSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(c.requests, [1, 2, 3, 4, 5, 6, 0, 0]);
     }
 }
