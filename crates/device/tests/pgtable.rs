@@ -786,3 +786,37 @@ fn draft_requests_on_a_device_without_page_table_mode_are_unsupp() {
     assert_eq!(c.requests_of(RequestType::Invalidate), 1);
     assert_eq!(c.status(Status::Unsupp), 2);
 }
+
+/// The strict promise under concurrency: a writer repoints one entry to a new page and
+/// sends INVALIDATE (by range or domain-wide, alternately), step after step, while readers
+/// translate. A translation that began after the k-th INVALIDATE completed never returns a
+/// page older than the k-th: no cache fill or TLB entry from before survives it.
+#[test]
+fn no_translation_after_an_invalidate_sees_an_older_entry() {
+    use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Release};
+    let mem = new_mem();
+    let mut d = Driver::new(&mem);
+    let (dev, mut t) = mapped(&mut d, &mem);
+    let page = |k: u64| 0x1_0000_0000 + (k << 12);
+    let slot = t.slot(IOVA, 3);
+    t.set(slot, Pte::leaf(page(0), true, true).get());
+    let i = dev.iommu();
+    let done = AtomicU64::new(0);
+    concurrent::overlapped(
+        2,
+        500,
+        20,
+        |k| {
+            t.set(slot, Pte::leaf(page(k + 1), true, true).get());
+            let inv = if k % 2 == 0 { inval_range(1, IOVA, 1) } else { inval_domain(1) };
+            assert_eq!(i.execute(&inv, &mut []), Status::Ok);
+            done.store(k + 1, Release);
+        },
+        |_| {
+            let k = done.load(Acquire);
+            let tr = i.translate(1, IOVA + 8, 8, Access::Read).unwrap();
+            let got = tr.contiguous().unwrap().addr - 8;
+            assert!(got >= page(k), "INVALIDATE {k} had completed, yet page {got:#x} was used");
+        },
+    );
+}
