@@ -32,6 +32,13 @@ pub enum Mode {
     LazySingle,
     /// Lazy, plus the batch API (one sync per I/O) and UNMAP coalescing.
     Best,
+    /// Page-table mode (drafts): the driver writes the table, no MAP; one
+    /// INVALIDATE per I/O, synced (batch API). Needs a device that offers
+    /// F_ATTACH_TABLE: no Linux or QEMU speaks it.
+    PgtableStrict,
+    /// Page-table mode (drafts), INVALIDATEs deferred to the per-CPU flush
+    /// queues, one per flush (batch API).
+    PgtableLazy,
 }
 
 /// How long a freed buffer can stay reachable by the device.
@@ -57,6 +64,10 @@ impl Mode {
         Mode::Best,
     ];
 
+    /// The page-table modes (drafts): outside [`Mode::ALL`], since only a
+    /// device that offers F_ATTACH_TABLE (ours, when asked) can run them.
+    pub const TABLE: [Mode; 2] = [Mode::PgtableStrict, Mode::PgtableLazy];
+
     /// The name on command lines and in reports.
     pub const fn name(self) -> &'static str {
         match self {
@@ -66,12 +77,14 @@ impl Mode {
             Mode::Lazy => "lazy",
             Mode::LazySingle => "lazy-single",
             Mode::Best => "best",
+            Mode::PgtableStrict => "pgtable-strict",
+            Mode::PgtableLazy => "pgtable-lazy",
         }
     }
 
     /// Parses a [`Mode::name`].
     pub fn from_name(s: &str) -> Option<Mode> {
-        Mode::ALL.into_iter().find(|m| m.name() == s)
+        Mode::ALL.into_iter().chain(Mode::TABLE).find(|m| m.name() == s)
     }
 
     /// One line on what the mode does.
@@ -83,6 +96,12 @@ impl Mode {
             Mode::Lazy => "lazy, UNMAPs deferred to per-CPU flush queues",
             Mode::LazySingle => "lazy, UNMAPs deferred to one shared flush queue",
             Mode::Best => "lazy + batch API (one sync per I/O) + UNMAP coalescing",
+            Mode::PgtableStrict => {
+                "page-table mode (draft): PTEs written, no MAP; one INVALIDATE per I/O, synced"
+            }
+            Mode::PgtableLazy => {
+                "page-table mode (draft): PTEs written, no MAP; one INVALIDATE per flush queue flush"
+            }
         }
     }
 
@@ -94,8 +113,14 @@ impl Mode {
             Mode::StrictEverySync => Some("before 6.7 (always strict)"),
             Mode::Strict => Some("6.7+ iommu.strict=1"),
             Mode::Lazy => Some("6.7+ default (DMA-FQ)"),
-            Mode::LazySingle | Mode::Best => None,
+            Mode::LazySingle | Mode::Best | Mode::PgtableStrict | Mode::PgtableLazy => None,
         }
+    }
+
+    /// Whether the endpoint's domain is in page-table mode (the device must
+    /// offer it: see [`crate::VirtioIommu::alloc_paging`]).
+    pub const fn page_table(self) -> bool {
+        matches!(self, Mode::PgtableStrict | Mode::PgtableLazy)
     }
 
     /// Whether the endpoint is attached to an identity domain rather than a
@@ -108,15 +133,15 @@ impl Mode {
     pub const fn policy(self) -> Option<Policy> {
         match self {
             Mode::Identity => None,
-            Mode::StrictEverySync | Mode::Strict => Some(Policy::Strict),
-            Mode::Lazy | Mode::Best => Some(Policy::Lazy),
+            Mode::StrictEverySync | Mode::Strict | Mode::PgtableStrict => Some(Policy::Strict),
+            Mode::Lazy | Mode::Best | Mode::PgtableLazy => Some(Policy::Lazy),
             Mode::LazySingle => Some(Policy::LazySingle),
         }
     }
 
     /// Whether each I/O is mapped through the batch API ([`crate::DmaDomain::begin`]).
     pub const fn batch(self) -> bool {
-        matches!(self, Mode::Best)
+        matches!(self, Mode::Best | Mode::PgtableStrict | Mode::PgtableLazy)
     }
 
     /// Whether adjacent freed ranges go out as one UNMAP.
@@ -171,7 +196,10 @@ pub struct UnknownMode;
 
 impl fmt::Display for UnknownMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("unknown mode (identity, strict-every-sync, strict, lazy, lazy-single, best)")
+        f.write_str(
+            "unknown mode (identity, strict-every-sync, strict, lazy, lazy-single, best, \
+             pgtable-strict, pgtable-lazy)",
+        )
     }
 }
 
@@ -191,7 +219,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for m in Mode::ALL {
+        for m in Mode::ALL.into_iter().chain(Mode::TABLE) {
             assert_eq!(Mode::from_name(m.name()), Some(m));
             assert_eq!(m.name().parse::<Mode>(), Ok(m));
             assert_eq!(alloc::format!("{m}"), m.name());
@@ -207,8 +235,9 @@ mod tests {
 
     #[test]
     fn names_are_distinct() {
-        for (i, a) in Mode::ALL.iter().enumerate() {
-            for b in &Mode::ALL[i + 1..] {
+        let all: alloc::vec::Vec<Mode> = Mode::ALL.into_iter().chain(Mode::TABLE).collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
                 assert_ne!(a.name(), b.name());
             }
         }
@@ -223,6 +252,10 @@ mod tests {
         assert!(Mode::Best.batch() && !Mode::Lazy.batch());
         assert_eq!(Mode::LazySingle.dma_options().policy, Policy::LazySingle);
         assert!(!Mode::Lazy.dma_options().coalesce_unmaps);
+        assert_eq!(Mode::PgtableStrict.dma_options().policy, Policy::Strict);
+        assert_eq!(Mode::PgtableLazy.dma_options().policy, Policy::Lazy);
+        assert!(Mode::TABLE.iter().all(|m| m.batch() && m.page_table() && m.linux().is_none()));
+        assert!(Mode::ALL.iter().all(|m| !m.page_table()));
     }
 
     #[test]

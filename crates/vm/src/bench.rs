@@ -50,6 +50,11 @@ impl Mode {
     /// behaviour, to compare with counts from real guests.
     pub const EXTRA: [Mode; 2] = [Mode::LinuxLazy, Mode::LinuxStrict];
 
+    /// Page-table modes (drafts, [`DriverMode::TABLE`]), outside the default
+    /// sweep: the VM's device offers F_ATTACH_TABLE for them only.
+    pub const TABLE: [Mode; 2] =
+        [Mode::Driver(DriverMode::PgtableStrict), Mode::Driver(DriverMode::PgtableLazy)];
+
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -62,7 +67,7 @@ impl Mode {
 
     /// Parses a [`Mode::name`].
     pub fn from_name(s: &str) -> Option<Mode> {
-        Mode::ALL.into_iter().chain(Mode::EXTRA).find(|m| m.name() == s)
+        Mode::ALL.into_iter().chain(Mode::EXTRA).chain(Mode::TABLE).find(|m| m.name() == s)
     }
 
     /// Our driver's mode this runs, or for a Linux model the mode whose

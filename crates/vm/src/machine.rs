@@ -225,13 +225,20 @@ impl Machine {
     /// ```
     pub fn with_options(
         ram: Arc<GuestRam>,
-        cfg: DeviceConfig,
+        mut cfg: DeviceConfig,
         endpoint: u32,
         mode: Mode,
         opts: MachineOptions,
     ) -> Result<Self, MachineError> {
+        // Page-table modes (drafts): the device offers F_ATTACH_TABLE and
+        // walks the guest's tables in guest RAM.
+        let table = mode.driver_mode().is_some_and(|m| m.page_table());
+        cfg.features.attach_table |= table;
         let device = Device::new(cfg)?;
         let iommu = device.iommu();
+        if table {
+            iommu.set_table_memory(Some(Arc::new(ram.memory().clone())));
+        }
         let link = DeviceLink::start(device, ram.clone())?;
         link.set_spin(opts.spin);
         iommu.set_fault_notifier(Some(Arc::new(link.poker(EVENT_QUEUE))));
@@ -242,6 +249,9 @@ impl Machine {
             Some(_) => Some(driver.alloc_paging(endpoint)?),
         };
         if let Some(d) = &domain {
+            if table && !d.uses_page_table() {
+                return Err(viommu_driver::Error::MissingFeature("ATTACH_TABLE").into());
+            }
             driver.attach(d, endpoint)?;
         }
         let MachineOptions { timer, clock, spin: _ } = opts;

@@ -4,10 +4,16 @@
 //!
 //! - Mapping writes entries and sends nothing. Each chunk takes the largest
 //!   leaf its IOVA, address and remaining size allow (1 GiB, 2 MiB, 4 KiB).
-//! - Unmapping clears leaves; a table whose last entry goes is unlinked and
-//!   *retired*: the device may still hold a walk through it, so its page is
+//! - Unmapping clears leaves. A table whose last entry goes is noted, and
+//!   unlinked when the next INVALIDATE is queued if it is still empty then
+//!   (so that a lazy domain whose I/Os come and go in one table keeps it);
+//!   unlinked, it is *retired*: the device may still hold a walk through it, so its page is
 //!   freed only once an INVALIDATE queued after the unlink has completed
-//!   (the domain hands the retired pages to that INVALIDATE's ticket).
+//!   (the domain hands the retired pages to that INVALIDATE's ticket). Freed
+//!   tables are all zeroes: up to [`SPARE_TABLES`] are kept for the next
+//!   tables the domain needs, so that an I/O whose unmap empties its tables
+//!   does not pay the `Hal` (allocation and zeroing) for them again on the
+//!   next map; the rest go back to the `Hal`.
 //! - Write order, so that a walk running meanwhile sees the old entry or the
 //!   new one: a table page is zeroed (the `Hal` gives zeroed pages) before the
 //!   Release fence that precedes the entry linking it, and every entry is one
@@ -31,6 +37,10 @@ use crate::{Error, Result};
 
 /// One table page.
 pub(in crate::iommu) type Page = DmaBuffer<Arc<dyn Hal>>;
+
+/// Freed tables a domain keeps for reuse, of each kind (with next-level
+/// pointers, and last-level).
+pub(in crate::iommu) const SPARE_TABLES: usize = 32;
 
 /// An inclusive IOVA range.
 pub(in crate::iommu) type Span = (u64, u64);
@@ -62,15 +72,26 @@ impl Table {
     }
 }
 
+/// An unlinked table and the IOVAs it translated.
+type Retired = (Box<Table>, Span);
+
 /// The page table of one domain, with the table pages waiting to be freed.
 pub(in crate::iommu) struct PageTable {
     hal: Arc<dyn Hal>,
     root: Table,
     /// Unlinked tables no queued INVALIDATE covers yet, with the IOVAs each
     /// translated.
-    retired: Vec<(Page, Span)>,
+    retired: Vec<Retired>,
     /// Unlinked tables waiting for an INVALIDATE to complete.
-    parked: Vec<(Ticket, Vec<(Page, Span)>)>,
+    parked: Vec<(Ticket, Vec<Retired>)>,
+    /// Freed tables (all zeroes, no children) kept for reuse: above the
+    /// last level, and at it.
+    // Boxed: they move in and out of their parents' slots as they are.
+    #[allow(clippy::vec_box)]
+    spare: [Vec<Box<Table>>; 2],
+    /// Tables that became empty, by `(level, first IOVA)`: unlinked at the
+    /// next [`Self::sweep`] if still empty.
+    emptied: Vec<(usize, u64)>,
     /// Ranges whose INVALIDATE failed or could not be queued: the next one covers them.
     dirty: Option<Span>,
     /// Table pages in use, the root included.
@@ -90,7 +111,16 @@ impl PageTable {
     /// An empty table: one zeroed root page.
     pub(in crate::iommu) fn new(hal: Arc<dyn Hal>) -> Result<Self> {
         let root = Table::new(&hal, 0)?;
-        Ok(Self { hal, root, retired: Vec::new(), parked: Vec::new(), dirty: None, tables: 1 })
+        Ok(Self {
+            hal,
+            root,
+            retired: Vec::new(),
+            parked: Vec::new(),
+            spare: [Vec::new(), Vec::new()],
+            emptied: Vec::new(),
+            dirty: None,
+            tables: 1,
+        })
     }
 
     /// The address ATTACH_TABLE gives the device (`pgd`).
@@ -151,6 +181,7 @@ impl PageTable {
     /// Writes the leaf `raw` for `va` at `level`, creating tables on the way.
     fn set_leaf(&mut self, va: u64, level: usize, raw: u64) -> Result<()> {
         let hal = &self.hal;
+        let spare = &mut self.spare;
         let mut t = &mut self.root;
         for l in 0..level {
             let i = pt::index(va, l);
@@ -159,13 +190,17 @@ impl PageTable {
                     // A leaf covers va already.
                     return Err(Error::Overlap { iova: va & !(pt::level_size(l) - 1) });
                 }
-                let child = Table::new(hal, l + 1)?;
+                let kind = usize::from(l + 1 == LAST_LEVEL);
+                let child = match spare[kind].pop() {
+                    Some(c) => c,
+                    None => Box::new(Table::new(hal, l + 1)?),
+                };
                 self.tables += 1;
                 // The child's zeroes are visible before the entry that links it.
                 fence(Ordering::Release);
                 t.set(i, Pte::table(child.page.paddr()).get());
                 t.live += 1;
-                t.next[i] = Some(Box::new(child));
+                t.next[i] = Some(child);
             }
             t = t.next[i].as_deref_mut().expect("linked above");
         }
@@ -180,17 +215,44 @@ impl PageTable {
         Ok(())
     }
 
-    /// Clears every leaf lying wholly inside `[first, last]` and unlinks the
-    /// tables left empty (retired, see the module; [`Self::pending_span`]
-    /// then covers what they translated).
+    /// Clears every leaf lying wholly inside `[first, last]`; the tables it
+    /// leaves empty are noted for [`Self::sweep`].
     pub(in crate::iommu) fn unmap(&mut self, first: u64, last: u64) {
         if first > pt::IOVA_MAX || first > last {
             return;
         }
-        let mut freed = 0;
         let range = (first, last.min(pt::IOVA_MAX));
-        clear(&mut self.root, 0, 0, range, &mut self.retired, &mut freed);
-        self.tables -= freed;
+        clear(&mut self.root, 0, 0, range, &mut self.emptied);
+    }
+
+    /// Unlinks the noted tables that are still empty, deepest first (a
+    /// parent they leave empty goes too), and retires them (see the module;
+    /// [`Self::pending_span`] then covers what they translated). Called
+    /// before an INVALIDATE is queued.
+    pub(in crate::iommu) fn sweep(&mut self) {
+        let mut todo = core::mem::take(&mut self.emptied);
+        for level in (1..=LAST_LEVEL).rev() {
+            let mut parents = Vec::new();
+            for &(_, va) in todo.iter().filter(|e| e.0 == level) {
+                // The parent, if the path to it still exists.
+                let Some(t) = descend(&mut self.root, va, level - 1) else { continue };
+                let i = pt::index(va, level - 1);
+                if t.next.get(i).and_then(Option::as_ref).is_none_or(|c| c.live != 0) {
+                    continue;
+                }
+                t.set(i, 0);
+                t.live -= 1;
+                let child = t.next[i].take().expect("checked");
+                let first = va & !(pt::level_size(level - 1) - 1);
+                self.retired.push((child, (first, first + (pt::level_size(level - 1) - 1))));
+                self.tables -= 1;
+                if t.live == 0 && level > 1 {
+                    parents.push((level - 1, va));
+                }
+            }
+            todo.retain(|e| e.0 != level);
+            todo.extend(parents);
+        }
     }
 
     /// What the next INVALIDATE must cover beyond what was unmapped: the
@@ -224,22 +286,38 @@ impl PageTable {
     /// on: its tables are freed, or wait for the next INVALIDATE.
     pub(in crate::iommu) fn settled(&mut self, ticket: Ticket, ok: bool) {
         let Some(k) = self.parked.iter().position(|p| p.0 == ticket) else { return };
-        let (_, pages) = self.parked.swap_remove(k);
+        let (_, tables) = self.parked.swap_remove(k);
         if !ok {
-            for p in &pages {
+            for p in &tables {
                 self.dirty = hull(self.dirty, Some(p.1));
             }
-            self.retired.extend(pages);
+            self.retired.extend(tables);
+            return;
         }
-        // Dropping `pages` frees them: the device finished every walk that
-        // could have reached them before the INVALIDATE completed.
+        // The device finished every walk that could have reached them
+        // before the INVALIDATE completed: reuse or free them.
+        self.recycle(tables.into_iter().map(|t| t.0));
+    }
+
+    /// Keeps freed tables for reuse, up to [`SPARE_TABLES`] of each kind;
+    /// the others go back to the `Hal`.
+    fn recycle(&mut self, tables: impl Iterator<Item = Box<Table>>) {
+        for t in tables {
+            let spare = &mut self.spare[usize::from(t.next.is_empty())];
+            if spare.len() < SPARE_TABLES {
+                spare.push(t);
+            }
+        }
     }
 
     /// The device holds no table of this domain (it is detached): nothing
     /// waits for an INVALIDATE any more.
     pub(in crate::iommu) fn forget_device(&mut self) {
-        self.retired.clear();
-        self.parked.clear();
+        self.sweep();
+        let retired = core::mem::take(&mut self.retired).into_iter().map(|t| t.0);
+        let parked = core::mem::take(&mut self.parked).into_iter().flat_map(|p| p.1).map(|t| t.0);
+        let all: Vec<Box<Table>> = retired.chain(parked).collect();
+        self.recycle(all.into_iter());
         self.dirty = None;
     }
 
@@ -263,17 +341,19 @@ impl PageTable {
     }
 }
 
+/// The table of `level` on the path to `va`, if linked.
+fn descend(root: &mut Table, va: u64, level: usize) -> Option<&mut Table> {
+    let mut t = root;
+    for l in 0..level {
+        t = t.next.get_mut(pt::index(va, l))?.as_deref_mut()?;
+    }
+    Some(t)
+}
+
 /// Clears the leaves of table `t` (of `level`, translating from `base`)
-/// wholly inside `range`, recursing into its tables; an emptied child is
-/// unlinked and pushed to `retired`, and counted in `freed`.
-fn clear(
-    t: &mut Table,
-    level: usize,
-    base: u64,
-    range: Span,
-    retired: &mut Vec<(Page, Span)>,
-    freed: &mut usize,
-) {
+/// wholly inside `range`, recursing into its tables; a child left empty is
+/// noted in `emptied`.
+fn clear(t: &mut Table, level: usize, base: u64, range: Span, emptied: &mut Vec<(usize, u64)>) {
     let size = pt::level_size(level);
     let span_last = base + (ENTRIES as u64 * size - 1);
     let lo = if range.0 > base { pt::index(range.0, level) } else { 0 };
@@ -282,13 +362,10 @@ fn clear(
         let va = base + i as u64 * size;
         let entry_last = va + (size - 1);
         if let Some(child) = t.next.get_mut(i).and_then(Option::as_deref_mut) {
-            clear(child, level + 1, va, range, retired, freed);
-            if child.live == 0 {
-                t.set(i, 0);
-                t.live -= 1;
-                let child = t.next[i].take().expect("checked");
-                retired.push((child.page, (va, entry_last)));
-                *freed += 1;
+            let live = child.live;
+            clear(child, level + 1, va, range, emptied);
+            if child.live == 0 && live > 0 && emptied.last() != Some(&(level + 1, va)) {
+                emptied.push((level + 1, va));
             }
         } else if t.entry(i) & pt::PTE_VALID != 0 && range.0 <= va && entry_last <= range.1 {
             t.set(i, 0);
@@ -330,6 +407,9 @@ mod tests {
         t.unmap(1 << 30, (2 << 30) - 0x1000);
         assert!(t.walk(1 << 30).is_ok());
         t.unmap(0, u64::MAX);
+        assert!(matches!(t.walk(2 << 30), Err(pt::WalkError::NotMapped { level: 2 })));
+        assert_eq!(t.tables(), 4, "empty, still linked until the sweep");
+        t.sweep();
         assert!(matches!(t.walk(2 << 30), Err(pt::WalkError::NotMapped { level: 0 })));
         assert_eq!((t.tables(), t.unfreed()), (1, 3));
         assert_eq!(t.pending_span(), Some((0, (1 << 39) - 1)), "the level-1 table's span");
@@ -340,6 +420,10 @@ mod tests {
         t.queued(Ticket(8));
         let live = mem.live_pages();
         t.settled(Ticket(8), true);
-        assert_eq!((t.unfreed(), mem.live_pages()), (0, live - 3));
+        assert_eq!((t.unfreed(), mem.live_pages()), (0, live), "kept as spares");
+        // The next tables come from the spares: no page from the Hal.
+        t.map(1 << 40, 0, 0x1000, true, true).unwrap();
+        assert_eq!((t.tables(), mem.live_pages()), (4, live));
+        assert_eq!(t.walk(1 << 40).unwrap().oa, 0);
     }
 }

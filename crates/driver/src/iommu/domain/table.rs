@@ -53,6 +53,7 @@ impl<L: Locks> DomainInner<L> {
         range: Option<Span>,
     ) -> Result<(Ticket, Span)> {
         let t = st.table.as_mut().ok_or(Error::NotPaging)?;
+        t.sweep();
         let leaf = !t.has_retired();
         let (req, covered) = match range {
             Some(r) => {
