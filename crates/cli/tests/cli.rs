@@ -379,7 +379,7 @@ fn trace_report_tables_medians_and_the_same_run_comparison() {
     assert!(
         lines.contains(
             &"read-4k-qd1 21 (20-22) 14 (13-15) 50 (48-55) 35 (30-36) 0.67 0.70 4.014 1.002 2048 \
-              270.1 lazy > linux-lazy -"
+              270.1 lazy > linux-lazy"
                 .into()
         ),
         "{out}"
@@ -390,5 +390,34 @@ fn trace_report_tables_medians_and_the_same_run_comparison() {
         md.contains("| read-4k-qd1 | 21 (20-22) | 14 (13-15) | 50 (48-55) | 35 (30-36) | 0.67 |"),
         "{md}"
     );
-    assert!(md.contains("| 270.1 | lazy > linux-lazy | - |"), "{md}");
+    assert!(md.contains("| 270.1 | lazy > linux-lazy |"), "{md}");
+}
+
+#[test]
+fn trace_report_agree_compares_two_runs_verdicts() {
+    let dir = scratch_dir("trace-report-agree");
+    let run = |name: &str, lazy: [&str; 2]| {
+        let path = dir.join(name);
+        let mut text = String::new();
+        for (l, ours) in [("30", lazy[0]), ("31", lazy[1])] {
+            text += &format!("ROW linux-lazy read-4k-qd1 {l} 1 1 0 4.014 1024 1024 4110 0.5\n");
+            text +=
+                &format!("ROW lazy+irq read-4k-qd1 {ours} 1 0.05 0 1.002 256 14.1 256.2 1.05\n");
+        }
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (first, same, other) =
+        (run("a.txt", ["40", "41"]), run("b.txt", ["35", "45"]), run("c.txt", ["20", "31"]));
+    let (ok, out, err) = viommu(&["trace-report", "agree", &first, &same]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("lazy+irq vs linux-lazy lazy+irq > linux-lazy lazy+irq > linux-lazy ="),
+        "{out}"
+    );
+    assert!(out.ends_with("1 of 1 verdicts agree\n"), "{out}");
+    let (ok, out, err) = viommu(&["trace-report", "agree", &first, &other]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("within noise DIFFERS"), "{out}");
+    assert!(err.contains("1 verdicts differ"), "{err}");
 }

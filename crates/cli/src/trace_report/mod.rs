@@ -6,7 +6,8 @@
 //!   are checked against the guest's own counters, and each workload gives
 //!   a `ROW` of per-request and per-MiB figures ([`check`]);
 //! - `table`: the `ROW` lines of a whole run, as medians per policy and
-//!   workload and as the same-run comparison table ([`table`]).
+//!   workload and as the same-run comparison table ([`table`]);
+//! - `agree`: two runs' verdicts, cell by cell ([`table::agreement`]).
 //!
 //! Trace lines are read with `viommu_vm::replay::trace`, the parser `replay`
 //! uses.
@@ -100,6 +101,14 @@ pub enum TraceReport {
         #[arg(long)]
         markdown: bool,
     },
+    /// Two runs of the same code: their comparison verdicts cell by cell,
+    /// and how many agree. Fails if any cell differs.
+    Agree {
+        /// The first run's ROW lines (its results file).
+        first: PathBuf,
+        /// The second run's.
+        second: PathBuf,
+    },
 }
 
 /// Runs a subcommand.
@@ -107,6 +116,21 @@ pub fn run(cmd: &TraceReport) -> Result<(), String> {
     match cmd {
         TraceReport::Boot { policy, console, trace } => boot(policy, console, trace),
         TraceReport::Table { results, markdown } => run_table(results, *markdown),
+        TraceReport::Agree { first, second } => agree(first, second),
+    }
+}
+
+fn agree(first: &Path, second: &Path) -> Result<(), String> {
+    let a = table::medians(&input::read_to_string(first)?);
+    let b = table::medians(&input::read_to_string(second)?);
+    let agreement = table::agreement(&a, &b);
+    print!("{}", table::agreement_text(&agreement));
+    if agreement.cells == 0 {
+        return Err("no verdict cell judged in both runs".into());
+    }
+    match agreement.cells - agreement.agree {
+        0 => Ok(()),
+        n => Err(format!("{n} verdicts differ")),
     }
 }
 

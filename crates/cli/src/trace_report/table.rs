@@ -201,72 +201,184 @@ pub fn median_table(medians: &[Median]) -> String {
     aligned(&rows, 2)
 }
 
-/// Heading of the comparison's columns after the policies: short, and
-/// long for Markdown.
-const EXTRA_COLUMNS: [(&str, &str); 8] = [
-    ("L/l-none", "L ÷ L-none"),
-    ("l/identity", "l ÷ identity"),
+/// A ratio column: the MB/s of a stack's lazy boot over its own no-IOMMU
+/// boot, with its short and long heading. Shown when both ran.
+const RATIOS: [(&str, &str, &str, &str); 3] = [
+    ("linux-lazy", "linux-none", "L/l-none", "L ÷ L-none"),
+    ("lazy", "identity", "l/identity", "l ÷ identity"),
+    ("lazy+irq", "identity+irq", "l+i/id+i", "lazy+irq ÷ identity+irq"),
+];
+
+/// The count columns: kicks per request, then MAP+UNMAP per MiB, of
+/// linux-lazy and of our lazy (the polling boot, else the `+irq` one: the
+/// counts are the driver's, not the waiting's).
+const COUNT_HEADS: [(&str, &str); 4] = [
     ("kick/rq L", "kicks/req L"),
     ("kick/rq l", "kicks/req l"),
     ("M+U/MiB L", "MAP+UNMAP/MiB L"),
     ("M+U/MiB l", "MAP+UNMAP/MiB l"),
-    ("lazy vs L", "MB/s: lazy vs linux-lazy"),
-    ("strict vs S", "MB/s: strict vs linux-strict"),
 ];
 
-/// The policy pairs the verdict columns judge: ours, then Linux's.
-pub const VERDICT_PAIRS: [(&str, &str); 2] = [("lazy", "linux-lazy"), ("strict", "linux-strict")];
+/// The policy pairs the verdict columns judge, ours then Linux's, with the
+/// column's short and long heading; a column is shown when both ran. The
+/// `+irq` pairs wait for completions the way Linux's driver does.
+pub const VERDICT_PAIRS: [(&str, &str, &str, &str); 4] = [
+    ("lazy", "linux-lazy", "lazy vs L", "MB/s: lazy vs linux-lazy"),
+    ("strict", "linux-strict", "strict vs S", "MB/s: strict vs linux-strict"),
+    ("lazy+irq", "linux-lazy", "lazy+i vs L", "MB/s: lazy+irq vs linux-lazy"),
+    ("strict+irq", "linux-strict", "strict+i vs S", "MB/s: strict+irq vs linux-strict"),
+];
 
 /// What the comparison's footnote says.
-pub const LEGEND: &str = "(L = linux-lazy, l = our lazy; MB/s as median (min-max) over the boots; \
-                          L/l-none = linux-lazy / linux-none MB/s, l/identity = lazy / identity MB/s; \
-                          vs: A > B only when A's least MB/s is above B's greatest, else within \
-                          noise; n<2 = fewer than 2 boots; - = policy not run)";
+pub const LEGEND: &str = "(L = linux-lazy, S = linux-strict, l = our lazy (else lazy+irq), \
+                          +i = +irq; MB/s as median (min-max) over the boots; ratios of MB/s \
+                          to each stack's own no-IOMMU boot; vs: A > B only when A's least MB/s \
+                          is above B's greatest, else within noise; n<2 = fewer than 2 boots; \
+                          - = not run)";
 
-/// The comparison, per workload: MB/s of every policy that ran (in
-/// [`policies`] order), the ratio of each stack's lazy to its own no-IOMMU
-/// boot, then kicks per request and MAP+UNMAP per MiB of linux-lazy and our
-/// lazy. `-`: not run.
-fn comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
-    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
-    let mut workloads: Vec<&str> = Vec::new();
+/// Whether `policy` has any row in `medians`.
+fn ran(medians: &[Median], policy: &str) -> bool {
+    medians.iter().any(|m| m.policy == policy)
+}
+
+/// Workloads in the order they first appear.
+fn workloads(medians: &[Median]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
     for m in medians {
-        if !workloads.contains(&m.workload.as_str()) {
-            workloads.push(&m.workload);
+        if !out.contains(&m.workload.as_str()) {
+            out.push(&m.workload);
         }
     }
+    out
+}
+
+/// The verdict pairs of [`VERDICT_PAIRS`] whose two policies both ran.
+fn judged_pairs(
+    medians: &[Median],
+) -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
+    VERDICT_PAIRS.into_iter().filter(|(a, b, _, _)| ran(medians, a) && ran(medians, b)).collect()
+}
+
+/// One verdict cell: workload, our policy, Linux's, and the verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    /// The workload.
+    pub workload: String,
+    /// Our policy of the pair.
+    pub ours: &'static str,
+    /// Linux's policy of the pair.
+    pub linux: &'static str,
+    /// What [`verdict`] says.
+    pub verdict: String,
+}
+
+/// Every verdict cell of a run: each workload against each pair of
+/// [`VERDICT_PAIRS`] that both ran.
+pub fn verdict_cells(medians: &[Median]) -> Vec<Cell> {
+    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
+    let pairs = judged_pairs(medians);
+    let mut cells = Vec::new();
+    for w in workloads(medians) {
+        for (ours, linux, _, _) in &pairs {
+            cells.push(Cell {
+                workload: w.to_string(),
+                ours,
+                linux,
+                verdict: verdict(find(ours, w), find(linux, w)),
+            });
+        }
+    }
+    cells
+}
+
+/// The comparison, per workload: MB/s of every policy that ran (in
+/// [`policies`] order), the [`RATIOS`] whose policies ran, kicks per
+/// request and MAP+UNMAP per MiB of linux-lazy and our lazy, and the
+/// verdicts. `-`: not run.
+fn comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
+    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
     let dash = || "-".to_string();
-    let ratio = |p: &str, q: &str, w: &str| match (find(p, w), find(q, w)) {
-        (Some(a), Some(b)) if b.num(0) > 0.0 => format!("{:.2}", a.num(0) / b.num(0)),
-        _ => dash(),
-    };
-    let ran: Vec<(&str, &str)> =
-        policies().filter(|(p, _)| medians.iter().any(|m| m.policy == *p)).collect();
-    let policy_heads = ran.iter().map(|(p, short)| if long_names { p } else { short });
-    let extra_heads =
-        EXTRA_COLUMNS.iter().map(|(short, long)| if long_names { long } else { short });
-    let mut rows = vec![std::iter::once(&"workload")
-        .chain(policy_heads)
-        .chain(extra_heads)
-        .map(|s| s.to_string())
-        .collect()];
-    for w in workloads {
+    let pick = |short: &'static str, long: &'static str| if long_names { long } else { short };
+    let ran_policies: Vec<(&str, &str)> = policies().filter(|(p, _)| ran(medians, p)).collect();
+    let ratios: Vec<_> =
+        RATIOS.iter().filter(|(a, b, _, _)| ran(medians, a) && ran(medians, b)).collect();
+    let our_lazy = if ran(medians, "lazy") { "lazy" } else { "lazy+irq" };
+    let pairs = judged_pairs(medians);
+    let mut head = vec!["workload".to_string()];
+    head.extend(
+        ran_policies.iter().map(|(p, short)| if long_names { p } else { short }.to_string()),
+    );
+    head.extend(ratios.iter().map(|(_, _, s, l)| pick(s, l).to_string()));
+    head.extend(COUNT_HEADS.iter().map(|(s, l)| pick(s, l).to_string()));
+    head.extend(pairs.iter().map(|(_, _, s, l)| pick(s, l).to_string()));
+    let mut rows = vec![head];
+    for w in workloads(medians) {
         let mut r = vec![w.to_string()];
-        r.extend(ran.iter().map(|(p, _)| find(p, w).map_or_else(dash, Median::mb_s)));
-        r.push(ratio("linux-lazy", "linux-none", w));
-        r.push(ratio("lazy", "identity", w));
-        for p in ["linux-lazy", "lazy"] {
+        r.extend(ran_policies.iter().map(|(p, _)| find(p, w).map_or_else(dash, Median::mb_s)));
+        for (a, b, _, _) in &ratios {
+            r.push(match (find(a, w), find(b, w)) {
+                (Some(a), Some(b)) if b.num(0) > 0.0 => format!("{:.2}", a.num(0) / b.num(0)),
+                _ => dash(),
+            });
+        }
+        for p in ["linux-lazy", our_lazy] {
             r.push(find(p, w).map_or_else(dash, |m| m.values.get(4).cloned().unwrap_or_else(dash)));
         }
-        for p in ["linux-lazy", "lazy"] {
+        for p in ["linux-lazy", our_lazy] {
             r.push(find(p, w).map_or_else(dash, |m| fmt_g(m.num(5) + m.num(6), 6)));
         }
-        for (ours, linux) in VERDICT_PAIRS {
+        for (ours, linux, _, _) in &pairs {
             r.push(verdict(find(ours, w), find(linux, w)));
         }
         rows.push(r);
     }
     rows
+}
+
+/// Two runs' verdicts side by side, cell by cell (only cells both runs
+/// judged), and how many agree.
+pub struct Agreement {
+    /// Per cell: workload, pair, the first run's verdict, the second's.
+    pub rows: Vec<Vec<String>>,
+    /// Cells whose verdicts are the same.
+    pub agree: usize,
+    /// Cells judged in both runs.
+    pub cells: usize,
+    /// Cells only one run judged.
+    pub unmatched: usize,
+}
+
+/// Compares the verdict cells of two runs.
+pub fn agreement(first: &[Median], second: &[Median]) -> Agreement {
+    let (a, b) = (verdict_cells(first), verdict_cells(second));
+    let key = |c: &Cell| (c.workload.clone(), c.ours, c.linux);
+    let mut rows = vec![["workload", "pair", "first", "second", ""].map(String::from).to_vec()];
+    let (mut agree, mut cells) = (0, 0);
+    for c in &a {
+        let Some(d) = b.iter().find(|d| key(d) == key(c)) else { continue };
+        cells += 1;
+        let same = c.verdict == d.verdict;
+        agree += usize::from(same);
+        rows.push(vec![
+            c.workload.clone(),
+            format!("{} vs {}", c.ours, c.linux),
+            c.verdict.clone(),
+            d.verdict.clone(),
+            if same { "=" } else { "DIFFERS" }.to_string(),
+        ]);
+    }
+    Agreement { rows, agree, cells, unmatched: a.len() + b.len() - 2 * cells }
+}
+
+/// The agreement as aligned text, with its count.
+pub fn agreement_text(a: &Agreement) -> String {
+    let mut out = aligned(&a.rows, 4);
+    out += &format!("{} of {} verdicts agree", a.agree, a.cells);
+    if a.unmatched > 0 {
+        out += &format!(" ({} cells judged in one run only)", a.unmatched);
+    }
+    out.push('\n');
+    out
 }
 
 /// The comparison as aligned text, with its legend.
@@ -435,11 +547,12 @@ ROW bad
         assert_eq!(
             lines[0],
             "workload l-none l-lazy identity lazy L/l-none l/identity kick/rq L kick/rq l \
-             M+U/MiB L M+U/MiB l lazy vs L strict vs S"
+             M+U/MiB L M+U/MiB l lazy vs L"
         );
-        // One boot each: the medians alone, and no verdict.
-        assert_eq!(lines[1], "read-4k-qd1 20 15 50 35 0.75 0.70 4.014 1.001 2048 270.1 n<2 -");
-        assert_eq!(lines[2], "write-4k-qd1 - - - 36 - - - 1 - 270 - -");
+        // One boot each: the medians alone, and no verdict; no strict pair,
+        // since neither strict ran.
+        assert_eq!(lines[1], "read-4k-qd1 20 15 50 35 0.75 0.70 4.014 1.001 2048 270.1 n<2");
+        assert_eq!(lines[2], "write-4k-qd1 - - - 36 - - - 1 - 270 -");
         assert_eq!(lines[3], LEGEND);
         let md = comparison_markdown(&m);
         assert!(
@@ -449,8 +562,54 @@ ROW bad
         assert!(md.contains("\n|---|---|"), "{md}");
         let row =
             "| read-4k-qd1 | 20 | 15 | 50 | 35 | 0.75 | 0.70 | 4.014 | 1.001 | 2048 | 270.1 | \
-                   n<2 | - |";
+                   n<2 |";
         assert!(md.contains(row), "{md}");
+    }
+
+    #[test]
+    fn interrupt_boots_get_their_own_ratio_and_verdicts() {
+        let rows = boots("linux-lazy", "w", &[30.0, 35.0, 38.0])
+            + &boots("linux-strict", "w", &[20.0, 26.0, 21.0])
+            + &boots("identity+irq", "w", &[80.0, 80.0, 80.0])
+            + &boots("lazy+irq", "w", &[40.0, 42.0, 41.0])
+            + &boots("strict+irq", "w", &[10.0, 12.0, 11.0]);
+        let text = comparison_text(&medians(&rows));
+        let lines: Vec<String> =
+            text.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+        assert_eq!(
+            lines[0],
+            "workload l-lazy l-strict identity+i strict+i lazy+i l+i/id+i kick/rq L kick/rq l \
+             M+U/MiB L M+U/MiB l lazy+i vs L strict+i vs S",
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("0.51 1 1 512 512 lazy+irq > linux-lazy linux-strict > strict+irq"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn two_runs_agree_cell_by_cell() {
+        let first = boots("linux-lazy", "w", &[30.0, 35.0])
+            + &boots("lazy", "w", &[40.0, 42.0])
+            + &boots("linux-lazy", "v", &[30.0, 35.0])
+            + &boots("lazy", "v", &[34.0, 42.0]);
+        // The same order in w; in v an order where the first saw noise;
+        // u only in the second run.
+        let second = boots("linux-lazy", "w", &[31.0, 33.0])
+            + &boots("lazy", "w", &[45.0, 50.0])
+            + &boots("linux-lazy", "v", &[30.0, 31.0])
+            + &boots("lazy", "v", &[34.0, 42.0])
+            + &boots("linux-lazy", "u", &[30.0, 31.0])
+            + &boots("lazy", "u", &[34.0, 42.0]);
+        let a = agreement(&medians(&first), &medians(&second));
+        assert_eq!((a.agree, a.cells, a.unmatched), (1, 2, 1));
+        let text = agreement_text(&a);
+        let lines: Vec<String> =
+            text.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+        assert_eq!(lines[1], "w lazy vs linux-lazy lazy > linux-lazy lazy > linux-lazy =");
+        assert_eq!(lines[2], "v lazy vs linux-lazy within noise lazy > linux-lazy DIFFERS");
+        assert_eq!(lines[3], "1 of 2 verdicts agree (1 cells judged in one run only)");
     }
 
     #[test]
