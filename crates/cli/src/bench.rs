@@ -13,7 +13,7 @@ use crate::cells::{baseline, groups, Cell, Stat};
 use crate::host::{self, Host, HostCosts};
 use crate::load::{self, FakeLoad, LoadSource, Span, Verdict};
 use crate::progress::Progress;
-use crate::{chart, reality, summary};
+use crate::{callgrind, chart, reality, summary};
 
 /// Bytes per packet of the net workload.
 const NET_PACKET: usize = 1500;
@@ -47,10 +47,17 @@ pub struct BenchArgs {
     /// highest repetition out.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
-    /// Smoke run of a few seconds: 0.05 s cells, one repetition, no warm-up
-    /// (overrides --duration, --repeat and --warmup).
+    /// Smoke run of a few seconds: 0.05 s cells, one repetition, no warm-up,
+    /// no instruction count (overrides --duration, --repeat and --warmup).
     #[arg(long)]
     quick: bool,
+    /// Do not count instructions per I/O under valgrind's callgrind (then
+    /// the summary's ranks come from CPU per I/O alone, with the drift rule).
+    /// By default, after the timed sweep, every mode of every workload runs
+    /// once more with one guest thread under callgrind (this takes 1-2
+    /// minutes), if valgrind is installed.
+    #[arg(long)]
+    no_instructions: bool,
     /// Host model for the summary: assumed exit and interrupt costs (see
     /// below). Its exit cost is also injected per kick, as --exit-cost-ns.
     #[arg(long, value_enum)]
@@ -78,6 +85,14 @@ pub struct BenchArgs {
     /// (other processes keeping OTHERS CPUs busy).
     #[arg(long, hide = true, value_parser = load::parse_fake)]
     fake_load: Option<(f64, f64)>,
+    /// Internal: run as the child that callgrind counts, for the cells
+    /// WORKLOAD:SIZE:MODE,... (see callgrind.rs).
+    #[arg(long, hide = true, value_delimiter = ',', value_parser = parse_count_cell)]
+    callgrind_child: Option<Vec<CellSpec>>,
+    /// Test hook: count STEPS requests (net: rounds) per cell under
+    /// callgrind instead of the defaults, after a warm-up of an eighth.
+    #[arg(long, hide = true)]
+    count_window: Option<u64>,
 }
 
 impl BenchArgs {
@@ -124,6 +139,16 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
         let names: Vec<_> = all.map(|m| m.name()).collect();
         format!("unknown mode {s:?}; expected one of {}", names.join(", "))
     })
+}
+
+fn parse_count_cell(s: &str) -> Result<CellSpec, String> {
+    let mut f = s.splitn(3, ':');
+    let (Some(w), Some(size), Some(mode)) = (f.next(), f.next(), f.next()) else {
+        return Err(format!("bad cell {s:?}; expected WORKLOAD:SIZE:MODE"));
+    };
+    let spec =
+        callgrind::count_specs(&[(parse_workload(w)?, parse_size(size)?)], &[parse_mode(mode)?]);
+    Ok(spec[0])
 }
 
 fn parse_workload(s: &str) -> Result<Workload, String> {
@@ -184,6 +209,9 @@ fn specs(args: &BenchArgs) -> Vec<CellSpec> {
 /// Runs the sweep, prints the tables and the summary, writes the JSON and
 /// the chart.
 pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if let Some(cells) = &args.callgrind_child {
+        return callgrind::child(cells, args.count_window);
+    }
     if args.threads.iter().any(|&t| t == 0 || t > 64) {
         return Err("thread counts must be 1..=64".into());
     }
@@ -248,6 +276,13 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     }
     progress.finish();
     let r2 = source.read();
+    // After the timed sweep and its load reading: callgrind takes a CPU for
+    // a minute or two, and its counts do not depend on the load.
+    let counts = if args.quick || args.no_instructions {
+        Err(if args.quick { "not with --quick" } else { "--no-instructions" }.to_string())
+    } else {
+        count_instructions(&cells, &args.modes, &args.out, args.count_window)
+    };
     let verdict = Verdict::judge(Span::between(&r0, &r1), Span::between(&r1, &r2), meta.cpus);
     let run = RunInfo {
         meta,
@@ -268,17 +303,17 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         let linux = m.linux().unwrap_or("none: our driver only");
         println!("  {:<18} {}; Linux: {linux}", m.name(), m.describe());
     }
-    println!("{}", legend_notes());
+    println!("{}", legend_notes(&counts));
     let ranked = summary::ranked_threads(&args.threads, run.meta.cpus);
     let left_out: Vec<usize> =
         args.threads.iter().copied().filter(|t| !ranked.contains(t)).collect();
-    let summaries = summary::summarize(&cells, host, &ranked);
+    let summaries = summary::summarize(&cells, host, &ranked, counts.as_ref().ok());
     print!("{}", summary::render(&summaries, host, &ranked, &left_out));
     print!("{}", reality_text(&cells));
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let json_path = args.out.join("bench.json");
     let svg_path = args.out.join("bench.svg");
-    let report = report_json(&cells, &summaries, &run, args);
+    let report = report_json(&cells, &summaries, &run, args, &counts);
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
     std::fs::write(&svg_path, chart::svg(&cells, host))
@@ -297,6 +332,20 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Counts instructions per I/O of every mode and group under callgrind,
+/// saying on stderr that it does (it takes a minute or two).
+fn count_instructions(
+    cells: &[Cell],
+    modes: &[Mode],
+    out: &std::path::Path,
+    window: Option<u64>,
+) -> Result<callgrind::Counts, String> {
+    let specs = callgrind::count_specs(&groups(cells), modes);
+    eprintln!("viommu bench: counting instructions of {} cells under callgrind...", specs.len());
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    callgrind::count(&exe, &specs, out, window)
+}
+
 fn exit_words(host: Option<HostCosts>) -> String {
     match host {
         Some(h) => format!("exit cost {} ns per kick, interrupt cost {} ns", h.exit_ns, h.irq_ns),
@@ -304,11 +353,18 @@ fn exit_words(host: Option<HostCosts>) -> String {
     }
 }
 
-fn legend_notes() -> String {
-    let instr = match instructions_unavailable() {
-        None => "instr/IO = user-space instructions per I/O (guest + device threads).".to_string(),
-        Some(why) => format!("instructions per I/O: not counted here ({why})."),
+fn legend_notes(counts: &Result<callgrind::Counts, String>) -> String {
+    let perf = match instructions_unavailable() {
+        None => "instr/IO in the tables = user-space instructions per I/O (guest + device \
+                 threads) from hardware counters."
+            .to_string(),
+        Some(why) => format!("hardware instruction counters: none ({why})."),
     };
+    let grind = match counts {
+        Ok(c) => callgrind::describe(c),
+        Err(why) => format!("instructions per I/O under callgrind: not counted ({why})."),
+    };
+    let instr = format!("{perf}\n{grind}");
     format!(
         "CPU us/IO = CPU time per I/O doing work: the guest threads (driver + endpoint + flush \
          timer: guest) plus the device's I/O thread (device), from per-thread CPU clocks, without \
@@ -529,6 +585,7 @@ fn report_json(
     summaries: &[summary::GroupSummary],
     run: &RunInfo,
     args: &BenchArgs,
+    counts: &Result<callgrind::Counts, String>,
 ) -> serde_json::Value {
     let cells_json: Vec<_> = cells
         .iter()
@@ -597,6 +654,8 @@ fn report_json(
                 "io_size": s.io_size,
                 "ranked_by": if run.host.is_some() { "modelled_ns_per_io" } else { "cpu_ns_per_io" },
                 "ranking": s.ranking(),
+                "tie_rule": s.rule.name(),
+                "order_disagreements": s.disagreements.iter().map(|(a, b)| [summary::join_modes(a), summary::join_modes(b)]).collect::<Vec<_>>(),
                 "tiers": s.tiers.iter().map(|t| t.iter().map(|m| m.name()).collect::<Vec<_>>()).collect::<Vec<_>>(),
                 "cheapest_linux": summary::join_modes(&s.cheapest_linux),
                 "cheapest_linux_isolating": summary::join_modes(&s.cheapest_linux_isolating),
@@ -608,6 +667,9 @@ fn report_json(
                     "median_ns_per_io": c.median(run.host),
                     "reach_ns": [c.reach(run.host).0, c.reach(run.host).1],
                     "cells_cpu_ns_per_io": c.cells.iter().map(|reps| reps.iter().map(|r| r.cpu_ns).collect::<Vec<_>>()).collect::<Vec<_>>(),
+                    "instructions_per_io": c.instructions_per_io(),
+                    "guest_instructions_per_io": c.instructions.map(|i| i.0),
+                    "device_instructions_per_io": c.instructions.map(|i| i.1),
                     "kicks_per_io": c.kicks(),
                     "interrupts_per_io": c.irqs(),
                     "modelled_ns_per_io": run.host.map(|_| c.key(run.host)),
@@ -628,9 +690,10 @@ fn report_json(
         "repetitions": run.reps,
         "wall_s": run.wall.as_secs_f64(),
         "bracket_cost_ns": viommu_vm::cpu::bracket_cost().as_nanos() as u64,
-        "instructions": match instructions_unavailable() {
-            None => json!({"available": true}),
-            Some(why) => json!({"available": false, "reason": why}),
+        "instructions": {
+            "available": instructions_unavailable().is_none(),
+            "reason": instructions_unavailable(),
+            "callgrind": callgrind::json(counts),
         },
         "load": {
             "before": span_json(&run.verdict.before),
@@ -648,6 +711,7 @@ fn report_json(
             "duration": args.duration,
             "repeat": args.repeat,
             "quick": args.quick,
+            "no_instructions": args.no_instructions,
             "host": args.host.map(Host::name),
             "exit_cost_ns": args.exit_cost_ns,
             "irq_cost_ns": args.irq_cost_ns,
@@ -672,6 +736,7 @@ fn report_json(
         },
         "summary_threads": summary::ranked_threads(&args.threads, run.meta.cpus),
         "summary_drift": summary::DRIFT,
+        "summary_instruction_tie": summary::INSTRUCTION_TIE,
         "summary": summaries_json,
         "cells": cells_json,
     })

@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 mod bench;
+mod callgrind;
 mod cells;
 mod chart;
 mod host;

@@ -9,6 +9,7 @@ use viommu_driver::mode::Isolation;
 use viommu_vm::bench::{Mode, Workload};
 
 use crate::bench::size_label;
+use crate::callgrind::Counts;
 use crate::cells::{groups, Cell};
 use crate::host::HostCosts;
 
@@ -18,6 +19,35 @@ use crate::host::HostCosts;
 /// rule widens every floor by this much each way, so that a difference the
 /// next run may not repeat makes no rank.
 pub const DRIFT: f64 = 0.22;
+
+/// Two modes whose instructions per I/O above no IOMMU (exact, from
+/// callgrind) are within this factor of each other share a rank when ranked
+/// by CPU per I/O: a difference in work that small is not one CPU time on a
+/// shared machine repeats (its floors move by up to a factor (1 + [`DRIFT`])²
+/// between runs, the same 1.49), and the instruction counts, unlike the CPU
+/// times, are the same in every run (to within 1 %), so the ranks are too.
+pub const INSTRUCTION_TIE: f64 = (1.0 + DRIFT) * (1.0 + DRIFT);
+
+/// What decides which modes share a rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TieRule {
+    /// Instructions per I/O within [`INSTRUCTION_TIE`] ([`instruction_tiers`]):
+    /// the default when every mode was counted and no host model is given.
+    Instructions,
+    /// Floors within the drift ([`drift_tiers`]): without instruction
+    /// counts, or for the modelled cost (exits are not instructions).
+    Drift,
+}
+
+impl TieRule {
+    /// The name in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            TieRule::Instructions => "instructions",
+            TieRule::Drift => "drift",
+        }
+    }
+}
 
 /// The thread counts the ranking uses: those the host has CPUs for. With
 /// more guest threads than CPUs a preempted lock holder makes the others'
@@ -67,6 +97,9 @@ pub struct ModeCost {
     pub mode: Mode,
     /// Per cell, its repetitions (each cell at least one).
     pub cells: Vec<Vec<RepCost>>,
+    /// Instructions per I/O at one guest thread (guest, device), counted by
+    /// callgrind, if they were.
+    pub instructions: Option<(f64, f64)>,
 }
 
 impl ModeCost {
@@ -74,7 +107,18 @@ impl ModeCost {
     /// repetitions is dropped).
     pub fn new(mode: Mode, cells: Vec<Vec<RepCost>>) -> Option<ModeCost> {
         let cells: Vec<Vec<RepCost>> = cells.into_iter().filter(|c| !c.is_empty()).collect();
-        (!cells.is_empty()).then_some(ModeCost { mode, cells })
+        (!cells.is_empty()).then_some(ModeCost { mode, cells, instructions: None })
+    }
+
+    /// With instructions per I/O (guest, device).
+    pub fn with_instructions(mut self, instructions: Option<(f64, f64)>) -> ModeCost {
+        self.instructions = instructions;
+        self
+    }
+
+    /// Guest + device instructions per I/O, if counted.
+    pub fn instructions_per_io(&self) -> Option<f64> {
+        self.instructions.map(|(g, d)| g + d)
     }
 
     /// The mean over the cells of `f` of each cell's sorted keys.
@@ -142,15 +186,99 @@ impl ModeCost {
     }
 }
 
-/// The tie rule: modes whose floors widened by [`DRIFT`] each way
-/// ([`ModeCost::reach`]) overlap, directly or through other modes, share a
-/// rank: two modes tie when their floors are within a factor (1 + DRIFT)²,
-/// about 1.3, of each other, or are joined by modes that are. Spreads
-/// within one run (1–5 % of the floor) are far smaller than the drift
-/// between runs, so they do not enter. Ranks come cheapest
-/// first; inside one rank modes are in the sweep's order, so that two runs
-/// with the same ranks print the same line.
-pub fn tiers(costs: &[ModeCost], host: Option<HostCosts>) -> Vec<Vec<Mode>> {
+/// Which rule ranks `costs`: instructions when every mode has them and the
+/// key is CPU per I/O, else the drift of the floors.
+pub fn tie_rule(costs: &[ModeCost], host: Option<HostCosts>) -> TieRule {
+    if host.is_none() && !costs.is_empty() && costs.iter().all(|c| c.instructions.is_some()) {
+        TieRule::Instructions
+    } else {
+        TieRule::Drift
+    }
+}
+
+/// The modes in ranks, cheapest first, by [`tie_rule`]; inside one rank
+/// modes are in the sweep's order, so that two runs with the same ranks
+/// print the same line.
+///
+/// `base` is the instructions per I/O without an IOMMU, if counted: the
+/// instruction rule compares what each mode adds to it.
+pub fn tiers(costs: &[ModeCost], host: Option<HostCosts>, base: Option<f64>) -> Vec<Vec<Mode>> {
+    match tie_rule(costs, host) {
+        TieRule::Instructions => instruction_tiers(costs, base),
+        TieRule::Drift => drift_tiers(costs, host),
+    }
+}
+
+/// Ranks from exact counts, ordered by CPU: modes sorted by what they add
+/// to the instructions per I/O without an IOMMU (`base`; all of it without
+/// a base) share a rank while each is within [`INSTRUCTION_TIE`] of the
+/// one before it; the ranks are then put in the order of their CPU per I/O
+/// (the mean of their modes' floors). Which modes differ is therefore the
+/// same in every run; only the order of two ranks whose CPU per I/O is
+/// close could change, and [`order_disagreements`] names any two whose CPU
+/// order is not their instruction order.
+///
+/// What a mode adds, not its total, because the total holds the
+/// endpoint's own work (copying and checking the data), the same in every
+/// mode, which would make every ratio small at 1 MiB.
+pub fn instruction_tiers(costs: &[ModeCost], base: Option<f64>) -> Vec<Vec<Mode>> {
+    let mut by_count: Vec<(f64, &ModeCost)> = costs.iter().map(|c| (added(c, base), c)).collect();
+    by_count.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.mode.cmp(&b.1.mode)));
+    let mut ranks: Vec<Vec<&ModeCost>> = Vec::new();
+    let mut last = f64::NEG_INFINITY;
+    for (n, c) in by_count {
+        match ranks.last_mut() {
+            Some(rank) if n < last * INSTRUCTION_TIE => rank.push(c),
+            _ => ranks.push(vec![c]),
+        }
+        last = n;
+    }
+    let cpu = |rank: &[&ModeCost]| rank.iter().map(|c| c.cpu_ns()).sum::<f64>() / rank.len() as f64;
+    // A stable sort: ranks of equal CPU stay in instruction order.
+    ranks.sort_by(|a, b| cpu(a).total_cmp(&cpu(b)));
+    ranks
+        .into_iter()
+        .map(|r| {
+            let mut modes: Vec<Mode> = r.iter().map(|c| c.mode).collect();
+            modes.sort();
+            modes
+        })
+        .collect()
+}
+
+/// Instructions per I/O `c` adds to `base` (at least 1, so that ratios
+/// exist); infinite when not counted.
+fn added(c: &ModeCost, base: Option<f64>) -> f64 {
+    c.instructions_per_io().map_or(f64::INFINITY, |n| (n - base.unwrap_or(0.0)).max(1.0))
+}
+
+/// Adjacent ranks of [`instruction_tiers`] whose CPU order is not their
+/// instruction order: the cheaper rank by CPU executes more instructions
+/// (as (cheaper, dearer) by CPU).
+pub fn order_disagreements(costs: &[ModeCost], tiers: &[Vec<Mode>]) -> Vec<(Vec<Mode>, Vec<Mode>)> {
+    let count = |rank: &[Mode]| {
+        let n: Vec<f64> = costs
+            .iter()
+            .filter(|c| rank.contains(&c.mode))
+            .filter_map(ModeCost::instructions_per_io)
+            .collect();
+        n.iter().sum::<f64>() / n.len().max(1) as f64
+    };
+    tiers
+        .windows(2)
+        .filter(|w| count(&w[0]) > count(&w[1]))
+        .map(|w| (w[0].clone(), w[1].clone()))
+        .collect()
+}
+
+/// The rule without instruction counts: modes whose floors widened by
+/// [`DRIFT`] each way ([`ModeCost::reach`]) overlap, directly or through
+/// other modes, share a rank: two modes tie when their floors are within a
+/// factor (1 + DRIFT)², about 1.49, of each other, or are joined by modes
+/// that are. Spreads within one run (1–5 % of the floor) are far smaller
+/// than the drift between runs, so they do not enter. Ranks come cheapest
+/// first.
+pub fn drift_tiers(costs: &[ModeCost], host: Option<HostCosts>) -> Vec<Vec<Mode>> {
     let mut by_low: Vec<(f64, f64, Mode)> = costs
         .iter()
         .map(|c| {
@@ -192,6 +320,11 @@ pub struct GroupSummary {
     pub ranked: Vec<ModeCost>,
     /// The IOMMU modes in ranks ([`tiers`]).
     pub tiers: Vec<Vec<Mode>>,
+    /// What decided the ranks.
+    pub rule: TieRule,
+    /// Under [`TieRule::Instructions`], adjacent ranks whose CPU order is
+    /// not their instruction order ([`order_disagreements`]).
+    pub disagreements: Vec<(Vec<Mode>, Vec<Mode>)>,
     /// The cheapest IOMMU modes a Linux guest can use: those of the first
     /// rank that has any.
     pub cheapest_linux: Vec<Mode>,
@@ -213,7 +346,13 @@ impl GroupSummary {
         let mut ranked: Vec<ModeCost> =
             costs.iter().filter(|c| c.mode != Mode::NoIommu).cloned().collect();
         ranked.sort_by(|a, b| a.key(host).total_cmp(&b.key(host)).then(a.mode.cmp(&b.mode)));
-        let tiers = tiers(&ranked, host);
+        let base = none.as_ref().and_then(ModeCost::instructions_per_io);
+        let tiers = tiers(&ranked, host, base);
+        let rule = tie_rule(&ranked, host);
+        let disagreements = match rule {
+            TieRule::Instructions => order_disagreements(&ranked, &tiers),
+            TieRule::Drift => Vec::new(),
+        };
         let first = |f: &dyn Fn(Mode) -> bool| -> Vec<Mode> {
             tiers
                 .iter()
@@ -229,6 +368,8 @@ impl GroupSummary {
             cheapest_linux_isolating: first(&|m| linux_usable(m) && !isolates_nothing(m)),
             cheapest: first(&|m| !isolates_nothing(m)),
             tiers,
+            rule,
+            disagreements,
             ranked,
         }
     }
@@ -292,8 +433,12 @@ fn duration_words(ns: u64) -> String {
 }
 
 /// Each mode's cost per group, from the cells (repetitions without CPU
-/// figures are skipped).
-pub fn mode_costs(cells: &[Cell], group: (Workload, usize)) -> Vec<ModeCost> {
+/// figures are skipped), with its instruction counts if there are any.
+pub fn mode_costs(
+    cells: &[Cell],
+    group: (Workload, usize),
+    counts: Option<&Counts>,
+) -> Vec<ModeCost> {
     let mut modes: Vec<Mode> = Vec::new();
     for c in cells.iter().filter(|c| c.group() == group) {
         if !modes.contains(&c.spec.mode) {
@@ -316,18 +461,26 @@ pub fn mode_costs(cells: &[Cell], group: (Workload, usize)) -> Vec<ModeCost> {
                     })
                     .collect()
             });
-            ModeCost::new(mode, reps.collect())
+            let instructions = counts
+                .and_then(|k| k.find(mode, group))
+                .map(|c| (c.guest_per_io(), c.device_per_io()));
+            ModeCost::new(mode, reps.collect()).map(|c| c.with_instructions(instructions))
         })
         .collect()
 }
 
 /// Every group's summary, from the cells with the given thread counts.
-pub fn summarize(cells: &[Cell], host: Option<HostCosts>, threads: &[usize]) -> Vec<GroupSummary> {
+pub fn summarize(
+    cells: &[Cell],
+    host: Option<HostCosts>,
+    threads: &[usize],
+    counts: Option<&Counts>,
+) -> Vec<GroupSummary> {
     let used: Vec<Cell> =
         cells.iter().filter(|c| threads.contains(&c.spec.threads)).cloned().collect();
     groups(&used)
         .into_iter()
-        .map(|(w, size)| GroupSummary::rank(w, size, &mode_costs(&used, (w, size)), host))
+        .map(|(w, size)| GroupSummary::rank(w, size, &mode_costs(&used, (w, size), counts), host))
         .collect()
 }
 
@@ -353,16 +506,29 @@ pub fn render(
     } else {
         format!(" ({} left out: more guest threads than host CPUs)", list(left_out))
     };
+    let by_instructions = summaries.iter().all(|s| s.rule == TieRule::Instructions);
+    let tie = if by_instructions && !summaries.is_empty() {
+        format!(
+            "modes share a rank (≈) when the instructions per I/O they add to no IOMMU (added: \
+             callgrind, one guest thread, the same whatever the load) are within a factor {:.2} \
+             of each other, directly or through other modes, and ranks are in the order of their \
+             CPU per I/O",
+            INSTRUCTION_TIE
+        )
+    } else {
+        format!(
+            "modes share a rank (≈) when their floors are within a factor {:.2} of each other (a \
+             drift of {:.0}% each way between runs), directly or through other modes",
+            (1.0 + DRIFT) * (1.0 + DRIFT),
+            DRIFT * 100.0,
+        )
+    };
     let _ = writeln!(
         out,
         "\nsummary: ranked by {by}; per mode its floor, the mean over {} thread{}{skipped} of each \
-         cell's least repetition (median: the same of each cell's median); modes share a rank (≈) \
-         when their floors are within a factor {:.2} of each other (a drift of {:.0}% each way \
-         between runs), directly or through other modes",
+         cell's least repetition (median: the same of each cell's median); {tie}",
         list(threads),
         if threads == [1] { "" } else { "s" },
-        (1.0 + DRIFT) * (1.0 + DRIFT),
-        DRIFT * 100.0,
     );
     for s in summaries {
         let unit = if s.workload == Workload::Net { "packets" } else { "requests" };
@@ -374,11 +540,20 @@ pub fn render(
             join_modes(&s.cheapest_linux_isolating),
             join_modes(&s.cheapest)
         );
-        let _ = write!(
-            out,
-            "  {:<18} {:>9} {:>9} {:>7} {:>9} {:>7}",
-            "mode", "CPU us/IO", "median", "x none", "kicks/IO", "irq/IO"
-        );
+        for (cheaper, dearer) in &s.disagreements {
+            let _ = writeln!(
+                out,
+                "  note: {} costs less CPU than {} but executes more instructions",
+                join_modes(cheaper),
+                join_modes(dearer)
+            );
+        }
+        let show_instr = s.none.iter().chain(&s.ranked).any(|c| c.instructions.is_some());
+        let _ = write!(out, "  {:<18} {:>9} {:>9} {:>7}", "mode", "CPU us/IO", "median", "x none");
+        if show_instr {
+            let _ = write!(out, " {:>9} {:>8}", "instr/IO", "added");
+        }
+        let _ = write!(out, " {:>9} {:>7}", "kicks/IO", "irq/IO");
         if host.is_some() {
             let _ = write!(out, " {:>10} {:>7}", "model us", "x none");
         }
@@ -390,14 +565,24 @@ pub fn render(
             };
             let _ = write!(
                 out,
-                "  {:<18} {:>9.2} {:>9} {:>7} {:>9.2} {:>7.2}",
+                "  {:<18} {:>9.2} {:>9} {:>7}",
                 c.mode.name(),
                 c.cpu_ns() / 1000.0,
                 format!("{:.2}", c.median(None) / 1000.0),
                 x(c.cpu_ns(), none_key(None)),
-                c.kicks(),
-                c.irqs()
             );
+            if show_instr {
+                let n = c.instructions_per_io();
+                let base = s.none.as_ref().and_then(ModeCost::instructions_per_io);
+                let added = n.zip(base).map_or("-".into(), |(n, b)| format!("{:.0}", n - b));
+                let _ = write!(
+                    out,
+                    " {:>9} {:>8}",
+                    n.map_or("-".into(), |n| format!("{:.0}", n)),
+                    added
+                );
+            }
+            let _ = write!(out, " {:>9.2} {:>7.2}", c.kicks(), c.irqs());
             if host.is_some() {
                 let m = c.key(host);
                 let _ = write!(out, " {:>10.2} {:>7}", m / 1000.0, x(m, none_key(host)));
@@ -524,6 +709,95 @@ mod tests {
         // The cheapest picks are the whole first rank that has one.
         assert_eq!(s.cheapest_linux_isolating, [d(DriverMode::Strict), d(DriverMode::Lazy)]);
         assert_eq!(s.cheapest, [d(DriverMode::Strict), d(DriverMode::Lazy), d(DriverMode::Best)]);
+    }
+
+    /// A mode with one cell whose repetitions measured `cpus`, and
+    /// `instructions` per I/O (all on the guest side).
+    fn counted(mode: Mode, cpus: &[f64], instructions: f64) -> ModeCost {
+        reps(mode, cpus).with_instructions(Some((instructions, 0.0)))
+    }
+
+    #[test]
+    fn instruction_counts_decide_ties_and_cpu_the_order() {
+        // What the modes add to no IOMMU's 10000 instructions: 1000, 14000,
+        // 34000 and 40000. identity and best are 14x apart, best and lazy
+        // 2.4x: apart; lazy and strict 1.18x: tied.
+        let run = |identity: f64, best: f64, lazy: f64, strict: f64| {
+            vec![
+                counted(Mode::NoIommu, &[700.0], 10_000.0),
+                counted(d(DriverMode::Identity), &[identity], 11_000.0),
+                counted(d(DriverMode::Best), &[best], 24_000.0),
+                counted(d(DriverMode::Lazy), &[lazy], 44_000.0),
+                counted(d(DriverMode::Strict), &[strict], 50_000.0),
+            ]
+        };
+        let quiet =
+            GroupSummary::rank(Workload::Block, 4096, &run(800.0, 3100.0, 6300.0, 9500.0), None);
+        assert_eq!(quiet.rule, TieRule::Instructions);
+        assert_eq!(quiet.ranking(), "identity < best < strict ≈ lazy");
+        assert!(quiet.disagreements.is_empty());
+        // A busy run: identity's, best's and strict's floors doubled,
+        // lazy's not. The floors alone now tie best with lazy and part lazy
+        // from strict; the counts did not change, so neither do the ranks.
+        let busy = run(1600.0, 6200.0, 6300.0, 19_000.0);
+        let drift: Vec<ModeCost> = busy.iter().map(|c| c.clone().with_instructions(None)).collect();
+        assert_eq!(ranking(&drift, None), "identity < lazy ≈ best < strict");
+        assert_eq!(
+            GroupSummary::rank(Workload::Block, 4096, &busy, None).ranking(),
+            quiet.ranking()
+        );
+        // Without the no-IOMMU cell the totals are compared: 11000 and
+        // 24000 still part, 24000 and 44000 are 1.83x: still apart.
+        let no_base: Vec<ModeCost> = busy.into_iter().skip(1).collect();
+        assert_eq!(ranking(&no_base, None), quiet.ranking());
+    }
+
+    #[test]
+    fn ranks_are_ordered_by_cpu_and_a_contrary_count_is_named() {
+        // best executes fewer instructions than strict, but this run
+        // measured it dearer in CPU: the order follows CPU, and says so.
+        let v = [
+            counted(d(DriverMode::Strict), &[5000.0], 50_000.0),
+            counted(d(DriverMode::Best), &[6000.0], 20_000.0),
+        ];
+        let s = GroupSummary::rank(Workload::Block, 4096, &v, None);
+        assert_eq!(s.ranking(), "strict < best");
+        assert_eq!(s.disagreements, [(vec![d(DriverMode::Strict)], vec![d(DriverMode::Best)])]);
+        let text = render(&[s], None, &[1], &[]);
+        assert!(text.contains("note: strict costs less CPU than best but executes more"), "{text}");
+    }
+
+    #[test]
+    fn ties_chain_through_counts_at_the_factor() {
+        let f = INSTRUCTION_TIE;
+        let v = |strict: f64| {
+            [
+                counted(d(DriverMode::Lazy), &[100.0], 1000.0),
+                counted(d(DriverMode::Strict), &[200.0], strict),
+                counted(d(DriverMode::StrictEverySync), &[300.0], strict * f * 0.99),
+            ]
+        };
+        // Each within the factor of the one before: one rank, though the
+        // ends are 2.2x apart.
+        assert_eq!(ranking(&v(1000.0 * f * 0.99), None), "strict-every-sync ≈ strict ≈ lazy");
+        assert_eq!(ranking(&v(1000.0 * f), None), "lazy < strict-every-sync ≈ strict");
+    }
+
+    #[test]
+    fn a_host_model_or_a_missing_count_falls_back_to_the_drift_rule() {
+        let host = HostCosts { exit_ns: 1000, irq_ns: 0 };
+        let v = [
+            counted(d(DriverMode::Lazy), &[100.0], 1000.0),
+            counted(d(DriverMode::Strict), &[400.0], 1010.0),
+        ];
+        assert_eq!(tie_rule(&v, None), TieRule::Instructions);
+        assert_eq!(tie_rule(&v, Some(host)), TieRule::Drift);
+        let mut w = v.to_vec();
+        w.push(reps(d(DriverMode::Best), &[50.0]));
+        let s = GroupSummary::rank(Workload::Block, 4096, &w, None);
+        assert_eq!((s.rule, s.ranking().as_str()), (TieRule::Drift, "best < lazy < strict"));
+        let text = render(&[s], None, &[1], &[]);
+        assert!(text.contains("their floors are within a factor 1.49"), "{text}");
     }
 
     #[test]

@@ -120,6 +120,8 @@ fn small_bench(dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) 
         "--out",
         dir.to_str().unwrap(),
     ];
+    // The count under callgrind has a test of its own.
+    args.push("--no-instructions");
     args.extend_from_slice(extra);
     viommu(&args)
 }
@@ -205,6 +207,62 @@ fn bench_json_carries_run_metadata_and_the_summary() {
         "the legend names the Linux setting: {out}"
     );
     assert!(out.contains("against real guests: scripts/real-guest --measure"), "{out}");
+}
+
+#[test]
+fn callgrind_counts_instructions_and_they_decide_the_ties() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("valgrind is not installed: skipped");
+        return;
+    }
+    let dir = scratch_dir("callgrind");
+    let (ok, out, err) = viommu(&[
+        "bench",
+        "--modes",
+        "none,identity,strict,best",
+        "--sizes",
+        "4k",
+        "--threads",
+        "1",
+        "--workloads",
+        "block",
+        "--duration",
+        "0.02",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--fake-load",
+        "0:0",
+        "--count-window",
+        "16",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("counting instructions of 4 cells under callgrind"), "{err}");
+    assert!(out.contains("instructions per I/O: counted by valgrind"), "{out}");
+    assert!(out.contains("instructions per I/O they add to no IOMMU"), "{out}");
+    let j = bench_json(&dir);
+    let cg = &j["instructions"]["callgrind"];
+    assert_eq!(cg["counted"], true, "{cg}");
+    let per_io = |mode: &str| {
+        let c = cg["cells"].as_array().unwrap().iter().find(|c| c["mode"] == mode).unwrap();
+        assert_eq!(c["ios"], 16, "{c}");
+        (c["guest_instructions"].as_u64().unwrap(), c["device_instructions"].as_u64().unwrap())
+    };
+    let (none, identity, strict, best) =
+        (per_io("none"), per_io("identity"), per_io("strict"), per_io("best"));
+    // Only the modes that send requests keep the device's thread busy; the
+    // waits are left out, so what the device does is its request work.
+    assert_eq!(none.1, 0);
+    assert!(identity.1 < 1000, "{identity:?}");
+    assert!(strict.1 > best.1 && best.1 > 0, "{strict:?} {best:?}");
+    // Strict's six requests and syncs per I/O against best's two and one.
+    assert!(strict.0 + strict.1 > best.0 + best.1 && best.0 > identity.0 && identity.0 > none.0);
+    let s = &j["summary"][0];
+    assert_eq!(s["tie_rule"], "instructions");
+    assert_eq!(s["ranking"], "identity < best < strict", "{s}");
 }
 
 #[test]

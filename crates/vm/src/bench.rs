@@ -3,7 +3,7 @@
 //! transport.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use crate::endpoint::block::{BlockDevice, BlockGuest, S_OK};
 use crate::endpoint::net::{NetDevice, NetGuest};
 use crate::endpoint::{DirectDma, DmaEngine, GuestDma, MapError};
 use crate::histogram::Histogram;
-use crate::machine::{Machine, MachineError};
+use crate::machine::{device_config, Machine, MachineError, MachineOptions};
 use crate::ram::GuestRam;
 
 pub use viommu_driver::Mode as DriverMode;
@@ -357,6 +357,154 @@ struct ThreadTally {
 /// println!("{:.2} kicks per I/O", r.kicks_per_io());
 /// ```
 pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
+    run(spec, Span::Timed, MachineOptions::default())
+}
+
+/// Runs one cell of one guest thread for a fixed number of steps (block
+/// requests, or net rounds of [`NET_BATCH`] packets) so that an instruction
+/// counter outside the process can count them: `warmup` steps, a flush of
+/// the deferred UNMAPs, then [`count_window_start`], `window` steps, a
+/// flush, and [`count_window_end`]. The VM is
+/// [`MachineOptions::deterministic`] (no flush timer, a clock that does not
+/// move), so that what runs between the marks does not depend on how fast
+/// the machine runs, e.g. under valgrind. Returns the result of the whole
+/// run (warm-up included) and the I/Os inside the window.
+///
+/// ```
+/// use std::time::Duration;
+/// use viommu_vm::bench::{count_cell, CellSpec, DriverMode, Mode, Workload};
+/// let spec = CellSpec {
+///     mode: Mode::Driver(DriverMode::Lazy),
+///     workload: Workload::Block,
+///     io_size: 4096,
+///     threads: 1,
+///     duration: Duration::ZERO,
+///     exit_cost: Duration::ZERO,
+/// };
+/// let (r, window) = count_cell(&spec, 4, 16).unwrap();
+/// assert_eq!((r.ios, window), (20, 16));
+/// // Nothing flushed by time: every UNMAP went out in a flush of a count.
+/// assert_eq!(r.map_requests, r.unmap_requests);
+/// ```
+pub fn count_cell(
+    spec: &CellSpec,
+    warmup: u64,
+    window: u64,
+) -> Result<(CellResult, u64), BenchError> {
+    if spec.threads != 1 {
+        return Err(BenchError::Spec("a counted cell has one guest thread".into()));
+    }
+    let r = run(spec, Span::Counted { warmup, window }, MachineOptions::deterministic());
+    // The VM and its I/O thread are gone; without a VM nobody read the marks.
+    WINDOW.store(0, Ordering::Release);
+    let r = r?;
+    let per_step = match spec.workload {
+        Workload::Block => 1,
+        Workload::Net => NET_BATCH as u64,
+    };
+    Ok((r, window * per_step))
+}
+
+/// Where the counted window of [`count_cell`] starts, on the thread that
+/// calls it: an instruction counter zeroes the thread's counts on entering
+/// it ([`COUNT_START_SYMBOL`]). The guest thread calls it, and the device's
+/// I/O thread the next time it wakes ([`device_count_marks`]), as callgrind
+/// zeroes and dumps the calling thread only.
+#[inline(never)]
+pub fn count_window_start() {
+    std::hint::black_box(COUNT_MARKS.fetch_add(1, Ordering::Relaxed));
+}
+
+/// Where the counted window of [`count_cell`] ends, on the calling thread:
+/// an instruction counter dumps the thread's counts on leaving it
+/// ([`COUNT_END_SYMBOL`]).
+#[inline(never)]
+pub fn count_window_end() {
+    // Another body than the start's, so that the two are never merged.
+    std::hint::black_box(COUNT_MARKS.fetch_add(1 << 32, Ordering::Relaxed));
+}
+
+/// The guest's window marks for the device side: set when the guest opened
+/// its window, when the device saw it open, and when the guest closed it.
+static WINDOW: AtomicU8 = AtomicU8::new(0);
+const WINDOW_OPEN: u8 = 1;
+const WINDOW_SEEN: u8 = 2;
+const WINDOW_CLOSED: u8 = 4;
+
+/// Called by the device's I/O thread each time it wakes, before it looks
+/// at its queues: follows the guest's marks of a [`count_cell`] window, so
+/// that the device's counts cover the requests of the window's I/Os (the
+/// device is idle at both marks: the guest has just flushed and synced).
+/// One load when no window is open.
+pub fn device_count_marks() {
+    let w = WINDOW.load(Ordering::Acquire);
+    if w == 0 {
+        return;
+    }
+    if w & WINDOW_SEEN == 0 {
+        count_window_start();
+        WINDOW.fetch_or(WINDOW_SEEN, Ordering::AcqRel);
+    }
+    if w & WINDOW_CLOSED != 0 {
+        count_window_end();
+        WINDOW.store(0, Ordering::Release);
+    }
+}
+
+/// The demangled name of [`count_window_start`], as callgrind matches it.
+pub const COUNT_START_SYMBOL: &str = "viommu_vm::bench::count_window_start";
+
+/// The demangled name of [`count_window_end`].
+pub const COUNT_END_SYMBOL: &str = "viommu_vm::bench::count_window_end";
+
+static COUNT_MARKS: AtomicU64 = AtomicU64::new(0);
+
+/// How long the timed part of a cell runs.
+#[derive(Clone, Copy, Debug)]
+enum Span {
+    /// Until the spec's duration passed; each thread does at least one step.
+    Timed,
+    /// [`count_cell`]'s warm-up and window, in steps.
+    Counted { warmup: u64, window: u64 },
+}
+
+/// Runs `step` (one block request or net round, given its index) as `span`
+/// says.
+fn drive(
+    span: Span,
+    duration: Duration,
+    dma: &mut dyn GuestDma,
+    mut step: impl FnMut(&mut dyn GuestDma, u64) -> Result<(), BenchError>,
+) -> Result<(), BenchError> {
+    match span {
+        Span::Timed => {
+            let deadline = Instant::now() + duration;
+            let mut i = 0u64;
+            // At least one step per thread, however late it got to run.
+            while i == 0 || Instant::now() < deadline {
+                step(dma, i)?;
+                i += 1;
+            }
+        }
+        Span::Counted { warmup, window } => {
+            for i in 0..warmup {
+                step(dma, i)?;
+            }
+            dma.flush()?;
+            WINDOW.store(WINDOW_OPEN, Ordering::Release);
+            count_window_start();
+            for i in warmup..warmup + window {
+                step(dma, i)?;
+            }
+            dma.flush()?;
+            count_window_end();
+            WINDOW.fetch_or(WINDOW_CLOSED, Ordering::AcqRel);
+        }
+    }
+    Ok(())
+}
+
+fn run(spec: &CellSpec, span: Span, opts: MachineOptions) -> Result<CellResult, BenchError> {
     if spec.threads == 0 || spec.io_size == 0 {
         return Err(BenchError::Spec("threads and io_size must be positive".into()));
     }
@@ -369,7 +517,13 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
     let ram = GuestRam::new(ram_size(spec))?;
     let machine = match spec.mode {
         Mode::NoIommu => None,
-        mode => Some(Machine::new(ram.clone(), BENCH_ENDPOINT, mode)?),
+        mode => Some(Machine::with_options(
+            ram.clone(),
+            device_config(BENCH_ENDPOINT),
+            BENCH_ENDPOINT,
+            mode,
+            opts,
+        )?),
     };
     if let Some(m) = &machine {
         m.exit_cost().set_per_kick(spec.exit_cost);
@@ -413,22 +567,18 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         // Each thread has its own 1 GiB of the emulated disk.
                         let sectors = (spec.io_size / 512) as u64;
                         let base = (t as u64) << 21;
-                        let deadline = Instant::now() + spec.duration;
-                        let mut i = 0u64;
-                        // At least one I/O per thread, however late it got to run.
-                        while i == 0 || Instant::now() < deadline {
+                        drive(span, spec.duration, &mut *dma, |dma, i| {
                             let t0 = Instant::now();
                             let sector = base + (i * sectors) % (1 << 21);
-                            let out =
-                                guest.io(&mut *dma, block_dev, i % 2 == 1, sector, &mut scratch)?;
+                            let out = guest.io(dma, block_dev, i % 2 == 1, sector, &mut scratch)?;
                             tally.lat.record(t0.elapsed());
                             if out.status != S_OK || !out.data_ok {
                                 tally.errors += 1;
                             }
                             tally.ios += 1;
                             tally.bytes += spec.io_size as u64;
-                            i += 1;
-                        }
+                            Ok(())
+                        })?;
                         tally.end = Some(Instant::now());
                     }
                     Workload::Net => {
@@ -438,15 +588,14 @@ pub fn run_cell(spec: &CellSpec) -> Result<CellResult, BenchError> {
                         barrier.wait();
                         start_use = meter.read();
                         let mut guest = setup?;
-                        let deadline = Instant::now() + spec.duration;
-                        // At least one round per thread, however late it got to run.
-                        while tally.ios == 0 || Instant::now() < deadline {
+                        drive(span, spec.duration, &mut *dma, |dma, _| {
                             let t0 = Instant::now();
-                            guest.round(&mut *dma, &mut dev)?;
+                            guest.round(dma, &mut dev)?;
                             tally.lat.record(t0.elapsed());
                             tally.ios += NET_BATCH as u64;
                             tally.bytes += (NET_BATCH * spec.io_size) as u64;
-                        }
+                            Ok(())
+                        })?;
                         tally.end = Some(Instant::now());
                         guest.drain(&mut *dma, &mut dev)?;
                         tally.errors += guest.rx_errors;

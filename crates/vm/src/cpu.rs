@@ -114,6 +114,11 @@ thread_local! {
 /// assert_eq!(b.brackets, 1);
 /// assert!(b.waiting <= b.cpu.unwrap());
 /// ```
+///
+/// Never inlined, so that it stays a function of its own that callgrind can
+/// leave out of its instruction counts by name (`--toggle-collect=`
+/// [`WAITING_SYMBOL`], the instruction count of `viommu bench`).
+#[inline(never)]
 pub fn waiting<R>(f: impl FnOnce() -> R) -> R {
     let Some((clock, waits)) = WAITS.with(|w| w.borrow().clone()) else {
         return f();
@@ -126,6 +131,10 @@ pub fn waiting<R>(f: impl FnOnce() -> R) -> R {
     waits.brackets.fetch_add(1, Ordering::Relaxed);
     r
 }
+
+/// The demangled name of every instance of [`waiting`], as a callgrind
+/// function pattern.
+pub const WAITING_SYMBOL: &str = "viommu_vm::cpu::waiting*";
 
 /// CPU time one empty [`waiting`] bracket leaves outside its own count
 /// (its clock reads), measured once on the first call: the least over a

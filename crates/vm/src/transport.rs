@@ -447,6 +447,7 @@ fn io_thread<B: VirtioBackend>(s: &Shared<B>) {
         if !polled {
             waiting(|| s.kick.wait(None));
         }
+        crate::bench::device_count_marks();
         if s.stop.load(Ordering::Acquire) {
             return;
         }
