@@ -149,8 +149,9 @@ pub struct Verdict {
 
 /// The figures a busy machine distorts, for the warning.
 pub const AFFECTED: &str = "MB/s and latency (p50/p99) are unreliable; CPU per I/O leaves waits \
-     out but can still move with cache and core sharing (the ranking ties what is within the \
-     drift); request counts are exact, kicks per I/O of lazy modes can shift";
+     out but can still move with cache and core sharing (ties come from instruction counts, which \
+     load does not move; without them, from the drift); request counts are exact, kicks per I/O \
+     of lazy modes can shift";
 
 impl Verdict {
     /// Judges a run from the readings before it and during it.
