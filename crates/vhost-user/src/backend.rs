@@ -45,6 +45,19 @@ pub type IoMem = IommuMemory<GuestMemoryMmap, VhostIotlb>;
 /// Front-end messages read in a row before the ring is served.
 const MAX_MESSAGES_PER_WAKE: u32 = 256;
 
+/// Whether the front-end's socket is still open after a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Socket {
+    Open,
+    Closed,
+}
+
+impl Socket {
+    fn is_closed(self) -> bool {
+        self == Self::Closed
+    }
+}
+
 /// Largest queue accepted.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Most descriptors one chain may have (direct and indirect together).
@@ -299,16 +312,12 @@ impl<D: Device> Backend<D> {
             let ready = poll(&[Some(self.chan.socket().as_raw_fd()), back, kick])?;
             // Every message already on the socket is read before a kick is served: an
             // UPDATE sent before the guest's kick is then applied before the ring runs.
-            let mut n = 0;
-            while ready[0] && n < MAX_MESSAGES_PER_WAKE {
-                match self.chan.recv() {
-                    Err(ConnError::Closed) => return Ok(()),
-                    r => self.handle(r?)?,
-                }
-                n += 1;
-                if !poll_now(self.chan.socket().as_raw_fd())? {
-                    break;
-                }
+            // poll looks at the socket before the kick, so with a kick the socket is
+            // looked at again: an UPDATE and its kick may both have come in between.
+            if (ready[0] || (ready[2] && poll_now(self.chan.socket().as_raw_fd())?))
+                && self.read_messages()?.is_closed()
+            {
+                return Ok(());
             }
             if std::mem::take(&mut self.resume) {
                 self.process_queue()?;
@@ -326,6 +335,21 @@ impl<D: Device> Backend<D> {
                 self.process_queue()?;
             }
         }
+    }
+
+    /// Reads and handles the messages on the socket, at least one and at most
+    /// `MAX_MESSAGES_PER_WAKE`, while more are already there.
+    fn read_messages(&mut self) -> Result<Socket, BackendError> {
+        for _ in 0..MAX_MESSAGES_PER_WAKE {
+            match self.chan.recv() {
+                Err(ConnError::Closed) => return Ok(Socket::Closed),
+                r => self.handle(r?)?,
+            }
+            if !poll_now(self.chan.socket().as_raw_fd())? {
+                break;
+            }
+        }
+        Ok(Socket::Open)
     }
 
     fn handle(&mut self, m: Message) -> Result<(), BackendError> {
