@@ -15,6 +15,7 @@ mod load;
 mod progress;
 mod reality;
 mod replay;
+mod sample_cpu;
 mod summary;
 mod trace_report;
 
@@ -60,6 +61,14 @@ enum Command {
     /// the median and same-run tables.
     #[command(subcommand)]
     TraceReport(trace_report::TraceReport),
+    /// Runs a command (a real-guest boot) and copies its output, adding to
+    /// each `VG PERF` line the command's CPU time between the last two
+    /// `VG SAMPLE` lines before it (`host_cpu_ns=`); exits as it did.
+    SampleCpu {
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +83,7 @@ fn main() -> ExitCode {
             replay::run(&file, export.as_deref(), verbose, virtqueue)
         }
         Command::TraceReport(cmd) => trace_report::run(&cmd),
+        Command::SampleCpu { command } => return sample_cpu::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,8 @@
 //! rest in its results file for [`super::table`]):
 //! - `CHECK PASS trace-<policy>-<workload>` or `CHECK FAIL ... <why>`;
 //! - `ROW <policy> <workload> MB/s MAP/io UNMAP/io ATT/io kick/io MAP/MiB
-//!   UNMAP/MiB kick/MiB reqs/kick`;
+//!   UNMAP/MiB kick/MiB reqs/kick [CPU-us/io]`, the last when the boot ran
+//!   under `viommu sample-cpu` (its PERF line has `host_cpu_ns`);
 //! - `TOTAL <policy> trace map=.. unmap=.. attach=.. kicks=.. faults=..
 //!   blk_reqs=.. sets=.. marks=..`.
 
@@ -95,7 +96,7 @@ fn workload(
     if boot == Boot::LinuxUnmarked {
         // No IOMMU device to mark with: MB/s only.
         if ios > 0 && bytes > 0 {
-            r.lines.push(format!("ROW {policy} {w} {mbps} 0 0 0 0 0 0 0 0"));
+            r.lines.push(format!("ROW {policy} {w} {mbps} 0 0 0 0 0 0 0 0{}", cpu_cell(perf)));
         }
         return;
     }
@@ -116,7 +117,17 @@ fn workload(
     if reqs == 0 || bytes == 0 {
         return;
     }
-    r.lines.push(row(policy, w, mbps, &t, reqs, mib));
+    r.lines.push(row(policy, w, mbps, &t, reqs, mib) + &cpu_cell(perf));
+}
+
+/// The CPU column of a ROW: QEMU's CPU time per I/O in µs, from the
+/// `host_cpu_ns` that `viommu sample-cpu` added (per I/O the guest ran,
+/// not per virtio-blk request); empty without it.
+fn cpu_cell(perf: &Perf) -> String {
+    match (perf.count("host_cpu_ns"), perf.count("ios")) {
+        (Some(ns), Some(ios)) if ios > 0 => format!(" {:.1}", ns as f64 / ios as f64 / 1e3),
+        _ => String::new(),
+    }
 }
 
 /// Our boots: the trace must show exactly the requests and kicks the
@@ -253,6 +264,20 @@ virtio_iommu_set_config
             r.lines[1],
             "CHECK FAIL trace-linux-lazy-read-4k-qd1 (no virtio-blk request traced)"
         );
+    }
+
+    #[test]
+    fn a_sampled_boot_gets_cpu_per_io() {
+        let console = format!(
+            "VG MARK read-4k-qd1 cfgw=1\n{PERF} map=1 unmap=1 attach=0 kicks=2 host_cpu_ns=12345\n"
+        );
+        let r = boot(&console, TRACE, "lazy");
+        assert_eq!(
+            r.lines[1],
+            "ROW lazy read-4k-qd1 3.9 1.00 1.00 0.000 2.000 256.0 256.0 512.0 1.00 12.3"
+        );
+        let r = boot(&format!("{PERF} host_cpu_ns=4000\n"), "", "linux-none");
+        assert_eq!(r.lines[0], "ROW linux-none read-4k-qd1 3.9 0 0 0 0 0 0 0 0 4.0");
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The tables of a run: the median of every `ROW` column per policy and
 //! workload, with the MB/s spread over the boots (TCG timings are noisy:
-//! other work shares the CPUs), then the same-run comparison of Linux's
-//! drivers with ours, with a verdict that claims an order only outside the
-//! noise ([`verdict`]).
+//! other work shares the CPUs), then the same-run comparisons of Linux's
+//! drivers with ours, in MB/s and in QEMU's CPU time per I/O, each with a
+//! verdict that claims an order only outside the noise ([`verdict`]).
 
 use super::policies;
 
 /// Column names of a `ROW` line after policy and workload.
-pub const ROW_COLUMNS: [&str; 9] = [
+pub const ROW_COLUMNS: [&str; 10] = [
     "MB/s",
     "MAP/io",
     "UNMAP/io",
@@ -17,7 +17,42 @@ pub const ROW_COLUMNS: [&str; 9] = [
     "UNMAP/MiB",
     "kick/MiB",
     "reqs/kick",
+    "CPU-us/io",
 ];
+
+/// The `ROW` column of QEMU's CPU time per I/O, in µs (absent from rows of
+/// boots run without `viommu sample-cpu`).
+pub const CPU_COLUMN: usize = 9;
+
+/// What a verdict compares: MB/s (more is better) or QEMU's CPU time per
+/// I/O (less is better).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// MB/s, column 0.
+    MbS,
+    /// CPU µs per I/O, [`CPU_COLUMN`].
+    Cpu,
+}
+
+impl Metric {
+    /// Both, in table order.
+    pub const ALL: [Metric; 2] = [Metric::MbS, Metric::Cpu];
+
+    fn column(self) -> usize {
+        match self {
+            Metric::MbS => 0,
+            Metric::Cpu => CPU_COLUMN,
+        }
+    }
+
+    /// The name the agreement prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::MbS => "MB/s",
+            Metric::Cpu => "CPU/io",
+        }
+    }
+}
 
 /// The medians of one policy and workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +68,8 @@ pub struct Median {
     pub samples: usize,
     /// Each column's least and greatest value over the boots.
     pub range: Vec<(f64, f64)>,
+    /// How many boots gave each column (a row may lack the last ones).
+    pub counts: Vec<usize>,
 }
 
 impl Median {
@@ -41,14 +78,21 @@ impl Median {
         self.values.get(i).map_or(0.0, |v| v.parse().unwrap_or(0.0))
     }
 
+    /// Column `i` as `median (min-max)`, the median alone from one boot,
+    /// `-` when no boot gave it.
+    fn spread(&self, i: usize) -> String {
+        match (self.range.get(i), self.counts.get(i)) {
+            (Some(&(lo, hi)), Some(&n)) if n > 1 => {
+                format!("{} ({}-{})", self.values[i], fmt_g(lo, 4), fmt_g(hi, 4))
+            }
+            (Some(_), Some(1)) => self.values[i].clone(),
+            _ => "-".into(),
+        }
+    }
+
     /// MB/s as `median (min-max)`, or the median alone from one boot.
     fn mb_s(&self) -> String {
-        match self.range.first() {
-            Some(&(lo, hi)) if self.samples > 1 => {
-                format!("{} ({}-{})", self.values[0], fmt_g(lo, 4), fmt_g(hi, 4))
-            }
-            _ => self.values.first().cloned().unwrap_or_default(),
-        }
+        self.spread(0)
     }
 }
 
@@ -61,17 +105,34 @@ pub const VERDICT_MIN_BOOTS: usize = 2;
 /// `b`'s (and the other way round), else `within noise`; `-` when either
 /// did not run, `n<2` with fewer than [`VERDICT_MIN_BOOTS`] boots.
 pub fn verdict(a: Option<&Median>, b: Option<&Median>) -> String {
+    judge(a, b, Metric::MbS)
+}
+
+/// The same-run verdict on `metric`, as [`verdict`] gives it for MB/s. For
+/// CPU per I/O, `a < b` (a costs less) only when `a`'s greatest is below
+/// `b`'s least.
+pub fn judge(a: Option<&Median>, b: Option<&Median>, metric: Metric) -> String {
     let (Some(a), Some(b)) = (a, b) else { return "-".into() };
-    if a.samples < VERDICT_MIN_BOOTS || b.samples < VERDICT_MIN_BOOTS {
-        return format!("n<{VERDICT_MIN_BOOTS}");
-    }
-    let (Some(&(a_lo, a_hi)), Some(&(b_lo, b_hi))) = (a.range.first(), b.range.first()) else {
+    let i = metric.column();
+    let (Some(&(a_lo, a_hi)), Some(&(b_lo, b_hi))) = (a.range.get(i), b.range.get(i)) else {
         return "-".into();
     };
-    if a_lo > b_hi {
-        format!("{} > {}", a.policy, b.policy)
-    } else if b_lo > a_hi {
-        format!("{} > {}", b.policy, a.policy)
+    let n = |m: &Median| m.counts.get(i).copied().unwrap_or(0);
+    if n(a) < VERDICT_MIN_BOOTS || n(b) < VERDICT_MIN_BOOTS {
+        return format!("n<{VERDICT_MIN_BOOTS}");
+    }
+    let op = match metric {
+        Metric::MbS => '>',
+        Metric::Cpu => '<',
+    };
+    let (a_first, b_first) = match metric {
+        Metric::MbS => (a_lo > b_hi, b_lo > a_hi),
+        Metric::Cpu => (a_hi < b_lo, b_hi < a_lo),
+    };
+    if a_first {
+        format!("{} {op} {}", a.policy, b.policy)
+    } else if b_first {
+        format!("{} {op} {}", b.policy, a.policy)
     } else {
         "within noise".into()
     }
@@ -112,7 +173,8 @@ pub fn medians(results: &str) -> Vec<Median> {
                     (lo, hi)
                 })
                 .collect();
-            Median { policy, workload, values, samples: rows.len(), range }
+            let counts = cols.iter().map(Vec::len).collect();
+            Median { policy, workload, values, samples: rows.len(), range, counts }
         })
         .collect()
 }
@@ -259,33 +321,37 @@ fn judged_pairs(
     VERDICT_PAIRS.into_iter().filter(|(a, b, _, _)| ran(medians, a) && ran(medians, b)).collect()
 }
 
-/// One verdict cell: workload, our policy, Linux's, and the verdict.
+/// One verdict cell: workload, metric, our policy, Linux's, and the verdict.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cell {
     /// The workload.
     pub workload: String,
+    /// What the verdict compares.
+    pub metric: Metric,
     /// Our policy of the pair.
     pub ours: &'static str,
     /// Linux's policy of the pair.
     pub linux: &'static str,
-    /// What [`verdict`] says.
+    /// What [`judge`] says.
     pub verdict: String,
 }
 
 /// Every verdict cell of a run: each workload against each pair of
-/// [`VERDICT_PAIRS`] that both ran.
+/// [`VERDICT_PAIRS`] that both ran, in MB/s and, where both boots
+/// measured it, in CPU per I/O.
 pub fn verdict_cells(medians: &[Median]) -> Vec<Cell> {
     let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
     let pairs = judged_pairs(medians);
     let mut cells = Vec::new();
-    for w in workloads(medians) {
-        for (ours, linux, _, _) in &pairs {
-            cells.push(Cell {
-                workload: w.to_string(),
-                ours,
-                linux,
-                verdict: verdict(find(ours, w), find(linux, w)),
-            });
+    for metric in Metric::ALL {
+        for w in workloads(medians) {
+            for (ours, linux, _, _) in &pairs {
+                let verdict = judge(find(ours, w), find(linux, w), metric);
+                if metric == Metric::Cpu && verdict == "-" {
+                    continue;
+                }
+                cells.push(Cell { workload: w.to_string(), metric, ours, linux, verdict });
+            }
         }
     }
     cells
@@ -351,8 +417,9 @@ pub struct Agreement {
 /// Compares the verdict cells of two runs.
 pub fn agreement(first: &[Median], second: &[Median]) -> Agreement {
     let (a, b) = (verdict_cells(first), verdict_cells(second));
-    let key = |c: &Cell| (c.workload.clone(), c.ours, c.linux);
-    let mut rows = vec![["workload", "pair", "first", "second", ""].map(String::from).to_vec()];
+    let key = |c: &Cell| (c.workload.clone(), c.metric, c.ours, c.linux);
+    let mut rows =
+        vec![["workload", "metric", "pair", "first", "second", ""].map(String::from).to_vec()];
     let (mut agree, mut cells) = (0, 0);
     for c in &a {
         let Some(d) = b.iter().find(|d| key(d) == key(c)) else { continue };
@@ -361,6 +428,7 @@ pub fn agreement(first: &[Median], second: &[Median]) -> Agreement {
         agree += usize::from(same);
         rows.push(vec![
             c.workload.clone(),
+            c.metric.name().to_string(),
             format!("{} vs {}", c.ours, c.linux),
             c.verdict.clone(),
             d.verdict.clone(),
@@ -372,7 +440,7 @@ pub fn agreement(first: &[Median], second: &[Median]) -> Agreement {
 
 /// The agreement as aligned text, with its count.
 pub fn agreement_text(a: &Agreement) -> String {
-    let mut out = aligned(&a.rows, 4);
+    let mut out = aligned(&a.rows, 5);
     out += &format!("{} of {} verdicts agree", a.agree, a.cells);
     if a.unmatched > 0 {
         out += &format!(" ({} cells judged in one run only)", a.unmatched);
@@ -381,20 +449,88 @@ pub fn agreement_text(a: &Agreement) -> String {
     out
 }
 
-/// The comparison as aligned text, with its legend.
-pub fn comparison_text(medians: &[Median]) -> String {
-    aligned(&comparison(medians, false), 1) + LEGEND + "\n"
+/// What the CPU comparison's footnote says.
+pub const CPU_LEGEND: &str = "(QEMU's CPU time, all its threads, per I/O in µs, from a sample \
+                              before and after each workload: median (min-max) over the boots; \
+                              it includes the guest's pattern fill and check, the same work in \
+                              every boot; vs: A < B only when A's greatest is below B's least, \
+                              else within noise)";
+
+/// The CPU comparison, per workload: QEMU's CPU per I/O of every policy
+/// whose boots measured it, and the CPU verdicts of [`VERDICT_PAIRS`].
+/// Empty when no boot measured it.
+fn cpu_comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
+    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
+    let measured = |p: &str| {
+        medians.iter().any(|m| m.policy == p && m.counts.get(CPU_COLUMN).is_some_and(|&n| n > 0))
+    };
+    let ran_policies: Vec<(&str, &str)> = policies().filter(|(p, _)| measured(p)).collect();
+    if ran_policies.is_empty() {
+        return Vec::new();
+    }
+    let pairs: Vec<_> =
+        VERDICT_PAIRS.into_iter().filter(|(a, b, _, _)| measured(a) && measured(b)).collect();
+    let mut head = vec!["workload".to_string()];
+    head.extend(
+        ran_policies.iter().map(|(p, short)| if long_names { p } else { short }.to_string()),
+    );
+    head.extend(pairs.iter().map(|(a, b, short, _)| {
+        if long_names {
+            format!("CPU/io: {a} vs {b}")
+        } else {
+            short.to_string()
+        }
+    }));
+    let mut rows = vec![head];
+    for w in workloads(medians) {
+        let mut r = vec![w.to_string()];
+        r.extend(
+            ran_policies
+                .iter()
+                .map(|(p, _)| find(p, w).map_or_else(|| "-".into(), |m| m.spread(CPU_COLUMN))),
+        );
+        for (ours, linux, _, _) in &pairs {
+            r.push(judge(find(ours, w), find(linux, w), Metric::Cpu));
+        }
+        rows.push(r);
+    }
+    rows
 }
 
-/// The comparison as a Markdown table, for the docs.
-pub fn comparison_markdown(medians: &[Median]) -> String {
-    let rows = comparison(medians, true);
+/// The comparisons as aligned text, each with its legend: MB/s, then (when
+/// measured) CPU per I/O.
+pub fn comparison_text(medians: &[Median]) -> String {
+    let mut out = aligned(&comparison(medians, false), 1) + LEGEND + "\n";
+    let cpu = cpu_comparison(medians, false);
+    if !cpu.is_empty() {
+        out += "\nsame run, QEMU's CPU time per I/O (µs):\n";
+        out += &aligned(&cpu, 1);
+        out += CPU_LEGEND;
+        out.push('\n');
+    }
+    out
+}
+
+/// Rows as a Markdown table.
+fn markdown(rows: &[Vec<String>]) -> String {
     let mut out = String::new();
     for (i, r) in rows.iter().enumerate() {
         out.push_str(&format!("| {} |\n", r.join(" | ")));
         if i == 0 {
             out.push_str(&format!("|{}\n", "---|".repeat(r.len())));
         }
+    }
+    out
+}
+
+/// The comparisons as Markdown tables, for the docs: MB/s, then (when
+/// measured) CPU per I/O after a blank line.
+pub fn comparison_markdown(medians: &[Median]) -> String {
+    let mut out = markdown(&comparison(medians, true));
+    let cpu = cpu_comparison(medians, true);
+    if !cpu.is_empty() {
+        out.push('\n');
+        out += &markdown(&cpu);
     }
     out
 }
@@ -519,6 +655,7 @@ ROW bad
             values: values.map(String::from).to_vec(),
             samples: 1,
             range: values.iter().map(|v| v.parse().unwrap()).map(|v| (v, v)).collect(),
+            counts: vec![1; 9],
         }
     }
 
@@ -607,9 +744,63 @@ ROW bad
         let text = agreement_text(&a);
         let lines: Vec<String> =
             text.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
-        assert_eq!(lines[1], "w lazy vs linux-lazy lazy > linux-lazy lazy > linux-lazy =");
-        assert_eq!(lines[2], "v lazy vs linux-lazy within noise lazy > linux-lazy DIFFERS");
+        assert_eq!(lines[1], "w MB/s lazy vs linux-lazy lazy > linux-lazy lazy > linux-lazy =");
+        assert_eq!(lines[2], "v MB/s lazy vs linux-lazy within noise lazy > linux-lazy DIFFERS");
         assert_eq!(lines[3], "1 of 2 verdicts agree (1 cells judged in one run only)");
+    }
+
+    /// Rows of boots with these MB/s and CPU µs per I/O.
+    fn sampled(policy: &str, workload: &str, boots: &[(f64, f64)]) -> String {
+        boots
+            .iter()
+            .map(|(mb_s, cpu)| {
+                format!("ROW {policy} {workload} {mb_s} 1 1 0 1 256 256 256 1 {cpu}\n")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cpu_verdicts_claim_less_cpu_only_outside_the_noise() {
+        let rows = sampled("lazy+irq", "w", &[(40.0, 10.0), (41.0, 11.0), (39.0, 12.0)])
+            + &sampled("linux-lazy", "w", &[(38.0, 20.0), (45.0, 13.0), (30.0, 25.0)])
+            + &sampled("strict+irq", "w", &[(20.0, 30.0), (21.0, 31.0)])
+            + &sampled("linux-strict", "w", &[(20.0, 29.0), (21.0, 31.0)]);
+        let m = medians(&rows);
+        let find = |p: &str| m.iter().find(|m| m.policy == p);
+        assert_eq!(
+            judge(find("lazy+irq"), find("linux-lazy"), Metric::Cpu),
+            "lazy+irq < linux-lazy"
+        );
+        assert_eq!(
+            judge(find("linux-lazy"), find("lazy+irq"), Metric::Cpu),
+            "lazy+irq < linux-lazy"
+        );
+        assert_eq!(judge(find("lazy+irq"), find("linux-lazy"), Metric::MbS), "within noise");
+        assert_eq!(judge(find("strict+irq"), find("linux-strict"), Metric::Cpu), "within noise");
+        // Rows without the column: no CPU verdict, and no CPU cells.
+        let plain =
+            medians(&(boots("lazy", "w", &[1.0, 2.0]) + &boots("linux-lazy", "w", &[3.0, 4.0])));
+        assert_eq!(judge(plain.first(), plain.get(1), Metric::Cpu), "-");
+        assert!(verdict_cells(&plain).iter().all(|c| c.metric == Metric::MbS));
+        assert!(!comparison_text(&plain).contains("CPU"));
+        let cells = verdict_cells(&m);
+        assert_eq!(cells.iter().filter(|c| c.metric == Metric::Cpu).count(), 2);
+        let text = comparison_text(&m);
+        let cpu: Vec<String> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("same run, QEMU"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(
+            cpu[1], "workload l-lazy l-strict strict+i lazy+i lazy+i vs L strict+i vs S",
+            "{text}"
+        );
+        assert_eq!(
+            cpu[2],
+            "w 20 (13-25) 30 (29-31) 30.5 (30-31) 11 (10-12) lazy+irq < linux-lazy within noise",
+            "{text}"
+        );
+        assert!(comparison_markdown(&m).contains("| workload | linux-lazy | linux-strict | strict+irq | lazy+irq | CPU/io: lazy+irq vs linux-lazy |"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use viommu_guest::mapper::{Mapper, RoundBuf};
 
 use crate::outcome::{Outcome, Results};
 use crate::rig::Rig;
-use crate::workload::{check_buf, fill_buf, mbps, plan, segments, Workload};
+use crate::workload::{check_buf, fill_buf, host_cpu_sample, mbps, plan, segments, Workload};
 use crate::{Blk, Opts, IO_TIMEOUT};
 
 /// What a workload cost.
@@ -198,7 +198,10 @@ pub fn write_region(
 /// read back and checked.
 pub fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &mut Results) {
     for w in plan(o, blk.queue_size() as usize) {
-        let r = run_workload(rig, blk, m, &w).and_then(|p| {
+        host_cpu_sample();
+        let r = run_workload(rig, blk, m, &w);
+        host_cpu_sample();
+        let r = r.and_then(|p| {
             let c = p.counts;
             println!(
                 "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={} irqs={}",

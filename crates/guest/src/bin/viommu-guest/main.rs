@@ -10,7 +10,8 @@
 //! Output lines for the host script, all starting with `VG `:
 //! `PASS name`, `FAIL name: why`, `MARK name cfgw=K` (the K-th traced config
 //! write starts workload `name`), `PERF name k=v...` (the guest's counters),
-//! `DONE passed=N failed=N`.
+//! `SAMPLE` (before and after each workload: the host samples QEMU's CPU
+//! time), `DONE passed=N failed=N`.
 //!
 //! One module per job: [`opts`] (options), [`rig`] (our drivers' setup),
 //! [`workload`] (the matrix and its buffers), [`io`] (the I/O loop),

@@ -49,6 +49,19 @@ impl Workload {
     }
 }
 
+/// How long the guest idles after asking the host for a CPU sample, so
+/// that the sample lands while the guest does nothing.
+const SAMPLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Asks the host for a sample of QEMU's CPU time (`viommu sample-cpu` adds
+/// the CPU between a workload's two samples to its `VG PERF` line as
+/// `host_cpu_ns`), then idles for [`SAMPLE_PAUSE`]. Called before and
+/// after each workload, ours and Linux's alike.
+pub fn host_cpu_sample() {
+    println!("VG SAMPLE");
+    std::thread::sleep(SAMPLE_PAUSE);
+}
+
 fn size_name(size: usize) -> String {
     if size >= 1 << 20 {
         format!("{}m", size >> 20)
