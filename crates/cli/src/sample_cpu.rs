@@ -1,7 +1,8 @@
 //! `viommu sample-cpu`: runs a command (a QEMU boot of the real-guest
 //! suite) and copies its standard output, adding to each `VG PERF` line the
 //! CPU time the command's process used between the last two `VG SAMPLE`
-//! lines before it, as `host_cpu_ns=N`.
+//! lines before it, as `host_cpu_ns=N`, and between the two before those
+//! (the guest's calibration loop), as `calib_cpu_ns=N`.
 //!
 //! Under TCG the QEMU process's CPU time is what a guest's work costs, and
 //! unlike the guest's clock (the host's wall clock) it does not grow when
@@ -34,11 +35,11 @@ fn process_cpu_ns(pid: u32) -> io::Result<u64> {
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-/// The samples seen so far and what the next `VG PERF` line gets.
+/// The last three samples since the last `VG PERF` line, newest last
+/// (`None`: not taken, or could not be read).
 #[derive(Debug, Default)]
 pub struct Sampler {
-    last: Option<u64>,
-    window: Option<u64>,
+    samples: [Option<u64>; 3],
 }
 
 impl Sampler {
@@ -48,21 +49,23 @@ impl Sampler {
     pub fn line(&mut self, line: &[u8], cpu_ns: impl FnOnce() -> Option<u64>) -> Vec<u8> {
         let text = trim_end(line);
         if text.starts_with(SAMPLE) {
-            let now = cpu_ns();
-            // A sample that could not be read ends the window too.
-            self.window = self.last.zip(now).map(|(l, n)| n.saturating_sub(l));
-            self.last = now;
+            self.samples.rotate_left(1);
+            self.samples[2] = cpu_ns();
             return line.to_vec();
         }
-        if text.starts_with(PERF) {
-            if let Some(w) = self.window.take() {
-                let mut out = text.to_vec();
-                out.extend_from_slice(format!(" host_cpu_ns={w}").as_bytes());
-                out.extend_from_slice(&line[text.len()..]);
-                return out;
+        if !text.starts_with(PERF) {
+            return line.to_vec();
+        }
+        let [a, b, c] = std::mem::take(&mut self.samples);
+        let window = |from: Option<u64>, to: Option<u64>| to?.checked_sub(from?);
+        let mut out = text.to_vec();
+        for (key, w) in [("host_cpu_ns", window(b, c)), ("calib_cpu_ns", window(a, b))] {
+            if let Some(w) = w {
+                out.extend_from_slice(format!(" {key}={w}").as_bytes());
             }
         }
-        line.to_vec()
+        out.extend_from_slice(&line[text.len()..]);
+        out
     }
 }
 
@@ -157,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn a_perf_line_gets_the_cpu_between_the_last_two_samples() {
+    fn a_perf_line_gets_the_cpu_of_the_last_two_windows() {
         let mut s = Sampler::default();
         assert_eq!(feed(&mut s, "VG BOOTED\r\n", 1), "VG BOOTED\r\n");
         assert_eq!(feed(&mut s, "VG SAMPLE\r\n", 100), "VG SAMPLE\r\n");
@@ -166,22 +169,27 @@ mod tests {
         feed(&mut s, "VG SAMPLE\r\n", 1_000);
         feed(&mut s, "VG SAMPLE\n", 1_250);
         feed(&mut s, "VG SAMPLE\n", 4_000);
-        assert_eq!(
-            feed(&mut s, "VG PERF b ios=1\r\n", 9_999),
-            "VG PERF b ios=1 host_cpu_ns=2750\r\n"
-        );
+        let perf = feed(&mut s, "VG PERF b ios=1\r\n", 9_999);
+        assert_eq!(perf, "VG PERF b ios=1 host_cpu_ns=2750 calib_cpu_ns=250\r\n");
         // Each window goes to one PERF line only.
         assert_eq!(feed(&mut s, "VG PERF c ios=1\n", 10_000), "VG PERF c ios=1\n");
+        // The last three samples count.
+        for cpu in [5, 10, 20, 40, 80] {
+            feed(&mut s, "VG SAMPLE\n", cpu);
+        }
+        assert_eq!(feed(&mut s, "VG PERF d\n", 0), "VG PERF d host_cpu_ns=40 calib_cpu_ns=20\n");
     }
 
     #[test]
-    fn a_sample_that_cannot_be_read_leaves_the_perf_line_alone() {
+    fn a_sample_that_cannot_be_read_leaves_its_windows_out() {
         let mut s = Sampler::default();
         feed(&mut s, "VG SAMPLE\n", 100);
         feed(&mut s, "VG SAMPLE\n", 200);
         let _ = s.line(b"VG SAMPLE\n", || None);
-        assert_eq!(feed(&mut s, "VG PERF a\n", 0), "VG PERF a\n");
+        assert_eq!(feed(&mut s, "VG PERF a\n", 0), "VG PERF a calib_cpu_ns=100\n");
+        // A clock that went back gives no window either.
         feed(&mut s, "VG SAMPLE\n", 300);
+        feed(&mut s, "VG SAMPLE\n", 200);
         assert_eq!(feed(&mut s, "VG PERF b\n", 0), "VG PERF b\n");
         // Bytes that are not UTF-8 pass through.
         assert_eq!(s.line(b"\xff\xfe x\n", || None), b"\xff\xfe x\n");

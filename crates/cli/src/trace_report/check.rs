@@ -6,8 +6,9 @@
 //! rest in its results file for [`super::table`]):
 //! - `CHECK PASS trace-<policy>-<workload>` or `CHECK FAIL ... <why>`;
 //! - `ROW <policy> <workload> MB/s MAP/io UNMAP/io ATT/io kick/io MAP/MiB
-//!   UNMAP/MiB kick/MiB reqs/kick [CPU-us/io]`, the last when the boot ran
-//!   under `viommu sample-cpu` (its PERF line has `host_cpu_ns`);
+//!   UNMAP/MiB kick/MiB reqs/kick [CPU-us/io [calib-ms calib-cpu-ms]]`, the
+//!   last ones when the boot ran under `viommu sample-cpu` (its PERF line has
+//!   `host_cpu_ns`, and `calib_secs` and `calib_cpu_ns` of the calibration);
 //! - `TOTAL <policy> trace map=.. unmap=.. attach=.. kicks=.. faults=..
 //!   blk_reqs=.. sets=.. marks=..`.
 
@@ -120,14 +121,25 @@ fn workload(
     r.lines.push(row(policy, w, mbps, &t, reqs, mib) + &cpu_cell(perf));
 }
 
-/// The CPU column of a ROW: QEMU's CPU time per I/O in µs, from the
+/// The CPU columns of a ROW: QEMU's CPU time per I/O in µs, from the
 /// `host_cpu_ns` that `viommu sample-cpu` added (per I/O the guest ran,
-/// not per virtio-blk request); empty without it.
+/// not per virtio-blk request), then the calibration's guest time and QEMU
+/// CPU in ms; empty without them.
 fn cpu_cell(perf: &Perf) -> String {
-    match (perf.count("host_cpu_ns"), perf.count("ios")) {
-        (Some(ns), Some(ios)) if ios > 0 => format!(" {:.1}", ns as f64 / ios as f64 / 1e3),
-        _ => String::new(),
+    let (Some(ns), Some(ios)) = (perf.count("host_cpu_ns"), perf.count("ios")) else {
+        return String::new();
+    };
+    if ios == 0 {
+        return String::new();
     }
+    let mut out = format!(" {:.1}", ns as f64 / ios as f64 / 1e3);
+    let calib_secs = perf.get("calib_secs").and_then(|v| v.parse::<f64>().ok());
+    if let (Some(secs), Some(cpu)) = (calib_secs, perf.count("calib_cpu_ns")) {
+        if secs > 0.0 && cpu > 0 {
+            out += &format!(" {:.3} {:.3}", secs * 1e3, cpu as f64 / 1e6);
+        }
+    }
+    out
 }
 
 /// Our boots: the trace must show exactly the requests and kicks the
@@ -276,6 +288,10 @@ virtio_iommu_set_config
             r.lines[1],
             "ROW lazy read-4k-qd1 3.9 1.00 1.00 0.000 2.000 256.0 256.0 512.0 1.00 12.3"
         );
+        let console =
+            console.replace("host_cpu_ns", "calib_secs=0.0512 calib_cpu_ns=49000000 host_cpu_ns");
+        let r = boot(&console, TRACE, "lazy");
+        assert!(r.lines[1].ends_with(" 1.00 12.3 51.200 49.000"), "{:?}", r.lines);
         let r = boot(&format!("{PERF} host_cpu_ns=4000\n"), "", "linux-none");
         assert_eq!(r.lines[0], "ROW linux-none read-4k-qd1 3.9 0 0 0 0 0 0 0 0 4.0");
     }

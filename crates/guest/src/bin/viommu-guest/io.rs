@@ -11,7 +11,7 @@ use viommu_guest::mapper::{Mapper, RoundBuf};
 
 use crate::outcome::{Outcome, Results};
 use crate::rig::Rig;
-use crate::workload::{check_buf, fill_buf, host_cpu_sample, mbps, plan, segments, Workload};
+use crate::workload::{check_buf, fill_buf, mbps, measured, plan, segments, Workload};
 use crate::{Blk, Opts, IO_TIMEOUT};
 
 /// What a workload cost.
@@ -198,13 +198,11 @@ pub fn write_region(
 /// read back and checked.
 pub fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &mut Results) {
     for w in plan(o, blk.queue_size() as usize) {
-        host_cpu_sample();
-        let r = run_workload(rig, blk, m, &w);
-        host_cpu_sample();
+        let (r, calib) = measured(|| run_workload(rig, blk, m, &w));
         let r = r.and_then(|p| {
             let c = p.counts;
             println!(
-                "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={} irqs={}",
+                "VG PERF {} ios={} reqs={} bytes={} secs={:.3} dma_secs={:.3} mbps={:.1} map={} unmap={} attach={} kicks={} syncs={} blk_kicks={} irqs={} calib_secs={calib:.6}",
                 w.name, p.ios, p.ios, w.job.bytes, p.secs, p.dma_secs, mbps(w.job.bytes, p.secs), c.map, c.unmap, c.attach, c.kicks, c.syncs, p.blk_kicks, p.irqs
             );
             if w.op() == BlkOp::Write {

@@ -11,7 +11,7 @@ use viommu_proto::Config;
 
 use crate::opts::{LinuxBoot, Opts};
 use crate::outcome::{Outcome, Results};
-use crate::workload::{host_cpu_sample, mbps, plan, Workload};
+use crate::workload::{mbps, measured, plan, Workload};
 use crate::{BLK_BDF, BLK_QUEUE_SIZE, DISK_MIB, HUGE_PAGES, IOMMU_BDF};
 
 /// Where `scripts/real-guest` puts the (decompressed) kernel modules.
@@ -102,12 +102,10 @@ impl Marks {
 
 /// One workload, then (writes) its read-back.
 fn run_one(disk: &Disk, marks: &Marks, w: &Workload) -> Outcome {
-    host_cpu_sample();
-    let p = disk.run(&w.job);
-    host_cpu_sample();
+    let (p, calib) = measured(|| disk.run(&w.job));
     let p = p?;
     println!(
-        "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1}",
+        "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1} calib_secs={calib:.6}",
         w.name,
         p.ios,
         p.ios,

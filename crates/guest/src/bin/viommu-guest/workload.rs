@@ -53,13 +53,56 @@ impl Workload {
 /// that the sample lands while the guest does nothing.
 const SAMPLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Asks the host for a sample of QEMU's CPU time (`viommu sample-cpu` adds
-/// the CPU between a workload's two samples to its `VG PERF` line as
-/// `host_cpu_ns`), then idles for [`SAMPLE_PAUSE`]. Called before and
-/// after each workload, ours and Linux's alike.
-pub fn host_cpu_sample() {
+/// Asks the host for a sample of QEMU's CPU time (`viommu sample-cpu`),
+/// then idles for [`SAMPLE_PAUSE`].
+fn host_cpu_sample() {
     println!("VG SAMPLE");
     std::thread::sleep(SAMPLE_PAUSE);
+}
+
+/// Steps of the calibration loop: about 70 ms under TCG on an idle host,
+/// long enough that QEMU's idle work in the sample pause is a few percent.
+const CALIBRATION_STEPS: u64 = 1 << 24;
+
+/// A fixed piece of guest work (loads, stores and arithmetic over 64 KiB),
+/// timed on the guest's clock: how fast this guest runs right now. Under
+/// TCG that moves with the host's speed, which drifts by tens of percent
+/// over a minute even on an idle host (docs/real-guest.md, "Noise").
+fn calibrate() -> f64 {
+    let mut table = vec![0u64; 8192];
+    // Untimed: page faults on the table and TCG translating the loop.
+    let warm = calibration_steps(&mut table, CALIBRATION_STEPS / 64);
+    let t0 = std::time::Instant::now();
+    let x = calibration_steps(&mut table, CALIBRATION_STEPS);
+    let secs = t0.elapsed().as_secs_f64();
+    std::hint::black_box((warm, x, &table));
+    secs
+}
+
+fn calibration_steps(table: &mut [u64], steps: u64) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..steps {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let i = (x % table.len() as u64) as usize;
+        table[i] = table[i].wrapping_add(x);
+    }
+    x
+}
+
+/// Runs one workload between host CPU samples: a sample, the calibration,
+/// a sample, the workload, a sample. `viommu sample-cpu` adds to the next
+/// `VG PERF` line the CPU of the last window (`host_cpu_ns`) and of the
+/// calibration (`calib_cpu_ns`); the guest prints the calibration's own
+/// time as `calib_secs`. Ours and Linux's workloads alike.
+pub fn measured<T>(run: impl FnOnce() -> T) -> (T, f64) {
+    host_cpu_sample();
+    let calib = calibrate();
+    host_cpu_sample();
+    let r = run();
+    host_cpu_sample();
+    (r, calib)
 }
 
 fn size_name(size: usize) -> String {
