@@ -6,9 +6,8 @@
 
 use super::policies;
 
-/// Column names of a `ROW` line after policy and workload, then of the two
-/// columns [`medians`] derives from them.
-pub const ROW_COLUMNS: [&str; 14] = [
+/// Column names of a `ROW` line after policy and workload.
+pub const ROW_COLUMNS: [&str; 12] = [
     "MB/s",
     "MAP/io",
     "UNMAP/io",
@@ -21,21 +20,15 @@ pub const ROW_COLUMNS: [&str; 14] = [
     "CPU-us/io",
     "calib-ms",
     "calib-cpu-ms",
-    "MB/s-adj",
-    "CPU-adj",
 ];
 
 /// The `ROW` column of QEMU's CPU time per I/O, in µs (absent from rows of
-/// boots run without `viommu sample-cpu`).
+/// boots run without `viommu sample-cpu`). The two after it, the guest's
+/// calibration loop before the workload (its time and QEMU's CPU for it),
+/// are shown in the median table and judged nowhere: scaling rows by them
+/// to the run's median host speed made the spreads wider, not narrower
+/// (docs/real-guest.md, "Noise").
 pub const CPU_COLUMN: usize = 9;
-/// The calibration loop before the workload: its guest time and QEMU's CPU
-/// for it, in ms.
-const CALIB_MS: usize = 10;
-const CALIB_CPU_MS: usize = 11;
-/// Derived: MB/s and CPU per I/O adjusted to the run's median speed, by the
-/// workload's own calibration ([`adjust`]).
-const MB_S_ADJ: usize = 12;
-const CPU_ADJ: usize = 13;
 
 /// What a verdict compares: MB/s (more is better) or QEMU's CPU time per
 /// I/O (less is better).
@@ -51,35 +44,10 @@ impl Metric {
     /// Both, in table order.
     pub const ALL: [Metric; 2] = [Metric::MbS, Metric::Cpu];
 
-    /// The column the verdict and the comparison use for `m`: adjusted
-    /// when every boot was calibrated, else as measured.
-    fn column(self, m: &Median) -> usize {
-        let adjusted = match self {
-            Metric::MbS => MB_S_ADJ,
-            Metric::Cpu => CPU_ADJ,
-        };
-        if m.samples > 0 && m.counts.get(adjusted) == Some(&m.samples) {
-            adjusted
-        } else {
-            self.raw()
-        }
-    }
-
-    /// The column as measured.
-    fn raw(self) -> usize {
+    fn column(self) -> usize {
         match self {
             Metric::MbS => 0,
             Metric::Cpu => CPU_COLUMN,
-        }
-    }
-
-    /// The column to compare `a` with `b` in: adjusted only when both are.
-    fn shared(self, a: &Median, b: &Median) -> usize {
-        let (i, j) = (self.column(a), self.column(b));
-        if i == j {
-            i
-        } else {
-            self.raw()
         }
     }
 
@@ -128,10 +96,9 @@ impl Median {
         }
     }
 
-    /// MB/s as `median (min-max)`, or the median alone from one boot
-    /// (adjusted when calibrated).
+    /// MB/s as `median (min-max)`, or the median alone from one boot.
     fn mb_s(&self) -> String {
-        self.spread(Metric::MbS.column(self))
+        self.spread(0)
     }
 }
 
@@ -152,7 +119,7 @@ pub fn verdict(a: Option<&Median>, b: Option<&Median>) -> String {
 /// `b`'s least.
 pub fn judge(a: Option<&Median>, b: Option<&Median>, metric: Metric) -> String {
     let (Some(a), Some(b)) = (a, b) else { return "-".into() };
-    let i = metric.shared(a, b);
+    let i = metric.column();
     let (Some(&(a_lo, a_hi)), Some(&(b_lo, b_hi))) = (a.range.get(i), b.range.get(i)) else {
         return "-".into();
     };
@@ -177,34 +144,8 @@ pub fn judge(a: Option<&Median>, b: Option<&Median>, metric: Metric) -> String {
     }
 }
 
-/// Adds the adjusted columns to every calibrated row: MB/s times the
-/// row's calibration time over the run's median calibration time, and CPU
-/// per I/O times the run's median calibration CPU over the row's. The
-/// calibration is the same fixed guest work before every workload, so
-/// this takes out how fast the host ran just then (it drifts by tens of
-/// percent over a minute, docs/real-guest.md "Noise"), not what the
-/// policies cost.
-fn adjust(rows: &mut [&mut Vec<f64>]) {
-    let calibrated =
-        |r: &Vec<f64>| r.len() > CALIB_CPU_MS && r[CALIB_MS] > 0.0 && r[CALIB_CPU_MS] > 0.0;
-    let mut ms: Vec<f64> = rows.iter().filter(|r| calibrated(r)).map(|r| r[CALIB_MS]).collect();
-    let mut cpu: Vec<f64> =
-        rows.iter().filter(|r| calibrated(r)).map(|r| r[CALIB_CPU_MS]).collect();
-    if ms.is_empty() {
-        return;
-    }
-    let (ref_ms, ref_cpu) = (median(&mut ms), median(&mut cpu));
-    for r in rows.iter_mut().filter(|r| calibrated(r)) {
-        let (mb_s, cpu_io) =
-            (r[0] * r[CALIB_MS] / ref_ms, r[CPU_COLUMN] * ref_cpu / r[CALIB_CPU_MS]);
-        r.truncate(MB_S_ADJ);
-        r.extend([mb_s, cpu_io]);
-    }
-}
-
 /// The medians of the `ROW` lines of `results`, per policy and workload,
-/// in the order they first appear, with the adjusted columns ([`adjust`]).
-/// Other lines are ignored.
+/// in the order they first appear. Other lines are ignored.
 pub fn medians(results: &str) -> Vec<Median> {
     let mut keys: Vec<(String, String, Vec<Vec<f64>>)> = Vec::new();
     for line in results.lines() {
@@ -223,7 +164,6 @@ pub fn medians(results: &str) -> Vec<Median> {
         // Not a number counts as 0, as for awk.
         keys[i].2.push(values.iter().map(|v| v.parse().unwrap_or(0.0)).collect());
     }
-    adjust(&mut keys.iter_mut().flat_map(|(_, _, rows)| rows.iter_mut()).collect::<Vec<_>>());
     keys.into_iter()
         .map(|(policy, workload, rows)| {
             let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -359,10 +299,8 @@ pub const VERDICT_PAIRS: [(&str, &str, &str, &str); 4] = [
 
 /// What the comparison's footnote says.
 pub const LEGEND: &str = "(L = linux-lazy, S = linux-strict, l = our lazy (else lazy+irq), \
-                          +i = +irq; MB/s as median (min-max) over the boots, adjusted to the \
-                          run's median host speed by the calibration loop before each workload \
-                          (MB/s-adj) where every boot has one; ratios of MB/s to each stack's \
-                          own no-IOMMU boot; vs: A > B only when A's least MB/s \
+                          +i = +irq; MB/s as median (min-max) over the boots; ratios of MB/s \
+                          to each stack's own no-IOMMU boot; vs: A > B only when A's least MB/s \
                           is above B's greatest, else within noise; n<2 = fewer than 2 boots; \
                           - = not run)";
 
@@ -451,10 +389,7 @@ fn comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
         r.extend(ran_policies.iter().map(|(p, _)| find(p, w).map_or_else(dash, Median::mb_s)));
         for (a, b, _, _) in &ratios {
             r.push(match (find(a, w), find(b, w)) {
-                (Some(a), Some(b)) if b.num(Metric::MbS.shared(a, b)) > 0.0 => {
-                    let i = Metric::MbS.shared(a, b);
-                    format!("{:.2}", a.num(i) / b.num(i))
-                }
+                (Some(a), Some(b)) if b.num(0) > 0.0 => format!("{:.2}", a.num(0) / b.num(0)),
                 _ => dash(),
             });
         }
@@ -522,8 +457,8 @@ pub fn agreement_text(a: &Agreement) -> String {
 
 /// What the CPU comparison's footnote says.
 pub const CPU_LEGEND: &str = "(QEMU's CPU time, all its threads, per I/O in µs, from a sample \
-                              before and after each workload: median (min-max) over the boots, \
-                              adjusted like MB/s (CPU-adj) where calibrated; it includes the guest's pattern fill and check, the same work in \
+                              before and after each workload: median (min-max) over the boots; \
+                              it includes the guest's pattern fill and check, the same work in \
                               every boot; vs: A < B only when A's greatest is below B's least, \
                               else within noise)";
 
@@ -555,9 +490,11 @@ fn cpu_comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
     let mut rows = vec![head];
     for w in workloads(medians) {
         let mut r = vec![w.to_string()];
-        r.extend(ran_policies.iter().map(|(p, _)| {
-            find(p, w).map_or_else(|| "-".into(), |m| m.spread(Metric::Cpu.column(m)))
-        }));
+        r.extend(
+            ran_policies
+                .iter()
+                .map(|(p, _)| find(p, w).map_or_else(|| "-".into(), |m| m.spread(CPU_COLUMN))),
+        );
         for (ours, linux, _, _) in &pairs {
             r.push(judge(find(ours, w), find(linux, w), Metric::Cpu));
         }
@@ -870,47 +807,6 @@ ROW bad
             "{text}"
         );
         assert!(comparison_markdown(&m).contains("| workload | linux-lazy | linux-strict | strict+irq | lazy+irq | CPU/io: lazy+irq vs linux-lazy |"));
-    }
-
-    #[test]
-    fn calibrated_rows_are_judged_at_the_runs_median_speed() {
-        // Three boots each, the host at speeds 1, 0.8 and 1.2: the fixed
-        // calibration takes 10 / speed ms and 50 / speed ms of CPU.
-        let speeds = [1.0, 0.8, 1.2];
-        let rows = |policy: &str, mb_s: f64, cpu: f64| -> String {
-            speeds
-                .iter()
-                .map(|f| {
-                    format!(
-                        "ROW {policy} w {} 1 1 0 1 256 256 256 1 {} {} {}\n",
-                        mb_s * f,
-                        cpu / f,
-                        10.0 / f,
-                        50.0 / f
-                    )
-                })
-                .collect()
-        };
-        let m = medians(&(rows("lazy+irq", 50.0, 10.0) + &rows("linux-lazy", 45.0, 12.0)));
-        let (a, b) = (m.iter().find(|m| m.policy == "lazy+irq"), m.get(1));
-        assert_eq!(judge(a, b, Metric::MbS), "lazy+irq > linux-lazy");
-        assert_eq!(judge(a, b, Metric::Cpu), "lazy+irq < linux-lazy");
-        let a = a.unwrap();
-        let near = |(lo, hi): (f64, f64), v: f64| (lo - v).abs() < 1e-9 && (hi - v).abs() < 1e-9;
-        assert!(near(a.range[MB_S_ADJ], 50.0) && near(a.range[CPU_ADJ], 10.0), "{a:?}");
-        // As measured, the host's speed hides both orders.
-        assert_eq!((a.range[0].0, a.range[0].1), (40.0, 60.0));
-        let raw: Vec<String> = (rows("lazy+irq", 50.0, 10.0) + &rows("linux-lazy", 45.0, 12.0))
-            .lines()
-            .map(|l| l.split_whitespace().take(13).collect::<Vec<_>>().join(" ") + "\n")
-            .collect();
-        let m = medians(&raw.concat());
-        assert_eq!(judge(m.first(), m.get(1), Metric::MbS), "within noise");
-        assert_eq!(judge(m.first(), m.get(1), Metric::Cpu), "within noise");
-        // The comparison shows the adjusted figures.
-        let m = medians(&(rows("lazy+irq", 50.0, 10.0) + &rows("linux-lazy", 45.0, 12.0)));
-        let text = comparison_text(&m);
-        assert!(text.contains("50 (50-50)") && text.contains("10 (10-10)"), "{text}");
     }
 
     #[test]

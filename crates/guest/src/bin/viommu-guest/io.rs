@@ -198,7 +198,7 @@ pub fn write_region(
 /// read back and checked.
 pub fn run_workloads(rig: &Rig, blk: &mut Blk, m: &mut dyn Mapper, o: &Opts, res: &mut Results) {
     for w in plan(o, blk.queue_size() as usize) {
-        let (r, calib) = measured(|| run_workload(rig, blk, m, &w));
+        let (r, calib) = measured(o.cpu, || run_workload(rig, blk, m, &w));
         let r = r.and_then(|p| {
             let c = p.counts;
             println!(

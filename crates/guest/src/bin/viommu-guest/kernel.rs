@@ -101,8 +101,8 @@ impl Marks {
 }
 
 /// One workload, then (writes) its read-back.
-fn run_one(disk: &Disk, marks: &Marks, w: &Workload) -> Outcome {
-    let (p, calib) = measured(|| disk.run(&w.job));
+fn run_one(disk: &Disk, marks: &Marks, w: &Workload, cpu: bool) -> Outcome {
+    let (p, calib) = measured(cpu, || disk.run(&w.job));
     let p = p?;
     println!(
         "VG PERF {} ios={} reqs={} bytes={} secs={:.3} mbps={:.1} calib_secs={calib:.6}",
@@ -144,7 +144,7 @@ pub fn run(boot: LinuxBoot, o: &Opts, res: &mut Results) {
     marks.settle();
     for w in plan(o, BLK_QUEUE_SIZE as usize) {
         marks.mark(&w.name);
-        let r = run_one(&disk, &marks, &w);
+        let r = run_one(&disk, &marks, &w, o.cpu);
         res.record(&format!("{}-{}", o.policy, w.name), r);
     }
     marks.mark("end");

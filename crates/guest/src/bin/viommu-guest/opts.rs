@@ -112,6 +112,9 @@ pub struct Opts {
     /// check expects a split ring, and each mark also reads the disk's
     /// serial (one GET_ID request, at which the back-end logs its counts).
     pub vhost: bool,
+    /// Sample QEMU's CPU time and run the calibration loop around each
+    /// workload (`vg.cpu=0`: not, as in CI, where nothing reads them).
+    pub cpu: bool,
 }
 
 /// `4k`, `1m` or a byte count.
@@ -142,6 +145,7 @@ impl Opts {
             marks: true,
             irq: false,
             vhost: false,
+            cpu: true,
         };
         for kv in cmdline.split_whitespace() {
             let Some((k, v)) = kv.split_once('=') else { continue };
@@ -159,6 +163,7 @@ impl Opts {
                 "vg.marks" => o.marks = v != "0",
                 "vg.irq" => o.irq = v == "1",
                 "vg.vhost" => o.vhost = v == "1",
+                "vg.cpu" => o.cpu = v != "0",
                 "vg.sizes" => o.sizes = list(kv, v, parse_size)?,
                 "vg.qds" => o.qds = list(kv, v, |q| q.parse().ok())?,
                 _ => {}
@@ -188,6 +193,8 @@ mod tests {
         assert!(!Opts::from_cmdline("vg.marks=0").unwrap().marks);
         assert!(!Opts::from_cmdline("").unwrap().irq);
         assert!(Opts::from_cmdline("vg.irq=1").unwrap().irq);
+        assert!(Opts::from_cmdline("").unwrap().cpu);
+        assert!(!Opts::from_cmdline("vg.cpu=0").unwrap().cpu);
         assert!(Opts::from_cmdline("vg.mib=65").is_err(), "the write region is 64 MiB");
         assert!(Opts::from_cmdline("vg.sizes=4x").is_err());
         assert_eq!(parse_size("64k"), Some(65536));

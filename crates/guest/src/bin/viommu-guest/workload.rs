@@ -95,8 +95,12 @@ fn calibration_steps(table: &mut [u64], steps: u64) -> u64 {
 /// a sample, the workload, a sample. `viommu sample-cpu` adds to the next
 /// `VG PERF` line the CPU of the last window (`host_cpu_ns`) and of the
 /// calibration (`calib_cpu_ns`); the guest prints the calibration's own
-/// time as `calib_secs`. Ours and Linux's workloads alike.
-pub fn measured<T>(run: impl FnOnce() -> T) -> (T, f64) {
+/// time as `calib_secs`. Ours and Linux's workloads alike. Without `cpu`
+/// (`vg.cpu=0`), the workload alone, and a calibration of 0.
+pub fn measured<T>(cpu: bool, run: impl FnOnce() -> T) -> (T, f64) {
+    if !cpu {
+        return (run(), 0.0);
+    }
     host_cpu_sample();
     let calib = calibrate();
     host_cpu_sample();
