@@ -9,13 +9,15 @@
 //! other work takes the host's cores. The guest prints `VG SAMPLE` and then
 //! sleeps briefly, so that the sample lands while the guest is idle.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::process::{Command, ExitCode, Stdio};
 
 /// The line the guest prints where a sample should be taken.
 pub const SAMPLE: &[u8] = b"VG SAMPLE";
 /// The lines that get the CPU time between the last two samples.
 pub const PERF: &[u8] = b"VG PERF ";
+/// The longest piece of output read as one line.
+const MAX_LINE: u64 = 64 << 10;
 
 /// Reads the CPU time of process `pid` (all its threads, the ones that
 /// ended included), in nanoseconds.
@@ -113,7 +115,8 @@ pub fn run(cmd: &[String]) -> ExitCode {
     let mut warned = false;
     loop {
         line.clear();
-        match from.read_until(b'\n', &mut line) {
+        // Bounded: a console that never ends a line is copied in pieces.
+        match (&mut from).take(MAX_LINE).read_until(b'\n', &mut line) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
