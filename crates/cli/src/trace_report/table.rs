@@ -127,13 +127,9 @@ pub fn judge(a: Option<&Median>, b: Option<&Median>, metric: Metric) -> String {
     if n(a) < VERDICT_MIN_BOOTS || n(b) < VERDICT_MIN_BOOTS {
         return format!("n<{VERDICT_MIN_BOOTS}");
     }
-    let op = match metric {
-        Metric::MbS => '>',
-        Metric::Cpu => '<',
-    };
-    let (a_first, b_first) = match metric {
-        Metric::MbS => (a_lo > b_hi, b_lo > a_hi),
-        Metric::Cpu => (a_hi < b_lo, b_hi < a_lo),
+    let (op, a_first, b_first) = match metric {
+        Metric::MbS => ('>', a_lo > b_hi, b_lo > a_hi),
+        Metric::Cpu => ('<', a_hi < b_lo, b_hi < a_lo),
     };
     if a_first {
         format!("{} {op} {}", a.policy, b.policy)
@@ -304,6 +300,11 @@ pub const LEGEND: &str = "(L = linux-lazy, S = linux-strict, l = our lazy (else 
                           is above B's greatest, else within noise; n<2 = fewer than 2 boots; \
                           - = not run)";
 
+/// The medians of `policy` in `workload`, if it ran there.
+fn lookup<'a>(medians: &'a [Median], policy: &str, workload: &str) -> Option<&'a Median> {
+    medians.iter().find(|m| m.policy == policy && m.workload == workload)
+}
+
 /// Whether `policy` has any row in `medians`.
 fn ran(medians: &[Median], policy: &str) -> bool {
     medians.iter().any(|m| m.policy == policy)
@@ -346,7 +347,7 @@ pub struct Cell {
 /// [`VERDICT_PAIRS`] that both ran, in MB/s and, where both boots
 /// measured it, in CPU per I/O.
 pub fn verdict_cells(medians: &[Median]) -> Vec<Cell> {
-    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
+    let find = |p: &str, w: &str| lookup(medians, p, w);
     let pairs = judged_pairs(medians);
     let mut cells = Vec::new();
     for metric in Metric::ALL {
@@ -368,7 +369,7 @@ pub fn verdict_cells(medians: &[Median]) -> Vec<Cell> {
 /// request and MAP+UNMAP per MiB of linux-lazy and our lazy, and the
 /// verdicts. `-`: not run.
 fn comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
-    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
+    let find = |p: &str, w: &str| lookup(medians, p, w);
     let dash = || "-".to_string();
     let pick = |short: &'static str, long: &'static str| if long_names { long } else { short };
     let ran_policies: Vec<(&str, &str)> = policies().filter(|(p, _)| ran(medians, p)).collect();
@@ -466,7 +467,7 @@ pub const CPU_LEGEND: &str = "(QEMU's CPU time, all its threads, per I/O in µs,
 /// whose boots measured it, and the CPU verdicts of [`VERDICT_PAIRS`].
 /// Empty when no boot measured it.
 fn cpu_comparison(medians: &[Median], long_names: bool) -> Vec<Vec<String>> {
-    let find = |p: &str, w: &str| medians.iter().find(|m| m.policy == p && m.workload == w);
+    let find = |p: &str, w: &str| lookup(medians, p, w);
     let measured = |p: &str| {
         medians.iter().any(|m| m.policy == p && m.counts.get(CPU_COLUMN).is_some_and(|&n| n > 0))
     };
