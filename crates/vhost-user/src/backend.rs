@@ -19,6 +19,10 @@
 //!   update message containing the IOTLB entry ... or front-end sent nothing if the IOTLB
 //!   miss message is invalid". The request is retried after the reply; an address that
 //!   still fails is refused (ACCESS_FAIL is sent and the request fails).
+//!
+//! A MISS is never sent while front-end messages are waiting on the socket: one of them may
+//! be the UPDATE for the gap, since a front-end sends it before the guest can make the
+//! chain available. Those messages are read, and the ring is tried again.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -648,8 +652,9 @@ impl<D: Device> Backend<D> {
             }
         }
         if self.answered != Some(f) && self.misses_this_request < budget {
-            self.misses_this_request += 1;
-            self.send_miss(f)?;
+            if self.send_miss(f)? {
+                self.misses_this_request += 1;
+            }
             return Ok(false);
         }
         self.stats.access_fails.fetch_add(1, Relaxed);
@@ -660,7 +665,15 @@ impl<D: Device> Backend<D> {
         Ok(true)
     }
 
-    fn send_miss(&mut self, f: Fault) -> Result<(), BackendError> {
+    /// Sends a MISS for `f` (`true`), unless messages are already on the socket (`false`):
+    /// the front-end sends a buffer's UPDATE before the guest makes the chain available,
+    /// so when the chain was read, its UPDATE was there. They are read first, and the ring
+    /// retried.
+    fn send_miss(&mut self, f: Fault) -> Result<bool, BackendError> {
+        if poll_now(self.chan.socket().as_raw_fd())? {
+            self.resume = true;
+            return Ok(false);
+        }
         let c = self
             .backend_chan
             .as_mut()
@@ -673,7 +686,7 @@ impl<D: Device> Backend<D> {
         )?;
         self.stats.misses.fetch_add(1, Relaxed);
         self.waiting = Some(Waiting { fault: f });
-        Ok(())
+        Ok(true)
     }
 
     /// The front-end answered the MISS. Its UPDATE, if any, went out on the main socket
